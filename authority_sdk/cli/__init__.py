@@ -1,0 +1,19 @@
+"""The ``authority`` command line. Each sub-command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="AI Authority Gateway: control, approve, audit and enforce AI actions.")
+
+
+def _register() -> None:
+    from . import policy_cmd
+
+    app.add_typer(policy_cmd.app, name="policy", help="Check, explain and print the policy schema.")
+
+
+def main() -> None:
+    _register()
+    app()

@@ -1,0 +1,184 @@
+"""The gateway's one exception tree.
+
+Every class carries the HTTP ``status_code`` and the wire ``code`` of DESIGN.md
+§2/§3, so the proxy needs a single handler and the SDK maps each one onto the
+matching ``openai`` error class.
+
+    AuthorityError (500, authority_error)
+    ├── PolicyError                      invalid policy file (not a request error)
+    ├── AuthenticationFailed (401)       invalid_api_key
+    ├── Forbidden (403)                  insufficient_role
+    ├── RequestDenied (403)              policy said no — subclasses name the code
+    │   ├── KillSwitchEngaged            kill_switch_engaged
+    │   ├── ModelNotAllowed              model_not_allowed
+    │   ├── CostCeilingExceeded          cost_ceiling_exceeded
+    │   ├── ModelPriceUnknown            model_price_unknown
+    │   └── BudgetExceeded               budget_exceeded
+    ├── InvalidRequest (400)             invalid_request
+    │   └── RequestTooLarge (413)        request_too_large
+    ├── NotFound (404)                   not_found
+    ├── IdempotencyInProgress (409)      idempotency_request_in_progress
+    ├── IdempotencyKeyReused (422)       idempotency_key_reused
+    ├── ApprovalError (409)              approval_not_pending … (see ApprovalError.code)
+    ├── UpstreamError (502)              upstream_error
+    │   └── UpstreamTimeout (504)        upstream_timeout
+    └── AuthorityUnavailable (503)       authority_unavailable (state or audit unwritable)
+
+``retryable`` tells the front doors whether a client retry could help: it sets
+``x-should-retry: false`` on answers where it cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ApprovalError",
+    "AuthenticationFailed",
+    "AuthorityError",
+    "AuthorityUnavailable",
+    "BudgetExceeded",
+    "CostCeilingExceeded",
+    "Forbidden",
+    "IdempotencyInProgress",
+    "IdempotencyKeyReused",
+    "InvalidRequest",
+    "KillSwitchEngaged",
+    "ModelNotAllowed",
+    "ModelPriceUnknown",
+    "NotFound",
+    "PolicyError",
+    "RequestDenied",
+    "RequestTooLarge",
+    "UpstreamError",
+    "UpstreamTimeout",
+]
+
+
+class AuthorityError(Exception):
+    status_code: ClassVar[int] = 500
+    default_code: ClassVar[str] = "authority_error"
+    error_type: ClassVar[str] = "authority_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        """OpenAI's error shape, plus the details an aware client can use."""
+        err: dict[str, Any] = {
+            "message": self.message,
+            "type": self.error_type,
+            "code": self.code,
+            "param": None,
+        }
+        if self.details:
+            err["authority"] = self.details
+        return {"error": err}
+
+
+class PolicyError(AuthorityError):
+    default_code = "invalid_policy"
+    error_type = "invalid_policy"
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [message]
+
+
+class AuthenticationFailed(AuthorityError):
+    status_code = 401
+    default_code = "invalid_api_key"
+    error_type = "authentication_error"
+
+
+class Forbidden(AuthorityError):
+    status_code = 403
+    default_code = "insufficient_role"
+    error_type = "permission_error"
+
+
+class RequestDenied(AuthorityError):
+    status_code = 403
+    default_code = "denied"
+    error_type = "authority_denied"
+
+
+class KillSwitchEngaged(RequestDenied):
+    default_code = "kill_switch_engaged"
+
+
+class ModelNotAllowed(RequestDenied):
+    default_code = "model_not_allowed"
+
+
+class CostCeilingExceeded(RequestDenied):
+    default_code = "cost_ceiling_exceeded"
+
+
+class ModelPriceUnknown(RequestDenied):
+    default_code = "model_price_unknown"
+
+
+class BudgetExceeded(RequestDenied):
+    default_code = "budget_exceeded"
+
+
+class InvalidRequest(AuthorityError):
+    status_code = 400
+    default_code = "invalid_request"
+    error_type = "invalid_request_error"
+
+
+class RequestTooLarge(InvalidRequest):
+    status_code = 413
+    default_code = "request_too_large"
+
+
+class NotFound(AuthorityError):
+    status_code = 404
+    default_code = "not_found"
+    error_type = "not_found_error"
+
+
+class IdempotencyInProgress(AuthorityError):
+    status_code = 409
+    default_code = "idempotency_request_in_progress"
+    error_type = "idempotency_error"
+    retryable = True
+
+
+class IdempotencyKeyReused(AuthorityError):
+    status_code = 422
+    default_code = "idempotency_key_reused"
+    error_type = "idempotency_error"
+
+
+class ApprovalError(AuthorityError):
+    """An approval transition that cannot happen (already decided, expired, self-approval…)."""
+
+    status_code = 409
+    default_code = "approval_not_pending"
+    error_type = "approval_error"
+
+
+class UpstreamError(AuthorityError):
+    status_code = 502
+    default_code = "upstream_error"
+    error_type = "upstream_error"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    default_code = "upstream_timeout"
+
+
+class AuthorityUnavailable(AuthorityError):
+    status_code = 503
+    default_code = "authority_unavailable"
+    error_type = "authority_unavailable"
+    retryable = True

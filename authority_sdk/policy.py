@@ -1,0 +1,326 @@
+"""The policy file (DESIGN.md §8): pydantic models that reject unknown keys.
+
+A typo is an error naming its path (``environments.prod.ceilings.per_requst_usd:
+unknown field``), never a silently ignored rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PolicyError
+
+__all__ = [
+    "ActionPolicy",
+    "AuditConfig",
+    "Budget",
+    "Ceilings",
+    "Defaults",
+    "Environment",
+    "ExecutorConfig",
+    "KeyConfig",
+    "LogExecutor",
+    "Mode",
+    "ModelPrice",
+    "Policy",
+    "PythonExecutor",
+    "Rule",
+    "SmtpExecutor",
+    "StateConfig",
+    "UpstreamConfig",
+    "WebhookExecutor",
+    "load_policy",
+]
+
+Mode = Literal["auto_execute", "require_human_approval", "simulation_only", "deny"]
+MODES: tuple[str, ...] = ("auto_execute", "require_human_approval", "simulation_only", "deny")
+MATCHERS: tuple[str, ...] = ("eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "glob", "regex")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Strict):
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class StateConfig(_Strict):
+    backend: Literal["diskcache"] = "diskcache"
+    path: str = ".authority/state"
+
+
+class AuditConfig(_Strict):
+    path: str = ".authority/audit.jsonl"
+    fsync: bool = True
+
+
+class Defaults(_Strict):
+    mode: Mode = "require_human_approval"
+    approval_ttl_s: float = Field(86400.0, gt=0)
+    idempotency_ttl_s: float = Field(86400.0, gt=0)
+
+
+class Ceilings(_Strict):
+    per_request_usd: float | None = Field(None, ge=0)
+
+
+class Budget(_Strict):
+    usd: float = Field(ge=0)
+    period: Literal["hour", "day", "month"] = "day"
+
+
+class Environment(_Strict):
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    actions: list[str] | None = None  # allowlist of action types; None: any the policy defines
+    force_mode: Mode | None = None
+    default_mode: Mode | None = None
+    ceilings: Ceilings = Field(default_factory=Ceilings)
+    budget: Budget | None = None
+
+
+class Rule(_Strict):
+    """``if`` maps an argument name (dotted for nested) to ``{matcher: operand}``."""
+
+    if_: dict[str, dict[str, Any]] = Field(alias="if")
+    mode: Mode
+    reason: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("if_")
+    @classmethod
+    def _known_matchers(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import re
+
+        if not v:
+            raise ValueError("a rule needs at least one condition")
+        for field, conds in v.items():
+            if not isinstance(conds, dict) or not conds:
+                raise ValueError(f"{field}: expected a mapping of matcher to value, e.g. {{lte: 50}}")
+            for op, operand in conds.items():
+                if op not in MATCHERS:
+                    raise ValueError(f"{field}: unknown matcher {op!r} (one of {', '.join(MATCHERS)})")
+                if op in ("in", "not_in") and not isinstance(operand, list):
+                    raise ValueError(f"{field}.{op}: expected a list")
+                if op in ("lt", "lte", "gt", "gte") and (
+                    isinstance(operand, bool) or not isinstance(operand, int | float)
+                ):
+                    raise ValueError(f"{field}.{op}: expected a number")
+                if op == "regex":
+                    try:
+                        re.compile(str(operand))
+                    except re.error as exc:
+                        raise ValueError(f"{field}.regex: invalid pattern: {exc}") from exc
+        return v
+
+
+class ActionPolicy(_Strict):
+    executor: str | None = None
+    mode: Mode | None = None
+    dedupe_on: list[str] = Field(default_factory=list)
+    environments: list[str] | None = None
+    rules: list[Rule] = Field(default_factory=list)
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments (overrides the request's)
+    description: str | None = None
+
+
+class WebhookExecutor(_Strict):
+    type: Literal["webhook"]
+    url: str
+    timeout_s: float = Field(10.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class SmtpExecutor(_Strict):
+    type: Literal["smtp"]
+    host: str = "127.0.0.1"
+    port: int = 25
+    sender: str
+    timeout_s: float = Field(10.0, gt=0)
+    starttls: bool = False
+    username_env: str | None = None
+    password_env: str | None = None
+
+
+class PythonExecutor(_Strict):
+    type: Literal["python"]
+    target: str
+    idempotent: bool = False  # the function dedupes on the action key it is given
+
+    @field_validator("target")
+    @classmethod
+    def _module_colon_function(cls, v: str) -> str:
+        mod, sep, fn = v.partition(":")
+        if not sep or not mod or not fn:
+            raise ValueError("target must look like 'package.module:function'")
+        return v
+
+
+class LogExecutor(_Strict):
+    type: Literal["log"]
+
+
+ExecutorConfig = Annotated[
+    WebhookExecutor | SmtpExecutor | PythonExecutor | LogExecutor, Field(discriminator="type")
+]
+
+
+class KeyConfig(_Strict):
+    name: str
+    secret_env: str | None = None
+    secret_sha256: str | None = None
+    environment: str | None = None
+    roles: list[Literal["agent", "approver", "admin"]] = Field(default_factory=lambda: ["agent"])
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if bool(self.secret_env) == bool(self.secret_sha256):
+            raise ValueError("give exactly one of secret_env or secret_sha256")
+        if self.secret_sha256 is not None:
+            h = self.secret_sha256.lower()
+            if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+                raise ValueError("secret_sha256 must be 64 hex digits")
+        return self
+
+
+class ModelPrice(_Strict):
+    input_per_1m_usd: float = Field(ge=0)
+    output_per_1m_usd: float = Field(ge=0)
+    cached_input_per_1m_usd: float | None = Field(None, ge=0)
+
+
+class ProxyConfig(_Strict):
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+
+
+class Policy(_Strict):
+    version: Literal[1] = 1
+    default_environment: str = "dev"
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    defaults: Defaults = Field(default_factory=Defaults)
+    environments: dict[str, Environment] = Field(default_factory=lambda: {"dev": Environment()})
+    actions: dict[str, ActionPolicy] = Field(default_factory=dict)
+    executors: dict[str, ExecutorConfig] = Field(default_factory=dict)
+    keys: list[KeyConfig] = Field(default_factory=list)
+    pricing: dict[str, ModelPrice] = Field(default_factory=dict)
+    redact: list[str] = Field(default_factory=list)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Policy:
+        problems: list[str] = []
+        if self.default_environment not in self.environments:
+            problems.append(
+                f"default_environment: {self.default_environment!r} is not in environments"
+            )
+        for name, action in self.actions.items():
+            if action.executor is not None and action.executor not in self.executors:
+                problems.append(f"actions.{name}.executor: unknown executor {action.executor!r}")
+            for env in action.environments or []:
+                if env not in self.environments:
+                    problems.append(f"actions.{name}.environments: unknown environment {env!r}")
+        for env_name, env in self.environments.items():
+            for act in env.actions or []:
+                if act not in self.actions:
+                    problems.append(f"environments.{env_name}.actions: unknown action {act!r}")
+        for i, key in enumerate(self.keys):
+            if key.environment is not None and key.environment not in self.environments:
+                problems.append(f"keys.{i}.environment: unknown environment {key.environment!r}")
+        names = [k.name for k in self.keys]
+        if len(names) != len(set(names)):
+            problems.append("keys: key names must be unique")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @cached_property
+    def hash(self) -> str:
+        """SHA-256 of the canonical policy: recorded in every audit entry it decided."""
+        canon = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True,
+                           separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    # Paths in the policy are relative to the policy file's folder, set by load_policy.
+    base_dir: str | None = Field(default=None, exclude=True, repr=False)
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(os.path.expanduser(p))
+        if not path.is_absolute() and self.base_dir:
+            path = Path(self.base_dir) / path
+        return path
+
+    @property
+    def state_path(self) -> Path:
+        return self.resolve_path(self.state.path)
+
+    @property
+    def audit_path(self) -> Path:
+        return self.resolve_path(self.audit.path)
+
+    def environment(self, name: str) -> Environment:
+        return self.environments[name]
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    out: list[str] = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field missing"
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return out
+
+
+def _is_union_tag(part: object) -> bool:
+    # Discriminated unions add the tag ("webhook", …) to the location; it is noise to a user.
+    return isinstance(part, str) and part in ("webhook", "smtp", "python", "log")
+
+
+def parse_policy(data: Any, *, base_dir: str | None = None, source: str = "policy") -> Policy:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: the policy must be a mapping at the top level")
+    try:
+        policy = Policy.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        errors = _format_errors(exc)
+        raise PolicyError(f"{source}: invalid policy:\n  " + "\n  ".join(errors), errors) from exc
+    return policy
+
+
+def load_policy(path: str | os.PathLike[str] | Policy | None = None) -> Policy:
+    """Load and validate a policy file (default ``authority.yaml`` or ``$AUTHORITY_POLICY``)."""
+    if isinstance(path, Policy):
+        return path
+    p = Path(path or os.environ.get("AUTHORITY_POLICY") or "authority.yaml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{p}: cannot read policy file: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{p}: not valid YAML: {exc}") from exc
+    return parse_policy(data, base_dir=str(p.resolve().parent), source=str(p))
