@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from .errors import PolicyError
 
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 Mode = Literal["auto_execute", "require_human_approval", "simulation_only", "deny"]
+Role = Literal["agent", "approver", "admin"]
 MODES: tuple[str, ...] = ("auto_execute", "require_human_approval", "simulation_only", "deny")
 MATCHERS: tuple[str, ...] = ("eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "glob", "regex")
 
@@ -107,10 +109,14 @@ class Rule(_Strict):
             raise ValueError("a rule needs at least one condition")
         for field, conds in v.items():
             if not isinstance(conds, dict) or not conds:
-                raise ValueError(f"{field}: expected a mapping of matcher to value, e.g. {{lte: 50}}")
+                raise ValueError(
+                    f"{field}: expected a mapping of matcher to value, e.g. {{lte: 50}}"
+                )
             for op, operand in conds.items():
                 if op not in MATCHERS:
-                    raise ValueError(f"{field}: unknown matcher {op!r} (one of {', '.join(MATCHERS)})")
+                    raise ValueError(
+                        f"{field}: unknown matcher {op!r} (one of {', '.join(MATCHERS)})"
+                    )
                 if op in ("in", "not_in") and not isinstance(operand, list):
                     raise ValueError(f"{field}.{op}: expected a list")
                 if op in ("lt", "lte", "gt", "gte") and (
@@ -131,7 +137,8 @@ class ActionPolicy(_Strict):
     dedupe_on: list[str] = Field(default_factory=list)
     environments: list[str] | None = None
     rules: list[Rule] = Field(default_factory=list)
-    parameters: dict[str, Any] | None = None  # JSON schema of the arguments (overrides the request's)
+    # JSON schema of the arguments; overrides the one the request declares.
+    parameters: dict[str, Any] | None = None
     description: str | None = None
 
 
@@ -181,7 +188,8 @@ class KeyConfig(_Strict):
     secret_env: str | None = None
     secret_sha256: str | None = None
     environment: str | None = None
-    roles: list[Literal["agent", "approver", "admin"]] = Field(default_factory=lambda: ["agent"])
+    roles: list[Role] = Field(default_factory=lambda: list[Role](["agent"]))
+    budget: Budget | None = None  # per-key spend limit, on top of the environment's
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
@@ -234,8 +242,8 @@ class Policy(_Strict):
             for env in action.environments or []:
                 if env not in self.environments:
                     problems.append(f"actions.{name}.environments: unknown environment {env!r}")
-        for env_name, env in self.environments.items():
-            for act in env.actions or []:
+        for env_name, env_cfg in self.environments.items():
+            for act in env_cfg.actions or []:
                 if act not in self.actions:
                     problems.append(f"environments.{env_name}.actions: unknown action {act!r}")
         for i, key in enumerate(self.keys):
@@ -256,7 +264,7 @@ class Policy(_Strict):
         return hashlib.sha256(canon.encode()).hexdigest()
 
     # Paths in the policy are relative to the policy file's folder, set by load_policy.
-    base_dir: str | None = Field(default=None, exclude=True, repr=False)
+    base_dir: SkipJsonSchema[str | None] = Field(default=None, exclude=True, repr=False)
 
     def resolve_path(self, p: str) -> Path:
         path = Path(os.path.expanduser(p))

@@ -12,6 +12,8 @@ def _register() -> None:
     from . import policy_cmd
 
     app.add_typer(policy_cmd.app, name="policy", help="Check, explain and print the policy schema.")
+    from . import audit_cmd
+    app.add_typer(audit_cmd.app, name="audit", help="Tail and verify the hash-chained audit log.")
 
 
 def main() -> None:

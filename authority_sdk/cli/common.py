@@ -12,7 +12,8 @@ from ..policy import Policy, load_policy
 
 PolicyOpt = Annotated[
     str | None,
-    typer.Option("--policy", "-p", help="Policy file (default: $AUTHORITY_POLICY or authority.yaml)."),
+    typer.Option("--policy", "-p",
+                 help="Policy file (default: $AUTHORITY_POLICY or authority.yaml)."),
 ]
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
 
 from ..errors import PolicyError
 from ..policy import Policy, load_policy
-from .common import PolicyOpt
+from .common import PolicyOpt, policy_or_exit
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -36,3 +37,94 @@ def check(policy: PolicyOpt = None) -> None:
 def schema() -> None:
     """Print the policy's JSON Schema."""
     typer.echo(json.dumps(Policy.model_json_schema(by_alias=True), indent=2))
+
+
+@app.command()
+def explain(
+    action: Annotated[str, typer.Option("--action", "-a", help="Action type (tool name).")],
+    policy: PolicyOpt = None,
+    environment: Annotated[
+        str | None,
+        typer.Option("--environment", "-e", help="Environment (default: the policy's default)."),
+    ] = None,
+    args: Annotated[str, typer.Option("--args", help="The tool call's arguments, as JSON.")] = "{}",
+    tool_schema: Annotated[
+        str | None,
+        typer.Option("--tool-schema", help="JSON schema the request declares for the tool."),
+    ] = None,
+    kill_switch: Annotated[
+        bool, typer.Option("--kill-switch", help="Explain as if the kill switch were engaged.")
+    ] = False,
+) -> None:
+    """Show which step or rule decides the mode of one action, and why (exit 0, also for deny)."""
+    from ..modes import (
+        describe_condition,
+        describe_rule,
+        lookup,
+        match_condition,
+        parse_arguments,
+        resolve_action,
+    )
+
+    p = policy_or_exit(policy)
+    env_name = environment or p.default_environment
+    if env_name not in p.environments:
+        typer.echo(f"error: unknown environment {env_name!r} (defined: "
+                   f"{', '.join(sorted(p.environments))})", err=True)
+        raise typer.Exit(2)
+    try:
+        json.loads(args)
+    except ValueError as exc:
+        typer.echo(f"error: --args is not valid JSON: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    schema = None
+    if tool_schema is not None:
+        try:
+            schema = json.loads(tool_schema)
+        except ValueError as exc:
+            typer.echo(f"error: --tool-schema is not valid JSON: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        if not isinstance(schema, dict):
+            typer.echo("error: --tool-schema must be a JSON object", err=True)
+            raise typer.Exit(2)
+
+    r = resolve_action(p, env_name, action, args, tool_schema=schema,
+                       kill_switch_engaged=kill_switch)
+    dispatch = f"gateway (executor: {r.executor})" if r.executor else "client (the app runs it)"
+    rows = [
+        ("action", action), ("environment", env_name), ("mode", r.mode),
+        ("decision", r.decision), ("dispatch", dispatch), ("decided by", r.decided_by),
+        ("reason", r.reason or "-"),
+    ]
+    if r.code:
+        rows.append(("code", r.code))
+    for label, value in rows:
+        typer.echo(f"{label + ':':<13}{value}")
+
+    action_policy = p.actions.get(action)
+    if action_policy is None:
+        return
+    typer.echo("")
+    if not action_policy.rules:
+        typer.echo("rules: none")
+        return
+    typer.echo("rules (first match wins):")
+    parsed, _ = parse_arguments(args)
+    for i, rule in enumerate(action_policy.rules):
+        head = f"  rule[{i}] if {describe_rule(rule)} -> {rule.mode}"
+        if parsed is None:
+            typer.echo(f"{head}: not evaluated (arguments are not a JSON object)")
+            continue
+        failing = [f for f, conds in rule.if_.items() if not match_condition(parsed, f, conds)]
+        verdict = "matched" if not failing else "no match"
+        if not failing and r.decided_by == f"rule[{i}]":
+            verdict += "  <- decides"
+        elif not failing and r.decided_by.startswith("rule["):
+            verdict += " (an earlier rule decided)"
+        elif not failing:
+            verdict += f" (not reached: {r.decided_by} decided)"
+        typer.echo(f"{head}: {verdict}")
+        for f in failing:
+            found, value = lookup(parsed, f)
+            shown = json.dumps(value, ensure_ascii=False) if found else "missing"
+            typer.echo(f"      fails: {describe_condition(f, rule.if_[f])} ({f} = {shown})")

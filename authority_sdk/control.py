@@ -1,0 +1,200 @@
+"""The control plane: approvals and the kill switch (DESIGN.md §4).
+
+The CLI and the proxy's management API both call these functions, so a
+decision taken at the command line and one taken over HTTP are the same
+decision, audited the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .audit import redact
+from .errors import ApprovalError, Forbidden, InvalidRequest, KillSwitchEngaged, NotFound
+from .execution import recover_interrupted, run_once
+from .gating import action_hash
+from .modes import resolve_action
+
+if TYPE_CHECKING:
+    from .engine import Gateway
+
+__all__ = [
+    "approve",
+    "get_approval",
+    "kill_switch_status",
+    "list_approvals",
+    "recover",
+    "reject",
+    "set_kill_switch",
+]
+
+APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "executed", "failed",
+                     "in_doubt")
+
+
+def public_approval(gw: Gateway, a: dict[str, Any]) -> dict[str, Any]:
+    """What an approver sees: everything but the fields the policy says to redact."""
+    out = {k: v for k, v in a.items() if k not in ("tool_schema",)}
+    out["arguments"] = redact(a.get("arguments"), gw.policy.redact)
+    out.pop("arguments_json", None)
+    if "tool_call" in out:
+        out["tool_call"] = {**out["tool_call"], "arguments": redact(
+            a.get("arguments"), gw.policy.redact)}
+    return out
+
+
+def list_approvals(gw: Gateway, status: str | None = None) -> list[dict[str, Any]]:
+    if status is not None and status not in APPROVAL_STATUSES:
+        raise InvalidRequest(f"unknown status {status!r} (one of {', '.join(APPROVAL_STATUSES)})")
+    return [public_approval(gw, a) for a in gw.store.approval_list(status)]
+
+
+def get_approval(gw: Gateway, approval_id: str) -> dict[str, Any]:
+    a = gw.store.approval_get(approval_id)
+    if a is None:
+        raise NotFound(f"no approval {approval_id!r}")
+    return public_approval(gw, a)
+
+
+def _audit_transition(gw: Gateway, a: dict[str, Any], actor: str, status: str,
+                      reason: str | None, decision: str = "allow",
+                      result: Any = None) -> None:
+    gw.audit_event("approval", request_id=a.get("request_id"),
+                   environment=a.get("environment"), model=a.get("model"),
+                   action_type=a.get("action_type"), decision=decision, reason=reason,
+                   approval_status=status, actor=actor,
+                   execution_result=redact(result, gw.policy.redact),
+                   details={"approval_id": a["id"], "action_key": a.get("action_key")})
+
+
+def _refuse(gw: Gateway, a: dict[str, Any], actor: str, exc: Exception) -> None:
+    _audit_transition(gw, a, actor, a["status"], str(exc), decision="deny")
+    raise exc
+
+
+def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = None,
+            actor_requests: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Approve a pending action; a gateway-dispatched one executes once, right now.
+
+    ``actor_requests``: names whose requests the approver may not approve (its own key).
+    """
+    a = gw.store.approval_get(approval_id)
+    if a is None:
+        raise NotFound(f"no approval {approval_id!r}")
+    if a["status"] != "pending":
+        _refuse(gw, a, actor, ApprovalError(
+            f"approval {approval_id} is {a['status']}, not pending: nothing was executed",
+            code=f"approval_{a['status']}"))
+    if a.get("requested_by") in ({actor} | set(actor_requests)):
+        _refuse(gw, a, actor, Forbidden(
+            f"{actor} cannot approve an action its own request created",
+            code="self_approval_forbidden"))
+    kill = gw.kill_state(a["environment"])
+    if kill is not None:
+        _refuse(gw, a, actor, KillSwitchEngaged(
+            f"the {kill['scope']} kill switch is engaged: nothing executes; "
+            "the approval stays pending"))
+    if action_hash(a["action_type"], a["arguments"], a["environment"]) != a["action_hash"]:
+        _refuse(gw, a, actor, ApprovalError(
+            "the stored action does not match what was shown for approval",
+            code="approval_tampered"))
+    now = resolve_action(gw.policy, a["environment"], a["action_type"], a["arguments_json"],
+                         tool_schema=a.get("tool_schema"))
+    if now.decision == "deny":
+        _refuse(gw, a, actor, ApprovalError(
+            f"the policy in force now denies this action ({now.code}: {now.reason}); "
+            "the approval stays pending", code="approval_denied_by_policy"))
+    won = gw.store.approval_transition(approval_id, "pending", "approved", decided_by=actor,
+                                       decided_at=time.time(), decision_reason=reason,
+                                       approved_policy_hash=gw.policy.hash)
+    if won is None:
+        current = gw.store.approval_get(approval_id) or a
+        _refuse(gw, current, actor, ApprovalError(
+            f"approval {approval_id} is {current['status']}, not pending: nothing was executed",
+            code=f"approval_{current['status']}"))
+        raise AssertionError("unreachable")
+    _audit_transition(gw, won, actor, "approved", reason)
+    if won.get("dispatch") != "gateway" or not won.get("executor"):
+        return public_approval(gw, won)  # the app fetches it and runs it itself
+    ex = run_once(gw.store, gw.executors, action_key=won["action_key"],
+                  executor_name=won["executor"], action_type=won["action_type"],
+                  arguments=won["arguments"], ttl_s=gw.idempotency_ttl,
+                  info={"approval_id": approval_id, "request_id": won.get("request_id"),
+                        "environment": won.get("environment")})
+    final = gw.store.approval_transition(approval_id, "approved", ex.status,
+                                         result=ex.result, error=ex.error,
+                                         executed_at=time.time()) or won
+    _audit_transition(gw, final, actor, ex.status, ex.error, result={
+        "status": ex.status, "result": ex.result, "error": ex.error})
+    return public_approval(gw, final)
+
+
+def reject(gw: Gateway, approval_id: str, *, actor: str,
+           reason: str | None = None) -> dict[str, Any]:
+    a = gw.store.approval_get(approval_id)
+    if a is None:
+        raise NotFound(f"no approval {approval_id!r}")
+    won = gw.store.approval_transition(approval_id, "pending", "rejected", decided_by=actor,
+                                       decided_at=time.time(), decision_reason=reason)
+    if won is None:
+        current = gw.store.approval_get(approval_id) or a
+        _refuse(gw, current, actor, ApprovalError(
+            f"approval {approval_id} is {current['status']}, not pending",
+            code=f"approval_{current['status']}"))
+        raise AssertionError("unreachable")
+    _release_dedupe_for(gw, won)
+    _audit_transition(gw, won, actor, "rejected", reason, decision="deny")
+    return public_approval(gw, won)
+
+
+def _release_dedupe_for(gw: Gateway, a: dict[str, Any]) -> None:
+    from .gating import _dedupe_key
+
+    action = gw.policy.actions.get(a["action_type"])
+    if action and action.dedupe_on:
+        key = _dedupe_key(a["environment"], a["action_type"], action.dedupe_on, a["arguments"])
+        if key:
+            gw.store.dedupe_release(key, a["action_key"])
+
+
+def set_kill_switch(gw: Gateway, engaged: bool, *, actor: str, reason: str | None = None,
+                    environment: str | None = None) -> dict[str, Any]:
+    if environment is not None and environment not in gw.policy.environments:
+        raise InvalidRequest(f"unknown environment {environment!r}")
+    scope = environment or "*"
+    state = gw.store.set_kill_switch(scope, engaged, reason=reason, actor=actor)
+    gw.audit_event("kill_switch", environment=environment, decision="deny" if engaged else "allow",
+                   reason=reason, actor=actor,
+                   details={"engaged": engaged, "scope": "global" if scope == "*" else scope})
+    return {"scope": "global" if scope == "*" else scope, **state}
+
+
+def kill_switch_status(gw: Gateway) -> dict[str, Any]:
+    state = gw.store.kill_switch_state()
+    return {
+        "global": state.get("*", {"engaged": False}),
+        "environments": {env: state.get(env, {"engaged": False})
+                         for env in gw.policy.environments},
+    }
+
+
+def recover(gw: Gateway) -> list[dict[str, Any]]:
+    """Settle executions a crash interrupted, and reflect them on their approvals."""
+    out = []
+    for entry, ex in recover_interrupted(gw.store, gw.executors, ttl_s=gw.idempotency_ttl):
+        approval_id = entry.get("approval_id")
+        if approval_id:
+            gw.store.approval_transition(approval_id, "approved", ex.status, result=ex.result,
+                                         error=ex.error)
+        gw.audit_event("action", request_id=entry.get("request_id"),
+                       environment=entry.get("environment"), action_type=entry["action_type"],
+                       decision="error" if ex.status == "in_doubt" else "allow",
+                       reason=ex.error or "recovered after an interrupted execution",
+                       execution_result={"status": ex.status, "result": ex.result},
+                       actor="recovery",
+                       details={"action_key": entry["action_key"], "approval_id": approval_id,
+                                "status": ex.status})
+        out.append({"action_key": entry["action_key"], "status": ex.status,
+                    "approval_id": approval_id})
+    return out

@@ -1,0 +1,201 @@
+"""Pre-call cost planning and budget reservation (DESIGN.md §2 step 5).
+
+The plan never lets a request's actual cost pass the per-request ceiling or the
+remaining budget: an explicit output limit that cannot be paid for is refused,
+and a request with no limit gets the largest one that can be paid for (so no
+"phantom" budget errors from reserving the model's whole output window).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BudgetExceeded, CostCeilingExceeded, InvalidRequest, ModelPriceUnknown
+from .policy import Budget, Policy
+from .pricing import (
+    ModelPricing,
+    PriceBook,
+    actual_usd,
+    estimate_usd,
+    max_affordable_output_tokens,
+)
+from .store import Store
+from .tokens import TokenCounter
+
+__all__ = ["MIN_OUTPUT_TOKENS", "CostPlan", "budget_counter", "plan_cost", "settle"]
+
+# The smallest answer worth asking for: a short reply or one small tool call.
+# Below this the request is refused rather than sent with a useless limit.
+MIN_OUTPUT_TOKENS = 16
+# Used when the price map gives no output window for a model.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+# Our prompt count approximates the upstream's (tools especially); reserving on a
+# slightly inflated count keeps the actual cost under the reservation.
+PROMPT_MARGIN = 1.03
+PROMPT_MARGIN_TOKENS = 8
+
+_PERIOD_SECONDS = {"hour": 3600, "day": 86400, "month": 31 * 86400}
+
+
+def budget_counter(scope: str, name: str, budget: Budget, now: float | None = None) -> str:
+    t = time.gmtime(now if now is not None else time.time())
+    if budget.period == "hour":
+        window = time.strftime("%Y-%m-%dT%H", t)
+    elif budget.period == "day":
+        window = time.strftime("%Y-%m-%d", t)
+    else:
+        window = time.strftime("%Y-%m", t)
+    return f"budget:{scope}:{name}:{budget.period}:{window}"
+
+
+@dataclass
+class CostPlan:
+    model: str
+    pricing: ModelPricing
+    prompt_tokens: int
+    output_limit: int
+    n: int
+    injected_limit: bool
+    estimate_usd: float
+    ceiling_usd: float | None
+    reserved_usd: float = 0.0
+    counters: list[str] = field(default_factory=list)
+    budget_ttl_s: float = 86400.0
+
+    def to_authority(self) -> dict[str, Any]:
+        return {
+            "estimate_usd": round(self.estimate_usd, 8),
+            "ceiling_usd": self.ceiling_usd,
+            "prompt_tokens_estimate": self.prompt_tokens,
+            "max_output_tokens": self.output_limit,
+            "max_output_tokens_set_by_gateway": self.injected_limit,
+        }
+
+
+def _explicit_limit(body: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        v = body.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InvalidRequest(f"{name} must be a positive integer", code="invalid_request")
+        return v
+    return None
+
+
+def _output_param(model: str) -> str:
+    # Reasoning models refuse max_tokens; older OpenAI-compatible servers only know it.
+    bare = model.rsplit("/", 1)[-1]
+    if bare.startswith(("o1", "o3", "o4", "gpt-5")):
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
+def plan_cost(
+    policy: Policy,
+    environment: str,
+    caller_budget: Budget | None,
+    caller_name: str,
+    body: dict[str, Any],
+    *,
+    store: Store,
+    prices: PriceBook,
+    counter: TokenCounter,
+) -> CostPlan:
+    """Estimate, check the ceiling, reserve the budget. May set the output limit in ``body``."""
+    model = body["model"]
+    pricing = prices.lookup(model)
+    if pricing is None:
+        raise ModelPriceUnknown(
+            f"no price is known for model {model!r}; give one under 'pricing:' in the policy"
+        )
+    n = body.get("n") or 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidRequest("n must be a positive integer")
+    prompt = counter.count_prompt(model, body["messages"], body.get("tools"))
+    reserve_prompt = math.ceil(prompt * PROMPT_MARGIN) + PROMPT_MARGIN_TOKENS
+    env = policy.environments[environment]
+    ceiling = env.ceilings.per_request_usd
+    explicit = _explicit_limit(body)
+    window = pricing.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS
+
+    def est(out: int) -> float:
+        return estimate_usd(pricing, reserve_prompt, out * n)
+
+    if explicit is not None:
+        out = explicit
+        if ceiling is not None and est(out) > ceiling:
+            raise CostCeilingExceeded(
+                f"estimated cost ${est(out):.6f} (prompt ~{prompt} tokens + up to {out * n} "
+                f"output tokens on {model}) exceeds the per-request ceiling ${ceiling} "
+                f"of environment {environment!r}",
+                estimate_usd=est(out), ceiling_usd=ceiling,
+            )
+    else:
+        out = window
+        if ceiling is not None and est(out) > ceiling:
+            out = min(window, max_affordable_output_tokens(pricing, reserve_prompt, ceiling) // n)
+            if out < MIN_OUTPUT_TOKENS:
+                raise CostCeilingExceeded(
+                    f"the prompt alone (~{prompt} tokens on {model}) leaves no room for an answer "
+                    f"under the per-request ceiling ${ceiling} of environment {environment!r}",
+                    estimate_usd=est(MIN_OUTPUT_TOKENS), ceiling_usd=ceiling,
+                )
+
+    counters: list[tuple[str, float]] = []
+    ttl = 0.0
+    if env.budget is not None:
+        counters.append((budget_counter("env", environment, env.budget), env.budget.usd))
+        ttl = max(ttl, _PERIOD_SECONDS[env.budget.period] * 2)
+    if caller_budget is not None:
+        counters.append((budget_counter("key", caller_name, caller_budget), caller_budget.usd))
+        ttl = max(ttl, _PERIOD_SECONDS[caller_budget.period] * 2)
+
+    reserved = 0.0
+    if counters:
+        low = est(out) if explicit is not None else est(min(out, MIN_OUTPUT_TOKENS))
+        granted = store.budget_reserve(counters, min_usd=low, max_usd=est(out), ttl_s=ttl)
+        if granted is None:
+            raise BudgetExceeded(
+                f"the budget of {_budget_names(counters)} cannot pay for this request "
+                f"(needs at least ${low:.6f})",
+                needed_usd=low,
+            )
+        reserved = granted
+        if explicit is None and granted < est(out):
+            out = min(out, max_affordable_output_tokens(pricing, reserve_prompt, granted) // n)
+            # Rounding can make the largest affordable limit dip below the floor we reserved for.
+            out = max(out, min(MIN_OUTPUT_TOKENS, window))
+
+    injected = explicit is None and out < window
+    if injected:
+        body[_output_param(model)] = out
+    return CostPlan(
+        model=model, pricing=pricing, prompt_tokens=prompt, output_limit=out, n=n,
+        injected_limit=injected, estimate_usd=est(out), ceiling_usd=ceiling,
+        reserved_usd=reserved, counters=[c for c, _ in counters], budget_ttl_s=ttl or 86400.0,
+    )
+
+
+def _budget_names(counters: list[tuple[str, float]]) -> str:
+    return " and ".join(f"{c.split(':')[1]} {c.split(':')[2]!r} (${lim}/{c.split(':')[3]})"
+                        for c, lim in counters)
+
+
+def settle(plan: CostPlan, store: Store, usage: dict[str, Any] | None) -> float:
+    """Turn the reservation into the actual cost; returns the actual cost in USD."""
+    actual = actual_usd(plan.pricing, usage) if usage else plan.estimate_usd
+    if plan.counters:
+        store.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=actual,
+                            ttl_s=plan.budget_ttl_s)
+    return actual
+
+
+def release(plan: CostPlan, store: Store) -> None:
+    """The call never happened (upstream failed): give the reservation back."""
+    if plan.counters:
+        store.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=0.0,
+                            ttl_s=plan.budget_ttl_s)

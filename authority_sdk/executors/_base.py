@@ -1,0 +1,94 @@
+"""What every executor shares: the result type, the protocol, small helpers.
+
+No I/O library is imported here, so the engine can depend on these types
+without pulling in httpx or smtplib.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = ["ExecutionResult", "Executor", "ExecutorKind"]
+
+ExecutorKind = Literal["webhook", "smtp", "python", "log"]
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """The outcome of one execution attempt.
+
+    ``retryable`` is True only when nothing reached the downstream system and
+    the failure may be transient (connection refused, connect timeout), so a
+    retry cannot duplicate the action. The engine decides whether to retry;
+    executors never retry on their own.
+    """
+
+    ok: bool
+    result: Any
+    error: str | None = None
+    retryable: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "result": self.result, "error": self.error,
+                "retryable": self.retryable}
+
+
+@runtime_checkable
+class Executor(Protocol):
+    name: str
+    kind: str
+    # True when a second delivery of the same action key is harmless downstream,
+    # which lets the engine retry a ``started`` record left by a crash.
+    idempotent_downstream: bool
+
+    def describe(self, action_type: str, arguments: dict[str, Any],
+                 action_key: str) -> dict[str, Any]:
+        """Exactly what ``execute`` would send, with secrets masked (simulation_only)."""
+        ...
+
+    def execute(self, action_type: str, arguments: dict[str, Any],
+                action_key: str) -> ExecutionResult:
+        """Run the action; downstream failures come back as ``ok=False``, never raised."""
+        ...
+
+    async def aexecute(self, action_type: str, arguments: dict[str, Any],
+                       action_key: str) -> ExecutionResult:
+        ...
+
+
+def to_jsonable(value: Any) -> Any:
+    """``value`` as it will be stored: a JSON round trip, or ``str(value)`` if that fails."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{int(s)}s" if math.isfinite(s) and s == int(s) else f"{s:g}s"
+
+
+def exc_text(exc: BaseException) -> str:
+    msg = str(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def check_action_key(action_key: str) -> str | None:
+    """Action keys travel in headers: refuse anything that could break or inject one."""
+    if not isinstance(action_key, str) or not action_key:
+        return "action_key must be a non-empty string"
+    if not action_key.isascii() or not action_key.isprintable() or len(action_key) > 512:
+        return "action_key must be printable ASCII of at most 512 characters"
+    return None

@@ -1,0 +1,234 @@
+"""``smtp``: send a real email through an SMTP server.
+
+Arguments: ``to`` (address or list), ``subject``, ``body``, optional ``cc``.
+Anything else, or anything malformed, is refused before connecting: a
+half-formed message is never sent.
+
+SMTP has no idempotency key, so this executor is *not* idempotent downstream.
+The Message-ID is derived from the action key and the key itself travels in
+``X-Authority-Action-Key``, so a duplicate that does get through can be
+recognised by the receiving side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.utils import formatdate, getaddresses
+from typing import Any
+
+from ..policy import SmtpExecutor
+from ._base import ExecutionResult, check_action_key, exc_text, fmt_seconds
+
+__all__ = ["SmtpActionExecutor", "build_message"]
+
+ALLOWED_ARGUMENTS = ("to", "cc", "subject", "body")
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _addresses(arguments: dict[str, Any], field: str, *, required: bool) -> list[str]:
+    """Header-form addresses (``"Ann <ann@x.org>"`` or ``ann@x.org``) from one argument."""
+    if field not in arguments or arguments[field] is None:
+        if required:
+            raise _Invalid(f"missing argument {field!r} (a recipient address or a list of them)")
+        return []
+    value = arguments[field]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise _Invalid(f"argument {field!r} must be a string or a list of strings")
+    out: list[str] = []
+    for item in items:
+        if "\r" in item or "\n" in item:
+            raise _Invalid(f"argument {field!r}: line breaks are not allowed in an address")
+        parsed = getaddresses([item])
+        if not item.strip() or not parsed:
+            raise _Invalid(f"argument {field!r}: empty address")
+        for display, addr in parsed:
+            local, at, domain = addr.rpartition("@")
+            if not at or not local or not domain or any(c.isspace() for c in addr):
+                raise _Invalid(f"argument {field!r}: {item!r} is not an email address")
+            out.append(f"{display} <{addr}>" if display else addr)
+    if required and not out:
+        raise _Invalid(f"argument {field!r} names no recipient")
+    return out
+
+
+def _text(arguments: dict[str, Any], field: str, *, one_line: bool) -> str:
+    if field not in arguments:
+        raise _Invalid(f"missing argument {field!r}")
+    value = arguments[field]
+    if not isinstance(value, str):
+        raise _Invalid(f"argument {field!r} must be a string, not {type(value).__name__}")
+    if one_line and ("\r" in value or "\n" in value):
+        raise _Invalid(f"argument {field!r}: line breaks are not allowed")
+    return value
+
+
+def message_id(action_key: str, sender: str) -> str:
+    domain = sender.rpartition("@")[2].strip(" >") or "authority.invalid"
+    digest = hashlib.sha256(action_key.encode()).hexdigest()[:32]
+    return f"<authority.{digest}@{domain}>"
+
+
+def build_message(sender: str, arguments: dict[str, Any],
+                  action_key: str) -> tuple[EmailMessage, list[str]]:
+    """The message and its envelope recipients; raises ``ValueError`` on bad arguments."""
+    if not isinstance(arguments, dict):
+        raise _Invalid("arguments must be an object")
+    unknown = sorted(set(arguments) - set(ALLOWED_ARGUMENTS))
+    if unknown:
+        raise _Invalid(f"unexpected argument(s) {', '.join(map(repr, unknown))} "
+                       f"(allowed: {', '.join(ALLOWED_ARGUMENTS)})")
+    problem = check_action_key(action_key)
+    if problem:
+        raise _Invalid(problem)
+    to = _addresses(arguments, "to", required=True)
+    cc = _addresses(arguments, "cc", required=False)
+    subject = _text(arguments, "subject", one_line=True)
+    body = _text(arguments, "body", one_line=False)
+
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = ", ".join(to)
+    if cc:
+        msg["Cc"] = ", ".join(cc)
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = message_id(action_key, sender)
+    msg["X-Authority-Action-Key"] = action_key
+    msg.set_content(body)
+    recipients = list(dict.fromkeys(addr for _, addr in getaddresses(to + cc)))
+    return msg, recipients
+
+
+class SmtpActionExecutor:
+    kind = "smtp"
+    idempotent_downstream = False
+
+    def __init__(self, name: str, config: SmtpExecutor) -> None:
+        self.name = name
+        self.config = config
+
+    def describe(self, action_type: str, arguments: dict[str, Any],
+                 action_key: str) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "executor": self.name,
+            "type": "smtp",
+            "server": {"host": self.config.host, "port": self.config.port,
+                       "starttls": self.config.starttls,
+                       "login": self.config.username_env is not None},
+        }
+        try:
+            msg, recipients = build_message(self.config.sender, arguments, action_key)
+        except ValueError as exc:
+            return {**base, "error": f"email not sent: {exc}"}
+        return {
+            **base,
+            "envelope": {"mail_from": self.config.sender, "rcpt_to": recipients},
+            "headers": dict(msg.items()),
+            "body": msg.get_content(),
+        }
+
+    def _credentials(self) -> tuple[str, str] | None:
+        user_env, pw_env = self.config.username_env, self.config.password_env
+        if user_env is None and pw_env is None:
+            return None
+        missing = [e for e in (user_env, pw_env) if e is None or e not in os.environ]
+        if missing:
+            names = ", ".join("(not configured)" if e is None else e for e in missing)
+            raise _Invalid(f"SMTP credentials missing: environment variable(s) {names} not set")
+        assert user_env is not None and pw_env is not None
+        return os.environ[user_env], os.environ[pw_env]
+
+    def execute(self, action_type: str, arguments: dict[str, Any],
+                action_key: str) -> ExecutionResult:
+        try:
+            msg, recipients = build_message(self.config.sender, arguments, action_key)
+            credentials = self._credentials()
+        except ValueError as exc:
+            return ExecutionResult(False, None, f"email not sent: {exc}")
+        return self._send(msg, recipients, credentials)
+
+    async def aexecute(self, action_type: str, arguments: dict[str, Any],
+                       action_key: str) -> ExecutionResult:
+        return await asyncio.to_thread(self.execute, action_type, arguments, action_key)
+
+    def _send(self, msg: EmailMessage, recipients: list[str],
+              credentials: tuple[str, str] | None) -> ExecutionResult:
+        cfg = self.config
+        where = f"SMTP server {cfg.host}:{cfg.port}"
+        # Until DATA is under way nothing can have been delivered, so a
+        # transient failure up to there is safe to retry.
+        delivering = False
+        smtp: smtplib.SMTP | None = None
+        try:
+            smtp = smtplib.SMTP(cfg.host, cfg.port, timeout=cfg.timeout_s)
+            if cfg.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if credentials is not None:
+                smtp.login(*credentials)
+            delivering = True
+            refused = smtp.send_message(msg, from_addr=cfg.sender, to_addrs=recipients)
+        except OSError as exc:  # smtplib's and ssl's errors are all OSErrors
+            return self._failure(exc, where, delivering)
+        finally:
+            if smtp is not None:
+                _goodbye(smtp)
+        accepted = [r for r in recipients if r not in refused]
+        result: dict[str, Any] = {"message_id": msg["Message-ID"], "recipients": accepted}
+        if refused:
+            # Delivered to some: reporting failure would invite a resend to the others.
+            result["refused"] = _refusals(refused)
+        return ExecutionResult(True, result)
+
+    def _failure(self, exc: OSError, where: str, delivering: bool) -> ExecutionResult:
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
+            return ExecutionResult(False, {"refused": _refusals(exc.recipients)},
+                                   "email not sent: every recipient was refused: "
+                                   + _refusal_text(exc.recipients))
+        if isinstance(exc, smtplib.SMTPSenderRefused):
+            return ExecutionResult(False, None, f"email not sent: sender {exc.sender} refused: "
+                                   f"{exc.smtp_code} {_decode(exc.smtp_error)}")
+        if isinstance(exc, smtplib.SMTPAuthenticationError):
+            return ExecutionResult(False, None, f"email not sent: SMTP login failed: "
+                                   f"{exc.smtp_code} {_decode(exc.smtp_error)}")
+        if isinstance(exc, smtplib.SMTPDataError):
+            return ExecutionResult(False, None, f"email not sent: {where} rejected the message: "
+                                   f"{exc.smtp_code} {_decode(exc.smtp_error)}")
+        timeout = fmt_seconds(self.config.timeout_s)
+        what = (f"timed out after {timeout}" if isinstance(exc, TimeoutError)
+                else f"failed: {exc_text(exc)}")
+        if delivering:
+            return ExecutionResult(False, None, f"{where} {what} while sending; "
+                                   "the email may have been delivered")
+        transient = isinstance(exc, smtplib.SMTPConnectError | smtplib.SMTPServerDisconnected) or (
+            not isinstance(exc, smtplib.SMTPException | ssl.SSLError))
+        return ExecutionResult(False, None, f"email not sent: {where} {what}",
+                               retryable=transient)
+
+
+def _goodbye(smtp: smtplib.SMTP) -> None:
+    # The outcome is already decided; a failed QUIT must not change it.
+    try:
+        smtp.quit()
+    except (OSError, smtplib.SMTPException):
+        smtp.close()
+
+
+def _decode(raw: bytes | str) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+def _refusals(refused: dict[str, tuple[int, bytes]]) -> dict[str, str]:
+    return {addr: f"{code} {_decode(text)}" for addr, (code, text) in refused.items()}
+
+
+def _refusal_text(refused: dict[str, tuple[int, bytes]]) -> str:
+    return "; ".join(f"{a}: {t}" for a, t in _refusals(refused).items())

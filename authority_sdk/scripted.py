@@ -1,0 +1,193 @@
+"""A scripted local model that answers like the OpenAI chat-completions API.
+
+The demo and the tests replace the LLM with it: no API key, no network. What it
+answers is scripted by directives in the last user message, one per line:
+
+    CALL <tool_name> <json arguments>    answer with this tool call (several allowed)
+    SAY <text>                           answer with this content
+    SLEEP <seconds>                      wait before answering
+    FAIL <status>                        answer with this HTTP status
+    GARBAGE                              answer with a body that is not JSON
+    COMPLETION_TOKENS <n>                report this many completion tokens in usage
+
+Anything else gets a short friendly answer. Streaming splits content into words
+and tool-call arguments into small pieces across many chunks. ``GET /_stats``
+counts the chat requests it served and shows the last one (headers included),
+so tests can prove that a replay never reached it and that the caller's key
+was never forwarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+__all__ = ["ScriptedModel", "build_app", "parse_script"]
+
+MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano"]
+
+
+def parse_script(text: str) -> dict[str, Any]:
+    script: dict[str, Any] = {"calls": [], "say": [], "sleep": 0.0, "fail": None,
+                              "garbage": False, "completion_tokens": None}
+    for raw in text.splitlines():
+        line = raw.strip()
+        word, _, rest = line.partition(" ")
+        if word == "CALL":
+            name, _, args = rest.strip().partition(" ")
+            script["calls"].append((name, args.strip() or "{}"))
+        elif word == "SAY":
+            script["say"].append(rest)
+        elif word == "SLEEP":
+            script["sleep"] = float(rest)
+        elif word == "FAIL":
+            script["fail"] = int(rest)
+        elif word == "GARBAGE":
+            script["garbage"] = True
+        elif word == "COMPLETION_TOKENS":
+            script["completion_tokens"] = int(rest)
+    return script
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, str):
+                return c
+            if isinstance(c, list):
+                return "\n".join(p.get("text", "") for p in c if isinstance(p, dict))
+    return ""
+
+
+class ScriptedModel:
+    def __init__(self) -> None:
+        self.chat_requests = 0
+        self.last_request: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def _usage(self, body: dict[str, Any], content: str, calls: list[tuple[str, str]],
+               override: int | None) -> dict[str, int]:
+        from .tokens import default_counter
+
+        prompt = default_counter.count_prompt(body.get("model", "gpt-4o-mini"),
+                                              body.get("messages") or [], body.get("tools"))
+        completion = override if override is not None else max(
+            1, (len(content) + sum(len(n) + len(a) for n, a in calls)) // 4)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        with self._lock:
+            self.chat_requests += 1
+            self.last_request = {"headers": dict(request.headers), "body": body}
+        script = parse_script(_last_user_text(body.get("messages") or []))
+        if script["sleep"]:
+            await asyncio.sleep(script["sleep"])
+        if script["fail"]:
+            return JSONResponse({"error": {"message": "scripted failure", "type": "server_error",
+                                           "code": None}}, status_code=script["fail"])
+        if script["garbage"]:
+            return Response(b"<html>not json", media_type="application/json")
+        calls = [(n, a) for n, a in script["calls"]]
+        content = " ".join(script["say"]) if script["say"] else (
+            "" if calls else "Hello from the scripted model.")
+        usage = self._usage(body, content, calls, script["completion_tokens"])
+        cid = "chatcmpl-" + uuid.uuid4().hex[:20]
+        created = int(time.time())
+        model = body.get("model", "gpt-4o-mini")
+        tool_calls = [{"id": f"call_{i + 1}_{uuid.uuid4().hex[:6]}", "type": "function",
+                       "function": {"name": n, "arguments": a}} for i, (n, a) in enumerate(calls)]
+        finish = "tool_calls" if calls else "stop"
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                _chunks(cid, created, model, content, tool_calls, finish,
+                        usage if include_usage else None),
+                media_type="text/event-stream")
+        message: dict[str, Any] = {"role": "assistant", "content": content or None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": usage,
+        })
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "scripted"} for m in MODELS]})
+
+    async def stats(self, request: Request) -> Response:
+        with self._lock:
+            return JSONResponse({"chat_requests": self.chat_requests,
+                                 "last_request": self.last_request})
+
+
+async def _chunks(cid: str, created: int, model: str, content: str,
+                  tool_calls: list[dict[str, Any]], finish: str,
+                  usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def sse(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + json.dumps({**base, "choices": choices, **extra}).encode() + b"\n\n"
+
+    yield sse([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None}])
+    words = content.split(" ") if content else []
+    for i, w in enumerate(words):
+        yield sse([{"index": 0, "delta": {"content": w if i == 0 else " " + w},
+                    "finish_reason": None}])
+        await asyncio.sleep(0)
+    for i, tc in enumerate(tool_calls):
+        yield sse([{"index": 0, "delta": {"tool_calls": [{
+            "index": i, "id": tc["id"], "type": "function",
+            "function": {"name": tc["function"]["name"], "arguments": ""}}]},
+            "finish_reason": None}])
+        args = tc["function"]["arguments"]
+        for j in range(0, len(args), 5):
+            yield sse([{"index": 0, "delta": {"tool_calls": [{
+                "index": i, "function": {"arguments": args[j:j + 5]}}]},
+                "finish_reason": None}])
+    yield sse([{"index": 0, "delta": {}, "finish_reason": finish}])
+    if usage is not None:
+        yield sse([], usage=usage)
+    yield b"data: [DONE]\n\n"
+
+
+def build_app(model: ScriptedModel | None = None) -> Starlette:
+    m = model or ScriptedModel()
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", m.chat, methods=["POST"]),
+        Route("/v1/models", m.models, methods=["GET"]),
+        Route("/_stats", m.stats, methods=["GET"]),
+    ])
+    app.state.model = m
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description="A scripted OpenAI-compatible model for demos/tests")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8799)
+    a = ap.parse_args()
+    uvicorn.run(build_app(), host=a.host, port=a.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Plain data that crosses the engine's boundary: who calls, what they sent, what goes back.
+
+No I/O and no HTTP library here: the SDK transport and the proxy translate their
+own request/response objects into these, so both front doors feed the engine
+the same bytes and get the same bytes back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import AuthorityError
+
+__all__ = ["Caller", "GatewayRequest", "GatewayResponse", "canonical_json", "error_response"]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The identity a request runs under. The proxy derives it from the API key only."""
+
+    name: str
+    environment: str
+    roles: frozenset[str] = frozenset({"agent"})
+
+
+@dataclass
+class GatewayRequest:
+    caller: Caller
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+@dataclass
+class GatewayResponse:
+    status_code: int
+    headers: dict[str, str]
+    body: bytes = b""
+    # Set for streamed answers instead of body; exactly one of the two is consumed.
+    stream: Iterator[bytes] | None = None
+    astream: AsyncIterator[bytes] | None = None
+    # For the proxy's access log and metrics.
+    request_id: str | None = None
+    decision: str | None = None
+    code: str | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def error_response(exc: AuthorityError, *, request_id: str | None = None) -> GatewayResponse:
+    headers = {"content-type": "application/json"}
+    if not exc.retryable:
+        # openai retries 408/409/429/5xx by default; a policy answer will not change on retry.
+        headers["x-should-retry"] = "false"
+    if request_id:
+        headers["x-request-id"] = request_id
+    body = exc.to_body()
+    if request_id:
+        body["error"].setdefault("authority", {})["request_id"] = request_id
+    return GatewayResponse(
+        exc.status_code,
+        headers,
+        json.dumps(body).encode(),
+        request_id=request_id,
+        decision="error" if exc.status_code >= 500 else "deny",
+        code=exc.code,
+    )

@@ -1,0 +1,123 @@
+"""Shared fixtures: a real scripted model on loopback, and policies written to real files."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from authority_sdk.scripted import ScriptedModel, build_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ScriptedServer:
+    def __init__(self) -> None:
+        import uvicorn
+
+        self.model = ScriptedModel()
+        self.port = free_port()
+        config = uvicorn.Config(build_app(self.model), host="127.0.0.1", port=self.port,
+                                log_level="error", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> ScriptedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/_stats", timeout=0.5)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("scripted model did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+    @property
+    def chat_requests(self) -> int:
+        return self.model.chat_requests
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[ScriptedServer]:
+    srv = ScriptedServer().start()
+    yield srv
+    srv.stop()
+
+
+BASE_POLICY: dict[str, Any] = {
+    "version": 1,
+    "default_environment": "prod",
+    "defaults": {"mode": "require_human_approval", "approval_ttl_s": 3600,
+                 "idempotency_ttl_s": 3600},
+    "environments": {
+        "dev": {"models": ["gpt-4o-mini", "gpt-4.1-*"], "force_mode": "simulation_only",
+                "ceilings": {"per_request_usd": 0.10}},
+        "prod": {"models": ["gpt-4o-mini"], "ceilings": {"per_request_usd": 0.05}},
+    },
+    "actions": {
+        "lookup_customer": {"mode": "auto_execute"},
+        "send_note": {"executor": "dry", "mode": "auto_execute"},
+    },
+    "executors": {"dry": {"type": "log"}},
+    "redact": ["card_number", "password"],
+}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.fixture
+def write_policy(tmp_path: Path, upstream: ScriptedServer) -> Callable[..., Path]:
+    """Write a policy file (BASE_POLICY deep-merged with overrides) pointing at the
+    scripted model, with state and audit under tmp_path."""
+
+    def write(overrides: dict[str, Any] | None = None, name: str = "authority.yaml") -> Path:
+        data = deep_merge(BASE_POLICY, {
+            "upstream": {"base_url": upstream.base_url, "timeout_s": 5},
+            "state": {"path": str(tmp_path / "state")},
+            "audit": {"path": str(tmp_path / "audit.jsonl"), "fsync": False},
+        })
+        data = deep_merge(data, overrides or {})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+def tool(name: str, properties: dict[str, Any] | None = None,
+         required: list[str] | None = None) -> dict[str, Any]:
+    return {"type": "function", "function": {
+        "name": name, "parameters": {"type": "object", "properties": properties or {},
+                                     **({"required": required} if required else {})}}}
+
+
+def user(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]

@@ -1,0 +1,60 @@
+"""Targets for the ``python`` executor tests (``sample_actions:<function>``).
+
+Each one writes a line to the file named by ``arguments["journal"]`` (when
+given), so a test can see that, and how often, the function really ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def _journal(arguments: dict[str, Any], entry: dict[str, Any]) -> None:
+    path = arguments.get("journal")
+    if path:
+        with Path(path).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def write_note(arguments: dict[str, Any], *, action_key: str, action_type: str) -> dict[str, Any]:
+    _journal(arguments, {"fn": "write_note", "key": action_key, "type": action_type})
+    arguments["mutated"] = True  # must not leak back into the caller's dict
+    return {"note": arguments["text"].upper(), "key": action_key, "type": action_type,
+            "thread": threading.current_thread().name}
+
+
+async def awrite_note(arguments: dict[str, Any], *, action_key: str,
+                      action_type: str) -> dict[str, Any]:
+    await asyncio.sleep(0)
+    _journal(arguments, {"fn": "awrite_note", "key": action_key, "type": action_type})
+    return {"note": arguments["text"][::-1], "key": action_key,
+            "loop_thread": threading.current_thread().name}
+
+
+def refuse(arguments: dict[str, Any], *, action_key: str, action_type: str) -> None:
+    raise PermissionError(f"refund over limit: {arguments.get('amount')}")
+
+
+async def arefuse(arguments: dict[str, Any], *, action_key: str, action_type: str) -> None:
+    await asyncio.sleep(0)
+    raise ValueError("async target failed")
+
+
+class _Opaque:
+    def __str__(self) -> str:
+        return "<opaque 42>"
+
+
+def opaque(arguments: dict[str, Any], *, action_key: str, action_type: str) -> Any:
+    return _Opaque()
+
+
+def as_tuple(arguments: dict[str, Any], *, action_key: str, action_type: str) -> Any:
+    return (1, "two", None)
+
+
+NOT_CALLABLE = 42
