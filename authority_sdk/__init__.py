@@ -1,9 +1,85 @@
-"""AI Authority Gateway: every chat completion and tool call passes policy first."""
+"""AI Authority Gateway: every chat completion and tool call passes policy first.
+
+The client classes are imported on first use, so ``import authority_sdk`` (and
+the decision modules under it) does not pay for openai or httpx until needed.
+"""
 
 from __future__ import annotations
 
-from .errors import *  # noqa: F403
-from .errors import __all__ as _errors_all
-from .policy import Policy, load_policy
+from typing import TYPE_CHECKING, Any
 
-__all__ = [*_errors_all, "Policy", "load_policy"]
+from .errors import (
+    ApprovalError,
+    AuthenticationFailed,
+    AuthorityError,
+    AuthorityUnavailable,
+    BudgetExceeded,
+    CostCeilingExceeded,
+    Forbidden,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    KillSwitchEngaged,
+    ModelNotAllowed,
+    ModelPriceUnknown,
+    NotFound,
+    PolicyError,
+    RequestDenied,
+    RequestTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from .policy import Policy, load_policy
+from .types import ActionInfo, AuthorityInfo, CostInfo, authority_of
+
+if TYPE_CHECKING:
+    from .client import AsyncAuthorityClient, AuthorityClient
+    from .engine import Gateway
+
+__all__ = [
+    "ActionInfo",
+    "ApprovalError",
+    "AsyncAuthorityClient",
+    "AuthenticationFailed",
+    "AuthorityClient",
+    "AuthorityError",
+    "AuthorityInfo",
+    "AuthorityUnavailable",
+    "BudgetExceeded",
+    "CostCeilingExceeded",
+    "CostInfo",
+    "Forbidden",
+    "Gateway",
+    "IdempotencyInProgress",
+    "IdempotencyKeyReused",
+    "InvalidRequest",
+    "KillSwitchEngaged",
+    "ModelNotAllowed",
+    "ModelPriceUnknown",
+    "NotFound",
+    "Policy",
+    "PolicyError",
+    "RequestDenied",
+    "RequestTooLarge",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "authority_of",
+    "load_policy",
+]
+
+_LAZY = {"AuthorityClient": "client", "AsyncAuthorityClient": "client", "Gateway": "engine"}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'authority_sdk' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -119,8 +119,12 @@ class Gateway:
             store = self.store
             with self._lock:
                 if self._audit is None:
-                    self._audit = AuditLog(self.policy.audit_path, fsync=self.policy.audit.fsync,
-                                           head=store)
+                    log = AuditLog(self.policy.audit_path, fsync=self.policy.audit.fsync,
+                                   head=store)
+                    # Open (and recover a torn line) before the first call is let through:
+                    # an unwritable log must stop requests before they reach the upstream.
+                    log.open()
+                    self._audit = log
         return self._audit
 
     @property
@@ -176,6 +180,7 @@ class Gateway:
         try:
             ctx.request = _parse_chat_request(req.body)
             ctx.model = ctx.request["model"]
+            self.audit  # noqa: B018 -- fail closed before anything is decided or sent
             if caller.environment not in self.policy.environments:
                 raise InvalidRequest(f"unknown environment {caller.environment!r}")
             replay = self._claim_idempotency(ctx, req)

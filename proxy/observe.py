@@ -1,0 +1,175 @@
+"""Per-request bookkeeping: the access log line, request metrics and gateway overhead.
+
+The engine already says what it decided, once, in its audit entries; the proxy
+listens to those (``ObservedGateway.audit_event``) instead of re-parsing
+bodies, so the log line and the metrics agree with the audit log by
+construction. The request's ``RequestInfo`` travels in a context variable: the
+engine's worker threads (anyio copies the context) and the streaming task see
+the same object.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from authority_sdk.engine import CallContext, Gateway
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from .metrics import Metrics
+
+__all__ = ["AccessLog", "ObservedGateway", "RequestInfo", "current_info"]
+
+log = logging.getLogger("authority.proxy")
+
+_current: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
+    "authority_request_info", default=None)
+
+# Probes would drown the log; they still answer, and still count.
+_QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+@dataclass
+class RequestInfo:
+    method: str
+    path: str
+    started: float
+    route: str = "unmatched"
+    key: str | None = None
+    environment: str | None = None
+    request_id: str | None = None
+    model: str | None = None
+    decision: str | None = None
+    code: str | None = None
+    status: int = 0
+    upstream_start: float | None = None
+    upstream_end: float | None = None
+    streamed: bool = False
+    finalize_s: float = 0.0
+
+    def overhead_s(self, ended: float) -> float:
+        if self.upstream_start is None or self.upstream_end is None:
+            return ended - self.started
+        pre = self.upstream_start - self.started
+        if self.streamed:
+            return pre + self.finalize_s
+        return (ended - self.started) - (self.upstream_end - self.upstream_start)
+
+
+def current_info() -> RequestInfo | None:
+    return _current.get()
+
+
+class ObservedGateway(Gateway):
+    """The engine, unchanged, with its audit entries feeding the log line and metrics."""
+
+    metrics: Metrics | None = None
+
+    def audit_event(self, event: str, **fields: Any) -> dict[str, Any]:
+        entry = super().audit_event(event, **fields)
+        try:
+            self._observe(event, fields)
+        except Exception:  # instrumentation must never turn an answer into an error
+            log.exception("metrics hook failed")
+        return entry
+
+    def _observe(self, event: str, fields: dict[str, Any]) -> None:
+        details = fields.get("details") or {}
+        info = _current.get()
+        m = self.metrics
+        if event == "request":
+            if info is not None:
+                info.request_id = fields.get("request_id") or info.request_id
+                info.model = fields.get("model") or info.model
+                info.decision = fields.get("decision")
+                info.code = details.get("code")
+            cost = fields.get("cost_actual_usd")
+            if m is not None and isinstance(cost, int | float) and cost > 0:
+                m.cost.labels(str(fields.get("environment"))).inc(cost)
+        elif event == "replay":
+            if info is not None:
+                info.request_id = fields.get("request_id")
+                info.model = fields.get("model")
+                info.decision = "replay"
+        elif event == "action" and m is not None:
+            m.actions.labels(str(details.get("status") or "unknown")).inc()
+        elif event == "approval" and m is not None:
+            m.approvals.labels(str(fields.get("approval_status"))).inc()
+
+    def finalize(self, ctx: CallContext, completion: dict[str, Any]) -> dict[str, Any]:
+        t = time.perf_counter()
+        try:
+            return super().finalize(ctx, completion)
+        finally:
+            info = _current.get()
+            if info is not None and ctx.stream:
+                info.finalize_s += time.perf_counter() - t
+
+
+class AccessLog:
+    """Pure ASGI middleware (streams pass through untouched): one log line per request,
+    written when the last byte of the answer has been sent."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        info = RequestInfo(method=scope["method"], path=scope["path"],
+                           started=time.perf_counter())
+        token = _current.set(info)
+        done = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal done
+            if message["type"] == "http.response.start":
+                info.status = int(message["status"])
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done = True
+                self._finish(info, scope)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            if not done:
+                info.status = info.status or 500
+                self._finish(info, scope)
+                done = True
+            raise
+        finally:
+            if not done:  # the client went away before the answer was complete
+                info.status = info.status or 499
+                self._finish(info, scope)
+            _current.reset(token)
+
+    def _finish(self, info: RequestInfo, scope: Scope) -> None:
+        ended = time.perf_counter()
+        route = scope.get("route")  # set by the router on the shared scope once matched
+        info.route = getattr(route, "path", None) or info.route
+        status = info.status
+        decision = info.decision or ("allow" if status < 400 else
+                                     "deny" if status < 500 else "error")
+        code = info.code or ("none" if status < 400 else str(status))
+        try:
+            self.metrics.requests.labels(info.route, decision, code, str(status)).inc()
+            if info.route == "/v1/chat/completions" and info.request_id is not None:
+                self.metrics.overhead.observe(max(info.overhead_s(ended), 0.0))
+        except Exception:
+            log.exception("metrics failed")
+        level = logging.DEBUG if info.path in _QUIET_PATHS else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level,
+                    "request_id=%s key=%s env=%s method=%s path=%s model=%s decision=%s "
+                    "code=%s status=%d latency_ms=%.1f",
+                    info.request_id or "-", info.key or "-", info.environment or "-",
+                    info.method, info.path, info.model or "-", decision, code, status,
+                    (ended - info.started) * 1000.0)

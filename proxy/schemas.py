@@ -1,0 +1,120 @@
+"""Pydantic models of the management API, so /openapi.json describes it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Approval",
+    "ApprovalList",
+    "DecisionBody",
+    "ErrorBody",
+    "Health",
+    "KillSwitchBody",
+    "KillSwitchChange",
+    "KillSwitchState",
+    "KillSwitchStatus",
+    "ModelList",
+]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape; ``error.code`` is one of the codes of DESIGN.md §2/§3."""
+
+    error: ErrorDetail
+
+
+class DecisionBody(BaseModel):
+    reason: str | None = Field(None, max_length=2000, description="Recorded in the audit log.")
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Approval(BaseModel):
+    """One pending (or decided) action. Redacted argument fields are replaced."""
+
+    id: str
+    status: Literal["pending", "approved", "rejected", "expired", "executed", "failed",
+                    "in_doubt"]
+    action_type: str
+    arguments: Any = None
+    environment: str
+    model: str | None = None
+    request_id: str | None = None
+    requested_by: str | None = None
+    dispatch: str | None = None
+    executor: str | None = None
+    reason: str | None = None
+    created_at: float | None = None
+    expires_at: float | None = None
+    decided_by: str | None = None
+    decided_at: float | None = None
+    decision_reason: str | None = None
+    result: Any = None
+    error: str | None = None
+    action_key: str | None = None
+    action_hash: str | None = None
+    policy_hash: str | None = None
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ApprovalList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Approval]
+
+
+class KillSwitchBody(BaseModel):
+    engaged: bool
+    reason: str | None = Field(None, max_length=2000)
+    environment: str | None = Field(None, description="null: the global switch")
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KillSwitchState(BaseModel):
+    engaged: bool = False
+    reason: str | None = None
+    actor: str | None = None
+    ts: float | None = None
+
+
+class KillSwitchChange(KillSwitchState):
+    scope: str = Field(description="'global' or the environment's name")
+
+
+class KillSwitchStatus(BaseModel):
+    global_: KillSwitchState = Field(alias="global")
+    environments: dict[str, KillSwitchState]
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    policy_hash: str
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "authority"
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
