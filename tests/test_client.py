@@ -121,7 +121,8 @@ c = AuthorityClient(policy={str(policy_path)!r}, environment="prod", max_retries
 print("ready", flush=True)
 for line in sys.stdin:
     try:
-        c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "hi"}}])
+        c.chat.completions.create(model="gpt-4o-mini",
+                                  messages=[{{"role": "user", "content": "hi"}}])
         print("ok", flush=True)
     except openai.PermissionDeniedError as e:
         print(e.code, flush=True)
