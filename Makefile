@@ -22,9 +22,11 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/authority demo
 
+# make bench [BENCH_ARGS=--quick]: full run ~10 min, writes benchmarks/RESULTS.md
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
-	$(PY) benchmarks/run.py
+	sh benchmarks/ensure_wrk.sh
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .authority .pytest_cache .mypy_cache .ruff_cache

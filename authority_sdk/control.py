@@ -105,6 +105,15 @@ def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = N
         _refuse(gw, a, actor, ApprovalError(
             f"the policy in force now denies this action ({now.code}: {now.reason}); "
             "the approval stays pending", code="approval_denied_by_policy"))
+    if now.mode == "simulation_only":
+        # simulation_only never runs the action, however it was approved.
+        _refuse(gw, a, actor, ApprovalError(
+            f"the policy in force now only simulates this action ({now.reason}); nothing "
+            "was executed; the approval stays pending", code="approval_denied_by_policy"))
+    if a.get("dispatch") == "gateway" and a.get("executor") not in gw.policy.executors:
+        _refuse(gw, a, actor, ApprovalError(
+            f"executor {a.get('executor')!r} is no longer configured; the approval stays "
+            "pending", code="approval_denied_by_policy"))
     won = gw.store.approval_transition(approval_id, "pending", "approved", decided_by=actor,
                                        decided_at=time.time(), decision_reason=reason,
                                        approved_policy_hash=gw.policy.hash)

@@ -205,7 +205,9 @@ class Gateway:
                 ctx.client_wants_usage = bool(opts.get("include_usage"))
                 # Always priced exactly: the upstream tells us the usage of every stream.
                 ctx.request["stream_options"] = {**opts, "include_usage": True}
-            ctx.upstream_body = json.dumps(ctx.request).encode()
+            # Re-serialise only when the gateway changed the request (hot path).
+            changed = ctx.stream or ctx.plan.injected_limit
+            ctx.upstream_body = json.dumps(ctx.request).encode() if changed else req.body
             return ctx
         except AuthorityError as exc:
             return self._deny_early(ctx, exc)

@@ -193,7 +193,9 @@ def _handle(gw: Gateway, ctx: CallContext, call: dict[str, Any], name: str, args
             out.result = {"would_dispatch": "client", "action_type": name, "arguments": args}
     else:
         args = res.arguments or {}
-        dup = _claim_dedupe(gw, ctx, name, args, key)
+        approval_id = ("apr_" + secrets.token_hex(12)
+                       if res.mode == "require_human_approval" else None)
+        dup = _claim_dedupe(gw, ctx, name, args, key, approval_id)
         if dup is not None:
             out.decision, out.status, out.code = "deny", "denied", "duplicate_action"
             out.reason = (f"{name} already ran on the same "
@@ -202,7 +204,7 @@ def _handle(gw: Gateway, ctx: CallContext, call: dict[str, Any], name: str, args
             out.result = {"duplicate_of": dup}
         elif res.mode == "require_human_approval":
             out.status = "pending_approval"
-            out.approval_id = _create_approval(gw, ctx, out, args, schema)
+            out.approval_id = _create_approval(gw, ctx, out, args, schema, approval_id)
         elif res.dispatch == "client":
             out.status = "allowed"
         else:
@@ -227,18 +229,33 @@ def _apply_execution(out: ActionOutcome, ex: Execution) -> None:
 
 
 def _claim_dedupe(gw: Gateway, ctx: CallContext, name: str, args: dict[str, Any],
-                  key: str) -> dict[str, Any] | None:
+                  key: str, approval_id: str | None = None) -> dict[str, Any] | None:
     fields = gw.policy.actions[name].dedupe_on
     if not fields:
         return None
     dkey = _dedupe_key(ctx.environment, name, fields, args)
     if dkey is None:
         return None
-    owner = {"action_key": key, "request_id": ctx.request_id, "ts": time.time()}
+    owner = {"action_key": key, "request_id": ctx.request_id, "ts": time.time(),
+             "approval_id": approval_id}
     existing = gw.store.dedupe_claim(dkey, owner, ttl_s=gw.idempotency_ttl)
+    if existing is not None and _claim_is_void(gw, existing):
+        # Its approval expired, was rejected or failed: that action did not take effect,
+        # so the object is free again. Release is owner-checked and claim atomic: one wins.
+        gw.store.dedupe_release(dkey, str(existing.get("action_key")))
+        existing = gw.store.dedupe_claim(dkey, owner, ttl_s=gw.idempotency_ttl)
     if existing is None or existing.get("action_key") == key:
         return None
     return existing
+
+
+def _claim_is_void(gw: Gateway, owner: dict[str, Any]) -> bool:
+    approval_id = owner.get("approval_id")
+    if not approval_id:
+        return False
+    # Not found yet means its request is still creating it: the claim is live.
+    approval = gw.store.approval_get(str(approval_id))
+    return approval is not None and approval.get("status") in ("expired", "rejected", "failed")
 
 
 def _release_dedupe(gw: Gateway, ctx: CallContext, name: str, args: dict[str, Any],
@@ -250,9 +267,9 @@ def _release_dedupe(gw: Gateway, ctx: CallContext, name: str, args: dict[str, An
 
 
 def _create_approval(gw: Gateway, ctx: CallContext, out: ActionOutcome, args: dict[str, Any],
-                     schema: dict[str, Any] | None) -> str:
+                     schema: dict[str, Any] | None, approval_id: str | None = None) -> str:
     now = time.time()
-    approval_id = "apr_" + secrets.token_hex(12)
+    approval_id = approval_id or "apr_" + secrets.token_hex(12)
     gw.store.approval_create({
         "id": approval_id,
         "status": "pending",

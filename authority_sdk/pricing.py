@@ -12,9 +12,10 @@ prompt and completion tokens, reasoning tokens (at
 price), long-context thresholds (``*_above_200k_tokens`` …: the whole request
 moves to the tier its prompt exceeds), ``tiered_pricing`` tables,
 ``off_peak_pricing`` windows, xAI's inclusive thresholds and folded reasoning
-tokens, and Fireworks' default cache-read rate. Not covered: service tiers
-(flex/priority), batch prices, the 5-minute/1-hour cache-write split,
-regional uplifts and per-request tool fees (web search…).
+tokens, Fireworks' default cache-read rate, and Perplexity's own calculator.
+Not covered: service tiers (flex/priority), batch prices, the 5-minute/1-hour
+cache-write split, regional uplifts, costs a provider reports itself
+(``usage.cost``) and per-request tool fees (web search, citations…).
 
 Names resolve the way litellm resolves them for the common cases: the exact
 key (case-insensitive, preferring ``<provider>/<name>`` where litellm would),
@@ -680,8 +681,28 @@ def actual_usd(
 
     when = at if at is not None else datetime.now(UTC)
     op_open = pricing.off_peak is not None and pricing.off_peak.is_open(when)
+    if pricing.provider == "perplexity":
+        return _perplexity_cost(pricing, prompt, completion, ctd, op_open)
     r = _rates(pricing, prompt, op_open)
     return _prompt_cost(pricing, r, prompt, ptd) + _completion_cost(pricing, r, completion, ctd)
+
+
+def _perplexity_cost(
+    p: ModelPricing, prompt: int, completion: int, ctd: dict[str, Any] | None, op_open: bool
+) -> float:
+    # litellm's Perplexity calculator: no cache discounts or thresholds, and reasoning tokens
+    # come out of completion_tokens only when the map prices them separately.
+    inp, out = p.input_cost_per_token, p.output_cost_per_token
+    if op_open and p.off_peak is not None:
+        inp = p.off_peak.input if p.off_peak.input is not None else inp
+        out = p.off_peak.output if p.off_peak.output is not None else out
+    reasoning = _tok(ctd, "reasoning_tokens")
+    if reasoning and p.output_cost_per_reasoning_token is not None:
+        completion_cost = max(0, completion - reasoning) * out
+        completion_cost += reasoning * p.output_cost_per_reasoning_token
+    else:
+        completion_cost = completion * out
+    return prompt * inp + completion_cost
 
 
 def _count(v: Any) -> int:

@@ -10,11 +10,13 @@ answers is scripted by directives in the last user message, one per line:
     GARBAGE                              answer with a body that is not JSON
     COMPLETION_TOKENS <n>                report this many completion tokens in usage
 
-Anything else gets a short friendly answer. Streaming splits content into words
-and tool-call arguments into small pieces across many chunks. ``GET /_stats``
-counts the chat requests it served and shows the last one (headers included),
-so tests can prove that a replay never reached it and that the caller's key
-was never forwarded.
+Anything else gets a short friendly answer. When the conversation ends with
+``tool`` messages (an agent loop sending results back), it answers in words with
+what they report, as a real model would, instead of repeating the calls.
+Streaming splits content into words and tool-call arguments into small pieces
+across many chunks. ``GET /_stats`` counts the chat requests it served and shows
+the last one (headers included), so tests can prove that a replay never reached
+it and that the caller's key was never forwarded.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-__all__ = ["ScriptedModel", "build_app", "parse_script"]
+__all__ = ["ScriptedModel", "build_app", "parse_script", "summarise_tool_results"]
 
 MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano"]
 
@@ -58,6 +60,30 @@ def parse_script(text: str) -> dict[str, Any]:
         elif word == "COMPLETION_TOKENS":
             script["completion_tokens"] = int(rest)
     return script
+
+
+def summarise_tool_results(messages: list[dict[str, Any]]) -> str | None:
+    """One sentence on the trailing ``tool`` messages, or None if the last one is not a tool's."""
+    trailing: list[dict[str, Any]] = []
+    for m in reversed(messages):
+        if m.get("role") != "tool":
+            break
+        trailing.append(m)
+    if not trailing:
+        return None
+    parts = []
+    for m in reversed(trailing):
+        content = m.get("content")
+        try:
+            payload = json.loads(content) if isinstance(content, str) else content
+        except ValueError:
+            payload = content
+        if isinstance(payload, dict) and "status" in payload:
+            detail = payload.get("approval_id") or payload.get("code") or ""
+            parts.append(f"{payload['status']}" + (f" ({detail})" if detail else ""))
+        else:
+            parts.append("done")
+    return "I have the results: " + "; ".join(parts) + "."
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -93,7 +119,9 @@ class ScriptedModel:
         with self._lock:
             self.chat_requests += 1
             self.last_request = {"headers": dict(request.headers), "body": body}
-        script = parse_script(_last_user_text(body.get("messages") or []))
+        messages = body.get("messages") or []
+        summary = summarise_tool_results(messages)
+        script = parse_script("SAY " + summary if summary else _last_user_text(messages))
         if script["sleep"]:
             await asyncio.sleep(script["sleep"])
         if script["fail"]:

@@ -178,6 +178,9 @@ class StreamGate:
             out.append(_sse({**base, "choices": [], "usage": self.usage}))
         out.append(_sse({**base, "choices": [], "authority": authority}))
         out.append(b"data: [DONE]\n\n")
+        # Stored before the last chunks go out: openai's Stream stops reading at [DONE]
+        # and closes the response, so code after the final yield never runs.
+        self._store(out)
         return out
 
     def _on_error(self, exc: AuthorityError) -> bytes:
@@ -201,14 +204,22 @@ class StreamGate:
         body = error_response(exc, request_id=self.ctx.request_id).body
         return b"data: " + body + b"\n\n"
 
+    def _on_abandon(self) -> None:
+        # The client stopped reading before the end: none of this answer's actions runs,
+        # and the request still gets its audit entry and releases its claims.
+        if not self.finished and not self.ctx.done:
+            self._on_error(UpstreamError("the client closed the stream before its end",
+                                         code="client_closed_stream"))
+
     def _record(self, parts: list[bytes]) -> list[bytes]:
         if self.ctx.idem_store_key:
             self.emitted.extend(parts)
         return parts
 
-    def _store(self) -> None:
-        if self.finished and self.ctx.idem_store_key:
-            self.gw._store_idempotent(self.ctx, 200, self._headers(), b"".join(self.emitted))
+    def _store(self, tail: list[bytes]) -> None:
+        if self.ctx.idem_store_key:
+            self.gw._store_idempotent(self.ctx, 200, self._headers(),
+                                      b"".join(self.emitted + tail))
 
     def _headers(self) -> dict[str, str]:
         return {"content-type": "text/event-stream", "cache-control": "no-cache",
@@ -226,12 +237,12 @@ class StreamGate:
                 yield from self._record(self._on_payload(payload))
             if not self.finished:
                 yield from self._record(self._finish())
-            self._store()
         except AuthorityError as exc:
             yield self._on_error(exc)
         except Exception as exc:  # a broken connection mid-stream
             yield self._on_error(UpstreamError(f"the upstream stream broke: {exc}"))
         finally:
+            self._on_abandon()
             if self.reply.close:
                 self.reply.close()
 
@@ -249,18 +260,19 @@ class StreamGate:
                     for p in self._record(parts):
                         yield p
             tail: list[bytes] = []
+            # Recorded as they come: _finish stores everything recorded before it.
             for payload in self.decoder.close():
-                tail.extend(await run_sync(self._on_payload, payload))
+                tail.extend(self._record(await run_sync(self._on_payload, payload)))
             if not self.finished:
-                tail.extend(await run_sync(self._finish))
-            for p in self._record(tail):
+                tail.extend(self._record(await run_sync(self._finish)))
+            for p in tail:
                 yield p
-            await run_sync(self._store)
         except AuthorityError as exc:
             yield await run_sync(self._on_error, exc)
         except Exception as exc:
             yield await run_sync(self._on_error, UpstreamError(f"the upstream stream broke: {exc}"))
         finally:
+            self._on_abandon()
             if self.reply.close:
                 res = self.reply.close()
                 if hasattr(res, "__await__"):

@@ -53,13 +53,43 @@ def _refuse(request: httpx.Request) -> httpx.Response:
     return _to_httpx(error_response(exc), request)
 
 
+class _ClosingStream(httpx.SyncByteStream):
+    """httpx never closes a plain iterator given as content. Closing the response must close
+    the gate's generator: it audits the abandoned request and frees the upstream connection."""
+
+    def __init__(self, it: Iterator[bytes]) -> None:
+        self._it = it
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._it
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+class _AsyncClosingStream(httpx.AsyncByteStream):
+    def __init__(self, it: AsyncIterator[bytes]) -> None:
+        self._it = it
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._it:
+            yield chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def _to_httpx(resp: GatewayResponse, request: httpx.Request) -> httpx.Response:
     if resp.stream is not None:
-        return httpx.Response(resp.status_code, headers=resp.headers, content=resp.stream,
-                              request=request)
+        return httpx.Response(resp.status_code, headers=resp.headers,
+                              stream=_ClosingStream(resp.stream), request=request)
     if resp.astream is not None:
-        return httpx.Response(resp.status_code, headers=resp.headers, content=resp.astream,
-                              request=request)
+        return httpx.Response(resp.status_code, headers=resp.headers,
+                              stream=_AsyncClosingStream(resp.astream), request=request)
     return httpx.Response(resp.status_code, headers=resp.headers, content=resp.body,
                           request=request)
 

@@ -31,14 +31,15 @@ TOOL: dict[str, Any] = {
     },
 }
 
-_WORDS = (
+_VOCAB = (
     "account order refund invoice shipping delivery address payment card subscription plan "
     "upgrade downgrade cancel renewal discount coupon warranty replacement return label "
     "tracking parcel courier delay damaged missing item quantity price tax receipt support "
     "ticket escalation priority customer agent policy eligible window days business weekend "
     "holiday region europe germany france spain italy netherlands email phone chat callback "
     "morning afternoon evening confirm verify identity security password reset login device"
-).split()
+)
+_WORDS = _VOCAB.split()
 
 _SYSTEM_RULES = [
     "You are the support assistant of an online shop. Be brief, factual and polite.",

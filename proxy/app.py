@@ -55,10 +55,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 503)}
 
 
-def _error_body(status: int, message: str, code: str, type_: str) -> JSONResponse:
+def _error_body(status: int, message: str, code: str, type_: str,
+                headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "code": code,
                                    "param": None}},
-                        status_code=status, headers={"x-should-retry": "false"})
+                        status_code=status, headers={**(headers or {}), "x-should-retry": "false"})
 
 
 def _note(decision: str | None, code: str | None, request_id: str | None = None) -> None:
@@ -97,6 +98,28 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+async def _identity(request: Request) -> Identity:
+    ident: Identity = request.app.state.keyring.authenticate(request.headers.get("authorization"))
+    info = current_info()
+    if info is not None:
+        info.key = ident.name
+        info.environment = ident.caller.environment
+    return ident
+
+
+def _role(*roles: str) -> Any:
+    async def check(ident: Annotated[Identity, Depends(_identity)]) -> Identity:
+        ident.require(*roles)
+        return ident
+    return check
+
+
+Agent = Annotated[Identity, Depends(_role("agent"))]
+Approver = Annotated[Identity, Depends(_role("approver"))]
+Reader = Annotated[Identity, Depends(_role("approver", "admin"))]
+Admin = Annotated[Identity, Depends(_role("admin"))]
+
+
 def _warm_up(gw: ObservedGateway) -> None:
     """Load the price map and tokenizers now, not on the first caller's request."""
     try:
@@ -115,12 +138,13 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     metrics = Metrics()
     gw = ObservedGateway(pol)
     gw.metrics = metrics
-    keyring = KeyRing(pol)
     state: dict[str, Upstream] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["upstream"] = Upstream(pol, metrics)
+        # Open the store and the audit log now: a broken one fails the start, not a caller.
+        await run_in_threadpool(lambda: gw.audit)
         threading.Thread(target=_warm_up, args=(gw,), daemon=True,
                          name="authority-warm-up").start()
         try:
@@ -131,12 +155,13 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
     app = FastAPI(
         title="AI Authority Gateway",
-        version="1",
+        version="0.1.0",
         description="OpenAI-compatible proxy gated by policy, and its management API.",
         lifespan=lifespan,
     )
     app.state.gateway = gw
     app.state.metrics = metrics
+    app.state.keyring = KeyRing(pol)
     app.add_middleware(AccessLog, metrics=metrics)
 
     # -- errors: one shape for all -------------------------------------------------------
@@ -149,12 +174,15 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        _note("deny", {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, f"http_{exc.status_code}"))
         if exc.status_code == 404:
             return _error_body(404, f"no such endpoint: {request.method} {request.url.path}",
                                "not_found", "not_found_error")
         if exc.status_code == 405:
             return _error_body(405, f"{request.method} is not allowed on {request.url.path}",
-                               "method_not_allowed", "invalid_request_error")
+                               "method_not_allowed", "invalid_request_error",
+                               headers=dict(exc.headers or {}))
         return _error_body(exc.status_code, str(exc.detail), f"http_{exc.status_code}",
                            "invalid_request_error")
 
@@ -163,6 +191,9 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
             f"{e.get('msg')}" for e in exc.errors())
+        body_error = any(tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors())
+        if body_error and "json" not in request.headers.get("content-type", ""):
+            problems += " (send the body as JSON with 'Content-Type: application/json')"
         _note("deny", "invalid_request")
         return _error_body(400, f"invalid request: {problems}", "invalid_request",
                            "invalid_request_error")
@@ -172,27 +203,6 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error_body(500, "internal error in the gateway", "authority_error",
                            "authority_error")
-
-    # -- who is calling ----------------------------------------------------------------
-
-    async def identity(request: Request) -> Identity:
-        ident = keyring.authenticate(request.headers.get("authorization"))
-        info = current_info()
-        if info is not None:
-            info.key = ident.name
-            info.environment = ident.caller.environment
-        return ident
-
-    def role(*roles: str) -> Any:
-        async def check(ident: Annotated[Identity, Depends(identity)]) -> Identity:
-            ident.require(*roles)
-            return ident
-        return check
-
-    Agent = Annotated[Identity, Depends(role("agent"))]
-    Approver = Annotated[Identity, Depends(role("approver"))]
-    Reader = Annotated[Identity, Depends(role("approver", "admin"))]
-    Admin = Annotated[Identity, Depends(role("admin"))]
 
     # -- OpenAI-compatible ---------------------------------------------------------------
 

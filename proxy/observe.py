@@ -61,6 +61,13 @@ class RequestInfo:
         return (ended - self.started) - (self.upstream_end - self.upstream_start)
 
 
+def _clean(text: str) -> str:
+    """One field of one line: a client-chosen path or model cannot forge log lines."""
+    if text.isprintable() and " " not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+
+
 def current_info() -> RequestInfo | None:
     return _current.get()
 
@@ -171,5 +178,6 @@ class AccessLog:
                     "request_id=%s key=%s env=%s method=%s path=%s model=%s decision=%s "
                     "code=%s status=%d latency_ms=%.1f",
                     info.request_id or "-", info.key or "-", info.environment or "-",
-                    info.method, info.path, info.model or "-", decision, code, status,
+                    info.method, _clean(info.path), _clean(info.model or "-"), decision, code,
+                    status,
                     (ended - info.started) * 1000.0)

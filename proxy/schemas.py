@@ -45,8 +45,8 @@ class Approval(BaseModel):
     """One pending (or decided) action. Redacted argument fields are replaced."""
 
     id: str
-    status: Literal["pending", "approved", "rejected", "expired", "executed", "failed",
-                    "in_doubt"]
+    status: str = Field(description="pending, approved, rejected, expired, executed, failed "
+                                    "or in_doubt")
     action_type: str
     arguments: Any = None
     environment: str
@@ -62,7 +62,7 @@ class Approval(BaseModel):
     decided_at: float | None = None
     decision_reason: str | None = None
     result: Any = None
-    error: str | None = None
+    error: Any = None
     action_key: str | None = None
     action_hash: str | None = None
     policy_hash: str | None = None

@@ -14,6 +14,14 @@ def _register() -> None:
     app.add_typer(policy_cmd.app, name="policy", help="Check, explain and print the policy schema.")
     from . import audit_cmd
     app.add_typer(audit_cmd.app, name="audit", help="Tail and verify the hash-chained audit log.")
+    from . import serve_cmd
+    app.command("serve")(serve_cmd.serve)
+    from . import control_cmd
+    app.add_typer(control_cmd.approvals_app, name="approvals")
+    app.add_typer(control_cmd.kill_switch_app, name="kill-switch")
+    app.command("budget")(control_cmd.budget)
+    from . import demo_cmd
+    app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:

@@ -1,0 +1,38 @@
+"""``authority serve``: the OpenAI-compatible proxy on uvicorn."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from ..errors import AuthorityError
+from .common import PolicyOpt, policy_or_exit
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def serve(
+    policy: PolicyOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8787,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (state is shared "
+                                                     "through the store).")] = 1,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve /v1/chat/completions, /v1/models and the management API (DESIGN.md §9)."""
+    level = log_level.lower()
+    if level not in _LEVELS:
+        typer.echo(f"error: --log-level must be one of {', '.join(_LEVELS)}", err=True)
+        raise typer.Exit(2)
+    path = policy or os.environ.get("AUTHORITY_POLICY") or "authority.yaml"
+    policy_or_exit(path)  # a broken policy is a clear message and exit 2, not a traceback
+    from proxy.server import run
+
+    try:
+        code = run(path, host=host, port=port, workers=workers, log_level=level)
+    except AuthorityError as exc:  # e.g. the state store cannot be opened: fail closed, clearly
+        typer.echo(f"error: {exc.message} [{exc.code}]", err=True)
+        raise typer.Exit(1) from exc
+    raise typer.Exit(code)
