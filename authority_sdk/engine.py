@@ -38,6 +38,7 @@ from .errors import (
     ModelNotAllowed,
     UpstreamError,
 )
+from .execution import owner_alive, process_owner
 from .executors import ExecutorRegistry
 from .gating import ActionOutcome, followup_messages, gate_completion
 from .policy import KeyConfig, Policy, load_policy
@@ -225,7 +226,8 @@ class Gateway:
         ).hexdigest()
         lease = self.policy.upstream.timeout_s + _LEASE_MARGIN_S
         got = self.store.idem_begin(ctx.idem_store_key, ctx.fingerprint,
-                                    ttl_s=self.idempotency_ttl, lease_s=lease)
+                                    ttl_s=self.idempotency_ttl, lease_s=lease,
+                                    owner=process_owner(), owner_dead=_owner_dead)
         if got.state == "new":
             return None
         if got.state == "conflict":
@@ -423,6 +425,10 @@ class Gateway:
             return await run_sync(self.complete, ctx, reply.status_code, reply.body)
         except AuthorityUnavailable as exc:
             return error_response(exc)
+
+
+def _owner_dead(owner: dict[str, Any]) -> bool:
+    return not owner_alive(owner)
 
 
 def _parse_chat_request(body: bytes) -> dict[str, Any]:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .executors import ExecutorRegistry
     from .store import Store
 
-__all__ = ["Execution", "owner_alive", "run_once"]
+__all__ = ["Execution", "owner_alive", "process_owner", "recover_interrupted", "run_once"]
 
 _HOST = socket.gethostname()
 
@@ -37,7 +37,8 @@ def _proc_start(pid: int) -> str | None:
 _SELF = {"host": _HOST, "pid": os.getpid(), "pid_start": _proc_start(os.getpid())}
 
 
-def _owner() -> dict[str, Any]:
+def process_owner() -> dict[str, Any]:
+    """This process, as recorded on claims: host, pid and the pid's start time."""
     pid = os.getpid()
     if _SELF["pid"] != pid:  # forked since import
         _SELF.update(pid=pid, pid_start=_proc_start(pid))
@@ -95,7 +96,7 @@ def run_once(
     executor = executors.get(executor_name)
     record = {
         "action_key": action_key, "executor": executor_name, "action_type": action_type,
-        "arguments": arguments, "started_at": time.time(), **(info or {}), **_owner(),
+        "arguments": arguments, "started_at": time.time(), **(info or {}), **process_owner(),
     }
     existing = store.journal_begin(action_key, record, ttl_s=ttl_s)
     if existing is not None:
@@ -111,7 +112,7 @@ def run_once(
             return Execution("in_doubt", None,
                              "an earlier execution was interrupted; the executor cannot "
                              "deduplicate, so a person must check whether it took effect")
-        taken = store.journal_mark(action_key, "started", "started", **_owner(),
+        taken = store.journal_mark(action_key, "started", "started", **process_owner(),
                                    started_at=time.time(),
                                    attempt=int(existing.get("attempt", 1)) + 1)
         if taken is None:

@@ -72,14 +72,18 @@ class Store(Protocol):
 
     # -- idempotency ---------------------------------------------------------------
 
-    def idem_begin(self, key: str, fingerprint: str, *, ttl_s: float, lease_s: float) -> IdemBegin:
+    def idem_begin(self, key: str, fingerprint: str, *, ttl_s: float, lease_s: float,
+                   owner: dict[str, Any] | None = None,
+                   owner_dead: Callable[[dict[str, Any]], bool] | None = None) -> IdemBegin:
         """Claim ``key`` for a request with ``fingerprint``.
 
         No record, an expired one, or an in-flight claim whose lease ran out (a
         crashed holder) → store ``{"status": "in_flight", "fingerprint",
         "lease_until"}`` and return ``new``. Another fingerprint → ``conflict``;
         same fingerprint in flight with a live lease → ``in_progress``; same
-        fingerprint finished → ``replay`` with the stored response.
+        fingerprint finished → ``replay`` with the stored response. ``owner`` is
+        recorded on the claim; ``owner_dead(owner)`` lets a claim whose holder is
+        known to be gone (``kill -9``) be taken over before its lease runs out.
         """
         ...
 
@@ -351,7 +355,9 @@ class DiskStore(Store):
     # -- idempotency ---------------------------------------------------------------
 
     @_guarded
-    def idem_begin(self, key: str, fingerprint: str, *, ttl_s: float, lease_s: float) -> IdemBegin:
+    def idem_begin(self, key: str, fingerprint: str, *, ttl_s: float, lease_s: float,
+                   owner: dict[str, Any] | None = None,
+                   owner_dead: Callable[[dict[str, Any]], bool] | None = None) -> IdemBegin:
         _check_ttl("ttl_s", ttl_s)
         _check_ttl("lease_s", lease_s)
         cache = self._idem
@@ -359,8 +365,11 @@ class DiskStore(Store):
             now = time.time()
             record = _load(cache.get(key))
             if record is not None:
-                crashed = (record.get("status") == "in_flight"
-                           and _number(record, "lease_until") <= now)
+                holder = record.get("owner")
+                crashed = record.get("status") == "in_flight" and (
+                    _number(record, "lease_until") <= now
+                    or (owner_dead is not None and isinstance(holder, dict)
+                        and owner_dead(holder)))
                 if not crashed:
                     if record.get("fingerprint") != fingerprint:
                         return IdemBegin("conflict", record)
@@ -368,7 +377,7 @@ class DiskStore(Store):
                         return IdemBegin("in_progress", record)
                     return IdemBegin("replay", record)
             claim = {"status": "in_flight", "fingerprint": fingerprint,
-                     "lease_until": now + lease_s, "claimed_at": now}
+                     "lease_until": now + lease_s, "claimed_at": now, "owner": owner}
             cache.set(key, _dump(claim), expire=max(ttl_s, lease_s))
             return IdemBegin("new", claim)
 
