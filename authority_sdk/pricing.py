@@ -21,12 +21,16 @@ Names resolve the way litellm resolves them for the common cases: the exact
 key (case-insensitive, preferring ``<provider>/<name>`` where litellm would),
 then the name without a provider prefix whose entry belongs to that provider
 (``openai/gpt-4o`` → ``gpt-4o``), then an OpenAI fine-tune's base
-(``ft:gpt-4o-mini-2024-07-18:org::id``). A dated snapshot is found only when
-litellm lists it as its own key: prices are never guessed from a similar name.
+(``ft:gpt-4o-mini-2024-07-18:org::id``) and a Gemini stable pin's model
+(``gemini-2.5-flash-001``). A dated snapshot is found only when litellm lists
+it as its own key: litellm would also try ``gpt-4o-2099-01-01`` as ``gpt-4o``,
+but snapshots can be priced differently (``gpt-4o-2024-05-13`` is 2x
+``gpt-4o``), so an unlisted one is an unknown price, never a guess.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -64,6 +68,7 @@ _THRESHOLD_KEY = re.compile(
     r"|cache_creation_input_token_cost)_above_(\d+k?)_tokens$"
 )
 _FINETUNE_SUFFIX = re.compile(r"(:[^:]*){3}$")
+_STABLE_VERSION = re.compile(r"-\d+$")
 _FIREWORKS_CACHE_READ_RATIO = 0.5
 _INCLUSIVE_THRESHOLD_PROVIDERS = frozenset({"xai"})
 _WEEKDAYS = {
@@ -168,6 +173,7 @@ class _Rates:
 # Loading litellm's map
 
 
+@functools.cache
 def price_map_path() -> Path | None:
     """Where litellm's bundled price map is (None when litellm is not installed)."""
     pkg = litellm_package_dir()
@@ -177,12 +183,40 @@ def price_map_path() -> Path | None:
     return path if path.is_file() else None
 
 
-@dataclass(frozen=True, slots=True)
+_KEEP = frozenset({
+    "litellm_provider", "input_cost_per_token", "output_cost_per_token",
+    "cache_read_input_token_cost", "cache_creation_input_token_cost",
+    "output_cost_per_reasoning_token", "input_cost_per_audio_token",
+    "input_cost_per_image_token", "input_cost_per_video_token", "output_cost_per_audio_token",
+    "output_cost_per_image_token", "output_cost_per_video_token", "tiered_pricing",
+    "off_peak_pricing", "max_input_tokens", "max_output_tokens",
+})  # fmt: skip
+
+
 class _Table:
-    prices: dict[str, ModelPricing]  # priced chat-style entries, by their exact key
-    lower: dict[str, str]  # lower-cased key -> key, for litellm's case-insensitive fallback
-    providers: dict[str, str]  # every key (priced or not) -> its litellm_provider
-    load_ms: float
+    """litellm's map, trimmed to the fields that price a chat call; entries parse on first use."""
+
+    def __init__(self, entries: dict[str, dict[str, Any]], load_ms: float) -> None:
+        self.entries = entries
+        self.lower: dict[str, str] = {}  # for litellm's case-insensitive fallback
+        for key in entries:
+            self.lower.setdefault(key.lower(), key)
+        self.load_ms = load_ms
+        self._parsed: dict[str, ModelPricing | None] = {}
+
+    def key(self, name: str) -> str | None:
+        """The map's key for ``name``: exact, else case-insensitive (as litellm looks up)."""
+        return name if name in self.entries else self.lower.get(name.lower())
+
+    def provider(self, key: str) -> str:
+        provider: str = self.entries[key]["litellm_provider"]
+        return provider
+
+    def price(self, key: str) -> ModelPricing | None:
+        if key not in self._parsed:
+            # Parsing is pure, so two threads racing here store equal values.
+            self._parsed[key] = _parse_entry(key, self.entries[key])
+        return self._parsed[key]
 
 
 _tables: dict[Path, _Table] = {}
@@ -207,21 +241,16 @@ def _load_table(path: Path) -> _Table:
     started = _time.perf_counter()
     with open(path, "rb") as f:
         raw = json.load(f)
-    prices: dict[str, ModelPricing] = {}
-    providers: dict[str, str] = {}
+    entries: dict[str, dict[str, Any]] = {}
     for key, entry in raw.items():
         if key == "sample_spec" or not isinstance(entry, dict):
             continue  # the schema's documentation, fallback_generalizations
         if not isinstance(entry.get("litellm_provider"), str):
             continue
-        providers[key] = entry["litellm_provider"]
-        pricing = _parse_entry(key, entry)
-        if pricing is not None:
-            prices[key] = pricing
-    lower: dict[str, str] = {}
-    for key in providers:
-        lower.setdefault(key.lower(), key)
-    return _Table(prices, lower, providers, (_time.perf_counter() - started) * 1000)
+        entries[key] = {
+            k: v for k, v in entry.items() if k in _KEEP or ("_above_" in k and k[-7:] == "_tokens")
+        }
+    return _Table(entries, (_time.perf_counter() - started) * 1000)
 
 
 def _num(value: Any) -> float | None:
@@ -432,6 +461,11 @@ def _zone(name: str | None) -> tzinfo:
 # Name resolution
 
 
+@functools.cache
+def _warn_no_map() -> None:
+    log.warning("litellm's price map was not found: only policy prices are known")
+
+
 def _provider_matches(prefix: str, provider: str) -> bool:
     # litellm's _check_provider_match for the families it treats as one provider.
     if prefix == provider:
@@ -479,52 +513,61 @@ class PriceBook:
     def _litellm(self) -> _Table | None:
         path = self.price_map
         if path is None:
-            log.warning("litellm's price map was not found: only policy prices are known")
+            _warn_no_map()
             return None
         return _table(path)
 
     def _resolve(self, model: str) -> ModelPricing | None:
-        override = self._override(model)
+        name = self._override_key(model)
         table = self._litellm()
         known = self._from_litellm(table, model) if table is not None else None
-        if override is None:
+        if name is None:
             return known
-        price = _override_pricing(model, override)
+        price = _override_pricing(name, self._overrides[name])
         if known is None:
             return price
         return _with_limits(price, known)
 
-    def _override(self, model: str) -> ModelPrice | None:
+    def _override_key(self, model: str) -> str | None:
         if model in self._overrides:
-            return self._overrides[model]
+            return model
         _, sep, rest = model.partition("/")
-        return self._overrides.get(rest) if sep else None
+        return rest if sep and rest in self._overrides else None
 
     def _from_litellm(self, t: _Table, model: str) -> ModelPricing | None:
-        key = t.lower.get(model.lower()) if model not in t.providers else model
+        key = t.key(model) or _stable_version_base(t, model)
         if key is not None:
-            provider = t.providers[key]
+            provider = t.provider(key)
             combined = f"{provider}/{key}"
-            if "/" not in key and t.providers.get(combined) == provider:
+            if "/" not in key and combined in t.entries and t.provider(combined) == provider:
                 key = combined  # litellm tries "<provider>/<name>" before the bare name
-            return t.prices.get(key)
+            return t.price(key)
         prefix, sep, rest = model.partition("/")
         if sep:
-            inner = t.lower.get(rest.lower()) if rest not in t.providers else rest
-            if inner is None and rest.startswith("ft:"):
-                inner = _finetune_base(t, rest)
-            if inner is not None and _provider_matches(prefix, t.providers[inner]):
-                return t.prices.get(inner)
+            inner = t.key(rest) or _finetune_base(t, rest) or _stable_version_base(t, rest)
+            if inner is not None and _provider_matches(prefix, t.provider(inner)):
+                return t.price(inner)
             return None
-        if model.startswith("ft:"):
-            base = _finetune_base(t, model)
-            return t.prices.get(base) if base is not None else None
-        return None
+        base = _finetune_base(t, model)
+        return t.price(base) if base is not None else None
 
 
 def _finetune_base(t: _Table, model: str) -> str | None:
+    # ft:gpt-4o-mini-2024-07-18:org:suffix:id is billed at ft:gpt-4o-mini-2024-07-18's price.
+    if not model.startswith("ft:"):
+        return None
     base = _FINETUNE_SUFFIX.sub("", model)
-    return t.lower.get(base.lower()) if base != model else None
+    return t.key(base) if base != model else None
+
+
+def _stable_version_base(t: _Table, model: str) -> str | None:
+    # Google's stable pins (gemini-2.5-flash-001) share their model's price; litellm strips them
+    # for Gemini and Vertex AI only.
+    base = _STABLE_VERSION.sub("", model)
+    key = t.key(base) if base != model else None
+    if key is not None and t.provider(key).startswith(("gemini", "vertex_ai")):
+        return key
+    return None
 
 
 def _override_pricing(model: str, price: ModelPrice) -> ModelPricing:
@@ -640,6 +683,8 @@ def actual_usd(
 ) -> float:
     """The USD cost of a finished request from its OpenAI ``usage`` block, as litellm bills it.
 
+    ``usage`` is the block as a mapping (an openai ``CompletionUsage`` object works too).
+
     ``at`` is the moment the request is billed at (default: now); it matters only for
     models with off-peak prices.
     """
@@ -659,7 +704,7 @@ def actual_usd(
         if isinstance(v, int) and not isinstance(v, bool):
             ptd = ptd or {}
             ptd[dst] = v
-    top_reasoning = u.get("reasoning_tokens")
+    top_reasoning = _count(u.get("reasoning_tokens"))
     if top_reasoning:
         ctd = ctd or {}
         if ctd.get("reasoning_tokens") is None:
@@ -706,7 +751,8 @@ def _perplexity_cost(
 
 
 def _count(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    # A negative count would be a refund: read it as nothing.
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
 def _prompt_cost(p: ModelPricing, r: _Rates, prompt: int, ptd: dict[str, Any] | None) -> float:

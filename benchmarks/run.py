@@ -74,7 +74,7 @@ class Plan:
     import_runs: int
 
 
-FULL = Plan(duration_s=4, repeats=3, warmup_s=2, rss_checkpoints=(20_000, 100_000),
+FULL = Plan(duration_s=3, repeats=5, warmup_s=2, rss_checkpoints=(20_000, 100_000),
             serve_starts=3, sdk_calls=600, sdk_convs=10, turns=50, audit_s=3, store_n=2000,
             import_runs=7)
 QUICK = Plan(duration_s=1, repeats=1, warmup_s=1, rss_checkpoints=(1_000, 3_000),
@@ -203,7 +203,6 @@ class Bench:
                               script=HERE / "body.lua",
                               body=self.stream_body if stream else self.body,
                               token=target.token, cpu=WRK_CPU)
-            self.commands.setdefault("wrk", " ".join(cmd).replace(str(self.work), "WORK"))
             res, _ = run_wrk(cmd)
         finally:
             if direct:
@@ -236,6 +235,10 @@ class Bench:
             self.check_answer(t)
             self.wrk(t, 16, self.plan.warmup_s)
             self.wrk(t, 16, self.plan.warmup_s, stream=True)
+        self.commands["wrk (each run)"] = (
+            f"taskset -c {WRK_CPU} wrk -t1 -cC -d{max(1, round(self.plan.duration_s))}s --latency "
+            "--timeout=10s -s benchmarks/body.lua URL -- WORK/body.json TOKEN   "
+            "# C in 1 16 64; WORK/body-stream.json for the streamed runs")
         runs: dict[str, list[WrkResult]] = {}
         cases = [(c, False) for c in CONCURRENCY] + [(STREAM_CONCURRENCY, True)]
         for rep in range(self.plan.repeats):
@@ -439,6 +442,10 @@ def summary_table(r: dict[str, Any]) -> str:
                      f"turn 1 {fmt(g['turn1_gate_ms'])} ms ({pt[0]['prompt_tokens']:,} tok)",
                      f"turn {g['turns']} {fmt(g['turn_last_gate_ms'])} ms "
                      f"({pt[-1]['prompt_tokens']:,} tok)", f"ratio {fmt(g['ratio'])}x", ""])
+        rows.append(["growing conversation", "gate, fsync off (CPU only)",
+                     f"turn 1 {fmt(pt[0]['cpu_ms'])} ms",
+                     f"turn {g['turns']} {fmt(pt[-1]['cpu_ms'])} ms",
+                     f"ratio {fmt(g['cpu_ratio'])}x", ""])
         rows.append(["growing conversation", "AuthorityClient e2e added",
                      f"turn 1 {fmt(pt[0]['e2e_added_ms'])} ms",
                      f"turn {g['turns']} {fmt(pt[-1]['e2e_added_ms'])} ms",
@@ -498,10 +505,13 @@ def render(r: dict[str, Any], info: dict[str, str], commands: dict[str, str], qu
     if sdk:
         lines += ["## Growing conversation (per turn, medians)", "",
                   markdown_table(["turn", "prompt tokens", "body bytes", "gate ms",
-                                  "of which begin ms", "AuthorityClient e2e added ms"],
+                                  "of which begin ms", "gate ms, fsync off",
+                                  "of which begin ms, fsync off",
+                                  "AuthorityClient e2e added ms"],
                                  [[str(t["turn"]), f"{t['prompt_tokens']:,}",
                                    f"{t['body_bytes']:,}", fmt(t["gate_ms"]),
-                                   fmt(t["begin_ms"]), fmt(t["e2e_added_ms"])]
+                                   fmt(t["begin_ms"]), fmt(t["cpu_ms"]),
+                                   fmt(t["cpu_begin_ms"]), fmt(t["e2e_added_ms"])]
                                   for t in sdk["growing"]["per_turn"]
                                   if t["turn"] in (1, 2, 5, 10, 20, 30, 40, 50)]), ""]
     m = r.get("matrix", {})

@@ -11,7 +11,8 @@ Prints one JSON document on stdout (progress on stderr):
 * ``growing``: an agent conversation over ``turns`` turns (≈160 new tokens a
   turn), the gate's own cost per turn (``Gateway.begin`` + ``Gateway.complete``
   around an in-memory upstream answer, so no network noise), median over
-  ``convs`` conversations; plus the end-to-end added latency per turn.
+  ``convs`` conversations; the same with fsync off (``cpu_ms``: how the CPU part
+  scales once fsync's constant is gone); the end-to-end added latency per turn.
 """
 
 from __future__ import annotations
@@ -79,36 +80,52 @@ def per_call(stock: Any, gated: Any, calls: int, block: int, *, cold: bool,
             "added_p99_ms": g["p99_ms"] - s["p99_ms"]}
 
 
-def growing(gateway: Any, stock: Any, gated: Any, convs: int, turns: int) -> dict[str, Any]:
+def _gate_turns(gateway: Any, tag: str, turns: int, gate: list[list[float]],
+                begin: list[list[float]], tokens: list[int] | None = None,
+                sizes: list[int] | None = None) -> None:
+    """One conversation through the engine alone (its own nonce: nothing pre-counted)."""
     from authority_sdk.wire import Caller, GatewayRequest
 
     caller = Caller(name="sdk", environment="prod")
     answer = json.dumps(completion_body()).encode()
+    msgs = workload.base_messages(tag)
+    for turn in range(1, turns + 1):
+        if turn > 1:
+            msgs = workload.agent_turn(msgs, turn, tag)
+        raw = json.dumps(workload.chat_body(msgs)).encode()
+        if tokens is not None and sizes is not None:
+            tokens.append(workload.count_tokens(msgs, [workload.TOOL]))
+            sizes.append(len(raw))
+        req = GatewayRequest(caller=caller, body=raw, headers={})
+        t0 = time.perf_counter()
+        ctx = gateway.begin(req)
+        t1 = time.perf_counter()
+        resp = gateway.complete(ctx, 200, answer)
+        t2 = time.perf_counter()
+        if resp.status_code != 200:
+            raise RuntimeError(f"gate refused turn {turn}: {resp.body[:300]!r}")
+        gate[turn - 1].append(t2 - t0)
+        begin[turn - 1].append(t1 - t0)
+
+
+def growing(gateway: Any, nosync: Any, stock: Any, gated: Any, convs: int,
+            turns: int) -> dict[str, Any]:
     gate: list[list[float]] = [[] for _ in range(turns)]
     begin: list[list[float]] = [[] for _ in range(turns)]
+    cpu: list[list[float]] = [[] for _ in range(turns)]
+    cpu_begin: list[list[float]] = [[] for _ in range(turns)]
     e2e_added: list[list[float]] = [[] for _ in range(turns)]
     tokens: list[int] = []
     sizes: list[int] = []
+    # First touch opens the store and the audit file; keep that out of turn 1.
+    scratch: list[list[float]] = [[] for _ in range(3)]
+    _gate_turns(gateway, "grow-warm", 3, scratch, [[] for _ in range(3)])
+    _gate_turns(nosync, "grow-warm", 3, scratch, [[] for _ in range(3)])
     for conv in range(convs):
-        # The gate alone, on its own conversation (its own nonce: nothing pre-counted).
-        msgs = workload.base_messages(f"grow-gate-{conv}")
-        for turn in range(1, turns + 1):
-            if turn > 1:
-                msgs = workload.agent_turn(msgs, turn, f"grow-gate-{conv}")
-            raw = json.dumps(workload.chat_body(msgs)).encode()
-            if conv == 0:
-                tokens.append(workload.count_tokens(msgs, [workload.TOOL]))
-                sizes.append(len(raw))
-            req = GatewayRequest(caller=caller, body=raw, headers={})
-            t0 = time.perf_counter()
-            ctx = gateway.begin(req)
-            t1 = time.perf_counter()
-            resp = gateway.complete(ctx, 200, answer)
-            t2 = time.perf_counter()
-            if resp.status_code != 200:
-                raise RuntimeError(f"gate refused turn {turn}: {resp.body[:300]!r}")
-            gate[turn - 1].append(t2 - t0)
-            begin[turn - 1].append(t1 - t0)
+        _gate_turns(gateway, f"grow-gate-{conv}", turns, gate, begin,
+                    tokens if conv == 0 else None, sizes if conv == 0 else None)
+        # The same engine with fsync off: what is left is CPU, which shows how it scales.
+        _gate_turns(nosync, f"grow-cpu-{conv}", turns, cpu, cpu_begin)
         # End to end through both clients on the mock, same messages for both.
         msgs = workload.base_messages(f"grow-e2e-{conv}")
         for turn in range(1, turns + 1):
@@ -124,11 +141,13 @@ def growing(gateway: Any, stock: Any, gated: Any, convs: int, turns: int) -> dic
         _log(f"  growing conversation {conv + 1}/{convs} done")
     per_turn = [{"turn": i + 1, "prompt_tokens": tokens[i], "body_bytes": sizes[i],
                  "gate_ms": median(gate[i]) * 1e3, "begin_ms": median(begin[i]) * 1e3,
+                 "cpu_ms": median(cpu[i]) * 1e3, "cpu_begin_ms": median(cpu_begin[i]) * 1e3,
                  "e2e_added_ms": median(e2e_added[i]) * 1e3} for i in range(turns)]
     first, last = per_turn[0], per_turn[-1]
     return {"turns": turns, "convs": convs, "per_turn": per_turn,
             "turn1_gate_ms": first["gate_ms"], "turn_last_gate_ms": last["gate_ms"],
-            "ratio": last["gate_ms"] / first["gate_ms"]}
+            "ratio": last["gate_ms"] / first["gate_ms"],
+            "cpu_ratio": last["cpu_ms"] / first["cpu_ms"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +163,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from authority_sdk.client import AuthorityClient
     from authority_sdk.engine import Gateway
+    from authority_sdk.policy import AuditConfig, StateConfig
 
     gateway = Gateway(args.policy)
+    # Diagnostics only: the same policy with durability off, in its own files.
+    nosync = Gateway(gateway.policy.model_copy(update={
+        "audit": AuditConfig(path="audit-nosync.jsonl", fsync=False),
+        "state": StateConfig(path="state-nosync")}))
     base_url = gateway.policy.upstream.base_url
     key = os.environ.get("BENCH_UPSTREAM_KEY", "sk-mock")
     stock = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
@@ -164,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     _log("  per-call overhead, same conversation resent")
     warm_res = per_call(stock, gated, args.calls, args.block, cold=False, tag="warm")
     _log("  growing conversation")
-    grow = growing(gateway, stock, gated, args.convs, args.turns)
+    grow = growing(gateway, nosync, stock, gated, args.convs, args.turns)
     body_tokens = workload.count_tokens(workload.base_messages(), [workload.TOOL])
     print(json.dumps({"body_tokens": body_tokens, "cold": cold, "warm": warm_res,
                       "growing": grow}))

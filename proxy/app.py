@@ -28,6 +28,7 @@ from authority_sdk.policy import Policy, load_policy
 from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 
 from .auth import Identity, KeyRing
+from .console import AuditTail, AuditVerify, audit_tail, audit_verify, console_response
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .observe import AccessLog, ObservedGateway, current_info
 from .schemas import (
@@ -261,6 +262,22 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     def set_kill_switch(body: KillSwitchBody, ident: Admin) -> dict[str, Any]:
         return control.set_kill_switch(gw, body.engaged, actor=ident.name, reason=body.reason,
                                        environment=body.environment)
+
+    @app.get("/authority/audit", tags=["management"], response_model=AuditTail,
+             responses=_ERRORS, summary="The last entries of the audit log, oldest first")
+    def audit_log_tail(ident: Reader, limit: Annotated[int, Query(
+            ge=1, le=1000, description="How many entries")] = 50) -> dict[str, Any]:
+        return audit_tail(gw, limit)
+
+    @app.get("/authority/audit/verify", tags=["management"], response_model=AuditVerify,
+             responses=_ERRORS, summary="Check the audit log's hash chain and its head")
+    def audit_log_verify(ident: Reader) -> dict[str, Any]:
+        return audit_verify(gw)
+
+    @app.get("/authority/ui", include_in_schema=False)
+    async def console() -> Response:
+        # No key to load the page: it holds no data, and every call it makes needs one.
+        return console_response()
 
     @app.get("/healthz", tags=["management"], response_model=Health,
              responses={503: {"model": ErrorBody}})
