@@ -383,6 +383,28 @@ class AuditLog:
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write one entry and return it. Unknown keys go into ``details``."""
+        return self.append_many([(event, fields)])[0]
+
+    def append_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Write several entries at once: one lock, one write, one sync, one head update.
+
+        The gateway records a request and the actions it only decided (nothing
+        executed) together, so the hot path pays for one fsync instead of several.
+        """
+        prepared = [self._prepare(event, dict(fields)) for event, fields in items]
+        if not prepared:
+            return []
+        with self._locked():
+            entries = []
+            for event, fields, details in prepared:
+                entry = self._build(event, fields, details)
+                entries.append(entry)
+                self._seq, self._hash = entry["seq"], entry["hash"]
+            self._write(entries)
+        return entries
+
+    def _prepare(self, event: str,
+                 fields: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
         reserved = _RESERVED & fields.keys()
@@ -402,10 +424,7 @@ class AuditLog:
         if self._redact:
             fields = redact(fields, self._redact)
             details = redact(details, self._redact)
-        with self._locked():
-            entry = self._build(event, fields, details)
-            self._write(entry)
-        return entry
+        return event, fields, details
 
     def open(self) -> AuditLog:
         """Open the file now: recover a torn last line, check the head, create the file."""
@@ -503,10 +522,10 @@ class AuditLog:
             # Built before truncating so the window in which the bytes exist nowhere is tiny.
             os.ftruncate(fd, good_end)
             self._size = good_end
-            self._write(recovery)
+            self._commit(recovery)
         if mismatch and stored is not None:
             hs, hh = stored
-            self._write(self._build("recovery", {
+            self._commit(self._build("recovery", {
                 "reason": f"log does not match the head in the state store: store has seq {hs}, "
                           f"log ends at seq {seq} (entries removed or rewritten)",
                 "actor": "audit-log",
@@ -533,11 +552,16 @@ class AuditLog:
         entry["hash"] = entry_hash(self._hash, entry)
         return entry
 
-    def _write(self, entry: dict[str, Any]) -> None:
+    def _commit(self, entry: dict[str, Any]) -> None:
+        self._seq, self._hash = entry["seq"], entry["hash"]
+        self._write([entry])
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        """Append built entries (``_seq``/``_hash`` already advanced past them)."""
         fd = self._fd
         assert fd is not None
-        data = (json.dumps(entry, separators=(",", ":"), ensure_ascii=False, default=str)
-                + "\n").encode("utf-8", "surrogatepass")
+        data = "".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False, default=str)
+                       + "\n" for e in entries).encode("utf-8", "surrogatepass")
         old_size = self._size
         try:
             written = os.write(fd, data)
@@ -552,7 +576,7 @@ class AuditLog:
             self._size = -1
             raise AuthorityUnavailable(f"audit log unavailable: short write to {self.path}")
         self._size = old_size + written
-        self._seq, self._hash = entry["seq"], entry["hash"]
+        last = entries[-1]
         if self.fsync:
             try:
                 _datasync(fd)
@@ -560,7 +584,7 @@ class AuditLog:
                 raise self._unavailable("cannot sync", exc) from exc
         if self._head is not None:
             try:
-                self._head.set_audit_head(entry["seq"], entry["hash"])
+                self._head.set_audit_head(last["seq"], last["hash"])
             except AuthorityError:
                 raise
             except Exception as exc:

@@ -82,6 +82,7 @@ class CallContext:
     client_wants_usage: bool = False
     upstream_body: bytes = b""
     done: bool = False
+    audit_queue: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def action_base(self) -> str:
@@ -155,12 +156,33 @@ class Gateway:
 
     def audit_event(self, event: str, **fields: Any) -> dict[str, Any]:
         fields.setdefault("policy_hash", self.policy.hash)
-        return self.audit.append(event, **fields)
+        entry = self.audit.append(event, **fields)
+        self.on_audit(event, fields)
+        return entry
+
+    def on_audit(self, event: str, fields: dict[str, Any]) -> None:
+        """Called after every entry is on the record (the proxy's log line and metrics)."""
+
+    def audit_later(self, ctx: CallContext, event: str, **fields: Any) -> None:
+        """Queue an entry for this request; ``flush_audit`` writes the queue in one go."""
+        fields.setdefault("policy_hash", self.policy.hash)
+        ctx.audit_queue.append((event, fields))
+
+    def flush_audit(self, ctx: CallContext) -> None:
+        """Put everything queued on the record. Called before anything with an effect
+        outside the gateway happens (an executor runs, an approval is created) and at the
+        end of the request, so the record always precedes the effect."""
+        if not ctx.audit_queue:
+            return
+        queued, ctx.audit_queue = ctx.audit_queue, []
+        self.audit.append_many(queued)
+        for event, fields in queued:
+            self.on_audit(event, fields)
 
     def audit_action(self, ctx: CallContext, out: ActionOutcome) -> None:
         args = redact(_loads_or_raw(out.tool_call["arguments"]), self.policy.redact)
-        self.audit_event(
-            "action", request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
+        self.audit_later(
+            ctx, "action", request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
             action_type=out.action_type, decision=out.decision, reason=out.reason,
             approval_status="pending" if out.status == "pending_approval" else None,
             execution_result=redact(_execution_record(out), self.policy.redact),
@@ -312,7 +334,12 @@ class Gateway:
             return self.fail(ctx, UpstreamError(
                 "the upstream answered with malformed JSON (not a chat completion)",
                 code="upstream_malformed_response"))
-        authority = self.finalize(ctx, completion)
+        try:
+            authority = self.finalize(ctx, completion)
+        except AuthorityUnavailable as exc:
+            # Spent, but not on the record: the answer is withheld and nothing more runs.
+            self._release_idempotency(ctx)
+            return error_response(exc, request_id=ctx.request_id)
         completion["authority"] = authority
         out = json.dumps(completion).encode()
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
@@ -342,9 +369,9 @@ class Gateway:
         n_calls = sum(len(v) for v in original_calls.values())
         reason = (f"actual cost ${actual:.6f} exceeded the ceiling ${ceiling}; "
                   "no action of this completion runs") if over else None
-        # The request is on the record before any action can run.
-        self.audit_event(
-            "request", request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
+        # Queued first: the request is on the record before any action can run.
+        self.audit_later(
+            ctx, "request", request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
             decision="allow", reason=reason, cost_estimate_usd=ctx.plan.estimate_usd,
             cost_actual_usd=actual, actor=ctx.caller.name,
             details={"tool_calls": n_calls, "idempotency_key": ctx.idem_key,
@@ -353,6 +380,7 @@ class Gateway:
                          ctx.plan.output_limit if ctx.plan.injected_limit else None,
                      **({"code": "post_cost_ceiling_exceeded"} if over else {})})
         outcomes = gate_completion(self, ctx, completion, post_ceiling_exceeded=over)
+        self.flush_audit(ctx)
         cost = {**ctx.plan.to_authority(), "actual_usd": round(actual, 8)}
         return {
             "request_id": ctx.request_id,

@@ -203,12 +203,14 @@ def _handle(gw: Gateway, ctx: CallContext, call: dict[str, Any], name: str, args
                           f"(action {dup.get('action_key')}, request {dup.get('request_id')})")
             out.result = {"duplicate_of": dup}
         elif res.mode == "require_human_approval":
+            gw.flush_audit(ctx)
             out.status = "pending_approval"
             out.approval_id = _create_approval(gw, ctx, out, args, schema, approval_id)
         elif res.dispatch == "client":
             out.status = "allowed"
         else:
             assert res.executor is not None
+            gw.flush_audit(ctx)
             ex = run_once(gw.store, gw.executors, action_key=key, executor_name=res.executor,
                           action_type=name, arguments=args, ttl_s=gw.idempotency_ttl,
                           info={"request_id": ctx.request_id, "environment": ctx.environment})

@@ -1,7 +1,7 @@
 """Per-request bookkeeping: the access log line, request metrics and gateway overhead.
 
 The engine already says what it decided, once, in its audit entries; the proxy
-listens to those (``ObservedGateway.audit_event``) instead of re-parsing
+listens to those (``ObservedGateway.on_audit``) instead of re-parsing
 bodies, so the log line and the metrics agree with the audit log by
 construction. The request's ``RequestInfo`` travels in a context variable: the
 engine's worker threads (anyio copies the context) and the streaming task see
@@ -77,13 +77,11 @@ class ObservedGateway(Gateway):
 
     metrics: Metrics | None = None
 
-    def audit_event(self, event: str, **fields: Any) -> dict[str, Any]:
-        entry = super().audit_event(event, **fields)
+    def on_audit(self, event: str, fields: dict[str, Any]) -> None:
         try:
             self._observe(event, fields)
         except Exception:  # instrumentation must never turn an answer into an error
             log.exception("metrics hook failed")
-        return entry
 
     def _observe(self, event: str, fields: dict[str, Any]) -> None:
         details = fields.get("details") or {}
