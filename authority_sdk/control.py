@@ -1,4 +1,4 @@
-"""The control plane: approvals and the kill switch (DESIGN.md §4).
+"""The control plane: approvals, executions in doubt and the kill switch (DESIGN.md §4, §5).
 
 The CLI and the proxy's management API both call these functions, so a
 decision taken at the command line and one taken over HTTP are the same
@@ -11,7 +11,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .audit import redact
-from .errors import ApprovalError, Forbidden, InvalidRequest, KillSwitchEngaged, NotFound
+from .errors import (
+    ApprovalError,
+    ExecutionError,
+    Forbidden,
+    InvalidRequest,
+    KillSwitchEngaged,
+    NotFound,
+)
 from .execution import recover_interrupted, run_once
 from .gating import action_hash
 from .modes import resolve_action
@@ -24,13 +31,17 @@ __all__ = [
     "get_approval",
     "kill_switch_status",
     "list_approvals",
+    "list_executions",
     "recover",
     "reject",
+    "resolve_execution",
     "set_kill_switch",
 ]
 
 APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "executed", "failed",
                      "in_doubt")
+EXECUTION_STATUSES = ("started", "executed", "failed", "in_doubt")
+RESOLUTIONS = ("executed", "failed")
 
 
 def public_approval(gw: Gateway, a: dict[str, Any]) -> dict[str, Any]:
@@ -206,4 +217,86 @@ def recover(gw: Gateway) -> list[dict[str, Any]]:
                                 "status": ex.status})
         out.append({"action_key": entry["action_key"], "status": ex.status,
                     "approval_id": approval_id})
+    return out
+
+
+# -- executions in doubt (DESIGN.md §5) ----------------------------------------------------
+
+
+def public_execution(gw: Gateway, entry: dict[str, Any]) -> dict[str, Any]:
+    """A journal entry as a person sees it: arguments and result redacted by the policy."""
+    out = dict(entry)
+    out["arguments"] = redact(entry.get("arguments"), gw.policy.redact)
+    if "result" in out:
+        out["result"] = redact(entry.get("result"), gw.policy.redact)
+    return out
+
+
+def list_executions(gw: Gateway, status: str | None = None) -> list[dict[str, Any]]:
+    """Journal entries, newest first; ``status="in_doubt"`` is what waits for a person."""
+    if status is not None and status not in EXECUTION_STATUSES:
+        raise InvalidRequest(
+            f"unknown status {status!r} (one of {', '.join(EXECUTION_STATUSES)})")
+    entries = sorted(gw.store.journal_list(status),
+                     key=lambda e: float(e.get("started_at") or 0), reverse=True)
+    return [public_execution(gw, e) for e in entries]
+
+
+def _audit_resolution(gw: Gateway, entry: dict[str, Any], actor: str, decision: str,
+                      reason: str | None, status: str,
+                      execution_result: dict[str, Any] | None = None) -> None:
+    gw.audit_event("action", request_id=entry.get("request_id"),
+                   environment=entry.get("environment"), action_type=entry.get("action_type"),
+                   decision=decision, reason=reason, actor=actor,
+                   execution_result=execution_result,
+                   details={"action_key": entry.get("action_key"),
+                            "approval_id": entry.get("approval_id"), "status": status,
+                            "resolution": "manual"})
+
+
+def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
+                      reason: str | None = None) -> dict[str, Any]:
+    """Settle an ``in_doubt`` execution as a person found it on the real system.
+
+    Nothing runs: the executor is never called. The entry moves ``in_doubt →
+    outcome`` by compare-and-set (of two people resolving at once, one wins),
+    so a retry of the same action then replays that outcome; an approval the
+    execution came from follows.
+    """
+    if outcome not in RESOLUTIONS:
+        raise InvalidRequest(f"outcome must be one of {', '.join(RESOLUTIONS)}, "
+                             f"not {outcome!r}")
+    entry = gw.store.journal_get(action_key)
+    if entry is None:
+        raise NotFound(f"no execution {action_key!r} in the journal")
+    now = time.time()
+    error = None if outcome == "executed" else (
+        f"resolved as failed by {actor}" + (f": {reason}" if reason else ""))
+    won = None
+    if entry.get("status") == "in_doubt":
+        won = gw.store.journal_mark(action_key, "in_doubt", outcome, resolved_by=actor,
+                                    resolved_at=now, resolution_reason=reason,
+                                    result={"result": None, "error": error})
+    if won is None:
+        current = gw.store.journal_get(action_key) or entry
+        exc = ExecutionError(
+            f"execution {action_key} is {current.get('status')}, not in_doubt: "
+            "nothing was changed", status=current.get("status"))
+        _audit_resolution(gw, current, actor, "deny", exc.message,
+                          str(current.get("status")))
+        raise exc
+    _audit_resolution(gw, won, actor, "allow",
+                      reason or f"a person resolved the execution as {outcome}", outcome,
+                      {"status": outcome, "resolved_by": actor})
+    out = public_execution(gw, won)
+    approval_id = won.get("approval_id")
+    if approval_id:
+        moved = gw.store.approval_transition(approval_id, "in_doubt", outcome, error=error,
+                                             resolved_by=actor, resolved_at=now,
+                                             resolution_reason=reason)
+        if moved is not None:
+            _audit_transition(gw, moved, actor, outcome, reason, result={
+                "status": outcome, "resolved_by": actor})
+        current_apr = moved or gw.store.approval_get(approval_id)
+        out["approval_status"] = current_apr.get("status") if current_apr else None
     return out

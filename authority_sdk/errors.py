@@ -20,6 +20,7 @@ matching ``openai`` error class.
     ├── IdempotencyInProgress (409)      idempotency_request_in_progress
     ├── IdempotencyKeyReused (422)       idempotency_key_reused
     ├── ApprovalError (409)              approval_not_pending … (see ApprovalError.code)
+    ├── ExecutionError (409)             execution_not_in_doubt
     ├── UpstreamError (502)              upstream_error
     │   └── UpstreamTimeout (504)        upstream_timeout
     └── AuthorityUnavailable (503)       authority_unavailable (state or audit unwritable)
@@ -39,6 +40,7 @@ __all__ = [
     "AuthorityUnavailable",
     "BudgetExceeded",
     "CostCeilingExceeded",
+    "ExecutionError",
     "Forbidden",
     "IdempotencyInProgress",
     "IdempotencyKeyReused",
@@ -163,6 +165,14 @@ class ApprovalError(AuthorityError):
     status_code = 409
     default_code = "approval_not_pending"
     error_type = "approval_error"
+
+
+class ExecutionError(AuthorityError):
+    """A journal entry that cannot be settled by hand (it is not ``in_doubt``)."""
+
+    status_code = 409
+    default_code = "execution_not_in_doubt"
+    error_type = "execution_error"
 
 
 class UpstreamError(AuthorityError):

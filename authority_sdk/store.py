@@ -583,7 +583,11 @@ class DiskStore(Store):
             entry.update(fields)
             entry["status"] = to_status
             entry["marked_at"] = now = time.time()
-            cache.set(action_key, _dump(entry), expire=_remaining(expire_time, now))
+            # An entry that needed a person never expires: in_doubt must stay listed until
+            # someone settles it, and what they decided stays on the record.
+            keep = to_status == "in_doubt" or from_status == "in_doubt"
+            cache.set(action_key, _dump(entry),
+                      expire=None if keep else _remaining(expire_time, now))
             return entry
 
     @_guarded

@@ -269,6 +269,7 @@ def machine_info(work_dir: Path) -> dict[str, str]:
         "pinning": "taskset (wrk and mock on CPU 0, proxy under test on CPU 1)"
         if can_pin() else "none (taskset missing or a single CPU)",
     }
+    info["code"] = _git_state(work_dir)
     from importlib import metadata
 
     for pkg in ("ai-authority-gateway", "openai", "httpx", "fastapi", "uvicorn", "uvloop",
@@ -336,6 +337,19 @@ def _fs_of(path: Path) -> str:
     except OSError:
         pass
     return fs
+
+
+def _git_state(path: Path) -> str:
+    """The commit measured, and whether the working tree had uncommitted changes."""
+    try:
+        out = subprocess.run(["git", "-C", str(path), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    desc = out.stdout.strip()
+    if not desc:
+        return "unknown (not a git checkout)"
+    return desc.replace("-dirty", " + uncommitted changes")
 
 
 def _wrk_version() -> str:

@@ -254,14 +254,18 @@ class Bench:
                   "rps_max": max(r.rps for r in rs), "errors": sum(r.errors for r in rs),
                   "requests": sum(r.requests for r in rs), "runs": len(rs)}
             for key, rs in runs.items()}
-        self.auth_target = targets[1]
         if self.litellm is not None:
             self.results["litellm_rss_kib"] = rss_kib(self.litellm.pid)
             self.litellm.stop()
+        auth.stop()
 
     def phase_rss(self) -> None:
-        """RSS of the same authority process after N requests; wrk runs until each checkpoint."""
-        t = self.auth_target
+        """RSS of a fresh authority process after exactly-counted requests (wrk, c=16, run in
+        slices until each checkpoint)."""
+        srv, url, _ = self.start_authority(self.write_policy(self.work / "rss"), "rss.log")
+        self.stack.callback(srv.stop)
+        self.auth = srv
+        t = Target("authority", f"{url}/v1/chat/completions", self.token, srv)
         rate = self.results["matrix"]["authority|16|0"]["rps"] or 300.0
         points: list[dict[str, Any]] = []
         for checkpoint in self.plan.rss_checkpoints:

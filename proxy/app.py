@@ -36,11 +36,14 @@ from .schemas import (
     ApprovalList,
     DecisionBody,
     ErrorBody,
+    Execution,
+    ExecutionList,
     Health,
     KillSwitchBody,
     KillSwitchChange,
     KillSwitchStatus,
     ModelList,
+    ResolveBody,
 )
 from .upstream import Upstream
 
@@ -250,6 +253,20 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
                body: Annotated[DecisionBody | None, Body()] = None) -> dict[str, Any]:
         return control.reject(gw, approval_id, actor=ident.name,
                               reason=body.reason if body else None)
+
+    @app.get("/authority/actions", tags=["management"], response_model=ExecutionList,
+             responses=_ERRORS, summary="Actions the gateway ran (its execution journal)")
+    def list_executions(ident: Reader, status: Annotated[str | None, Query(
+            description="started, executed, failed, in_doubt")] = None) -> dict[str, Any]:
+        return {"object": "list", "data": control.list_executions(gw, status)}
+
+    @app.post("/authority/actions/{action_key}/resolve", tags=["management"],
+              response_model=Execution, responses=_ERRORS,
+              summary="Settle an in_doubt action as executed or failed (nothing runs)")
+    def resolve_execution(action_key: str, body: ResolveBody,
+                          ident: Approver) -> dict[str, Any]:
+        return control.resolve_execution(gw, action_key, outcome=body.outcome,
+                                         actor=ident.name, reason=body.reason)
 
     @app.get("/authority/kill-switch", tags=["management"], response_model=KillSwitchStatus,
              responses=_ERRORS)

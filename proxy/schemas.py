@@ -11,12 +11,15 @@ __all__ = [
     "ApprovalList",
     "DecisionBody",
     "ErrorBody",
+    "Execution",
+    "ExecutionList",
     "Health",
     "KillSwitchBody",
     "KillSwitchChange",
     "KillSwitchState",
     "KillSwitchStatus",
     "ModelList",
+    "ResolveBody",
 ]
 
 
@@ -73,6 +76,45 @@ class Approval(BaseModel):
 class ApprovalList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Approval]
+
+
+class Execution(BaseModel):
+    """One entry of the execution journal (DESIGN.md §5). Redacted argument fields are
+    replaced."""
+
+    action_key: str
+    status: str = Field(description="started, executed, failed or in_doubt")
+    action_type: str | None = None
+    executor: str | None = None
+    arguments: Any = None
+    environment: str | None = None
+    request_id: str | None = None
+    approval_id: str | None = Field(None, description="Set when an approval ran it.")
+    started_at: float | None = None
+    finished_at: float | None = None
+    marked_at: float | None = None
+    reason: str | None = Field(None, description="Why it is in doubt.")
+    result: Any = Field(None, description="{result, error} once known.")
+    resolved_by: str | None = None
+    resolved_at: float | None = None
+    resolution_reason: str | None = None
+    approval_status: str | None = Field(
+        None, description="After a resolution: the status its approval moved to.")
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ExecutionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Execution] = Field(description="Newest first.")
+
+
+class ResolveBody(BaseModel):
+    outcome: Literal["executed", "failed"] = Field(
+        description="What a person found on the real system. Nothing is run again.")
+    reason: str | None = Field(None, max_length=2000, description="Recorded in the audit log.")
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class KillSwitchBody(BaseModel):

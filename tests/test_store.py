@@ -350,7 +350,7 @@ def test_journal_begin_finish_mark_list(store: DiskStore) -> None:
 
 def test_journal_mark_keeps_the_ttl(store: DiskStore) -> None:
     assert store.journal_begin("a", {}, ttl_s=0.3) is None
-    assert store.journal_mark("a", "started", "in_doubt") is not None
+    assert store.journal_mark("a", "started", "started", attempt=2) is not None
     time.sleep(0.4)
     assert store.journal_get("a") is None
     assert store.journal_begin("a", {}, ttl_s=DAY) is None
@@ -478,3 +478,15 @@ def test_lock_held_past_timeout_is_unavailable(state_dir: Path) -> None:
     assert s.budget_reserve([("c", 1.0)], min_usd=0.1, max_usd=0.5, ttl_s=DAY) == 0.5
     s.health()
     s.close()
+
+
+def test_in_doubt_journal_entries_outlive_their_ttl(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "s")
+    store.journal_begin("act_1", {"executor": "x"}, ttl_s=0.2)
+    assert store.journal_mark("act_1", "started", "in_doubt") is not None
+    time.sleep(0.4)
+    entry = store.journal_get("act_1")
+    assert entry is not None and entry["status"] == "in_doubt"
+    assert store.journal_mark("act_1", "in_doubt", "failed", resolved_by="ops") is not None
+    time.sleep(0.1)
+    assert store.journal_get("act_1") is not None

@@ -20,6 +20,8 @@ def _register() -> None:
     app.add_typer(control_cmd.approvals_app, name="approvals")
     app.add_typer(control_cmd.kill_switch_app, name="kill-switch")
     app.command("budget")(control_cmd.budget)
+    from . import actions_cmd
+    app.add_typer(actions_cmd.actions_app, name="actions")
     from . import demo_cmd
     app.command("demo")(demo_cmd.demo)
 

@@ -94,7 +94,8 @@ def test_every_call_the_page_makes_is_a_route_of_the_api(px: RunningProxy) -> No
     html = page(px)
     calls = set(re.findall(r"api\('(GET|POST)', '([^'?]+)", html))
     assert calls == {("GET", "approvals"), ("POST", "approvals/"), ("GET", "kill-switch"),
-                     ("POST", "kill-switch"), ("GET", "audit"), ("GET", "audit/verify")}
+                     ("POST", "kill-switch"), ("GET", "audit"), ("GET", "audit/verify"),
+                     ("GET", "actions"), ("POST", "actions/")}
     assert "'/' + verb" in html and "decide('approve')" in html and "decide('reject')" in html
     # The page resolves them against its own folder: /authority/ui -> /authority/<path>.
     assert "location.pathname.replace(/\\/ui\\/?$/, '/')" in html
@@ -105,6 +106,9 @@ def test_every_call_the_page_makes_is_a_route_of_the_api(px: RunningProxy) -> No
         if rel == "approvals/":
             for verb in ("approve", "reject"):
                 assert (method, f"/authority/approvals/{{approval_id}}/{verb}") in routes
+        elif rel == "actions/":
+            assert "+ '/resolve'" in html
+            assert (method, "/authority/actions/{action_key}/resolve") in routes
         else:
             assert (method, path) in routes, (method, path)
     assert "/authority/ui" not in paths

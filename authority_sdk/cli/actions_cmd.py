@@ -1,0 +1,148 @@
+"""``authority actions …``: the execution journal, and settling what is in doubt.
+
+An execution interrupted by a crash whose executor cannot deduplicate is left
+``in_doubt`` (DESIGN.md §5). A person checks the real system and records what
+happened with ``resolve --as executed|failed``; nothing is run again. Like the
+other control commands, each works on the local state or, with ``--url`` and
+``--key``, through a running proxy, with the same output and exit codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from typing import Annotated, Any, Protocol
+
+import typer
+
+from .common import PolicyOpt
+from .control_cmd import (
+    JsonOpt,
+    KeyOpt,
+    Local,
+    ReasonOpt,
+    Remote,
+    UrlOpt,
+    _console,
+    _print_json,
+    _short,
+    _ts,
+    backend,
+)
+
+actions_app = typer.Typer(no_args_is_help=True,
+                          help="List gateway-run actions and settle those left in doubt.")
+
+
+class Outcome(StrEnum):
+    executed = "executed"
+    failed = "failed"
+
+
+class Executions(Protocol):
+    def list_executions(self, status: str | None) -> list[dict[str, Any]]: ...
+    def resolve_execution(self, action_key: str, outcome: str,
+                          reason: str | None) -> dict[str, Any]: ...
+
+
+class LocalExecutions:
+    def __init__(self, local: Local) -> None:
+        self.local = local
+
+    def list_executions(self, status: str | None) -> list[dict[str, Any]]:
+        return self.local.control.list_executions(self.local.gw, status)
+
+    def resolve_execution(self, action_key: str, outcome: str,
+                          reason: str | None) -> dict[str, Any]:
+        return self.local.control.resolve_execution(self.local.gw, action_key, outcome=outcome,
+                                                    actor=self.local.actor, reason=reason)
+
+
+class RemoteExecutions:
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
+
+    def list_executions(self, status: str | None) -> list[dict[str, Any]]:
+        params = {"status": status} if status else {}
+        return list(self.remote._call("GET", "/authority/actions", params=params)["data"])
+
+    def resolve_execution(self, action_key: str, outcome: str,
+                          reason: str | None) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        return dict(self.remote._call(
+            "POST", f"/authority/actions/{quote(action_key, safe='')}/resolve",
+            json={"outcome": outcome, "reason": reason}))
+
+
+@contextmanager
+def _executions(policy: str | None, url: str | None, key: str | None
+                ) -> Iterator[Executions]:
+    """``control_cmd.backend``'s local or remote control plane, with the journal's calls."""
+    with backend(policy, url, key) as b:
+        if isinstance(b, Local):
+            yield LocalExecutions(b)
+        else:
+            assert isinstance(b, Remote)
+            yield RemoteExecutions(b)
+
+
+def _note(e: dict[str, Any]) -> str:
+    if e.get("resolved_by"):
+        why = f": {e['resolution_reason']}" if e.get("resolution_reason") else ""
+        return f"resolved by {e['resolved_by']}{why}"
+    body = e.get("result")
+    if isinstance(body, dict) and body.get("error"):
+        return str(body["error"])
+    return str(e.get("reason") or "")
+
+
+@actions_app.command("list")
+def list_cmd(
+    status: Annotated[str | None, typer.Option(
+        "--status", "-s", help="started, executed, failed, in_doubt (default: all).")] = None,
+    as_json: JsonOpt = False, policy: PolicyOpt = None, url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """List actions the gateway ran (its execution journal), newest first."""
+    with _executions(policy, url, key) as ex:
+        items = ex.list_executions(status)
+    if as_json:
+        _print_json(items)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"actions ({status or 'all'}): {len(items)}", title_justify="left")
+    table.add_column("action key", no_wrap=True)
+    for col in ("status", "action", "env", "executor", "arguments", "started (UTC)",
+                "approval", "note"):
+        table.add_column(col, overflow="fold")
+    colours = {"executed": "green", "failed": "red", "in_doubt": "magenta",
+               "started": "yellow"}
+    for e in items:
+        st = str(e.get("status"))
+        table.add_row(str(e.get("action_key")), f"[{colours[st]}]{st}[/]" if st in colours
+                      else st, str(e.get("action_type")), str(e.get("environment") or ""),
+                      str(e.get("executor") or ""), _short(e.get("arguments")),
+                      _ts(e.get("started_at")), str(e.get("approval_id") or ""), _note(e))
+    _console().print(table)
+
+
+@actions_app.command("resolve")
+def resolve_cmd(
+    action_key: str,
+    outcome: Annotated[Outcome, typer.Option(
+        "--as", help="What a person found on the real system: executed or failed.",
+        case_sensitive=False)],
+    reason: ReasonOpt = None, policy: PolicyOpt = None, url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Settle an in_doubt action as executed or failed. Nothing is run again."""
+    with _executions(policy, url, key) as ex:
+        e = ex.resolve_execution(action_key, outcome.value, reason)
+    line = (f"resolved {e.get('action_key')} ({e.get('action_type')}, {e.get('environment')}):"
+            f" {e.get('status')}")
+    if e.get("approval_id"):
+        line += f"\napproval {e['approval_id']}: {e.get('approval_status')}"
+    typer.echo(line)
