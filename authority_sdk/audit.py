@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,8 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from .errors import AuthorityError, AuthorityUnavailable
 
 if TYPE_CHECKING:
-    from filelock import FileLock
-
     from .policy import Policy
 
 __all__ = [
@@ -70,7 +69,7 @@ _ALLOWED_KEYS = _FIELD_SET | {"details"}
 _RESERVED = frozenset({"ts", "seq", "prev_hash", "hash"})
 _MAX_TORN_TEXT = 4096
 _LOCK_TIMEOUT_S = 30.0
-# flock is polled by filelock; its 50 ms default would dominate an append held for microseconds.
+# First poll interval for a contended lock: an append holds it for microseconds.
 _LOCK_POLL_S = 0.0005
 _READ_BLOCK = 64 * 1024
 # verify streams line by line; this caps the memory one line may take.
@@ -366,13 +365,9 @@ class AuditLog:
 
     def _reset_process_state(self) -> None:
         # Locks and descriptors do not survive fork() usefully; a child starts afresh.
-        # filelock pulls in asyncio (~25 ms); pay it only when a log is actually written.
-        from filelock import FileLock
-
         self._pid = os.getpid()
         self._tlock = threading.Lock()
-        self._flock: FileLock = FileLock(self.lock_path, timeout=_LOCK_TIMEOUT_S,
-                                         thread_local=False, poll_interval=_LOCK_POLL_S)
+        self._flock = _FlockLock(self.lock_path)
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
         self._size = -1  # -1: unknown, re-read the tail
@@ -436,6 +431,7 @@ class AuditLog:
         with self._tlock:
             if self._fd is not None and self._pid == os.getpid():
                 os.close(self._fd)
+                self._flock.close()
             self._fd = None
             self._size = -1
 
@@ -628,10 +624,51 @@ def _datasync(fd: int) -> None:
     sync(fd)
 
 
-def _timeout_error() -> type[Exception]:
-    from filelock import Timeout
+class _LockTimeout(Exception):
+    pass
 
-    return Timeout
+
+class _FlockLock:
+    """``flock`` on a sibling lock file, kept open for the process's life.
+
+    The same lock filelock's UnixFileLock takes (so tools using it interoperate),
+    without its per-acquire open/close and bookkeeping, which cost more than the
+    append itself. Uncontended it is one system call; contended it polls briefly,
+    since a holder keeps it for microseconds.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        deadline = time.monotonic() + _LOCK_TIMEOUT_S
+        delay = _LOCK_POLL_S
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise _LockTimeout from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.01)
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # also drops the lock, were it held
+            self._fd = None
 
 
 class _Locked:
@@ -645,7 +682,7 @@ class _Locked:
         log._tlock.acquire()
         try:
             log._flock.acquire()
-        except _timeout_error() as exc:
+        except _LockTimeout as exc:
             log._tlock.release()
             raise AuthorityUnavailable(f"audit log unavailable: lock {log.lock_path} "
                                        f"held for more than {_LOCK_TIMEOUT_S:.0f}s") from exc

@@ -161,6 +161,9 @@ def validate_arguments(args: Any, schema: Mapping[str, Any] | bool) -> str | Non
     from jsonschema.exceptions import best_match
 
     try:
+        # Valid is the common case; best_match's error ranking is only worth it for a denial.
+        if validator.is_valid(args):
+            return None
         error = best_match(validator.iter_errors(args))
     except RecursionError:
         return "arguments are nested too deeply to validate"
