@@ -11,8 +11,8 @@ asked for usage; the usage chunk reaches the client only if it asked for it.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import AuthorityError, UpstreamError
 from .wire import GatewayResponse, error_response
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .engine import CallContext, Gateway, UpstreamReply
 
 __all__ = ["SSEDecoder", "StreamGate"]
+
+T = TypeVar("T")
 
 _PASS_KEYS = ("role", "content", "refusal", "reasoning_content")
 
@@ -246,15 +248,25 @@ class StreamGate:
             if self.reply.close:
                 self.reply.close()
 
-    async def _aiter(self) -> AsyncIterator[bytes]:
+    def _tool_names(self) -> list[str]:
+        return [slot["name"] for acc in self.choices.values()
+                for slot in acc["tool_calls"].values()]
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Gate on the event loop unless an executor may run (it may wait seconds)."""
+        if not self.gw.may_execute(tool_names=self._tool_names()):
+            return fn(*args)
         from anyio.to_thread import run_sync
 
+        return await run_sync(fn, *args)
+
+    async def _aiter(self) -> AsyncIterator[bytes]:
         assert self.reply.achunks is not None
         try:
             async for raw in self.reply.achunks:
                 for payload in self.decoder.feed(raw):
                     if payload.strip() == "[DONE]":
-                        parts = await run_sync(self._on_payload, payload)
+                        parts = await self._off_loop(self._on_payload, payload)
                     else:
                         parts = self._on_payload(payload)
                     for p in self._record(parts):
@@ -262,15 +274,16 @@ class StreamGate:
             tail: list[bytes] = []
             # Recorded as they come: _finish stores everything recorded before it.
             for payload in self.decoder.close():
-                tail.extend(self._record(await run_sync(self._on_payload, payload)))
+                tail.extend(self._record(await self._off_loop(self._on_payload, payload)))
             if not self.finished:
-                tail.extend(self._record(await run_sync(self._finish)))
+                tail.extend(self._record(await self._off_loop(self._finish)))
             for p in tail:
                 yield p
         except AuthorityError as exc:
-            yield await run_sync(self._on_error, exc)
+            yield await self._off_loop(self._on_error, exc)
         except Exception as exc:
-            yield await run_sync(self._on_error, UpstreamError(f"the upstream stream broke: {exc}"))
+            yield await self._off_loop(self._on_error,
+                                       UpstreamError(f"the upstream stream broke: {exc}"))
         finally:
             self._on_abandon()
             if self.reply.close:

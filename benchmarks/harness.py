@@ -340,16 +340,23 @@ def _fs_of(path: Path) -> str:
 
 
 def _git_state(path: Path) -> str:
-    """The commit measured, and whether the working tree had uncommitted changes."""
+    """The commit measured, and which files (other than the results) were uncommitted."""
     try:
-        out = subprocess.run(["git", "-C", str(path), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, check=False, timeout=10)
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=False, timeout=10)
+        status = subprocess.run(["git", "-C", str(path), "status", "--porcelain"],
+                                capture_output=True, text=True, check=False, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    desc = out.stdout.strip()
-    if not desc:
+    commit = head.stdout.strip()
+    if not commit:
         return "unknown (not a git checkout)"
-    return desc.replace("-dirty", " + uncommitted changes")
+    changed = [line[3:] for line in status.stdout.splitlines()
+               if line[3:] and not line[3:].endswith("benchmarks/RESULTS.md")]
+    if not changed:
+        return commit
+    shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
+    return f"{commit} + uncommitted changes: {shown}"
 
 
 def _wrk_version() -> str:

@@ -1,7 +1,7 @@
 """`make bench`: the gateway against its baselines, side by side, in one run.
 
     .venv/bin/python benchmarks/run.py            # full run (~10 min), writes benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/run.py --quick    # smoke run (~1.5 min), writes benchmarks/.work/
+    .venv/bin/python benchmarks/run.py --quick    # smoke run (~1 min), writes benchmarks/.work/
 
 Phases: mock upstream → proxy start-up → proxy matrix (direct / authority /
 LiteLLM x concurrency 1, 16, 64, plus streaming at 16, interleaved, medians) →
