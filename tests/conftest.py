@@ -121,3 +121,34 @@ def tool(name: str, properties: dict[str, Any] | None = None,
 
 def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
+
+
+@pytest.fixture
+def rx() -> Iterator[Any]:
+    """A real HTTP receiver standing in for a billing webhook (answers a refund id)."""
+    from servers import HttpReceiver
+
+    with HttpReceiver() as receiver:
+        receiver.reply(200, json={"refund_id": "rf_1"})
+        yield receiver
+
+
+@pytest.fixture
+def audit_chain_intact(tmp_path: Path) -> Iterator[None]:
+    """After the test, the audit log it left (if any) still verifies."""
+    from authority_sdk.audit import verify
+
+    yield
+    log = tmp_path / "audit.jsonl"
+    if log.exists():
+        result = verify(log)
+        assert result.ok, result.reason
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[Any]]:
+    """Gateways a test opens, closed after it."""
+    opened: list[Any] = []
+    yield opened
+    for gw in opened:
+        gw.close()

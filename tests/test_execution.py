@@ -18,10 +18,11 @@ from conftest import tool, user
 from servers import HttpReceiver, SmtpSink
 
 from authority_sdk import control
-from authority_sdk.audit import verify
 from authority_sdk.client import AuthorityClient
 from authority_sdk.engine import Gateway
 from authority_sdk.errors import ApprovalError
+
+pytestmark = pytest.mark.usefixtures("audit_chain_intact")
 
 MODEL = "gpt-4o-mini"
 TOOLS = [tool("issue_refund"), tool("send_email"), tool("write_note"), tool("write_note_idem"),
@@ -48,30 +49,6 @@ def hang_once(arguments: dict[str, Any], *, action_key: str, action_type: str) -
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def rx() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as receiver:
-        receiver.reply(200, json={"refund_id": "rf_1"})
-        yield receiver
-
-
-@pytest.fixture(autouse=True)
-def _audit_chain_intact(tmp_path: Path) -> Iterator[None]:
-    yield
-    log = tmp_path / "audit.jsonl"
-    if log.exists():
-        result = verify(log)
-        assert result.ok, result.reason
-
-
-@pytest.fixture
-def gateways() -> Iterator[list[Gateway]]:
-    opened: list[Gateway] = []
-    yield opened
-    for gw in opened:
-        gw.close()
 
 
 def exec_policy(rx: HttpReceiver, smtp_port: int = 25, webhook_timeout_s: float = 30,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +17,13 @@ from conftest import ScriptedServer, tool, user
 from servers import HttpReceiver
 
 from authority_sdk import control
-from authority_sdk.audit import verify
 from authority_sdk.client import AuthorityClient
 from authority_sdk.engine import Gateway
 
+pytestmark = pytest.mark.usefixtures("audit_chain_intact")
+
 MODEL = "gpt-4o-mini"
 TOOLS = [tool("issue_refund"), tool("lookup_customer"), tool("wipe_disk"), tool("send_note")]
-
-
-@pytest.fixture
-def rx() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as receiver:
-        receiver.reply(200, json={"refund_id": "rf_1"})
-        yield receiver
-
-
-@pytest.fixture(autouse=True)
-def _audit_chain_intact(tmp_path: Path) -> Iterator[None]:
-    yield
-    log = tmp_path / "audit.jsonl"
-    if log.exists():
-        result = verify(log)
-        assert result.ok, result.reason
-
-
-@pytest.fixture
-def gateways() -> Iterator[list[Gateway]]:
-    opened: list[Gateway] = []
-    yield opened
-    for gw in opened:
-        gw.close()
 
 
 def refund_policy(rx: HttpReceiver, **action: Any) -> dict[str, Any]:

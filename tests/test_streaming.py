@@ -16,9 +16,10 @@ import pytest
 from conftest import ScriptedServer, tool, user
 from servers import HttpReceiver
 
-from authority_sdk.audit import verify
 from authority_sdk.client import AsyncAuthorityClient, AuthorityClient
 from authority_sdk.engine import Gateway
+
+pytestmark = pytest.mark.usefixtures("audit_chain_intact")
 
 MODEL = "gpt-4o-mini"
 TOOLS = [tool("issue_refund"), tool("lookup_customer"), tool("wipe_disk")]
@@ -35,22 +36,6 @@ NONE_KEPT = "\n".join([
     'CALL issue_refund {"amount": 20, "order_id": "o-4"}',
     'CALL wipe_disk {"path": "/var/lib"}',
 ])
-
-
-@pytest.fixture
-def rx() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as receiver:
-        receiver.reply(200, json={"refund_id": "rf_1"})
-        yield receiver
-
-
-@pytest.fixture(autouse=True)
-def _audit_chain_intact(tmp_path: Path) -> Iterator[None]:
-    yield
-    log = tmp_path / "audit.jsonl"
-    if log.exists():
-        result = verify(log)
-        assert result.ok, result.reason
 
 
 @pytest.fixture
