@@ -141,7 +141,8 @@ def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = N
                   executor_name=won["executor"], action_type=won["action_type"],
                   arguments=won["arguments"], ttl_s=gw.idempotency_ttl,
                   info={"approval_id": approval_id, "request_id": won.get("request_id"),
-                        "environment": won.get("environment")})
+                        "environment": won.get("environment"),
+                        "requested_by": won.get("requested_by")})
     final = gw.store.approval_transition(approval_id, "approved", ex.status,
                                          result=ex.result, error=ex.error,
                                          executed_at=time.time()) or won
@@ -269,6 +270,11 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
     entry = gw.store.journal_get(action_key)
     if entry is None:
         raise NotFound(f"no execution {action_key!r} in the journal")
+    if entry.get("requested_by") == actor:
+        exc = Forbidden(f"{actor} cannot settle an action its own request created",
+                        code="self_approval_forbidden")
+        _audit_resolution(gw, entry, actor, "deny", exc.message, str(entry.get("status")))
+        raise exc
     now = time.time()
     error = None if outcome == "executed" else (
         f"resolved as failed by {actor}" + (f": {reason}" if reason else ""))

@@ -213,7 +213,8 @@ def _handle(gw: Gateway, ctx: CallContext, call: dict[str, Any], name: str, args
             gw.flush_audit(ctx)
             ex = run_once(gw.store, gw.executors, action_key=key, executor_name=res.executor,
                           action_type=name, arguments=args, ttl_s=gw.idempotency_ttl,
-                          info={"request_id": ctx.request_id, "environment": ctx.environment})
+                          info={"request_id": ctx.request_id, "environment": ctx.environment,
+                                "requested_by": ctx.caller.name})
             _apply_execution(out, ex)
             if ex.status == "failed":
                 _release_dedupe(gw, ctx, name, args, key)

@@ -14,7 +14,7 @@ from test_execution import ask, make_client
 from authority_sdk import ExecutionError, control
 from authority_sdk.audit import verify
 from authority_sdk.engine import Gateway
-from authority_sdk.errors import ApprovalError, InvalidRequest, NotFound
+from authority_sdk.errors import ApprovalError, Forbidden, InvalidRequest, NotFound
 
 
 @pytest.fixture
@@ -25,14 +25,6 @@ def procs() -> Iterator[list[BaseProcess]]:
         if p.is_alive():
             p.kill()
             p.join(10)
-
-
-@pytest.fixture
-def gateways() -> Iterator[list[Gateway]]:
-    opened: list[Gateway] = []
-    yield opened
-    for gw in opened:
-        gw.close()
 
 
 @pytest.fixture
@@ -150,3 +142,17 @@ def test_only_an_in_doubt_execution_can_be_resolved(
     [refusal] = [e for e in audit_lines(tmp_path / "audit.jsonl") if e["actor"] == "ops-gus"]
     assert (refusal["event"], refusal["decision"]) == ("action", "deny")
     assert refusal["details"]["status"] == "executed"
+
+
+def test_the_requesting_key_cannot_settle_its_own_action(
+        policy: Path, tmp_path: Path, procs: list[BaseProcess],
+        gateways: list[Gateway]) -> None:
+    auto = crash(policy, tmp_path, procs, auto=True, approval=False)["auto"]
+    gw = Gateway(policy)
+    gateways.append(gw)
+    with pytest.raises(Forbidden) as ei:
+        control.resolve_execution(gw, auto.action_key, outcome="executed", actor="sdk")
+    assert ei.value.code == "self_approval_forbidden"
+    assert control.list_executions(gw, "in_doubt")[0]["action_key"] == auto.action_key
+    done = control.resolve_execution(gw, auto.action_key, outcome="executed", actor="ops")
+    assert done["status"] == "executed"
