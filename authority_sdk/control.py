@@ -271,10 +271,10 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
     if entry is None:
         raise NotFound(f"no execution {action_key!r} in the journal")
     if entry.get("requested_by") == actor:
-        exc = Forbidden(f"{actor} cannot settle an action its own request created",
+        own = Forbidden(f"{actor} cannot settle an action its own request created",
                         code="self_approval_forbidden")
-        _audit_resolution(gw, entry, actor, "deny", exc.message, str(entry.get("status")))
-        raise exc
+        _audit_resolution(gw, entry, actor, "deny", own.message, str(entry.get("status")))
+        raise own
     now = time.time()
     error = None if outcome == "executed" else (
         f"resolved as failed by {actor}" + (f": {reason}" if reason else ""))
