@@ -8,7 +8,7 @@ decision, audited the same way.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .audit import redact
 from .errors import (
@@ -47,11 +47,10 @@ RESOLUTIONS = ("executed", "failed")
 def public_approval(gw: Gateway, a: dict[str, Any]) -> dict[str, Any]:
     """What an approver sees: everything but the fields the policy says to redact."""
     out = {k: v for k, v in a.items() if k not in ("tool_schema",)}
-    out["arguments"] = redact(a.get("arguments"), gw.policy.redact)
+    out["arguments"] = shown = redact(a.get("arguments"), gw.policy.redact)
     out.pop("arguments_json", None)
     if "tool_call" in out:
-        out["tool_call"] = {**out["tool_call"], "arguments": redact(
-            a.get("arguments"), gw.policy.redact)}
+        out["tool_call"] = {**out["tool_call"], "arguments": shown}
     return out
 
 
@@ -61,11 +60,15 @@ def list_approvals(gw: Gateway, status: str | None = None) -> list[dict[str, Any
     return [public_approval(gw, a) for a in gw.store.approval_list(status)]
 
 
-def get_approval(gw: Gateway, approval_id: str) -> dict[str, Any]:
+def _load(gw: Gateway, approval_id: str) -> dict[str, Any]:
     a = gw.store.approval_get(approval_id)
     if a is None:
         raise NotFound(f"no approval {approval_id!r}")
-    return public_approval(gw, a)
+    return a
+
+
+def get_approval(gw: Gateway, approval_id: str) -> dict[str, Any]:
+    return public_approval(gw, _load(gw, approval_id))
 
 
 def _audit_transition(gw: Gateway, a: dict[str, Any], actor: str, status: str,
@@ -79,9 +82,25 @@ def _audit_transition(gw: Gateway, a: dict[str, Any], actor: str, status: str,
                    details={"approval_id": a["id"], "action_key": a.get("action_key")})
 
 
-def _refuse(gw: Gateway, a: dict[str, Any], actor: str, exc: Exception) -> None:
+def _refuse(gw: Gateway, a: dict[str, Any], actor: str, exc: Exception) -> NoReturn:
     _audit_transition(gw, a, actor, a["status"], str(exc), decision="deny")
     raise exc
+
+
+def _not_pending(gw: Gateway, a: dict[str, Any], actor: str) -> NoReturn:
+    _refuse(gw, a, actor, ApprovalError(
+        f"approval {a['id']} is {a['status']}, not pending: nothing was executed",
+        code=f"approval_{a['status']}"))
+
+
+def _decide(gw: Gateway, a: dict[str, Any], actor: str, to_status: str,
+            **fields: Any) -> dict[str, Any]:
+    """pending → to_status by compare-and-set; the loser of a race is refused, audited."""
+    won = gw.store.approval_transition(a["id"], "pending", to_status, decided_by=actor,
+                                       decided_at=time.time(), **fields)
+    if won is None:
+        _not_pending(gw, gw.store.approval_get(a["id"]) or a, actor)
+    return won
 
 
 def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = None,
@@ -90,13 +109,9 @@ def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = N
 
     ``actor_requests``: names whose requests the approver may not approve (its own key).
     """
-    a = gw.store.approval_get(approval_id)
-    if a is None:
-        raise NotFound(f"no approval {approval_id!r}")
+    a = _load(gw, approval_id)
     if a["status"] != "pending":
-        _refuse(gw, a, actor, ApprovalError(
-            f"approval {approval_id} is {a['status']}, not pending: nothing was executed",
-            code=f"approval_{a['status']}"))
+        _not_pending(gw, a, actor)
     if a.get("requested_by") in ({actor} | set(actor_requests)):
         _refuse(gw, a, actor, Forbidden(
             f"{actor} cannot approve an action its own request created",
@@ -125,15 +140,8 @@ def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = N
         _refuse(gw, a, actor, ApprovalError(
             f"executor {a.get('executor')!r} is no longer configured; the approval stays "
             "pending", code="approval_denied_by_policy"))
-    won = gw.store.approval_transition(approval_id, "pending", "approved", decided_by=actor,
-                                       decided_at=time.time(), decision_reason=reason,
-                                       approved_policy_hash=gw.policy.hash)
-    if won is None:
-        current = gw.store.approval_get(approval_id) or a
-        _refuse(gw, current, actor, ApprovalError(
-            f"approval {approval_id} is {current['status']}, not pending: nothing was executed",
-            code=f"approval_{current['status']}"))
-        raise AssertionError("unreachable")
+    won = _decide(gw, a, actor, "approved", decision_reason=reason,
+                  approved_policy_hash=gw.policy.hash)
     _audit_transition(gw, won, actor, "approved", reason)
     if won.get("dispatch") != "gateway" or not won.get("executor"):
         return public_approval(gw, won)  # the app fetches it and runs it itself
@@ -153,17 +161,7 @@ def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = N
 
 def reject(gw: Gateway, approval_id: str, *, actor: str,
            reason: str | None = None) -> dict[str, Any]:
-    a = gw.store.approval_get(approval_id)
-    if a is None:
-        raise NotFound(f"no approval {approval_id!r}")
-    won = gw.store.approval_transition(approval_id, "pending", "rejected", decided_by=actor,
-                                       decided_at=time.time(), decision_reason=reason)
-    if won is None:
-        current = gw.store.approval_get(approval_id) or a
-        _refuse(gw, current, actor, ApprovalError(
-            f"approval {approval_id} is {current['status']}, not pending",
-            code=f"approval_{current['status']}"))
-        raise AssertionError("unreachable")
+    won = _decide(gw, _load(gw, approval_id), actor, "rejected", decision_reason=reason)
     _release_dedupe_for(gw, won)
     _audit_transition(gw, won, actor, "rejected", reason, decision="deny")
     return public_approval(gw, won)
