@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from . import approvals as approval_rules
 from .audit import redact
 from .errors import (
     ApprovalError,
@@ -19,7 +20,7 @@ from .errors import (
     KillSwitchEngaged,
     NotFound,
 )
-from .execution import recover_interrupted, run_once
+from .execution import mark, recover_interrupted, run_once
 from .gating import action_hash
 from .modes import resolve_action
 
@@ -57,11 +58,11 @@ def public_approval(gw: Gateway, a: dict[str, Any]) -> dict[str, Any]:
 def list_approvals(gw: Gateway, status: str | None = None) -> list[dict[str, Any]]:
     if status is not None and status not in APPROVAL_STATUSES:
         raise InvalidRequest(f"unknown status {status!r} (one of {', '.join(APPROVAL_STATUSES)})")
-    return [public_approval(gw, a) for a in gw.store.approval_list(status)]
+    return [public_approval(gw, a) for a in approval_rules.listing(gw.store, status)]
 
 
 def _load(gw: Gateway, approval_id: str) -> dict[str, Any]:
-    a = gw.store.approval_get(approval_id)
+    a = approval_rules.get(gw.store, approval_id)
     if a is None:
         raise NotFound(f"no approval {approval_id!r}")
     return a
@@ -96,10 +97,11 @@ def _not_pending(gw: Gateway, a: dict[str, Any], actor: str) -> NoReturn:
 def _decide(gw: Gateway, a: dict[str, Any], actor: str, to_status: str,
             **fields: Any) -> dict[str, Any]:
     """pending → to_status by compare-and-set; the loser of a race is refused, audited."""
-    won = gw.store.approval_transition(a["id"], "pending", to_status, decided_by=actor,
+    won = gw.store.approval_transition(a["id"], "pending", to_status, guard="unexpired",
+                                       now=time.time(), decided_by=actor,
                                        decided_at=time.time(), **fields)
     if won is None:
-        _not_pending(gw, gw.store.approval_get(a["id"]) or a, actor)
+        _not_pending(gw, approval_rules.get(gw.store, a["id"]) or a, actor)
     return won
 
 
@@ -278,9 +280,9 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
         f"resolved as failed by {actor}" + (f": {reason}" if reason else ""))
     won = None
     if entry.get("status") == "in_doubt":
-        won = gw.store.journal_mark(action_key, "in_doubt", outcome, resolved_by=actor,
-                                    resolved_at=now, resolution_reason=reason,
-                                    result={"result": None, "error": error})
+        won = mark(gw.store, action_key, "in_doubt", outcome, ttl_s=None, resolved_by=actor,
+                   resolved_at=now, resolution_reason=reason,
+                   result={"result": None, "error": error})
     if won is None:
         current = gw.store.journal_get(action_key) or entry
         exc = ExecutionError(
@@ -301,6 +303,6 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
         if moved is not None:
             _audit_transition(gw, moved, actor, outcome, reason, result={
                 "status": outcome, "resolved_by": actor})
-        current_apr = moved or gw.store.approval_get(approval_id)
+        current_apr = moved or approval_rules.get(gw.store, approval_id)
         out["approval_status"] = current_apr.get("status") if current_apr else None
     return out

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import idempotency
 from .audit import AuditLog, redact
 from .costs import CostPlan, plan_cost, release, settle
 from .errors import (
@@ -38,7 +39,6 @@ from .errors import (
     ModelNotAllowed,
     UpstreamError,
 )
-from .execution import owner_alive, process_owner
 from .executors import ExecutorRegistry
 from .gating import ActionOutcome, followup_messages, gate_completion
 from .policy import KeyConfig, Policy, load_policy
@@ -77,6 +77,7 @@ class CallContext:
     idem_key: str | None = None
     idem_store_key: str | None = None
     fingerprint: str | None = None
+    claim: idempotency.Claim | None = None
     plan: CostPlan | None = None
     stream: bool = False
     client_wants_usage: bool = False
@@ -249,10 +250,11 @@ class Gateway:
             canonical_json([ctx.request, ctx.caller.name, ctx.environment]).encode()
         ).hexdigest()
         lease = self.policy.upstream.timeout_s + _LEASE_MARGIN_S
-        got = self.store.idem_begin(ctx.idem_store_key, ctx.fingerprint,
-                                    ttl_s=self.idempotency_ttl, lease_s=lease,
-                                    owner=process_owner(), owner_dead=_owner_dead)
-        if got.state == "new":
+        got = idempotency.begin(self.store, ctx.idem_store_key, ctx.fingerprint,
+                                claim_id=ctx.request_id, ttl_s=self.idempotency_ttl,
+                                lease_s=lease)
+        if got.state in ("new", "takeover"):
+            ctx.claim = got
             return None
         if got.state == "conflict":
             ctx.idem_store_key = None  # not ours: never release it
@@ -291,10 +293,11 @@ class Gateway:
         return error_response(exc, request_id=ctx.request_id)
 
     def _release_idempotency(self, ctx: CallContext) -> None:
-        if ctx.idem_store_key and ctx.fingerprint:
+        if ctx.claim is not None:
             # On failure the lease expires; the answer already says what went wrong.
             with contextlib.suppress(AuthorityError):
-                self.store.idem_abandon(ctx.idem_store_key, ctx.fingerprint)
+                idempotency.abandon(self.store, ctx.claim)
+            ctx.claim = None
             ctx.idem_store_key = None
 
     # -- phase 3 -----------------------------------------------------------------------
@@ -399,9 +402,9 @@ class Gateway:
 
     def _store_idempotent(self, ctx: CallContext, status: int, headers: dict[str, str],
                           body: bytes) -> None:
-        if not (ctx.idem_store_key and ctx.fingerprint):
+        if ctx.claim is None:
             return
-        self.store.idem_finish(ctx.idem_store_key, ctx.fingerprint, {
+        idempotency.finish(self.store, ctx.claim, {
             "status_code": status, "headers": headers, "body": body.decode(),
             "request_id": ctx.request_id}, ttl_s=self.idempotency_ttl)
 
@@ -468,10 +471,6 @@ class Gateway:
         if tool_names is not None:
             return any(n in self._executor_actions for n in tool_names)
         return completion is None or b"tool_calls" in completion
-
-
-def _owner_dead(owner: dict[str, Any]) -> bool:
-    return not owner_alive(owner)
 
 
 def _parse_chat_request(body: bytes) -> dict[str, Any]:

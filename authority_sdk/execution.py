@@ -9,58 +9,17 @@ waits for a person. Nothing runs twice silently.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from .liveness import owner_alive, process_owner
 
 if TYPE_CHECKING:
     from .executors import ExecutorRegistry
     from .store import Store
 
-__all__ = ["Execution", "owner_alive", "process_owner", "recover_interrupted", "run_once"]
-
-_HOST = socket.gethostname()
-
-
-def _proc_start(pid: int) -> str | None:
-    # The start time tells a live process from a later one that reused its pid.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data.rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return None
-
-
-_SELF = {"host": _HOST, "pid": os.getpid(), "pid_start": _proc_start(os.getpid())}
-
-
-def process_owner() -> dict[str, Any]:
-    """This process, as recorded on claims: host, pid and the pid's start time."""
-    pid = os.getpid()
-    if _SELF["pid"] != pid:  # forked since import
-        _SELF.update(pid=pid, pid_start=_proc_start(pid))
-    return dict(_SELF)
-
-
-def owner_alive(entry: dict[str, Any]) -> bool:
-    """Is the process that recorded ``started`` still running?"""
-    if entry.get("host") != _HOST:
-        return True  # cannot tell for another machine: assume alive, the lease decides
-    pid = entry.get("pid")
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    start = entry.get("pid_start")
-    return start is None or _proc_start(pid) == start
-
+__all__ = ["Execution", "recover_interrupted", "run_once"]
 
 @dataclass(frozen=True)
 class Execution:
@@ -72,8 +31,19 @@ class Execution:
 
 def _finish(store: Store, key: str, status: str, result: Any, error: str | None,
             ttl_s: float) -> Execution:
-    store.journal_finish(key, status, {"result": result, "error": error}, ttl_s=ttl_s)
+    # From in_doubt too: what the executor answered is the truth, whatever was assumed.
+    store.journal_update(key, ("started", "in_doubt"), {
+        "status": status, "result": {"result": result, "error": error},
+        "finished_at": time.time()}, ttl_s=ttl_s)
     return Execution(status, result, error)
+
+
+def mark(store: Store, key: str, from_status: str, to_status: str, *, ttl_s: float | None,
+         **fields: Any) -> dict[str, Any] | None:
+    """Compare-and-set an entry's status; ``in_doubt`` never expires (a person must see it)."""
+    keep = None if "in_doubt" in (from_status, to_status) else ttl_s
+    return store.journal_update(key, from_status, {**fields, "status": to_status,
+                                                   "marked_at": time.time()}, ttl_s=keep)
 
 
 def _from_entry(entry: dict[str, Any]) -> Execution:
@@ -102,19 +72,18 @@ def run_once(
     if existing is not None:
         if existing["status"] != "started":
             return _from_entry(existing)
-        stale = (not owner_alive(existing)
+        stale = (not owner_alive(store, existing)
                  or time.time() - float(existing.get("started_at", 0)) > stale_after_s)
         if not stale:
             return Execution("in_doubt", None, "this action is being executed by another process")
         if not executor.idempotent_downstream:
-            store.journal_mark(action_key, "started", "in_doubt",
-                               reason="interrupted before its result was recorded")
+            mark(store, action_key, "started", "in_doubt", ttl_s=None,
+                 reason="interrupted before its result was recorded")
             return Execution("in_doubt", None,
                              "an earlier execution was interrupted; the executor cannot "
                              "deduplicate, so a person must check whether it took effect")
-        taken = store.journal_mark(action_key, "started", "started", **process_owner(),
-                                   started_at=time.time(),
-                                   attempt=int(existing.get("attempt", 1)) + 1)
+        taken = mark(store, action_key, "started", "started", ttl_s=ttl_s, **process_owner(),
+                     started_at=time.time(), attempt=int(existing.get("attempt", 1)) + 1)
         if taken is None:
             return Execution("in_doubt", None, "this action is being executed by another process")
     outcome = executor.execute(action_type, arguments, action_key)
@@ -127,13 +96,13 @@ def recover_interrupted(store: Store, executors: ExecutorRegistry, *,
     """Settle ``started`` records whose owner died: retry (idempotent) or mark ``in_doubt``."""
     settled: list[tuple[dict[str, Any], Execution]] = []
     for entry in store.journal_list("started"):
-        if owner_alive(entry):
+        if owner_alive(store, entry):
             continue
         try:
             executors.get(entry["executor"])
         except Exception:  # the executor left the policy: a person must look
-            store.journal_mark(entry["action_key"], "started", "in_doubt",
-                               reason="executor no longer configured")
+            mark(store, entry["action_key"], "started", "in_doubt", ttl_s=None,
+                 reason="executor no longer configured")
             settled.append((entry, Execution("in_doubt", None, "executor no longer configured")))
             continue
         ex = run_once(store, executors, action_key=entry["action_key"],

@@ -257,7 +257,9 @@ def _claim_is_void(gw: Gateway, owner: dict[str, Any]) -> bool:
     if not approval_id:
         return False
     # Not found yet means its request is still creating it: the claim is live.
-    approval = gw.store.approval_get(str(approval_id))
+    from . import approvals as approval_rules
+
+    approval = approval_rules.get(gw.store, str(approval_id))
     return approval is not None and approval.get("status") in ("expired", "rejected", "failed")
 
 

@@ -58,13 +58,29 @@ class UpstreamConfig(_Strict):
 
 
 class StateConfig(_Strict):
-    backend: Literal["diskcache"] = "diskcache"
-    path: str = ".authority/state"
+    backend: Literal["diskcache", "postgres"] = Field(
+        "diskcache", description="diskcache: a local folder (one machine); postgres: shared by "
+        "replicas")
+    path: str = Field(".authority/state", description="diskcache: the state folder")
+    dsn_env: str | None = Field(
+        None, description="postgres: the environment variable holding the DSN "
+        "(e.g. postgresql://user@127.0.0.1:5432/authority)")
+
+    @model_validator(mode="after")
+    def _dsn_for_postgres(self) -> StateConfig:
+        if self.backend == "postgres" and not self.dsn_env:
+            raise ValueError("backend postgres needs dsn_env (the variable holding the DSN)")
+        return self
 
 
 class AuditConfig(_Strict):
+    backend: Literal["file", "postgres"] = Field(
+        "file", description="file: JSONL at path; postgres: one chain in a table for all "
+        "replicas")
     path: str = ".authority/audit.jsonl"
     fsync: bool = True
+    dsn_env: str | None = Field(
+        None, description="postgres: the DSN's variable (default: the state store's)")
 
 
 class Defaults(_Strict):

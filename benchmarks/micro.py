@@ -107,8 +107,11 @@ def bench_store(directory: Path, n: int) -> dict[str, Any]:
     store.health()  # first touch creates the databases; keep it out of the numbers
     res: dict[str, Any] = {}
 
+    from authority_sdk import idempotency
+
     def idem(i: int) -> None:
-        got = store.idem_begin(f"idem:bench:prod:k{i}", "f" * 64, ttl_s=day, lease_s=90)
+        got = idempotency.begin(store, f"idem:bench:prod:k{i}", "f" * 64, claim_id=f"r{i}",
+                                ttl_s=day, lease_s=90)
         assert got.state == "new"
 
     def reserve(i: int) -> None:

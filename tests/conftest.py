@@ -152,3 +152,37 @@ def gateways() -> Iterator[list[Any]]:
     yield opened
     for gw in opened:
         gw.close()
+
+
+# -- state backends: every store test runs on each -----------------------------------------
+
+
+class StoreBackend:
+    """One state backend under test. ``open()`` gives a new connection to the same store
+    (also usable in a forked child process)."""
+
+    name = "diskcache"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def open(self) -> Any:
+        from authority_sdk.store import DiskStore
+
+        return DiskStore(self.directory / "state")
+
+    def policy_overrides(self) -> dict[str, Any]:
+        return {"state": {"backend": "diskcache", "path": str(self.directory / "state")}}
+
+    def cleanup(self) -> None:
+        pass
+
+
+STORE_BACKENDS: dict[str, Callable[[Path], StoreBackend]] = {"diskcache": StoreBackend}
+
+
+@pytest.fixture(params=sorted(STORE_BACKENDS))
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBackend]:
+    backend = STORE_BACKENDS[request.param](tmp_path)
+    yield backend
+    backend.cleanup()
