@@ -329,7 +329,8 @@ class DiskStore:
     # -- kill switch -----------------------------------------------------------------
 
     @_guarded
-    def kill_switch_state(self) -> dict[str, Record]:
+    def kill_switch_state(self, *, fresh: bool = False) -> dict[str, Record]:
+        # A local read is always fresh: no cache to bypass.
         return _load(self._control.get(_KILL_SWITCH)) or {}
 
     @_guarded

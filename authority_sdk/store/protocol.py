@@ -110,9 +110,14 @@ class CounterStore(Protocol):
 class ControlStore(Protocol):
     """The kill switch: read on every request and before every effect."""
 
-    def kill_switch_state(self) -> dict[str, Record]:
+    def kill_switch_state(self, *, fresh: bool = False) -> dict[str, Record]:
         """``scope -> {"engaged", "reason", "actor", "ts"}`` for every scope ever set
-        (``"*"`` is global, any other scope an environment)."""
+        (``"*"`` is global, any other scope an environment).
+
+        A shared backend may answer from a short cache (at most 1 s old, refreshed
+        by change notifications) to admit requests without a round trip; with
+        ``fresh=True`` — read right before every effect — it must read the truth.
+        """
         ...
 
     def set_kill_switch(self, scope: str, engaged: bool, *, reason: str | None,
