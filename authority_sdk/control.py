@@ -11,7 +11,10 @@ import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import approvals as approval_rules
+from . import dedupe
+from .actions import kill_engaged
 from .audit import redact
+from .effects import AuditOp, Decision, S, run
 from .errors import (
     ApprovalError,
     ExecutionError,
@@ -20,9 +23,8 @@ from .errors import (
     KillSwitchEngaged,
     NotFound,
 )
-from .execution import mark, recover_interrupted, run_once
-from .gating import action_hash
-from .modes import resolve_action
+from .execution import mark_d, run_once_d
+from .limits import release_d
 
 if TYPE_CHECKING:
     from .engine import Gateway
@@ -114,69 +116,88 @@ def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = N
     a = _load(gw, approval_id)
     if a["status"] != "pending":
         _not_pending(gw, a, actor)
-    if a.get("requested_by") in ({actor} | set(actor_requests)):
-        _refuse(gw, a, actor, Forbidden(
-            f"{actor} cannot approve an action its own request created",
-            code="self_approval_forbidden"))
-    kill = gw.kill_state(a["environment"])
-    if kill is not None:
-        _refuse(gw, a, actor, KillSwitchEngaged(
-            f"the {kill['scope']} kill switch is engaged: nothing executes; "
-            "the approval stays pending"))
-    if action_hash(a["action_type"], a["arguments"], a["environment"]) != a["action_hash"]:
-        _refuse(gw, a, actor, ApprovalError(
-            "the stored action does not match what was shown for approval",
-            code="approval_tampered"))
-    now = resolve_action(gw.policy, a["environment"], a["action_type"], a["arguments_json"],
-                         tool_schema=a.get("tool_schema"))
-    if now.decision == "deny":
-        _refuse(gw, a, actor, ApprovalError(
-            f"the policy in force now denies this action ({now.code}: {now.reason}); "
-            "the approval stays pending", code="approval_denied_by_policy"))
-    if now.mode == "simulation_only":
-        # simulation_only never runs the action, however it was approved.
-        _refuse(gw, a, actor, ApprovalError(
-            f"the policy in force now only simulates this action ({now.reason}); nothing "
-            "was executed; the approval stays pending", code="approval_denied_by_policy"))
-    if a.get("dispatch") == "gateway" and a.get("executor") not in gw.policy.executors:
-        _refuse(gw, a, actor, ApprovalError(
-            f"executor {a.get('executor')!r} is no longer configured; the approval stays "
-            "pending", code="approval_denied_by_policy"))
+    refusal = approval_rules.recheck(gw.policy, a, actor=actor, actor_requests=actor_requests,
+                                     kill=gw.kill_state(a["environment"]))
+    if refusal is not None:
+        _refuse(gw, a, actor, refusal)
     won = _decide(gw, a, actor, "approved", decision_reason=reason,
                   approved_policy_hash=gw.policy.hash)
     _audit_transition(gw, won, actor, "approved", reason)
     if won.get("dispatch") != "gateway" or not won.get("executor"):
         return public_approval(gw, won)  # the app fetches it and runs it itself
-    ex = run_once(gw.store, gw.executors, action_key=won["action_key"],
-                  executor_name=won["executor"], action_type=won["action_type"],
-                  arguments=won["arguments"], ttl_s=gw.idempotency_ttl,
-                  info={"approval_id": approval_id, "request_id": won.get("request_id"),
-                        "environment": won.get("environment"),
-                        "requested_by": won.get("requested_by")})
-    final = gw.store.approval_transition(approval_id, "approved", ex.status,
-                                         result=ex.result, error=ex.error,
-                                         executed_at=time.time()) or won
-    _audit_transition(gw, final, actor, ex.status, ex.error, result={
-        "status": ex.status, "result": ex.result, "error": ex.error})
+    final = run(_execute_approved_d(gw, won, actor), gw.runtime)
     return public_approval(gw, final)
+
+
+def _execute_approved_d(gw: Gateway, won: dict[str, Any], actor: str) -> Decision[dict[str, Any]]:
+    """The record, a fresh kill-switch read, the effect, the outcome (as gating does)."""
+    approval_id = won["id"]
+    yield AuditOp((("action", dict(
+        request_id=won.get("request_id"), environment=won.get("environment"),
+        model=won.get("model"), action_type=won.get("action_type"), decision="allow",
+        reason="approved: executing", approval_status="approved", actor=actor,
+        policy_hash=gw.policy.hash,
+        details={"status": "executing", "approval_id": approval_id,
+                 "action_key": won.get("action_key"), "executor": won.get("executor"),
+                 "arguments": redact(won.get("arguments"), gw.policy.redact)})),))
+    kill = kill_engaged((yield S.kill_switch_state(fresh=True)), str(won.get("environment")))
+    if kill is not None:
+        # Engaged between the approval and the effect: nothing runs; a person may approve
+        # again once it is released.
+        back = yield S.approval_transition(approval_id, "approved", "pending",
+                                           kill_switch_interrupted=True)
+        yield AuditOp((("approval", dict(
+            request_id=won.get("request_id"), environment=won.get("environment"),
+            action_type=won.get("action_type"), decision="deny",
+            reason=f"the {kill['scope']} kill switch was engaged before the action ran; "
+                   "the approval is pending again", approval_status="pending", actor=actor,
+            policy_hash=gw.policy.hash, details={"approval_id": approval_id})),))
+        raise KillSwitchEngaged(f"the {kill['scope']} kill switch was engaged before the "
+                                "action ran: nothing executed", approval=back)
+    # A person let it run: what a limit would have refused now counts.
+    for c in won.get("limit_overrides") or []:
+        yield S.budget_settle([c["counter"]], reserved=0.0, actual=float(c["delta"]),
+                              ttl_s=float(c["ttl_s"]))
+    executor = won["executor"]
+    ex = yield from run_once_d(
+        action_key=won["action_key"], executor_name=executor,
+        idempotent=gw.executors.get(executor).idempotent_downstream,
+        action_type=won["action_type"], arguments=won["arguments"], ttl_s=gw.idempotency_ttl,
+        info={"approval_id": approval_id, "request_id": won.get("request_id"),
+              "environment": won.get("environment"), "requested_by": won.get("requested_by")})
+    final = (yield S.approval_transition(approval_id, "approved", ex.status, result=ex.result,
+                                         error=ex.error, executed_at=time.time())) or won
+    if ex.status == "failed":
+        yield from release_d(won.get("limit_charges") or [])
+    yield AuditOp((("approval", dict(
+        request_id=final.get("request_id"), environment=final.get("environment"),
+        model=final.get("model"), action_type=final.get("action_type"), decision="allow",
+        reason=ex.error, approval_status=ex.status, actor=actor, policy_hash=gw.policy.hash,
+        execution_result=redact({"status": ex.status, "result": ex.result, "error": ex.error},
+                                gw.policy.redact),
+        details={"approval_id": approval_id, "action_key": final.get("action_key")})),))
+    yield S.journal_update(won["action_key"], ex.status, {"audited": True},
+                           ttl_s=None if ex.status == "in_doubt" else gw.idempotency_ttl)
+    return final
 
 
 def reject(gw: Gateway, approval_id: str, *, actor: str,
            reason: str | None = None) -> dict[str, Any]:
     won = _decide(gw, _load(gw, approval_id), actor, "rejected", decision_reason=reason)
-    _release_dedupe_for(gw, won)
+    _release_claims(gw, won)
     _audit_transition(gw, won, actor, "rejected", reason, decision="deny")
     return public_approval(gw, won)
 
 
-def _release_dedupe_for(gw: Gateway, a: dict[str, Any]) -> None:
-    from .gating import _dedupe_key
-
+def _release_claims(gw: Gateway, a: dict[str, Any]) -> None:
+    """A rejected action took no effect: its business key and limit reservations are free."""
     action = gw.policy.actions.get(a["action_type"])
     if action and action.dedupe_on:
-        key = _dedupe_key(a["environment"], a["action_type"], action.dedupe_on, a["arguments"])
+        key = dedupe.key_for(a["environment"], a["action_type"], action.dedupe_on,
+                             a["arguments"])
         if key:
             gw.store.dedupe_release(key, a["action_key"])
+    run(release_d(a.get("limit_charges") or []), gw.runtime)
 
 
 def set_kill_switch(gw: Gateway, engaged: bool, *, actor: str, reason: str | None = None,
@@ -201,24 +222,12 @@ def kill_switch_status(gw: Gateway) -> dict[str, Any]:
 
 
 def recover(gw: Gateway) -> list[dict[str, Any]]:
-    """Settle executions a crash interrupted, and reflect them on their approvals."""
-    out = []
-    for entry, ex in recover_interrupted(gw.store, gw.executors, ttl_s=gw.idempotency_ttl):
-        approval_id = entry.get("approval_id")
-        if approval_id:
-            gw.store.approval_transition(approval_id, "approved", ex.status, result=ex.result,
-                                         error=ex.error)
-        gw.audit_event("action", request_id=entry.get("request_id"),
-                       environment=entry.get("environment"), action_type=entry["action_type"],
-                       decision="error" if ex.status == "in_doubt" else "allow",
-                       reason=ex.error or "recovered after an interrupted execution",
-                       execution_result={"status": ex.status, "result": ex.result},
-                       actor="recovery",
-                       details={"action_key": entry["action_key"], "approval_id": approval_id,
-                                "status": ex.status})
-        out.append({"action_key": entry["action_key"], "status": ex.status,
-                    "approval_id": approval_id})
-    return out
+    """Settle executions a crash interrupted (left alone while the kill switch is on),
+    write audit entries that were parked, release orphan business-key claims."""
+    from .recovery import drain_audit_d, recover_d
+
+    run(drain_audit_d(), gw.runtime)
+    return run(recover_d(gw), gw.runtime)
 
 
 # -- executions in doubt (DESIGN.md §5) ----------------------------------------------------
@@ -280,9 +289,9 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
         f"resolved as failed by {actor}" + (f": {reason}" if reason else ""))
     won = None
     if entry.get("status") == "in_doubt":
-        won = mark(gw.store, action_key, "in_doubt", outcome, ttl_s=None, resolved_by=actor,
-                   resolved_at=now, resolution_reason=reason,
-                   result={"result": None, "error": error})
+        won = run(mark_d(action_key, "in_doubt", outcome, ttl_s=None, resolved_by=actor,
+                         resolved_at=now, resolution_reason=reason,
+                         result={"result": None, "error": error}), gw.runtime)
     if won is None:
         current = gw.store.journal_get(action_key) or entry
         exc = ExecutionError(

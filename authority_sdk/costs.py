@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BudgetExceeded, CostCeilingExceeded, InvalidRequest, ModelPriceUnknown
+from .effects import Decision, S
+from .errors import BudgetExceeded, CostCeilingExceeded, ModelPriceUnknown
+from .formats.base import ParsedRequest
 from .policy import Budget, Policy
 from .pricing import (
     ModelPricing,
@@ -22,10 +24,9 @@ from .pricing import (
     estimate_usd,
     max_affordable_output_tokens,
 )
-from .store import Store
 from .tokens import TokenCounter
 
-__all__ = ["MIN_OUTPUT_TOKENS", "CostPlan", "budget_counter", "plan_cost", "settle"]
+__all__ = ["MIN_OUTPUT_TOKENS", "CostPlan", "budget_counter", "plan_d", "release_d", "settle_d"]
 
 # The smallest answer worth asking for: a short reply or one small tool call.
 # Below this the request is refused rather than sent with a useless limit.
@@ -75,51 +76,31 @@ class CostPlan:
         }
 
 
-def _explicit_limit(body: dict[str, Any]) -> int | None:
-    for name in ("max_completion_tokens", "max_tokens"):
-        v = body.get(name)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise InvalidRequest(f"{name} must be a positive integer", code="invalid_request")
-        return v
-    return None
-
-
-def _output_param(model: str) -> str:
-    # Reasoning models refuse max_tokens; older OpenAI-compatible servers only know it.
-    bare = model.rsplit("/", 1)[-1]
-    if bare.startswith(("o1", "o3", "o4", "gpt-5")):
-        return "max_completion_tokens"
-    return "max_tokens"
-
-
-def plan_cost(
+def plan_d(
     policy: Policy,
     environment: str,
     caller_budget: Budget | None,
     caller_name: str,
-    body: dict[str, Any],
+    req: ParsedRequest,
     *,
-    store: Store,
     prices: PriceBook,
     counter: TokenCounter,
-) -> CostPlan:
-    """Estimate, check the ceiling, reserve the budget. May set the output limit in ``body``."""
-    model = body["model"]
+) -> Decision[CostPlan]:
+    """Estimate, check the ceiling, reserve the budget. May set the output limit in the
+    request (``req.data[req.limit_field]``). Each refusal names the setting that decided it."""
+    model = req.model
     pricing = prices.lookup(model)
     if pricing is None:
         raise ModelPriceUnknown(
-            f"no price is known for model {model!r}; give one under 'pricing:' in the policy"
-        )
-    n = body.get("n") or 1
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidRequest("n must be a positive integer")
-    prompt = counter.count_prompt(model, body["messages"], body.get("tools"))
+            f"no price is known for model {model!r}; give one under 'pricing:' in the policy",
+            decided_by="pricing")
+    n = req.n
+    prompt = counter.count_prompt(model, req.prompt_messages, req.prompt_tools)
     reserve_prompt = math.ceil(prompt * PROMPT_MARGIN) + PROMPT_MARGIN_TOKENS
     env = policy.environments[environment]
     ceiling = env.ceilings.per_request_usd
-    explicit = _explicit_limit(body)
+    ceiling_rule = f"environments.{environment}.ceilings.per_request_usd"
+    explicit = req.explicit_limit
     window = pricing.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS
 
     def est(out: int) -> float:
@@ -132,7 +113,7 @@ def plan_cost(
                 f"estimated cost ${est(out):.6f} (prompt ~{prompt} tokens + up to {out * n} "
                 f"output tokens on {model}) exceeds the per-request ceiling ${ceiling} "
                 f"of environment {environment!r}",
-                estimate_usd=est(out), ceiling_usd=ceiling,
+                estimate_usd=est(out), ceiling_usd=ceiling, decided_by=ceiling_rule,
             )
     else:
         out = window
@@ -143,26 +124,30 @@ def plan_cost(
                     f"the prompt alone (~{prompt} tokens on {model}) leaves no room for an answer "
                     f"under the per-request ceiling ${ceiling} of environment {environment!r}",
                     estimate_usd=est(MIN_OUTPUT_TOKENS), ceiling_usd=ceiling,
+                    decided_by=ceiling_rule,
                 )
 
     counters: list[tuple[str, float]] = []
+    rules: list[str] = []
     ttl = 0.0
     if env.budget is not None:
         counters.append((budget_counter("env", environment, env.budget), env.budget.usd))
+        rules.append(f"environments.{environment}.budget")
         ttl = max(ttl, _PERIOD_SECONDS[env.budget.period] * 2)
     if caller_budget is not None:
         counters.append((budget_counter("key", caller_name, caller_budget), caller_budget.usd))
+        rules.append(f"keys.{caller_name}.budget")
         ttl = max(ttl, _PERIOD_SECONDS[caller_budget.period] * 2)
 
     reserved = 0.0
     if counters:
         low = est(out) if explicit is not None else est(min(out, MIN_OUTPUT_TOKENS))
-        granted = store.budget_reserve(counters, min_usd=low, max_usd=est(out), ttl_s=ttl)
+        granted = yield S.budget_reserve(counters, min_usd=low, max_usd=est(out), ttl_s=ttl)
         if granted is None:
             raise BudgetExceeded(
                 f"the budget of {_budget_names(counters)} cannot pay for this request "
                 f"(needs at least ${low:.6f})",
-                needed_usd=low,
+                needed_usd=low, decided_by=" and ".join(rules),
             )
         reserved = granted
         if explicit is None and granted < est(out):
@@ -172,7 +157,7 @@ def plan_cost(
 
     injected = explicit is None and out < window
     if injected:
-        body[_output_param(model)] = out
+        req.data[req.limit_field] = out
     return CostPlan(
         model=model, pricing=pricing, prompt_tokens=prompt, output_limit=out, n=n,
         injected_limit=injected, estimate_usd=est(out), ceiling_usd=ceiling,
@@ -185,17 +170,17 @@ def _budget_names(counters: list[tuple[str, float]]) -> str:
                         for c, lim in counters)
 
 
-def settle(plan: CostPlan, store: Store, usage: dict[str, Any] | None) -> float:
+def settle_d(plan: CostPlan, usage: dict[str, Any] | None) -> Decision[float]:
     """Turn the reservation into the actual cost; returns the actual cost in USD."""
     actual = actual_usd(plan.pricing, usage) if usage else plan.estimate_usd
     if plan.counters:
-        store.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=actual,
-                            ttl_s=plan.budget_ttl_s)
+        yield S.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=actual,
+                              ttl_s=plan.budget_ttl_s)
     return actual
 
 
-def release(plan: CostPlan, store: Store) -> None:
+def release_d(plan: CostPlan) -> Decision[None]:
     """The call never happened (upstream failed): give the reservation back."""
     if plan.counters:
-        store.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=0.0,
-                            ttl_s=plan.budget_ttl_s)
+        yield S.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=0.0,
+                              ttl_s=plan.budget_ttl_s)

@@ -1,34 +1,41 @@
 """The engine: the one place where execution decisions are made.
 
 Both front doors (the SDK transport and the proxy) hand it the same bytes.
-Its work is split into phases with the upstream call in between, so the sync
-and async front doors share every decision and differ only in how they wait:
+Its work is split into decisions with the upstream call in between; each is a
+generator that yields the effects it needs (:mod:`authority_sdk.effects`), so
+the sync and async front doors share every decision and differ only in how
+they wait:
 
-    begin()     parse, idempotency, kill switch, model allowlist, cost, budget
-    (upstream)  the front door sends ``ctx.upstream_body`` its own way
-    complete()  settle cost, gate every tool call, audit, store the idempotent answer
-    fail()      the upstream failed: release, audit, answer 502/504
+    begin_d()     parse, idempotency, kill switch, model allowlist, cost, budget
+    (upstream)    the front door sends ``ctx.upstream_body`` its own way
+    complete_d()  validate the answer, settle cost, gate every call, audit, store
+    fail_d()      the upstream failed: release, audit, answer 502/504
 
-``handle``/``ahandle`` drive those phases around a ``send`` callable.
+``handle``/``ahandle`` drive them around a ``send`` callable. Which decision
+refused a request is named in the error (``error.authority.decided_by``) and in
+its audit entry; request-level rules are in :mod:`.admission` and
+:mod:`.costs`, action-level ones in :mod:`.actions` and what it calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import fnmatch
 import hashlib
 import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import idempotency
-from .audit import AuditLog, redact
-from .costs import CostPlan, plan_cost, release, settle
+from . import admission, idempotency
+from .actions import AuditQueue, GateInput, gate_d, kill_engaged
+from .audit import AuditLog
+from .costs import CostPlan, plan_d, release_d, settle_d
+from .effects import AuditOp, Decision, Runtime, S, arun, run
 from .errors import (
     AuthorityError,
     AuthorityUnavailable,
@@ -36,22 +43,23 @@ from .errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     KillSwitchEngaged,
-    ModelNotAllowed,
     UpstreamError,
 )
 from .executors import ExecutorRegistry
-from .gating import ActionOutcome, followup_messages, gate_completion
+from .formats import format_for_path
+from .formats.base import Answer, ParsedRequest, WireFormat
 from .policy import KeyConfig, Policy, load_policy
-from .pricing import PriceBook
+from .pricing import PriceBook, actual_usd
 from .store import Store, open_store
 from .tokens import TokenCounter, default_counter
 from .wire import Caller, GatewayRequest, GatewayResponse, canonical_json, error_response
 
-__all__ = ["CallContext", "Gateway", "UpstreamReply"]
+__all__ = ["CallContext", "Engine", "Gateway", "UpstreamReply"]
 
 # An in-flight idempotency claim outlives the slowest upstream call by this much;
 # after that a crashed holder's claim is taken over.
 _LEASE_MARGIN_S = 30.0
+MAX_KEY_CHARS = 255
 
 
 @dataclass
@@ -71,26 +79,40 @@ class CallContext:
     request_id: str
     caller: Caller
     environment: str
-    request: dict[str, Any]
+    queue: AuditQueue
+    fmt: WireFormat | None = None
+    parsed: ParsedRequest | None = None
     model: str = ""
     started: float = field(default_factory=time.perf_counter)
     idem_key: str | None = None
-    idem_store_key: str | None = None
-    fingerprint: str | None = None
+    key_kind: str | None = None  # client | retry (the SDK's) | auto (a keyless retry)
     claim: idempotency.Claim | None = None
     plan: CostPlan | None = None
-    stream: bool = False
-    client_wants_usage: bool = False
     upstream_body: bytes = b""
     done: bool = False
-    audit_queue: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    takeover_answer: Any = None  # a dead attempt's answer, re-gated instead of asked again
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.parsed and self.parsed.stream)
+
+    @property
+    def client_wants_usage(self) -> bool:
+        return bool(self.parsed and self.parsed.client_wants_usage)
 
     @property
     def action_base(self) -> str:
-        return self.idem_store_key or self.request_id
+        return self.claim.key if self.claim is not None else self.request_id
 
 
-class Gateway:
+class _Wait:
+    """A retry the gateway recognised while its first attempt is still running."""
+
+
+WAIT = _Wait()
+
+
+class Engine:
     """Policy + state + audit + executors. One per process is plenty; it is thread-safe."""
 
     def __init__(self, policy: Policy | str | Path | None = None, *, store: Store | None = None,
@@ -100,13 +122,14 @@ class Gateway:
         self._store = store
         self._audit = audit
         self._executors = executors
+        self._runtime: Runtime | None = None
         self.prices = PriceBook(self.policy.pricing)
         self.counter = counter or default_counter
         self.idempotency_ttl = self.policy.defaults.idempotency_ttl_s
         self._lock = threading.Lock()
         self._keys: dict[str, KeyConfig] = {k.name: k for k in self.policy.keys}
-        self._executor_actions = frozenset(n for n, a in self.policy.actions.items()
-                                           if a.executor)
+        # Set when the log refused entries after an effect: no new request until they are in.
+        self.audit_degraded = False
 
     # -- lazily opened resources (a CLI command that only reads the policy opens nothing) --
 
@@ -125,7 +148,7 @@ class Gateway:
             with self._lock:
                 if self._audit is None:
                     log = AuditLog(self.policy.audit_path, fsync=self.policy.audit.fsync,
-                                   head=store)
+                                   head=store, redact=self.policy.redact)
                     # Open (and recover a torn line) before the first call is let through:
                     # an unwritable log must stop requests before they reach the upstream.
                     log.open()
@@ -140,368 +163,477 @@ class Gateway:
                     self._executors = ExecutorRegistry(self.policy.executors)
         return self._executors
 
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            rt = Runtime(self.store, self.audit, self.executors)
+            rt.on_audit = self._observe_items
+            self._runtime = rt
+        return self._runtime
+
     def close(self) -> None:
+        if self._executors is not None:
+            self._executors.close()
         if self._store is not None:
             self._store.close()
 
-    # -- shared helpers --------------------------------------------------------------
-
-    def kill_engaged(self, environment: str) -> bool:
-        return self.kill_state(environment) is not None
-
-    def kill_state(self, environment: str) -> dict[str, Any] | None:
-        state = self.store.kill_switch_state()
-        for scope in ("*", environment):
-            s = state.get(scope)
-            if s and s.get("engaged"):
-                return {"scope": "global" if scope == "*" else scope, **s}
-        return None
-
-    def audit_event(self, event: str, **fields: Any) -> dict[str, Any]:
-        fields.setdefault("policy_hash", self.policy.hash)
-        entry = self.audit.append(event, **fields)
-        self.on_audit(event, fields)
-        return entry
+    # -- hooks and helpers for the control plane -----------------------------------------
 
     def on_audit(self, event: str, fields: dict[str, Any]) -> None:
         """Called after every entry is on the record (the proxy's log line and metrics)."""
 
-    def audit_later(self, ctx: CallContext, event: str, **fields: Any) -> None:
-        """Queue an entry for this request; ``flush_audit`` writes the queue in one go."""
-        fields.setdefault("policy_hash", self.policy.hash)
-        ctx.audit_queue.append((event, fields))
-
-    def flush_audit(self, ctx: CallContext) -> None:
-        """Put everything queued on the record. Called before anything with an effect
-        outside the gateway happens (an executor runs, an approval is created) and at the
-        end of the request, so the record always precedes the effect."""
-        if not ctx.audit_queue:
-            return
-        queued, ctx.audit_queue = ctx.audit_queue, []
-        self.audit.append_many(queued)
-        for event, fields in queued:
+    def _observe_items(self, items: tuple[tuple[str, dict[str, Any]], ...]) -> None:
+        for event, fields in items:
             self.on_audit(event, fields)
 
-    def audit_action(self, ctx: CallContext, out: ActionOutcome) -> None:
-        args = redact(_loads_or_raw(out.tool_call["arguments"]), self.policy.redact)
-        self.audit_later(
-            ctx, "action", request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
-            action_type=out.action_type, decision=out.decision, reason=out.reason,
-            approval_status="pending" if out.status == "pending_approval" else None,
-            execution_result=redact(_execution_record(out), self.policy.redact),
-            actor=ctx.caller.name,
-            details={"mode": out.mode, "status": out.status, "code": out.code,
-                     "dispatch": out.dispatch, "executor": out.executor,
-                     "approval_id": out.approval_id, "action_key": out.action_key,
-                     "tool_call_id": out.tool_call["id"], "arguments": args},
-        )
+    def kill_state(self, environment: str, *, fresh: bool = True) -> dict[str, Any] | None:
+        return kill_engaged(self.store.kill_switch_state(fresh=fresh), environment)
+
+    def kill_engaged(self, environment: str) -> bool:
+        return self.kill_state(environment) is not None
+
+    def audit_event(self, event: str, **fields: Any) -> dict[str, Any]:
+        fields.setdefault("policy_hash", self.policy.hash)
+        entries = run(_append_d(((event, fields),)), self.runtime)
+        return entries[0]
+
+    def may_execute(self, body: bytes | None = None) -> bool:
+        """Could gating this answer run an executor? (kept for callers that pick a thread)"""
+        return bool(self.policy.executors) and (body is None or b"tool_calls" in body
+                                                or b"function_call" in body)
 
     # -- phase 1 -----------------------------------------------------------------------
 
-    def begin(self, req: GatewayRequest) -> CallContext | GatewayResponse:
-        request_id = "req_" + secrets.token_hex(12)
-        caller = req.caller
-        ctx = CallContext(request_id=request_id, caller=caller, environment=caller.environment,
-                          request={})
+    def begin_d(self, req: GatewayRequest, *,
+                may_wait: bool = False) -> Decision[CallContext | GatewayResponse | _Wait]:
+        ctx = CallContext(request_id="req_" + secrets.token_hex(12), caller=req.caller,
+                          environment=req.caller.environment,
+                          queue=AuditQueue(self.policy.hash, self.idempotency_ttl))
         try:
-            ctx.request = _parse_chat_request(req.body)
-            ctx.model = ctx.request["model"]
+            fmt = format_for_path(req.path)
+            if fmt is None:
+                raise InvalidRequest(f"{req.method} {req.path[:200]} is not governed by the "
+                                     "gateway", code="endpoint_not_allowed")
+            ctx.fmt = fmt
+            ctx.parsed = parsed = fmt.parse(req.body)
+            ctx.model = parsed.model
             self.audit  # noqa: B018 -- fail closed before anything is decided or sent
-            if caller.environment not in self.policy.environments:
-                raise InvalidRequest(f"unknown environment {caller.environment!r}")
-            replay = self._claim_idempotency(ctx, req)
+            if self.audit_degraded:
+                yield from self._drain_parked_d()
+            if ctx.environment not in self.policy.environments:
+                raise InvalidRequest(f"unknown environment {ctx.environment!r}",
+                                     decided_by="environment")
+            replay = yield from self._claim_d(ctx, req, may_wait=may_wait)
             if replay is not None:
                 return replay
-            kill = self.kill_state(ctx.environment)
+            if ctx.takeover_answer is not None:
+                return ctx  # already paid for and admitted: re-gate it, ask no one again
+            kill = kill_engaged((yield S.kill_switch_state()), ctx.environment)
             if kill is not None:
                 why = f": {kill['reason']}" if kill.get("reason") else ""
-                raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}")
-            env = self.policy.environments[ctx.environment]
-            if not any(fnmatch.fnmatchcase(ctx.model, g) for g in env.models):
-                raise ModelNotAllowed(
-                    f"model {ctx.model!r} is not allowed in environment {ctx.environment!r} "
-                    f"(allowed: {', '.join(env.models)})")
-            key_cfg = self._keys.get(caller.name)
-            ctx.plan = plan_cost(self.policy, ctx.environment,
-                                 key_cfg.budget if key_cfg else None, caller.name, ctx.request,
-                                 store=self.store, prices=self.prices, counter=self.counter)
-            ctx.stream = bool(ctx.request.get("stream"))
-            if ctx.stream:
-                opts = ctx.request.get("stream_options") or {}
-                ctx.client_wants_usage = bool(opts.get("include_usage"))
-                # Always priced exactly: the upstream tells us the usage of every stream.
-                ctx.request["stream_options"] = {**opts, "include_usage": True}
-            # Re-serialise only when the gateway changed the request (hot path).
-            changed = ctx.stream or ctx.plan.injected_limit
-            ctx.upstream_body = json.dumps(ctx.request).encode() if changed else req.body
+                raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}",
+                                        decided_by=f"kill_switch:{kill['scope']}")
+            admission.check_model(self.policy, ctx.environment, ctx.model)
+            key_cfg = self._keys.get(ctx.caller.name)
+            ctx.plan = yield from plan_d(self.policy, ctx.environment,
+                                         key_cfg.budget if key_cfg else None, ctx.caller.name,
+                                         parsed, prices=self.prices, counter=self.counter)
+            ctx.upstream_body = fmt.upstream_body(parsed, req.body,
+                                                  changed=ctx.plan.injected_limit)
             return ctx
         except AuthorityError as exc:
-            return self._deny_early(ctx, exc)
+            return (yield from self._deny_early_d(ctx, exc))
 
-    def _claim_idempotency(self, ctx: CallContext, req: GatewayRequest) -> GatewayResponse | None:
+    def _claim_d(self, ctx: CallContext, req: GatewayRequest,
+                 *, may_wait: bool) -> Decision[GatewayResponse | _Wait | None]:
+        """Idempotency: the client's key, the SDK's retry key, or a keyless openai retry."""
+        assert ctx.parsed is not None
         key = req.header("idempotency-key")
+        kind = "client"
         if not key:
+            key, kind = req.header("x-authority-retry-key"), "retry"
+        retry_count = req.header("x-stainless-retry-count")
+        if not key and retry_count is None:
             return None
-        if len(key) > 255:
-            raise InvalidRequest("Idempotency-Key must be at most 255 characters")
-        ctx.idem_key = key
-        ctx.idem_store_key = f"idem:{ctx.caller.name}:{ctx.environment}:{key}"
-        ctx.fingerprint = hashlib.sha256(
-            canonical_json([ctx.request, ctx.caller.name, ctx.environment]).encode()
-        ).hexdigest()
+        fingerprint = hashlib.sha256(canonical_json(
+            [ctx.parsed.data, req.path.rsplit("/v1", 1)[-1], ctx.caller.name,
+             ctx.environment]).encode()).hexdigest()
+        if key:
+            if len(key) > MAX_KEY_CHARS or not key.isprintable():
+                raise InvalidRequest(f"an idempotency key must be printable and at most "
+                                     f"{MAX_KEY_CHARS} characters", decided_by="idempotency")
+            ctx.idem_key = key if kind == "client" else None
+            store_key = f"{'idem' if kind == 'client' else 'retry'}:{ctx.caller.name}:" \
+                        f"{ctx.environment}:{key}"
+        else:
+            kind = "auto"
+            store_key = f"auto:{ctx.caller.name}:{ctx.environment}:{fingerprint}"
+        ctx.key_kind = kind
+        ttl = self.idempotency_ttl if kind == "client" else self.policy.defaults.retry_window_s
         lease = self.policy.upstream.timeout_s + _LEASE_MARGIN_S
-        got = idempotency.begin(self.store, ctx.idem_store_key, ctx.fingerprint,
-                                claim_id=ctx.request_id, ttl_s=self.idempotency_ttl,
-                                lease_s=lease)
+        if kind == "auto" and not _is_retry(retry_count):
+            ctx.claim = yield from idempotency.claim_fresh_d(
+                store_key, fingerprint, claim_id=ctx.request_id, ttl_s=ttl, lease_s=lease)
+            return None
+        got = yield from idempotency.begin_d(store_key, fingerprint, claim_id=ctx.request_id,
+                                             ttl_s=ttl, lease_s=lease)
         if got.state in ("new", "takeover"):
             ctx.claim = got
+            ctx.takeover_answer = got.answer
             return None
+        shown = key if kind != "auto" else "(this retried request)"
         if got.state == "conflict":
-            ctx.idem_store_key = None  # not ours: never release it
             raise IdempotencyKeyReused(
-                f"Idempotency-Key {key!r} was already used with a different request body")
+                f"Idempotency-Key {shown!r} was already used with a different request body",
+                decided_by="idempotency")
         if got.state == "in_progress":
-            ctx.idem_store_key = None
+            if may_wait and kind != "client":
+                return WAIT
             raise IdempotencyInProgress(
-                f"a request with Idempotency-Key {key!r} is still in progress; retry later")
-        assert got.record is not None
-        stored = got.record["response"]
-        self.audit_event("replay", request_id=ctx.request_id, environment=ctx.environment,
-                         model=ctx.model, decision="allow", reason="idempotent replay",
-                         actor=ctx.caller.name,
-                         details={"idempotency_key": key,
-                                  "original_request_id": stored.get("request_id")})
+                f"a request with idempotency key {shown!r} is still in progress; retry later",
+                decided_by="idempotency")
+        return (yield from self._replay_d(ctx, got.record))
+
+    def _replay_d(self, ctx: CallContext, record: dict[str, Any]) -> Decision[GatewayResponse]:
+        stored = record["response"]
+        yield from _append_d((("replay", dict(
+            request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
+            decision="allow", reason="idempotent replay", actor=ctx.caller.name,
+            policy_hash=self.policy.hash,
+            details={"idempotency_key": ctx.idem_key, "key_kind": ctx.key_kind,
+                     "original_request_id": stored.get("request_id")})),))
         headers = dict(stored.get("headers") or {})
         headers["idempotent-replayed"] = "true"
         body = stored["body"].encode() if isinstance(stored["body"], str) else stored["body"]
+        body = _mark_replayed(body, stored.get("request_id"),
+                              "event-stream" in headers.get("content-type", ""))
         return GatewayResponse(stored["status_code"], headers, body,
                                request_id=stored.get("request_id"), decision="replay")
 
-    def _deny_early(self, ctx: CallContext, exc: AuthorityError) -> GatewayResponse:
+    def _deny_early_d(self, ctx: CallContext, exc: AuthorityError) -> Decision[GatewayResponse]:
         """A request that never reached the upstream: audit it, release any claim, answer."""
-        self._release_idempotency(ctx)
+        yield from self._abandon_d(ctx)
         decision = "error" if exc.status_code >= 500 or exc.status_code == 400 else "deny"
         try:
-            self.audit_event(
-                "request", request_id=ctx.request_id, environment=ctx.environment,
+            yield from _append_d((("request", dict(
+                request_id=ctx.request_id, environment=ctx.environment,
                 model=ctx.model or None, decision=decision, reason=exc.message,
                 cost_estimate_usd=exc.details.get("estimate_usd"), actor=ctx.caller.name,
+                policy_hash=self.policy.hash,
                 details={"code": exc.code, "status_code": exc.status_code,
-                         "idempotency_key": ctx.idem_key})
+                         "decided_by": exc.details.get("decided_by"),
+                         "idempotency_key": ctx.idem_key})),))
         except AuthorityError as audit_exc:
             return error_response(audit_exc, request_id=ctx.request_id)
         return error_response(exc, request_id=ctx.request_id)
 
-    def _release_idempotency(self, ctx: CallContext) -> None:
+    def _abandon_d(self, ctx: CallContext) -> Decision[None]:
         if ctx.claim is not None:
+            claim, ctx.claim = ctx.claim, None
             # On failure the lease expires; the answer already says what went wrong.
             with contextlib.suppress(AuthorityError):
-                idempotency.abandon(self.store, ctx.claim)
-            ctx.claim = None
-            ctx.idem_store_key = None
+                yield from idempotency.abandon_d(claim)
+
+    def _drain_parked_d(self) -> Decision[None]:
+        """Entries the log refused after an effect must be on the record before more runs."""
+        from .recovery import drain_audit_d
+
+        yield from drain_audit_d()
+        self.audit_degraded = False
 
     # -- phase 3 -----------------------------------------------------------------------
 
-    def fail(self, ctx: CallContext, exc: AuthorityError,
-             upstream: tuple[int, bytes] | None = None) -> GatewayResponse:
+    def fail_d(self, ctx: CallContext, exc: AuthorityError,
+               upstream: tuple[int, bytes] | None = None) -> Decision[GatewayResponse]:
         """The upstream did not give a usable answer: nothing was spent, nothing executes."""
-        if ctx.plan is not None:
+        if ctx.plan is not None and not ctx.done:
             with contextlib.suppress(AuthorityError):
-                release(ctx.plan, self.store)
-        self._release_idempotency(ctx)
+                yield from release_d(ctx.plan)
+        yield from self._abandon_d(ctx)
         ctx.done = True
         status = upstream[0] if upstream else exc.status_code
         try:
-            self.audit_event(
-                "request", request_id=ctx.request_id, environment=ctx.environment,
-                model=ctx.model, decision="error", reason=exc.message,
+            yield from _append_d((("request", dict(
+                request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
+                decision="error", reason=exc.message,
                 cost_estimate_usd=ctx.plan.estimate_usd if ctx.plan else None,
-                cost_actual_usd=0.0, actor=ctx.caller.name,
+                cost_actual_usd=0.0, actor=ctx.caller.name, policy_hash=self.policy.hash,
                 details={"code": exc.code, "status_code": status,
-                         "idempotency_key": ctx.idem_key})
+                         "idempotency_key": ctx.idem_key})),))
         except AuthorityError as audit_exc:
             return error_response(audit_exc, request_id=ctx.request_id)
         if upstream is not None:  # an upstream 4xx passes through as it came
-            resp = GatewayResponse(upstream[0], {"content-type": "application/json",
+            return GatewayResponse(upstream[0], {"content-type": "application/json",
                                                  "x-request-id": ctx.request_id}, upstream[1],
                                    request_id=ctx.request_id, decision="error", code=exc.code)
-            return resp
         return error_response(exc, request_id=ctx.request_id)
 
-    def complete(self, ctx: CallContext, status: int, body: bytes) -> GatewayResponse:
+    def complete_d(self, ctx: CallContext, status: int, body: bytes) -> Decision[GatewayResponse]:
+        assert ctx.fmt is not None
         if status >= 400:
-            return self._upstream_status(ctx, status, body)
+            if status >= 500:
+                return (yield from self.fail_d(ctx, UpstreamError(
+                    f"the upstream answered {status}")))
+            return (yield from self.fail_d(ctx, UpstreamError(
+                f"the upstream refused the request ({status})", code="upstream_rejected"),
+                upstream=(status, body)))
         try:
-            completion = json.loads(body)
-            if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
-                raise ValueError("no choices")
-        except ValueError:
-            return self.fail(ctx, UpstreamError(
-                "the upstream answered with malformed JSON (not a chat completion)",
-                code="upstream_malformed_response"))
+            answer = ctx.fmt.read_answer(body)
+        except UpstreamError as exc:
+            return (yield from self.fail_d(ctx, exc))
+        return (yield from self.respond_d(ctx, answer))
+
+    def respond_d(self, ctx: CallContext, answer: Answer) -> Decision[GatewayResponse]:
+        """Gate a readable answer and build the response (plain, or a synthesised stream
+        when a takeover re-gates a stored answer for a streaming client)."""
         try:
-            authority = self.finalize(ctx, completion)
+            authority = yield from self.finalize_d(ctx, answer)
         except AuthorityUnavailable as exc:
-            # Spent, but not on the record: the answer is withheld and nothing more runs.
-            self._release_idempotency(ctx)
+            # Nothing took effect (else gating parks the record instead): withhold the
+            # answer, free the key for a retry.
+            yield from self._abandon_d(ctx)
             return error_response(exc, request_id=ctx.request_id)
-        completion["authority"] = authority
-        out = json.dumps(completion).encode()
+        answer.body["authority"] = authority
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
-        self._store_idempotent(ctx, 200, headers, out)
+        if ctx.stream:
+            assert ctx.fmt is not None
+            headers["content-type"] = "text/event-stream"
+            out = b"".join(ctx.fmt.synthesise_stream(answer.body))
+        else:
+            out = json.dumps(answer.body).encode()
+        yield from self.store_answer_d(ctx, 200, headers, out)
         return GatewayResponse(200, headers, out, request_id=ctx.request_id,
                                decision=authority["decision"])
 
-    def _upstream_status(self, ctx: CallContext, status: int, body: bytes) -> GatewayResponse:
-        if status >= 500:
-            return self.fail(ctx, UpstreamError(f"the upstream answered {status}"))
-        msg = f"the upstream refused the request ({status})"
-        return self.fail(ctx, UpstreamError(msg, code="upstream_rejected"),
-                         upstream=(status, body))
-
-    def finalize(self, ctx: CallContext, completion: dict[str, Any]) -> dict[str, Any]:
-        """Settle cost, audit the request, gate every tool call. Returns the ``authority``
-        field. Shared by the plain and the streamed path, so both decide identically."""
-        assert ctx.plan is not None
+    def finalize_d(self, ctx: CallContext, answer: Answer) -> Decision[dict[str, Any]]:
+        """Settle cost, audit the request, gate every call, rewrite the answer. Returns the
+        ``authority`` field. Shared by the plain and the streamed path."""
+        assert ctx.fmt is not None and ctx.parsed is not None
         ctx.done = True
-        usage = completion.get("usage")
-        actual = settle(ctx.plan, self.store, usage if isinstance(usage, dict) else None)
-        ceiling = ctx.plan.ceiling_usd
-        over = ceiling is not None and actual > ceiling
-        original_calls = {int(c.get("index", 0)): list((c.get("message") or {}).get("tool_calls")
-                                                       or [])
-                          for c in completion.get("choices") or []}
-        n_calls = sum(len(v) for v in original_calls.values())
-        reason = (f"actual cost ${actual:.6f} exceeded the ceiling ${ceiling}; "
-                  "no action of this completion runs") if over else None
+        usage = answer.usage
+        reason = None
+        if ctx.plan is not None:
+            actual = yield from settle_d(ctx.plan, usage)
+            ceiling = ctx.plan.ceiling_usd
+            if ceiling is not None and actual > ceiling:
+                reason = (f"actual cost ${actual:.6f} exceeded the ceiling ${ceiling}; "
+                          "no action of this completion runs")
+        else:  # a takeover: its cost was settled by the attempt that died
+            pricing = self.prices.lookup(ctx.model)
+            actual = actual_usd(pricing, usage) if pricing and usage else 0.0
+        queue = ctx.queue
         # Queued first: the request is on the record before any action can run.
-        self.audit_later(
-            ctx, "request", request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
-            decision="allow", reason=reason, cost_estimate_usd=ctx.plan.estimate_usd,
-            cost_actual_usd=actual, actor=ctx.caller.name,
-            details={"tool_calls": n_calls, "idempotency_key": ctx.idem_key,
-                     "stream": ctx.stream,
-                     "max_output_tokens_set_by_gateway":
-                         ctx.plan.output_limit if ctx.plan.injected_limit else None,
-                     **({"code": "post_cost_ceiling_exceeded"} if over else {})})
-        outcomes = gate_completion(self, ctx, completion, post_ceiling_exceeded=over)
-        self.flush_audit(ctx)
-        cost = {**ctx.plan.to_authority(), "actual_usd": round(actual, 8)}
-        return {
+        queue.add("request", request_id=ctx.request_id, environment=ctx.environment,
+                  model=ctx.model, decision="allow", reason=reason,
+                  cost_estimate_usd=ctx.plan.estimate_usd if ctx.plan else None,
+                  cost_actual_usd=actual, actor=ctx.caller.name,
+                  details={"tool_calls": len(answer.calls), "idempotency_key": ctx.idem_key,
+                           "key_kind": ctx.key_kind, "stream": ctx.stream,
+                           "format": ctx.fmt.name,
+                           "takeover_of": (ctx.claim.record.get("takeover_of")
+                                           if ctx.takeover_answer is not None and ctx.claim
+                                           else None),
+                           "max_output_tokens_set_by_gateway":
+                               ctx.plan.output_limit if ctx.plan and ctx.plan.injected_limit
+                               else None,
+                           **({"code": "post_cost_ceiling_exceeded"} if reason else {})})
+        inp = GateInput(
+            policy=self.policy, executors=self.executors, request_id=ctx.request_id,
+            environment=ctx.environment, model=ctx.model, caller=ctx.caller.name,
+            action_base=ctx.action_base, tool_schemas=ctx.parsed.tool_schemas,
+            idempotency_ttl_s=self.idempotency_ttl, post_ceiling_reason=reason,
+            claim=ctx.claim if ctx.takeover_answer is None else None,
+            raw_answer=answer.body)
+        try:
+            outcomes = yield from gate_d(inp, answer, queue)
+        finally:
+            # Whatever happened to the calls, what was decided and done goes on the record.
+            with _suppress_after_effects(queue):
+                yield from queue.flush_d()
+        if queue.degraded:
+            self.audit_degraded = True
+        followups = ctx.fmt.followups(answer, outcomes, self.policy.redact)
+        ctx.fmt.rewrite(answer, outcomes, summary=None,
+                        structured_output=ctx.parsed.structured_output)
+        cost: dict[str, Any] = ctx.plan.to_authority() if ctx.plan else {}
+        cost["actual_usd"] = round(actual, 8)
+        authority: dict[str, Any] = {
             "request_id": ctx.request_id,
             "environment": ctx.environment,
             "decision": "allow",
             "reason": reason,
-            "code": "post_cost_ceiling_exceeded" if over else None,
+            "code": "post_cost_ceiling_exceeded" if reason else None,
             "cost": cost,
-            "idempotency": {"key": ctx.idem_key, "replayed": False} if ctx.idem_key else None,
+            "idempotency": ({"key": ctx.idem_key, "replayed": False} if ctx.idem_key
+                            else None),
             "actions": [o.to_dict() for o in outcomes],
-            "followup_messages": followup_messages(completion, original_calls, outcomes,
-                                                   self.policy.redact),
+            "followup_messages": followups,
         }
+        if ctx.takeover_answer is not None:
+            authority["recovered_from"] = ctx.claim.record.get("takeover_of") if ctx.claim \
+                else None
+        if queue.degraded:
+            authority["warnings"] = [
+                "the audit log could not be written after an action took effect: its entries "
+                "are kept in the state store and written as soon as the log is writable; the "
+                "gateway takes no new request until then"]
+        return authority
 
-    def _store_idempotent(self, ctx: CallContext, status: int, headers: dict[str, str],
-                          body: bytes) -> None:
+    def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
+                       body: bytes) -> Decision[None]:
         if ctx.claim is None:
             return
-        idempotency.finish(self.store, ctx.claim, {
-            "status_code": status, "headers": headers, "body": body.decode(),
-            "request_id": ctx.request_id}, ttl_s=self.idempotency_ttl)
+        ttl = self.idempotency_ttl if ctx.key_kind == "client" \
+            else self.policy.defaults.retry_window_s
+        with contextlib.suppress(AuthorityError):
+            yield from idempotency.finish_d(ctx.claim, {
+                "status_code": status, "headers": headers, "body": body.decode(),
+                "request_id": ctx.request_id}, ttl_s=ttl)
+
+    def stream_error_d(self, ctx: CallContext, exc: AuthorityError) -> Decision[bytes]:
+        """A stream that broke (or that the client abandoned) before its end: it may have
+        been billed, so the reservation is charged; none of its actions run."""
+        if not ctx.done and ctx.plan is not None:
+            ctx.done = True
+            try:
+                yield from settle_d(ctx.plan, None)
+                yield from self._abandon_d(ctx)
+                yield from _append_d((("request", dict(
+                    request_id=ctx.request_id, environment=ctx.environment,
+                    model=ctx.model, decision="error", reason=exc.message,
+                    cost_estimate_usd=ctx.plan.estimate_usd,
+                    cost_actual_usd=ctx.plan.estimate_usd, actor=ctx.caller.name,
+                    policy_hash=self.policy.hash,
+                    details={"code": exc.code, "stream": True})),))
+            except AuthorityError as inner:
+                exc = inner
+        body = error_response(exc, request_id=ctx.request_id).body
+        return b"data: " + body + b"\n\n"
 
     # -- drivers -----------------------------------------------------------------------
 
     def handle(self, req: GatewayRequest,
                send: Callable[[CallContext], UpstreamReply]) -> GatewayResponse:
         try:
-            begun = self.begin(req)
-            if isinstance(begun, GatewayResponse):
+            rt = self.runtime
+            begun = run(self.begin_d(req), rt)
+            if not isinstance(begun, CallContext):
+                assert isinstance(begun, GatewayResponse)
                 return begun
             ctx = begun
+            if ctx.takeover_answer is not None:
+                return run(self._regate_d(ctx), rt)
             try:
                 reply = send(ctx)
             except AuthorityError as exc:
-                return self.fail(ctx, exc)
+                return run(self.fail_d(ctx, exc), rt)
             except BaseException:
-                self.fail(ctx, UpstreamError("the call to the upstream was interrupted"))
+                run(self.fail_d(ctx, UpstreamError("the call to the upstream was interrupted")),
+                    rt)
                 raise
             if ctx.stream and reply.status_code < 300 and reply.chunks is not None:
                 from .streaming import StreamGate
 
                 return StreamGate(self, ctx, reply).response()
-            return self.complete(ctx, reply.status_code, reply.body)
+            return run(self.complete_d(ctx, reply.status_code, reply.body), rt)
         except AuthorityUnavailable as exc:
             return error_response(exc)
 
     async def ahandle(self, req: GatewayRequest,
                       send: Callable[[CallContext], Awaitable[UpstreamReply]]) -> GatewayResponse:
-        """Async front doors: the decisions run on the event loop (they take a fraction
-        of a millisecond: a few SQLite reads and writes, one audit append). Only a
-        completion that may run an executor, which can wait seconds on a webhook or an
-        SMTP server, is handed to a worker thread. Handing every request to a thread
-        cost far more than it saved: under load each hop waits for the GIL."""
+        """The async front door: every effect is awaited (a network backend on its own
+        pool, executors on their async clients); a local store and the audit file run
+        inline, measured faster than a thread hop."""
         try:
-            begun = self.begin(req)
-            if isinstance(begun, GatewayResponse):
+            rt = self.runtime
+            begun = await arun(self.begin_d(req, may_wait=True), rt)
+            deadline = time.monotonic() + self.policy.upstream.timeout_s + _LEASE_MARGIN_S
+            delay = 0.05
+            while begun is WAIT:
+                # A retry of a request still running here: wait for its answer, then replay
+                # it, rather than send the client away to retry into the same wait.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                begun = await arun(self.begin_d(req, may_wait=time.monotonic() < deadline),
+                                   rt)
+            if not isinstance(begun, CallContext):
+                assert isinstance(begun, GatewayResponse)
                 return begun
             ctx = begun
+            if ctx.takeover_answer is not None:
+                return await arun(self._regate_d(ctx), rt)
             try:
                 reply = await send(ctx)
             except AuthorityError as exc:
-                return self.fail(ctx, exc)
+                return await arun(self.fail_d(ctx, exc), rt)
             except BaseException:
-                self.fail(ctx, UpstreamError("the call to the upstream was interrupted"))
+                await arun(self.fail_d(ctx, UpstreamError(
+                    "the call to the upstream was interrupted")), rt)
                 raise
             if ctx.stream and reply.status_code < 300 and reply.achunks is not None:
                 from .streaming import StreamGate
 
                 return StreamGate(self, ctx, reply).aresponse()
-            if self.may_execute(reply.body):
-                from anyio.to_thread import run_sync
-
-                return await run_sync(self.complete, ctx, reply.status_code, reply.body)
-            return self.complete(ctx, reply.status_code, reply.body)
+            return await arun(self.complete_d(ctx, reply.status_code, reply.body), rt)
         except AuthorityUnavailable as exc:
             return error_response(exc)
 
-    def may_execute(self, completion: bytes | None = None,
-                    tool_names: Iterable[str] | None = None) -> bool:
-        """Could gating this answer run an executor (block for seconds)? Errs towards yes."""
-        if not self._executor_actions:
-            return False
-        if tool_names is not None:
-            return any(n in self._executor_actions for n in tool_names)
-        return completion is None or b"tool_calls" in completion
+    def _regate_d(self, ctx: CallContext) -> Decision[GatewayResponse]:
+        assert ctx.fmt is not None
+        try:
+            answer = ctx.fmt.answer_from(ctx.takeover_answer)  # type: ignore[attr-defined]
+        except UpstreamError as exc:
+            return (yield from self.fail_d(ctx, exc))
+        return (yield from self.respond_d(ctx, answer))
 
 
-def _parse_chat_request(body: bytes) -> dict[str, Any]:
+Gateway = Engine  # the name the SDK has always exported
+
+
+def _is_retry(count: str | None) -> bool:
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string", code="invalid_request")
-    msgs = data.get("messages")
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-        raise InvalidRequest("'messages' is required and must be a non-empty list of objects")
-    tools = data.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise InvalidRequest("'tools' must be a list")
-    return data
+        return count is not None and int(count) > 0
+    except ValueError:
+        return False
 
 
-def _loads_or_raw(s: str) -> Any:
+def _append_d(items: tuple[tuple[str, dict[str, Any]], ...]) -> Decision[list[dict[str, Any]]]:
+    entries = yield AuditOp(items)
+    return entries
+
+
+class _suppress_after_effects(contextlib.AbstractContextManager[None]):
+    """In the final flush: after an effect, never turn a failure into an error answer
+    (the queue parks the entries); before one, let it fail closed."""
+
+    def __init__(self, queue: AuditQueue) -> None:
+        self.queue = queue
+
+    def __exit__(self, et: Any, e: Any, tb: Any) -> bool:
+        return et is not None and issubclass(et, AuthorityError) and self.queue.effects
+
+
+def _mark_replayed(body: bytes, original_id: Any, stream: bool) -> bytes:
+    """A replay says so in its body too (an SDK user never sees the header)."""
     try:
-        return json.loads(s)
-    except (ValueError, TypeError):
-        return s
+        if not stream:
+            data = json.loads(body)
+            auth = data.get("authority") if isinstance(data, dict) else None
+            if isinstance(auth, dict):
+                auth["idempotency"] = {**(auth.get("idempotency") or {}), "replayed": True}
+                auth["original_request_id"] = original_id
+                return json.dumps(data).encode()
+            return body
+        lines = body.split(b"\n\n")
+        for i, event in enumerate(lines):
+            if event.startswith(b"data: {") and b'"authority"' in event:
+                chunk = json.loads(event[6:])
+                auth = chunk.get("authority")
+                if isinstance(auth, dict):
+                    auth["idempotency"] = {**(auth.get("idempotency") or {}), "replayed": True}
+                    auth["original_request_id"] = original_id
+                    lines[i] = b"data: " + json.dumps(chunk).encode()
+        return b"\n\n".join(lines)
+    except ValueError:
+        return body
 
-
-def _execution_record(out: ActionOutcome) -> dict[str, Any] | None:
-    if out.status in ("executed", "failed", "in_doubt", "simulated"):
-        return {"status": out.status, "result": out.result}
-    if out.status == "denied" and out.code == "duplicate_action":
-        return {"status": "denied", "duplicate_of": (out.result or {}).get("duplicate_of")}
-    return None

@@ -9,9 +9,12 @@ gone, its replica's heartbeat stopped, or its lease ran out) is taken over.
 Before any action of an answer can take effect, the upstream answer is stored
 in the claim (a *checkpoint*): a request that takes over a dead claim with a
 checkpoint re-gates that same answer, with the same action keys, and never
-asks the model again (issue: a crash then a retry must not send a second,
+asks the model again (a crash then a retry must not send a second,
 differently worded email). A dead claim with a checkpoint cannot be taken over
 by a request with another body: effects may have happened under that key.
+
+Each rule is a decision (:mod:`authority_sdk.effects`); the plain functions run
+it directly on a store.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .effects import Decision, S, run_on_store
 from .errors import AuthorityUnavailable
-from .liveness import owner_alive, process_owner
-from .store.protocol import IdempotencyStore
+from .liveness import owner_alive_d, process_owner
 
-__all__ = ["Claim", "abandon", "begin", "checkpoint", "finish"]
+__all__ = ["Claim", "abandon", "abandon_d", "begin", "begin_d", "checkpoint", "checkpoint_d",
+           "finish", "finish_d"]
 
 ClaimState = Literal["new", "replay", "conflict", "in_progress", "takeover"]
 
@@ -37,6 +41,7 @@ class Claim:
     state: ClaimState
     key: str
     record: dict[str, Any]  # ours for new/takeover; the other's otherwise
+    ttl_s: float = 0.0
 
     @property
     def answer(self) -> Any:
@@ -51,37 +56,37 @@ def _valid(record: Any) -> dict[str, Any]:
     return record
 
 
-def _stale(store: Any, record: dict[str, Any], now: float) -> bool:
+def _stale_d(record: dict[str, Any], now: float) -> Decision[bool]:
     if record.get("status") != "in_flight":
         return False
     lease = record.get("lease_until")
     if not isinstance(lease, int | float) or lease <= now:
         return True
-    return not owner_alive(store, record.get("owner"))
+    return not (yield from owner_alive_d(record.get("owner")))
 
 
-def begin(store: IdempotencyStore, key: str, fingerprint: str, *, claim_id: str,
-          ttl_s: float, lease_s: float, now: float | None = None) -> Claim:
+def begin_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
+            lease_s: float) -> Decision[Claim]:
     """Claim ``key`` for this request, or say why not."""
+    keep = max(ttl_s, lease_s)
     for _ in range(_TAKEOVER_TRIES):
-        t = time.time() if now is None else now
+        t = time.time()
         claim = {"claim_id": claim_id, "status": "in_flight", "fingerprint": fingerprint,
                  "lease_until": t + lease_s, "claimed_at": t, "owner": process_owner()}
-        keep = max(ttl_s, lease_s)
-        existing = store.idem_claim(key, claim, ttl_s=keep)
+        existing = yield S.idem_claim(key, claim, ttl_s=keep)
         if existing is None:
-            return Claim("new", key, claim)
+            return Claim("new", key, claim, keep)
         existing = _valid(existing)
         same = existing.get("fingerprint") == fingerprint
-        if _stale(store, existing, t):
+        if (yield from _stale_d(existing, t)):
             answer = existing.get("answer")
             if answer is not None and not same:
                 return Claim("conflict", key, existing)
             mine = {**claim, "takeover_of": existing["claim_id"]}
             if answer is not None:
                 mine["answer"] = answer
-            if store.idem_replace(key, existing["claim_id"], mine, ttl_s=keep):
-                return Claim("takeover" if answer is not None else "new", key, mine)
+            if (yield S.idem_replace(key, existing["claim_id"], mine, ttl_s=keep)):
+                return Claim("takeover" if answer is not None else "new", key, mine, keep)
             continue  # another taker won; look again
         if not same:
             return Claim("conflict", key, existing)
@@ -91,24 +96,56 @@ def begin(store: IdempotencyStore, key: str, fingerprint: str, *, claim_id: str,
     raise AuthorityUnavailable("state store unavailable: idempotency key contended")
 
 
-def checkpoint(store: IdempotencyStore, claim: Claim, answer: Any, *, ttl_s: float) -> bool:
+def claim_fresh_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
+                  lease_s: float) -> Decision[Claim]:
+    """Claim ``key`` unconditionally (a keyless request's first attempt: a retry of it
+    finds this record; a second, identical request is not a retry and runs anew)."""
+    t = time.time()
+    claim = {"claim_id": claim_id, "status": "in_flight", "fingerprint": fingerprint,
+             "lease_until": t + lease_s, "claimed_at": t, "owner": process_owner()}
+    keep = max(ttl_s, lease_s)
+    yield S.idem_put(key, claim, ttl_s=keep)
+    return Claim("new", key, claim, keep)
+
+
+def checkpoint_d(claim: Claim, answer: Any) -> Decision[bool]:
     """Keep the upstream answer in our claim before anything of it takes effect."""
     record = {**claim.record, "answer": answer}
-    ok = store.idem_replace(claim.key, claim.record["claim_id"], record, ttl_s=ttl_s)
+    ok = yield S.idem_replace(claim.key, claim.record["claim_id"], record,
+                              ttl_s=claim.ttl_s or 86400.0)
     if ok:
         claim.record = record
-    return ok
+    return bool(ok)
 
 
-def finish(store: IdempotencyStore, claim: Claim, response: dict[str, Any], *,
-           ttl_s: float) -> bool:
+def finish_d(claim: Claim, response: dict[str, Any], *, ttl_s: float) -> Decision[bool]:
     """Store the finished answer for replays (only if the key is still ours)."""
     record = {"claim_id": claim.record["claim_id"], "status": "done",
               "fingerprint": claim.record["fingerprint"], "response": response,
               "finished_at": time.time()}
-    return store.idem_replace(claim.key, claim.record["claim_id"], record, ttl_s=ttl_s)
+    return bool((yield S.idem_replace(claim.key, claim.record["claim_id"], record,
+                                      ttl_s=ttl_s)))
 
 
-def abandon(store: IdempotencyStore, claim: Claim) -> bool:
+def abandon_d(claim: Claim) -> Decision[bool]:
     """Drop our claim (nothing took effect), so a retry may run."""
-    return store.idem_delete(claim.key, claim.record["claim_id"])
+    return bool((yield S.idem_delete(claim.key, claim.record["claim_id"])))
+
+
+def begin(store: Any, key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
+          lease_s: float) -> Claim:
+    return run_on_store(begin_d(key, fingerprint, claim_id=claim_id, ttl_s=ttl_s,
+                                lease_s=lease_s), store)
+
+
+def checkpoint(store: Any, claim: Claim, answer: Any, *, ttl_s: float) -> bool:
+    claim.ttl_s = ttl_s
+    return run_on_store(checkpoint_d(claim, answer), store)
+
+
+def finish(store: Any, claim: Claim, response: dict[str, Any], *, ttl_s: float) -> bool:
+    return run_on_store(finish_d(claim, response, ttl_s=ttl_s), store)
+
+
+def abandon(store: Any, claim: Claim) -> bool:
+    return run_on_store(abandon_d(claim), store)

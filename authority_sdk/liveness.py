@@ -14,8 +14,10 @@ import os
 import socket
 from typing import Any
 
-__all__ = ["HOST", "local_owner_state", "owner_alive", "process_owner", "replica_lease_name",
-           "set_replica"]
+from .effects import Decision, S, run_on_store
+
+__all__ = ["HOST", "local_owner_state", "owner_alive", "owner_alive_d", "process_owner",
+           "replica_lease_name", "set_replica"]
 
 HOST = socket.gethostname()
 
@@ -73,7 +75,7 @@ def local_owner_state(owner: Any) -> bool | None:
     return start is None or _proc_start(pid) == start
 
 
-def owner_alive(store: Any, owner: Any) -> bool:
+def owner_alive_d(owner: Any) -> Decision[bool]:
     """Is the holder of a claim alive? Local process check first; else its replica's
     heartbeat lease; else assume alive (the claim's own lease then decides)."""
     local = local_owner_state(owner)
@@ -81,5 +83,9 @@ def owner_alive(store: Any, owner: Any) -> bool:
         return local
     replica = owner.get("replica") if isinstance(owner, dict) else None
     if isinstance(replica, str) and replica:
-        return store.lease_get(replica_lease_name(replica)) is not None
+        return (yield S.lease_get(replica_lease_name(replica))) is not None
     return True
+
+
+def owner_alive(store: Any, owner: Any) -> bool:
+    return run_on_store(owner_alive_d(owner), store)

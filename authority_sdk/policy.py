@@ -28,6 +28,7 @@ __all__ = [
     "Environment",
     "ExecutorConfig",
     "KeyConfig",
+    "Limit",
     "LogExecutor",
     "Mode",
     "ModelPrice",
@@ -87,6 +88,15 @@ class Defaults(_Strict):
     mode: Mode = "require_human_approval"
     approval_ttl_s: float = Field(86400.0, gt=0)
     idempotency_ttl_s: float = Field(86400.0, gt=0)
+    retry_window_s: float = Field(
+        600.0, gt=0, description="How long the gateway remembers a request it keyed itself "
+        "(an SDK retry key, or a keyless request an openai client may retry), so an automatic "
+        "retry replays instead of running actions again")
+    max_tool_calls_per_answer: int = Field(
+        32, ge=1, description="Calls beyond this in one answer are denied (too_many_tool_calls)")
+    max_pending_approvals: int = Field(
+        1000, ge=1, description="A new approval beyond this many pending is refused "
+        "(approval_queue_full)")
 
 
 class Ceilings(_Strict):
@@ -147,6 +157,29 @@ class Rule(_Strict):
         return v
 
 
+class Limit(_Strict):
+    """A cap over time on one action type: on the number of calls (``max_calls``) and/or the
+    sum of a numeric argument (``sum`` + ``max``), per answer or per period, counted per
+    environment or per key. Exceeded, the action falls to ``then`` (never to a laxer mode)."""
+
+    per: Literal["answer", "hour", "day", "month"]
+    scope: Literal["environment", "key"] = "environment"
+    max_calls: int | None = Field(None, ge=0)
+    sum: str | None = Field(None, description="Argument whose values are summed (dotted name)")
+    max: float | None = Field(None, ge=0, description="Cap on the sum")
+    then: Mode = "require_human_approval"
+
+    @model_validator(mode="after")
+    def _something_to_count(self) -> Limit:
+        if self.max_calls is None and self.sum is None:
+            raise ValueError("a limit needs max_calls, or sum with max")
+        if (self.sum is None) != (self.max is None):
+            raise ValueError("sum and max go together")
+        if self.then == "auto_execute":
+            raise ValueError("then: auto_execute would let an exceeded limit pass")
+        return self
+
+
 class ActionPolicy(_Strict):
     executor: str | None = None
     mode: Mode | None = None
@@ -156,6 +189,7 @@ class ActionPolicy(_Strict):
     # JSON schema of the arguments; overrides the one the request declares.
     parameters: dict[str, Any] | None = None
     description: str | None = None
+    limits: list[Limit] = Field(default_factory=list)
 
 
 class WebhookExecutor(_Strict):

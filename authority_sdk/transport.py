@@ -15,6 +15,7 @@ import httpx
 
 from .engine import CallContext, Gateway, UpstreamReply
 from .errors import AuthorityError, InvalidRequest, UpstreamError, UpstreamTimeout
+from .formats import format_for_path
 from .wire import Caller, GatewayRequest, GatewayResponse, error_response
 
 __all__ = ["AsyncAuthorityTransport", "AuthorityTransport", "upstream_error"]
@@ -29,12 +30,13 @@ def upstream_error(exc: Exception, timeout_s: float | None = None) -> AuthorityE
 
 
 def _is_chat(request: httpx.Request) -> bool:
-    return request.method == "POST" and request.url.path.rstrip("/").endswith("/chat/completions")
+    return request.method == "POST" and format_for_path(request.url.path) is not None
 
 
 def _gateway_request(request: httpx.Request, caller: Caller) -> GatewayRequest:
     headers = {k.lower(): v for k, v in request.headers.items()}
-    return GatewayRequest(caller=caller, body=request.content, headers=headers)
+    return GatewayRequest(caller=caller, body=request.content, headers=headers,
+                          path=request.url.path, method=request.method)
 
 
 def _forward(request: httpx.Request, ctx: CallContext) -> httpx.Request:
@@ -42,7 +44,8 @@ def _forward(request: httpx.Request, ctx: CallContext) -> httpx.Request:
     headers["content-length"] = str(len(ctx.upstream_body))
     # We read the answer ourselves; a compressed body would only cost a decode.
     headers["accept-encoding"] = "identity"
-    headers.pop("idempotency-key", None)
+    for private in ("idempotency-key", "x-authority-retry-key"):
+        headers.pop(private, None)
     return httpx.Request(request.method, request.url, headers=headers,
                          content=ctx.upstream_body, extensions=request.extensions)
 

@@ -18,7 +18,10 @@ __all__ = ["Caller", "GatewayRequest", "GatewayResponse", "canonical_json", "err
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """One canonical JSON text for hashing: sorted keys, no spaces. ASCII-escaped, so a
+    lone surrogate a model slipped into a value hashes instead of failing to encode."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=str)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class GatewayRequest:
     caller: Caller
     body: bytes
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    # The API path (e.g. ``/v1/chat/completions``): the engine picks the wire format by it.
+    path: str = "/chat/completions"
+    method: str = "POST"
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

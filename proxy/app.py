@@ -215,7 +215,8 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     async def chat_completions(request: Request, ident: Agent) -> Response:
         body = await _read_body(request, pol.proxy.max_body_bytes)
         headers = {k: v for k, v in request.headers.items() if k not in _PRIVATE_HEADERS}
-        resp = await gw.ahandle(GatewayRequest(ident.caller, body, headers),
+        resp = await gw.ahandle(GatewayRequest(ident.caller, body, headers,
+                                               path=request.url.path),
                                 state["upstream"].send)
         return _to_response(resp)
 

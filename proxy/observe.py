@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from authority_sdk.effects import Decision
 from authority_sdk.engine import CallContext, Gateway
+from authority_sdk.formats import Answer
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -106,10 +108,10 @@ class ObservedGateway(Gateway):
         elif event == "approval" and m is not None:
             m.approvals.labels(str(fields.get("approval_status"))).inc()
 
-    def finalize(self, ctx: CallContext, completion: dict[str, Any]) -> dict[str, Any]:
+    def finalize_d(self, ctx: CallContext, answer: Answer) -> Decision[dict[str, Any]]:
         t = time.perf_counter()
         try:
-            return super().finalize(ctx, completion)
+            return (yield from super().finalize_d(ctx, answer))
         finally:
             info = _current.get()
             if info is not None and ctx.stream:

@@ -112,6 +112,17 @@ def write_policy(tmp_path: Path, upstream: ScriptedServer) -> Callable[..., Path
     return write
 
 
+def audit_entries(path: Path, event: str | None = None, *,
+                  intents: bool = False) -> list[dict[str, Any]]:
+    """The audit log's entries (of one event). Without ``intents``, an action's "executing"
+    entry — written before its executor runs — is left out, so each action appears once."""
+    import json
+
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in entries if (event is None or e["event"] == event)
+            and (intents or (e.get("details") or {}).get("status") != "executing")]
+
+
 def tool(name: str, properties: dict[str, Any] | None = None,
          required: list[str] | None = None) -> dict[str, Any]:
     return {"type": "function", "function": {

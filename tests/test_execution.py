@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tool, user
+from conftest import audit_entries, tool, user
 from servers import HttpReceiver, SmtpSink
 
 from authority_sdk import control
@@ -87,11 +87,6 @@ def ask(client: AuthorityClient, script: str, idem_key: str | None = None) -> An
     headers = {"Idempotency-Key": idem_key} if idem_key else None
     return client.chat.completions.create(model=MODEL, messages=user(script), tools=TOOLS,
                                           extra_headers=headers)
-
-
-def audit_entries(path: Path, event: str) -> list[dict[str, Any]]:
-    entries = [json.loads(line) for line in path.read_text().splitlines()]
-    return [e for e in entries if e["event"] == event]
 
 
 def lines(path: Path) -> list[str]:
@@ -171,7 +166,10 @@ def test_a_replayed_request_never_executes_again(
     script = script_for("issue_refund", {"amount": 10, "order_id": "o-2"})
     first = ask(client, script, idem_key="order-o-2")
     again = ask(client, script, idem_key="order-o-2")
-    assert first.authority == again.authority
+    replayed = dict(again.authority)
+    assert replayed.pop("original_request_id") == first.authority["request_id"]
+    assert replayed.pop("idempotency")["replayed"] is True
+    assert replayed == {k: v for k, v in first.authority.items() if k != "idempotency"}
     assert len(rx.requests) == 1
     assert rx.requests[0].header("idempotency-key") == first.authority["actions"][0]["action_key"]
 

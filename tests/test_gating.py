@@ -13,7 +13,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import ScriptedServer, tool, user
+from conftest import ScriptedServer, audit_entries, tool, user
 from servers import HttpReceiver
 
 from authority_sdk import control
@@ -60,11 +60,6 @@ def calls(*items: tuple[str, dict[str, Any]]) -> str:
 def ask(client: AuthorityClient, script: str, **kw: Any) -> Any:
     kw.setdefault("tools", TOOLS)
     return client.chat.completions.create(model=MODEL, messages=user(script), **kw)
-
-
-def audit_entries(path: Path, event: str | None = None) -> list[dict[str, Any]]:
-    entries = [json.loads(line) for line in path.read_text().splitlines()]
-    return [e for e in entries if event is None or e["event"] == event]
 
 
 # -- each mode ---------------------------------------------------------------------------
@@ -363,7 +358,13 @@ def test_mixed_outcomes_keep_exactly_the_calls_the_app_may_run(
                                                          actions[5]["tool_call"]["id"]]
     assert [c.function.arguments for c in choice.message.tool_calls] == [
         actions[0]["tool_call"]["arguments"], actions[5]["tool_call"]["arguments"]]
-    assert choice.message.content is None
+    # Whenever a call is withheld the content says what the gateway did, so libraries
+    # that drop the unknown "authority" field still keep a record of it.
+    assert choice.message.content == (
+        "[authority] lookup_customer: allowed; issue_refund: executed (amount <= 50); "
+        f"issue_refund: pending_approval ({actions[2]['approval_id']}); "
+        "issue_refund: denied (denied_by_rule); issue_refund: simulated (amount > 500); "
+        "lookup_customer: allowed")
     assert len(rx.requests) == 1 and rx.requests[0].json["arguments"]["order_id"] == "A"
 
     # followup: the assistant turn with every original call, then one tool message per
@@ -403,9 +404,10 @@ def test_when_no_call_remains_finish_reason_is_stop_and_content_summarises(
     # The summary is the gateway's, not the model's: it is not replayed to the model.
     assert resp.authority["followup_messages"][0]["content"] is None
 
-    # Content the model did write is kept as it is.
+    # Content the model did write is kept, and the summary follows it.
     resp = ask(client, "SAY Refund is on its way.\n" + calls(("wipe_disk", {"path": "/"})))
-    assert resp.choices[0].message.content == "Refund is on its way."
+    assert resp.choices[0].message.content == (
+        "Refund is on its way.\n\n[authority] wipe_disk: denied (denied_by_policy)")
     assert resp.choices[0].finish_reason == "stop"
     assert resp.authority["followup_messages"][0]["content"] == "Refund is on its way."
 
@@ -539,8 +541,9 @@ def test_redacted_arguments_never_reach_the_audit_log_but_reach_the_executor(
     text = (tmp_path / "audit.jsonl").read_text()
     assert card not in text and password not in text
     logged = [e["details"]["arguments"] for e in audit_entries(tmp_path / "audit.jsonl",
-                                                                "action")]
-    assert len(logged) == 4
+                                                                "action", intents=True)]
+    # executing + executed, pending, two simulated, and "executing" when the approval ran it
+    assert len(logged) == 6
     assert all(a["card_number"] == "[REDACTED]" for a in logged)
     assert all(a["account"] == {"login": "ann", "password": "[REDACTED]"} for a in logged)
 
@@ -556,13 +559,20 @@ def test_one_audit_entry_per_action_with_mode_decision_approval_and_result(
     request_id = resp.authority["request_id"]
     actions = resp.authority["actions"]
 
-    entries = audit_entries(tmp_path / "audit.jsonl")
+    entries = audit_entries(tmp_path / "audit.jsonl", intents=True)
     requests = [e for e in entries if e["event"] == "request"]
-    logged = [e for e in entries if e["event"] == "action"]
+    intents = [e for e in entries if e["event"] == "action"
+               and e["details"]["status"] == "executing"]
+    logged = [e for e in entries if e["event"] == "action"
+              and e["details"]["status"] != "executing"]
     assert [r["request_id"] for r in requests] == [request_id]
     assert len(logged) == len(MIXED)
-    # The request is on the record before any of its actions.
-    assert entries.index(requests[0]) < entries.index(logged[0])
+    # The request is on the record before any of its actions, and the executed refund's
+    # intent ("executing") before its outcome.
+    outcome = next(e for e in logged if e["details"]["action_key"] == actions[1]["action_key"])
+    assert entries.index(requests[0]) < entries.index(intents[0]) < entries.index(outcome)
+    assert [e["details"]["action_key"] for e in intents] == [actions[1]["action_key"]]
+    assert intents[0]["execution_result"] is None
     for entry, action in zip(logged, actions, strict=True):
         assert entry["request_id"] == request_id
         assert entry["environment"] == "prod" and entry["model"] == MODEL

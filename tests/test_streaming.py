@@ -159,7 +159,10 @@ def test_streamed_answer_equals_the_plain_answer_for_the_same_script(
                 else stream_async(policy, MIXED, rx))
 
     message = plain.choices[0].message
-    assert streamed.content == message.content == "Here are the results you asked for"
+    # The model's words, then the gateway's summary (its approval ids differ per answer).
+    said = "Here are the results you asked for\n\n[authority] "
+    assert streamed.content.startswith(said) and message.content.startswith(said)
+    assert _no_ids(streamed.content) == _no_ids(message.content)
     assert streamed.finish_reason == plain.choices[0].finish_reason == "tool_calls"
     assert streamed.kept() == [(c.function.name, json.loads(c.function.arguments))
                                for c in message.tool_calls]
@@ -175,6 +178,12 @@ def test_streamed_answer_equals_the_plain_answer_for_the_same_script(
                    if a["status"] == "allowed"]
     assert [c["id"] for _, c in sorted(streamed.tool_calls.items())] == allowed_ids
     assert len(rx.requests) == 2  # one auto refund for each answer
+
+
+def _no_ids(text: str) -> str:
+    import re
+
+    return re.sub(r"apr_[0-9a-f]+", "apr_…", text)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -231,8 +240,11 @@ def test_content_arrives_before_the_end_and_the_last_chunk_carries_authority(
                   if any(ch.delta.content for ch in c.choices)]
     tools_at = [i for i, c in enumerate(streamed.chunks)
                 if any(ch.delta.tool_calls for ch in c.choices)]
-    assert len(content_at) == 7  # one per word, as the model sent them
-    assert max(content_at) < min(tools_at)
+    # One per word, as the model sent them, then the gateway's summary with the held calls.
+    assert len(content_at) == 8
+    assert max(content_at[:7]) < min(tools_at)
+    assert streamed.chunks[content_at[7]].choices[0].delta.content.startswith(
+        "\n\n[authority] ")
     last = streamed.chunks[-1]
     assert last.choices == [] and (last.model_extra or {}).get("authority") is not None
     assert all("authority" not in (c.model_extra or {}) for c in streamed.chunks[:-1])
@@ -268,7 +280,13 @@ def test_a_streamed_answer_above_the_ceiling_runs_no_action(
         ("denied", "denied_by_rule"), ("denied", "post_cost_ceiling_exceeded"),
         ("denied", "post_cost_ceiling_exceeded")]
     assert streamed.tool_call_deltas == 0 and streamed.finish_reason == "stop"
-    assert streamed.content == "Here are the results you asked for"
+    assert streamed.content == (
+        "Here are the results you asked for\n\n[authority] "
+        "lookup_customer: denied (post_cost_ceiling_exceeded); "
+        "issue_refund: denied (post_cost_ceiling_exceeded); "
+        "issue_refund: denied (denied_by_rule); "
+        "issue_refund: denied (post_cost_ceiling_exceeded); "
+        "lookup_customer: denied (post_cost_ceiling_exceeded)")
     assert rx.requests == []
 
 
@@ -288,6 +306,11 @@ def test_a_replayed_stream_runs_nothing_again(policy: Path, gw: Gateway, rx: Htt
     # The app read up to [DONE] and stopped there, as openai's Stream does.
     again = send()
     assert upstream.chat_requests == served
+    assert again.authority is not None and first.authority is not None
+    # A replay says so in its body, and names the request it replays.
+    assert again.authority.pop("original_request_id") == first.authority["request_id"]
+    assert again.authority.pop("idempotency") == {"key": "stream-1", "replayed": True}
+    assert first.authority.pop("idempotency") == {"key": "stream-1", "replayed": False}
     assert again.authority == first.authority
     assert again.content == first.content and again.kept() == first.kept()
     assert len(rx.requests) == 1

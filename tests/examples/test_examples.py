@@ -124,7 +124,9 @@ def test_dropin_sdk_agent_loop(stack: Stack) -> None:
     assert len(stack.deliveries("B-2001")) == 1
     assert stack.deliveries("B-2002") == []
     actions = [e for e in stack.audit() if e["event"] == "action"]
+    # The executed refund was on the record ("executing") before its webhook ran.
     assert {(e["action_type"], e["details"]["status"], e["actor"]) for e in actions} == {
+        ("issue_refund", "executing", "support-bot"),
         ("lookup_customer", "allowed", "support-bot"),
         ("issue_refund", "executed", "support-bot"),
         ("issue_refund", "pending_approval", "support-bot")}

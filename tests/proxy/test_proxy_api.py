@@ -146,7 +146,9 @@ def test_streaming_through_the_proxy_sync(px: RunningProxy) -> None:
     stream = px.client().chat.completions.create(
         model="gpt-4o-mini", messages=user(STREAM_SCRIPT), tools=TOOLS, stream=True)
     content, names, auth = _collect(list(stream))
-    assert content == "streamed words arrive"
+    held = next(a for a in auth["actions"] if a["status"] == "pending_approval")
+    assert content == ("streamed words arrive\n\n[authority] lookup_customer: allowed; "
+                       f"send_note: pending_approval ({held['approval_id']})")
     assert names == ["lookup_customer"]
     assert {a["action_type"]: a["status"] for a in auth["actions"]} == {
         "lookup_customer": "allowed", "send_note": "pending_approval"}
@@ -165,7 +167,7 @@ def test_streaming_through_the_proxy_async(px: RunningProxy) -> None:
 
     chunks = asyncio.run(run())
     content, names, auth = _collect(chunks)
-    assert content == "streamed words arrive"
+    assert content.startswith("streamed words arrive\n\n[authority] lookup_customer: allowed")
     assert names == ["lookup_customer"]
     assert any(c.usage is not None for c in chunks)  # asked for, so passed on
     assert auth["cost"]["actual_usd"] > 0

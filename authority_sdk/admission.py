@@ -1,0 +1,35 @@
+"""Request-level rules that need no state: which models an environment allows.
+
+(The kill switch and idempotency need the store, cost and budgets the price map:
+they are in :mod:`.engine` and :mod:`.costs`; each refusal names its rule in
+``decided_by``.)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from .errors import ModelNotAllowed
+from .policy import Policy
+
+__all__ = ["check_model", "matching_glob"]
+
+
+def matching_glob(policy: Policy, environment: str, model: str) -> str | None:
+    """The first allowlist glob of ``environment`` that ``model`` matches, if any."""
+    for glob in policy.environments[environment].models:
+        if fnmatch.fnmatchcase(model, glob):
+            return glob
+    return None
+
+
+def check_model(policy: Policy, environment: str, model: str) -> str:
+    """The glob that admits ``model``; ``ModelNotAllowed`` if none does."""
+    glob = matching_glob(policy, environment, model)
+    if glob is None:
+        env = policy.environments[environment]
+        raise ModelNotAllowed(
+            f"model {model!r} is not allowed in environment {environment!r} "
+            f"(allowed: {', '.join(env.models)})",
+            decided_by=f"environments.{environment}.models")
+    return glob

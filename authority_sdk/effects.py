@@ -1,0 +1,146 @@
+"""Decide, then do (DESIGN.md §10): decisions yield effects, a driver carries them out.
+
+Every decision of the engine is a generator that does no I/O itself. When it
+needs the world — a store primitive, an audit append, an executor, the clock
+of a lease — it *yields* an effect and receives the result (or has the error
+thrown into it). Two drivers run the same decisions:
+
+- :func:`run` (the SDK's transport, the CLI): performs each effect in turn;
+- :func:`arun` (the proxy): awaits each one, so its event loop never waits on
+  a database or an executor; a local backend runs its calls inline
+  (``store.aio``), where that measures faster than a thread hop.
+
+The record comes before the effect by construction: a driver performs effects
+in exactly the order a decision yields them, and a decision yields the audit
+append before the executor call it records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .executors import ExecutorRegistry
+
+__all__ = ["AuditOp", "Decision", "Effect", "ExecuteOp", "Runtime", "S", "StoreOp", "arun",
+           "run", "run_on_store"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOp:
+    """Call one primitive of the state store (``authority_sdk.store.protocol``)."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditOp:
+    """Append entries to the audit log in one write (and one sync); returns the entries."""
+
+    items: tuple[tuple[str, dict[str, Any]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteOp:
+    """Run an executor (the one effect outside the gateway); returns its ExecutionResult."""
+
+    executor: str
+    action_type: str
+    arguments: dict[str, Any]
+    action_key: str
+
+
+Effect = StoreOp | AuditOp | ExecuteOp
+Decision = Generator[Effect, Any, T]
+
+
+class _StoreOps:
+    """``S.idem_claim(key, rec, ttl_s=…)`` builds the effect ``StoreOp("idem_claim", …)``."""
+
+    def __getattr__(self, method: str) -> Any:
+        def op(*args: Any, **kwargs: Any) -> StoreOp:
+            return StoreOp(method, args, kwargs)
+        return op
+
+
+S = _StoreOps()
+
+
+class Runtime:
+    """What the drivers carry effects out on."""
+
+    def __init__(self, store: Any, audit: Any, executors: ExecutorRegistry) -> None:
+        self.store = store
+        self.audit = audit
+        self.executors = executors
+        self.on_audit: Any = None  # called with the entries after each append
+
+    def perform(self, effect: Effect) -> Any:
+        if type(effect) is StoreOp:
+            return getattr(self.store, effect.method)(*effect.args, **effect.kwargs)
+        if type(effect) is AuditOp:
+            entries = self.audit.append_many(list(effect.items))
+            if self.on_audit is not None:
+                self.on_audit(effect.items)
+            return entries
+        assert type(effect) is ExecuteOp
+        executor = self.executors.get(effect.executor)
+        return executor.execute(effect.action_type, effect.arguments, effect.action_key)
+
+    async def aperform(self, effect: Effect) -> Any:
+        if type(effect) is StoreOp:
+            return await getattr(self.store.aio, effect.method)(*effect.args, **effect.kwargs)
+        if type(effect) is AuditOp:
+            aio = getattr(self.audit, "aio", None)
+            entries = (await aio.append_many(list(effect.items)) if aio is not None
+                       else self.audit.append_many(list(effect.items)))
+            if self.on_audit is not None:
+                self.on_audit(effect.items)
+            return entries
+        assert type(effect) is ExecuteOp
+        executor = self.executors.get(effect.executor)
+        return await executor.aexecute(effect.action_type, effect.arguments, effect.action_key)
+
+
+def run(decision: Decision[T], rt: Runtime) -> T:
+    """Drive ``decision`` to its end, performing its effects synchronously."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            effect = decision.throw(error) if error is not None else decision.send(value)
+        except StopIteration as stop:
+            return stop.value
+        error = None
+        try:
+            value = rt.perform(effect)
+        except Exception as exc:  # the decision handles (or re-raises) the failure
+            value, error = None, exc
+
+
+def run_on_store(decision: Decision[T], store: Any) -> T:
+    """Drive a decision that only touches the state store (a rule such as an idempotency
+    claim, called directly by tests and tools)."""
+    return run(decision, Runtime(store, None, None))  # type: ignore[arg-type]
+
+
+async def arun(decision: Decision[T], rt: Runtime) -> T:
+    """Drive ``decision`` to its end, awaiting its effects."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            effect = decision.throw(error) if error is not None else decision.send(value)
+        except StopIteration as stop:
+            return stop.value
+        error = None
+        try:
+            value = await rt.aperform(effect)
+        except Exception as exc:
+            value, error = None, exc

@@ -1,0 +1,95 @@
+"""Parse a client's JSON body strictly, so the gateway decides on exactly what goes upstream.
+
+- a repeated key is refused: the gateway and the upstream's parser could otherwise
+  each pick a different copy (``{"model": "cheap", "model": "costly"}``);
+- ``NaN``/``Infinity`` are refused (not JSON);
+- nesting deeper than :data:`MAX_DEPTH` is refused before anything recurses on it;
+- a lone surrogate escape (``"\\ud800"``) is refused: it cannot be encoded as UTF-8,
+  so nothing downstream (hashing, the audit log, the upstream) could carry it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+__all__ = ["MAX_DEPTH", "StrictJSONError", "loads"]
+
+MAX_DEPTH = 64
+
+# A high surrogate escape not followed by a low one, or a low one not preceded by a high one.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+class StrictJSONError(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise StrictJSONError(f"duplicate key {key[:64]!r}")
+        out[key] = value
+    return out
+
+
+def _constant(name: str) -> Any:
+    raise StrictJSONError(f"{name} is not valid JSON")
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return False
+        if type(node) is dict:
+            stack.extend((v, depth + 1) for v in node.values() if type(v) in (dict, list))
+        elif type(node) is list:
+            stack.extend((v, depth + 1) for v in node if type(v) in (dict, list))
+    return True
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if type(node) is str:
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif type(node) is dict:
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif type(node) is list:
+            stack.extend(node)
+    return False
+
+
+def loads(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """The parsed body, or ``StrictJSONError`` saying precisely what is wrong."""
+    try:
+        value = json.loads(body, object_pairs_hook=_unique, parse_constant=_constant)
+    except StrictJSONError:
+        raise
+    except RecursionError:
+        raise StrictJSONError(f"nested more than {max_depth} levels deep") from None
+    except UnicodeDecodeError as exc:
+        raise StrictJSONError(f"not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except ValueError as exc:
+        raise StrictJSONError(str(exc)[:200]) from None
+    if not _depth_ok(value, max_depth):
+        raise StrictJSONError(f"nested more than {max_depth} levels deep")
+    raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+    # Only bodies with a suspicious escape pay for the walk that confirms it.
+    # (json.loads decodes bytes with surrogatepass, so a raw 0xED lead byte can hide one too.)
+    suspicious = (_LONE_SURROGATE.search(raw) is not None or b"\xed" in raw
+                  or (isinstance(body, str) and not body.isascii()))
+    if suspicious and _has_lone_surrogate(value):
+        raise StrictJSONError("a string holds a lone UTF-16 surrogate (not valid Unicode)")
+    return value
