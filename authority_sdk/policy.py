@@ -258,6 +258,13 @@ class ModelPrice(_Strict):
     cached_input_per_1m_usd: float | None = Field(None, ge=0)
 
 
+class WorkerConfig(_Strict):
+    interval_s: float = Field(
+        2.0, gt=0, le=3600, description="How often the background worker runs: recovery of "
+        "interrupted executions (also after the kill switch is released), parked audit "
+        "entries, approval expiry")
+
+
 class ProxyConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
 
@@ -276,6 +283,7 @@ class Policy(_Strict):
     pricing: dict[str, ModelPrice] = Field(default_factory=dict)
     redact: list[str] = Field(default_factory=list)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -9,6 +9,15 @@ answers is scripted by directives in the last user message, one per line:
     FAIL <status>                        answer with this HTTP status
     GARBAGE                              answer with a body that is not JSON
     COMPLETION_TOKENS <n>                report this many completion tokens in usage
+    SHAPE <name>                         answer in an odd shape some providers send:
+                                         content_parts (content as a list of parts),
+                                         tool_calls_object (tool_calls as an object),
+                                         no_choices (no "choices" at all)
+    FUNCTION_CALL <name> <json>          answer with a legacy ``function_call``
+
+``{nonce}`` anywhere in a CALL's arguments becomes a fresh random word in every
+answer, as a model words the same action differently each time it is asked.
+With ``n`` > 1 the same answer comes back in every choice.
 
 Anything else gets a short friendly answer. When the conversation ends with
 ``tool`` messages (an agent loop sending results back), it answers in words with
@@ -42,7 +51,8 @@ MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano"]
 
 def parse_script(text: str) -> dict[str, Any]:
     script: dict[str, Any] = {"calls": [], "say": [], "sleep": 0.0, "fail": None,
-                              "garbage": False, "completion_tokens": None}
+                              "garbage": False, "completion_tokens": None, "shape": None,
+                              "function_call": None}
     for raw in text.splitlines():
         line = raw.strip()
         word, _, rest = line.partition(" ")
@@ -59,6 +69,11 @@ def parse_script(text: str) -> dict[str, Any]:
             script["garbage"] = True
         elif word == "COMPLETION_TOKENS":
             script["completion_tokens"] = int(rest)
+        elif word == "SHAPE":
+            script["shape"] = rest.strip()
+        elif word == "FUNCTION_CALL":
+            name, _, args = rest.strip().partition(" ")
+            script["function_call"] = (name, args.strip() or "{}")
     return script
 
 
@@ -129,9 +144,9 @@ class ScriptedModel:
                                            "code": None}}, status_code=script["fail"])
         if script["garbage"]:
             return Response(b"<html>not json", media_type="application/json")
-        calls = [(n, a) for n, a in script["calls"]]
+        calls = [(n, a.replace("{nonce}", uuid.uuid4().hex[:8])) for n, a in script["calls"]]
         content = " ".join(script["say"]) if script["say"] else (
-            "" if calls else "Hello from the scripted model.")
+            "" if calls or script["function_call"] else "Hello from the scripted model.")
         usage = self._usage(body, content, calls, script["completion_tokens"])
         cid = "chatcmpl-" + uuid.uuid4().hex[:20]
         created = int(time.time())
@@ -148,12 +163,24 @@ class ScriptedModel:
         message: dict[str, Any] = {"role": "assistant", "content": content or None}
         if tool_calls:
             message["tool_calls"] = tool_calls
-        return JSONResponse({
+        if script["function_call"] is not None:
+            fname, fargs = script["function_call"]
+            message["function_call"] = {"name": fname, "arguments": fargs}
+            finish = "function_call"
+        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        choices = [{"index": i, "message": message, "finish_reason": finish, "logprobs": None}
+                   for i in range(max(1, min(n, 8)))]
+        answer: dict[str, Any] = {
             "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                         "logprobs": None}],
-            "usage": usage,
-        })
+            "choices": choices, "usage": usage}
+        shape = script["shape"]
+        if shape == "content_parts":
+            message["content"] = [{"type": "text", "text": content or "parts"}]
+        elif shape == "tool_calls_object":
+            message["tool_calls"] = {"0": tool_calls[0] if tool_calls else {}}
+        elif shape == "no_choices":
+            del answer["choices"]
+        return JSONResponse(answer)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [

@@ -2,7 +2,7 @@
 
 - a repeated key is refused: the gateway and the upstream's parser could otherwise
   each pick a different copy (``{"model": "cheap", "model": "costly"}``);
-- ``NaN``/``Infinity`` are refused (not JSON);
+- ``NaN``/``Infinity`` are refused (not JSON), and so is a number too large for a float;
 - nesting deeper than :data:`MAX_DEPTH` is refused before anything recurses on it;
 - a lone surrogate escape (``"\\ud800"``) is refused: it cannot be encoded as UTF-8,
   so nothing downstream (hashing, the audit log, the upstream) could carry it.
@@ -41,6 +41,14 @@ def _constant(name: str) -> Any:
     raise StrictJSONError(f"{name} is not valid JSON")
 
 
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        # 1e999 parses to infinity, which no JSON text (the audit log, the upstream) can carry.
+        raise StrictJSONError(f"the number {text[:32]} is out of range")
+    return value
+
+
 def _depth_ok(value: Any, limit: int) -> bool:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -74,7 +82,8 @@ def _has_lone_surrogate(value: Any) -> bool:
 def loads(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """The parsed body, or ``StrictJSONError`` saying precisely what is wrong."""
     try:
-        value = json.loads(body, object_pairs_hook=_unique, parse_constant=_constant)
+        value = json.loads(body, object_pairs_hook=_unique, parse_constant=_constant,
+                           parse_float=_float)
     except StrictJSONError:
         raise
     except RecursionError:

@@ -149,11 +149,18 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         state["upstream"] = Upstream(pol, metrics)
         # Open the store and the audit log now: a broken one fails the start, not a caller.
         await run_in_threadpool(lambda: gw.audit)
+        from authority_sdk.worker import Worker
+
+        # The first round (recovery of what a crash left) before the first caller is served.
+        worker = Worker(gw, interval_s=pol.worker.interval_s)
+        await run_in_threadpool(worker.tick)
+        worker.start()
         threading.Thread(target=_warm_up, args=(gw,), daemon=True,
                          name="authority-warm-up").start()
         try:
             yield
         finally:
+            await run_in_threadpool(worker.stop)
             await state["upstream"].aclose()
             gw.close()
 

@@ -4,7 +4,7 @@
 itself; several workers are uvicorn's multi-process mode, each worker building
 its app from the policy path passed in the environment. Everything shared
 lives in the state store and the file-locked audit log, so N workers behave as
-one. Interrupted executions are recovered once, before any worker answers.
+one. Each worker runs the background worker; a lease lets one of them do its work.
 """
 
 from __future__ import annotations
@@ -45,20 +45,11 @@ def log_config(level: str = "info") -> dict[str, Any]:
     return cfg
 
 
-def _recover(gateway: Any) -> None:
-    from authority_sdk import control
-
-    done = control.recover(gateway)
-    for r in done:
-        log.warning("recovered interrupted action %s: %s", r["action_key"], r["status"])
-
-
 def run(policy_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8787,
         workers: int = 1, log_level: str = "info") -> int:
     """Serve until SIGTERM/SIGINT; in-flight requests finish first. Returns the exit code."""
     import uvicorn
 
-    from authority_sdk.engine import Gateway
     from authority_sdk.policy import load_policy
 
     from .app import POLICY_ENV, create_app
@@ -76,15 +67,8 @@ def run(policy_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stopped)
     if workers <= 1:
-        app = create_app(policy)
-        _recover(app.state.gateway)
-        uvicorn.run(app, **common)
+        uvicorn.run(create_app(policy), **common)
         return 0
-    gw = Gateway(policy)
-    try:
-        _recover(gw)
-    finally:
-        gw.close()
     os.environ[POLICY_ENV] = str(path)
     metrics_dir = tempfile.mkdtemp(prefix="authority-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

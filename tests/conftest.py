@@ -93,21 +93,29 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def write_policy_file(directory: Path, upstream: ScriptedServer,
+                      overrides: dict[str, Any] | None = None,
+                      name: str = "authority.yaml") -> Path:
+    """A policy file (BASE_POLICY deep-merged with overrides) pointing at the scripted
+    model, with state and audit under ``directory``."""
+    data = deep_merge(BASE_POLICY, {
+        "upstream": {"base_url": upstream.base_url, "timeout_s": 5},
+        "state": {"path": str(directory / "state")},
+        "audit": {"path": str(directory / "audit.jsonl"), "fsync": False},
+    })
+    data = deep_merge(data, overrides or {})
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def write_policy(tmp_path: Path, upstream: ScriptedServer) -> Callable[..., Path]:
-    """Write a policy file (BASE_POLICY deep-merged with overrides) pointing at the
-    scripted model, with state and audit under tmp_path."""
+    """``write(overrides=None, name=...)``: a policy file under tmp_path (see
+    ``write_policy_file``)."""
 
     def write(overrides: dict[str, Any] | None = None, name: str = "authority.yaml") -> Path:
-        data = deep_merge(BASE_POLICY, {
-            "upstream": {"base_url": upstream.base_url, "timeout_s": 5},
-            "state": {"path": str(tmp_path / "state")},
-            "audit": {"path": str(tmp_path / "audit.jsonl"), "fsync": False},
-        })
-        data = deep_merge(data, overrides or {})
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        return path
+        return write_policy_file(tmp_path, upstream, overrides, name)
 
     return write
 

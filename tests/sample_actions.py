@@ -58,3 +58,35 @@ def as_tuple(arguments: dict[str, Any], *, action_key: str, action_type: str) ->
 
 
 NOT_CALLABLE = 42
+
+
+# -- effects a test can count, whatever arguments a hostile model sends -------------------
+
+EFFECTS_ENV = "AUTHORITY_TEST_EFFECTS"
+
+
+def record(arguments: dict[str, Any], *, action_key: str, action_type: str) -> dict[str, Any]:
+    """One line per real run in the file named by $AUTHORITY_TEST_EFFECTS (the model cannot
+    choose where it writes)."""
+    import os
+
+    with Path(os.environ[EFFECTS_ENV]).open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"key": action_key, "type": action_type}) + "\n")
+    return {"recorded": action_key}
+
+
+BREAK_AUDIT_ENV = "AUTHORITY_TEST_BREAK_AUDIT"
+
+
+def record_then_break_audit(arguments: dict[str, Any], *, action_key: str,
+                            action_type: str) -> dict[str, Any]:
+    """Take effect, then make the audit log unwritable the real way: the log is moved aside
+    and a directory stands at its path, so the next append cannot open it."""
+    import os
+
+    result = record(arguments, action_key=action_key, action_type=action_type)
+    log = Path(os.environ[BREAK_AUDIT_ENV])
+    if log.is_file():
+        log.rename(log.with_name(log.name + ".aside"))
+        log.mkdir()
+    return result

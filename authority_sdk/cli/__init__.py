@@ -16,6 +16,7 @@ def _register() -> None:
     app.add_typer(audit_cmd.app, name="audit", help="Tail and verify the hash-chained audit log.")
     from . import serve_cmd
     app.command("serve")(serve_cmd.serve)
+    app.command("worker")(serve_cmd.worker)
     from . import control_cmd
     app.add_typer(control_cmd.approvals_app, name="approvals")
     app.add_typer(control_cmd.kill_switch_app, name="kill-switch")

@@ -36,3 +36,30 @@ def serve(
         typer.echo(f"error: {exc.message} [{exc.code}]", err=True)
         raise typer.Exit(1) from exc
     raise typer.Exit(code)
+
+
+def worker(
+    policy: PolicyOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="Run one round and exit.")] = False,
+) -> None:
+    """Run the background worker (recovery, parked audit entries, approval expiry) where
+    only the SDK runs; `authority serve` runs it itself. A lease lets one process work."""
+    import json
+    import logging
+
+    from ..engine import Engine
+    from ..worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    engine = Engine(policy_or_exit(policy))
+    w = Worker(engine, interval_s=engine.policy.worker.interval_s)
+    try:
+        if once:
+            typer.echo(json.dumps(w.tick(), default=str))
+            return
+        w.run_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        w.stop()
+        engine.close()

@@ -1,0 +1,117 @@
+"""The one background worker (DESIGN.md §10): recovery, parked audit entries, expiry.
+
+It runs inside every ``authority serve`` process (and as ``authority worker`` where
+only the SDK runs), but a lease in the state store lets exactly one process do the
+work at a time; if it dies, another takes the lease over when it runs out. Each
+tick:
+
+1. writes audit entries parked while the log was unwritable (never dropped);
+2. settles interrupted executions — retried or marked ``in_doubt`` — unless the
+   kill switch of their environment is engaged, in which case they wait for the
+   switch to be released (the next tick after that picks them up);
+3. releases business-key claims whose action never started and whose owner died;
+4. expires pending approvals past their TTL, even when nobody lists them, with an
+   audit entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .effects import AuditOp, Decision, S, run
+from .errors import AuthorityError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["LEASE_NAME", "Worker", "expire_approvals_d"]
+
+log = logging.getLogger("authority.worker")
+
+LEASE_NAME = "worker"
+DEFAULT_INTERVAL_S = 2.0
+
+
+def expire_approvals_d(engine: Engine, limit: int = 500) -> Decision[list[str]]:
+    """Pending approvals past their TTL become ``expired`` (guarded by the time), audited;
+    what they held against limits is given back."""
+    from .limits import release_d
+
+    now = time.time()
+    expired: list[str] = []
+    for a in (yield S.approval_list("pending", limit=limit)):
+        exp = a.get("expires_at")
+        if not isinstance(exp, int | float) or exp > now:
+            continue
+        moved = yield S.approval_transition(a["id"], "pending", "expired", guard="expired",
+                                            now=now, expired_at=now)
+        if moved is None:
+            continue  # decided (or expired by a reader) meanwhile
+        yield from release_d(moved.get("limit_charges") or [])
+        yield AuditOp((("approval", dict(
+            request_id=moved.get("request_id"), environment=moved.get("environment"),
+            model=moved.get("model"), action_type=moved.get("action_type"), decision="deny",
+            reason="the approval expired before anyone decided it",
+            approval_status="expired", actor="worker", policy_hash=engine.policy.hash,
+            details={"approval_id": moved["id"], "action_key": moved.get("action_key")})),))
+        expired.append(moved["id"])
+    return expired
+
+
+class Worker:
+    def __init__(self, engine: Engine, *, interval_s: float = DEFAULT_INTERVAL_S,
+                 holder: str | None = None) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self.holder = holder or f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> dict[str, Any]:
+        """One round, if this process holds the lease. Never raises for a storage or log
+        failure: the next round tries again (what waits is durable)."""
+        from .recovery import drain_audit_d, recover_d
+
+        eng = self.engine
+        report: dict[str, Any] = {"leader": False}
+        try:
+            # The lease outlives a round by a margin, so a slow round keeps it.
+            if not eng.store.lease_acquire(LEASE_NAME, self.holder,
+                                           ttl_s=max(self.interval_s * 5, 10.0)):
+                return report
+            report["leader"] = True
+            rt = eng.runtime
+            report["audited"] = run(drain_audit_d(), rt)
+            eng.audit_degraded = False
+            report["recovered"] = run(recover_d(eng), rt)
+            report["expired"] = run(expire_approvals_d(eng), rt)
+        except AuthorityError as exc:
+            report["error"] = exc.message
+            log.warning("background worker round failed: %s", exc.message)
+        for r in report.get("recovered") or []:
+            log.warning("recovered %s", r)
+        return report
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> Worker:
+        self._thread = threading.Thread(target=self.run_forever, name="authority-worker",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with contextlib.suppress(AuthorityError):
+            self.engine.store.lease_release(LEASE_NAME, self.holder)
