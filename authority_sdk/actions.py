@@ -133,6 +133,7 @@ class GateInput:
     idempotency_ttl_s: float
     post_ceiling_reason: str | None = None
     claim: idempotency.Claim | None = None
+    lazy_claim: idempotency.LazyClaim | None = None  # claimed (with the answer) if needed
     raw_answer: Any = None  # checkpointed before the first effect
     outcomes: list[ActionOutcome] = field(default_factory=list)
 
@@ -189,10 +190,14 @@ def gate_d(inp: GateInput, answer: Answer, queue: AuditQueue) -> Decision[list[A
     calls = answer.calls
     if not calls:
         return []
-    if inp.claim is not None and inp.claim.record.get("answer") is None \
-            and not (yield from idempotency.checkpoint_d(inp.claim, inp.raw_answer)):
-        # Our claim was taken over (our lease ran out): the taker re-gates this answer.
-        # Running anything here too could run it twice.
+    lost = False
+    if inp.claim is not None and inp.claim.record.get("answer") is None:
+        lost = not (yield from idempotency.checkpoint_d(inp.claim, inp.raw_answer))
+    elif inp.claim is None and inp.lazy_claim is not None:
+        lost = (yield from inp.lazy_claim.claim_d(inp.raw_answer)).state != "new"
+    if lost:
+        # Our claim was taken over (our lease ran out), or a retry holds the key: that
+        # request gates the answer. Running anything here too could run it twice.
         return [_deny(_outcome(inp, c, "act_none"), "idempotency_claim_lost",
                       "this request's idempotency claim was taken over by a retry; "
                       "nothing of it runs here", "idempotency") for c in calls]
@@ -316,6 +321,12 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
 
     if mode == Mode.REQUIRE_HUMAN_APPROVAL:
         yield from queue.flush_d()
+        if queue.degraded:
+            yield from undo()
+            _deny(o, "authority_unavailable", "the audit log cannot be written: no approval "
+                  "is created until it can", "audit")
+            o.decision = "error"
+            return
         pending = yield S.approval_list("pending", limit=policy.defaults.max_pending_approvals)
         if len(pending) >= policy.defaults.max_pending_approvals:
             yield from undo()
@@ -335,14 +346,15 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
 
     # Gateway dispatch, auto_execute: the record, a fresh kill switch, then the effect.
     assert res.executor is not None
-    if queue.degraded:
+    if not queue.degraded:
+        queue.add("action", **action_entry(inp, o, status="executing"))
+        yield from queue.flush_d()
+    if queue.degraded:  # the record of this effect could not be written: it does not happen
         yield from undo()
         _deny(o, "authority_unavailable", "the audit log cannot be written: nothing more runs "
               "until it can", "audit")
         o.decision = "error"
         return
-    queue.add("action", **action_entry(inp, o, status="executing"))
-    yield from queue.flush_d()
     now_kill = kill_engaged((yield S.kill_switch_state(fresh=True)), inp.environment)
     if now_kill is not None:
         yield from undo()

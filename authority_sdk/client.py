@@ -35,6 +35,17 @@ def _gateway_and_caller(policy: Policy | str | Path | None, gateway: Gateway | N
     return gw, Caller(name=caller, environment=env)
 
 
+RETRY_KEY_HEADER = "X-Authority-Retry-Key"
+
+
+def _key_retries(client: Any) -> None:
+    """openai retries a timed-out or failed call with the same options; naming an
+    idempotency header makes it send one key for all attempts of a call, so the gateway
+    replays a retry instead of running its actions again. (Not the app's Idempotency-Key:
+    these keys are the gateway's, kept only for ``defaults.retry_window_s``.)"""
+    client._idempotency_header = RETRY_KEY_HEADER
+
+
 def _inner_transport(http_client: Any) -> Any:
     # Wrap the caller's own transport (proxies, certificates, mounts) rather than replace it.
     return getattr(http_client, "_transport", None) if http_client is not None else None
@@ -65,6 +76,7 @@ class AuthorityClient(openai.OpenAI):
         if "base_url" not in kwargs and not os.environ.get("OPENAI_BASE_URL"):
             kwargs["base_url"] = gw.policy.upstream.base_url
         super().__init__(http_client=openai.DefaultHttpxClient(transport=transport), **kwargs)
+        _key_retries(self)
         self.gateway = gw
         self.environment = who.environment
 
@@ -96,6 +108,7 @@ class AsyncAuthorityClient(openai.AsyncOpenAI):
             kwargs["base_url"] = gw.policy.upstream.base_url
         super().__init__(http_client=openai.DefaultAsyncHttpxClient(transport=transport),
                          **kwargs)
+        _key_retries(self)
         self.gateway = gw
         self.environment = who.environment
 

@@ -87,6 +87,7 @@ class CallContext:
     idem_key: str | None = None
     key_kind: str | None = None  # client | retry (the SDK's) | auto (a keyless retry)
     claim: idempotency.Claim | None = None
+    lazy_claim: idempotency.LazyClaim | None = None
     plan: CostPlan | None = None
     upstream_body: bytes = b""
     done: bool = False
@@ -102,7 +103,9 @@ class CallContext:
 
     @property
     def action_base(self) -> str:
-        return self.claim.key if self.claim is not None else self.request_id
+        if self.claim is not None:
+            return self.claim.key
+        return self.lazy_claim.key if self.lazy_claim is not None else self.request_id
 
 
 class _Wait:
@@ -271,6 +274,10 @@ class Engine:
         ctx.key_kind = kind
         ttl = self.idempotency_ttl if kind == "client" else self.policy.defaults.retry_window_s
         lease = self.policy.upstream.timeout_s + _LEASE_MARGIN_S
+        if kind == "retry" and (yield S.idem_get(store_key)) is None:
+            ctx.lazy_claim = idempotency.LazyClaim(store_key, fingerprint, ctx.request_id,
+                                                   ttl, lease)
+            return None
         if kind == "auto" and not _is_retry(retry_count):
             ctx.claim = yield from idempotency.claim_fresh_d(
                 store_key, fingerprint, claim_id=ctx.request_id, ttl_s=ttl, lease_s=lease)
@@ -443,10 +450,12 @@ class Engine:
             action_base=ctx.action_base, tool_schemas=ctx.parsed.tool_schemas,
             idempotency_ttl_s=self.idempotency_ttl, post_ceiling_reason=reason,
             claim=ctx.claim if ctx.takeover_answer is None else None,
-            raw_answer=answer.body)
+            lazy_claim=ctx.lazy_claim, raw_answer=answer.body)
         try:
             outcomes = yield from gate_d(inp, answer, queue)
         finally:
+            if ctx.lazy_claim is not None and ctx.lazy_claim.claim is not None:
+                ctx.claim = ctx.lazy_claim.claim
             # Whatever happened to the calls, what was decided and done goes on the record.
             with _suppress_after_effects(queue):
                 yield from queue.flush_d()

@@ -27,8 +27,8 @@ from .effects import Decision, S, run_on_store
 from .errors import AuthorityUnavailable
 from .liveness import owner_alive_d, process_owner
 
-__all__ = ["Claim", "abandon", "abandon_d", "begin", "begin_d", "checkpoint", "checkpoint_d",
-           "finish", "finish_d"]
+__all__ = ["Claim", "LazyClaim", "abandon", "abandon_d", "begin", "begin_d", "checkpoint",
+           "checkpoint_d", "finish", "finish_d"]
 
 ClaimState = Literal["new", "replay", "conflict", "in_progress", "takeover"]
 
@@ -94,6 +94,28 @@ def begin_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
             return Claim("in_progress", key, existing)
         return Claim("replay", key, existing)
     raise AuthorityUnavailable("state store unavailable: idempotency key contended")
+
+
+@dataclass
+class LazyClaim:
+    """A key claimed only when an answer is about to take effect (the SDK's retry key: a
+    retry by openai's loop only follows an answer that ran nothing, so a plain completion
+    need not pay for a record)."""
+
+    key: str
+    fingerprint: str
+    claim_id: str
+    ttl_s: float
+    lease_s: float
+    claim: Claim | None = None
+
+    def claim_d(self, answer: Any) -> Decision[Claim]:
+        got = yield from begin_d(self.key, self.fingerprint, claim_id=self.claim_id,
+                                 ttl_s=self.ttl_s, lease_s=self.lease_s)
+        if got.state == "new":
+            yield from checkpoint_d(got, answer)
+            self.claim = got
+        return got
 
 
 def claim_fresh_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
