@@ -71,6 +71,20 @@ _PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 405, 409, 413, 503)}
 
+# OpenAI's request, as far as the gateway reads it (the rest passes through untouched).
+_CHAT_BODY: dict[str, Any] = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role"],
+            "properties": {"role": {"type": "string"},
+                           "content": {"type": ["string", "null"]}}}},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"}}}}}}
+_CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS, **{code: {"model": ErrorBody} for code in (422, 502, 504)}}
+
 _MAX_ID = 256
 ApprovalId = Annotated[str, PathParam(max_length=_MAX_ID)]
 ActionKey = Annotated[str, PathParam(max_length=_MAX_ID)]
@@ -260,7 +274,8 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
     # -- OpenAI-compatible ---------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", tags=["openai"], responses=_ERRORS,
+    @app.post("/v1/chat/completions", tags=["openai"], responses=_CHAT_ERRORS,
+              openapi_extra={"requestBody": _CHAT_BODY},
               summary="Chat completion (streaming or not), gated by policy")
     async def chat_completions(request: Request, ident: Agent) -> Response:
         body = await _read_body(request, pol.proxy.max_body_bytes)
