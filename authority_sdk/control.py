@@ -3,11 +3,21 @@
 The CLI and the proxy's management API both call these functions, so a
 decision taken at the command line and one taken over HTTP are the same
 decision, audited the same way.
+
+Every function takes the actor's :class:`Scope`. A key bound to an environment
+reads and acts only there: what lies outside its scope is "not found" (its
+existence is not revealed) and the attempt to act on it is audited. Only an
+unscoped actor (an approver or admin key with no ``environment``, or the local
+CLI, which has the state files anyway) sees every environment and touches the
+global kill switch. Lists come in pages (``limit``, ``cursor``; see paging.py)
+and everything shown is made printable (render.py).
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import approvals as approval_rules
@@ -17,6 +27,7 @@ from .audit import redact
 from .effects import AuditOp, Decision, S, run
 from .errors import (
     ApprovalError,
+    AuthorityError,
     ExecutionError,
     Forbidden,
     InvalidRequest,
@@ -25,11 +36,16 @@ from .errors import (
 )
 from .execution import mark_d, run_once_d
 from .limits import release_d
+from .paging import Page, check_limit, paginate
+from .render import printable
 
 if TYPE_CHECKING:
     from .engine import Gateway
 
 __all__ = [
+    "UNSCOPED",
+    "Page",
+    "Scope",
     "approve",
     "get_approval",
     "kill_switch_status",
@@ -47,6 +63,58 @@ EXECUTION_STATUSES = ("started", "executed", "failed", "in_doubt")
 RESOLUTIONS = ("executed", "failed")
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Where an actor may read and act: one environment, or every one (``None``).
+
+    Not the environment a key's chat requests run in: a key with no
+    ``environment`` chats in the policy's default environment but manages
+    every environment. The proxy keeps the two apart (``Identity.caller`` and
+    ``Identity.scope``).
+    """
+
+    environment: str | None = None
+
+    @property
+    def unscoped(self) -> bool:
+        return self.environment is None
+
+    def covers(self, environment: Any) -> bool:
+        return self.environment is None or environment == self.environment
+
+    def describe(self) -> str:
+        return "every environment" if self.environment is None else \
+            f"environment {self.environment!r}"
+
+
+UNSCOPED = Scope()
+
+
+def _refused_out_of_scope(what: str) -> NotFound:
+    exc = NotFound(f"no {what}")
+    exc.audited = True
+    return exc
+
+
+def _statuses(status: str | None, known: tuple[str, ...]) -> frozenset[str] | None:
+    """``status`` as a set: one status or a comma-separated list of them; None for all."""
+    if status is None:
+        return None
+    wanted = frozenset(s.strip() for s in status.split(","))
+    unknown = sorted(s for s in wanted if s not in known)
+    if unknown or not wanted:
+        shown = ", ".join(repr(s[:40]) for s in unknown[:3]) or repr(status[:40])
+        raise InvalidRequest(f"unknown status {shown} (one of {', '.join(known)}, or several "
+                             "separated by commas)")
+    return wanted
+
+
+def _time(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0.0
+    return float(value)
+
+
 def public_approval(gw: Gateway, a: dict[str, Any]) -> dict[str, Any]:
     """What an approver sees: everything but the fields the policy says to redact."""
     out = {k: v for k, v in a.items() if k not in ("tool_schema",)}
@@ -54,24 +122,49 @@ def public_approval(gw: Gateway, a: dict[str, Any]) -> dict[str, Any]:
     out.pop("arguments_json", None)
     if "tool_call" in out:
         out["tool_call"] = {**out["tool_call"], "arguments": shown}
-    return out
+    return dict(printable(out))
 
 
-def list_approvals(gw: Gateway, status: str | None = None) -> list[dict[str, Any]]:
-    if status is not None and status not in APPROVAL_STATUSES:
-        raise InvalidRequest(f"unknown status {status!r} (one of {', '.join(APPROVAL_STATUSES)})")
-    return [public_approval(gw, a) for a in approval_rules.listing(gw.store, status)]
+def list_approvals(gw: Gateway, status: str | None = None, *, limit: int | None = None,
+                   cursor: str | None = None, scope: Scope = UNSCOPED) -> Page:
+    """Approvals within ``scope``, newest first, one page of at most ``limit``.
+
+    ``status``: one status or several separated by commas (``approved,rejected``).
+    """
+    wanted = _statuses(status, APPROVAL_STATUSES)
+    n = check_limit(limit)
+    one = next(iter(wanted)) if wanted is not None and len(wanted) == 1 else None
+    now = time.time()
+    # An overdue pending approval is expired (a rule above the store): settled as listed.
+    items = (a for a in (approval_rules.settle_expiry(gw.store, a, now)
+                         for a in gw.store.approval_list(one))
+             if scope.covers(a.get("environment"))
+             and (wanted is None or a.get("status") in wanted))
+    page, nxt = paginate(items, lambda a: (_time(a.get("created_at")), str(a.get("id"))),
+                         kind="approvals", limit=n, cursor=cursor)
+    return Page((public_approval(gw, a) for a in page), nxt)
 
 
-def _load(gw: Gateway, approval_id: str) -> dict[str, Any]:
+def _load(gw: Gateway, approval_id: str, scope: Scope = UNSCOPED) -> dict[str, Any]:
     a = approval_rules.get(gw.store, approval_id)
-    if a is None:
+    if a is None or not scope.covers(a.get("environment")):
         raise NotFound(f"no approval {approval_id!r}")
     return a
 
 
-def get_approval(gw: Gateway, approval_id: str) -> dict[str, Any]:
-    return public_approval(gw, _load(gw, approval_id))
+def _load_to_act(gw: Gateway, approval_id: str, actor: str, scope: Scope) -> dict[str, Any]:
+    """The approval, or NotFound; an attempt on one outside the scope is audited."""
+    a = _load(gw, approval_id)
+    if not scope.covers(a.get("environment")):
+        _audit_transition(gw, a, actor, a["status"],
+                          f"refused: {actor} may act only in {scope.describe()}",
+                          decision="deny")
+        raise _refused_out_of_scope(f"approval {approval_id!r}")
+    return a
+
+
+def get_approval(gw: Gateway, approval_id: str, *, scope: Scope = UNSCOPED) -> dict[str, Any]:
+    return public_approval(gw, _load(gw, approval_id, scope))
 
 
 def _audit_transition(gw: Gateway, a: dict[str, Any], actor: str, status: str,
@@ -85,8 +178,9 @@ def _audit_transition(gw: Gateway, a: dict[str, Any], actor: str, status: str,
                    details={"approval_id": a["id"], "action_key": a.get("action_key")})
 
 
-def _refuse(gw: Gateway, a: dict[str, Any], actor: str, exc: Exception) -> NoReturn:
+def _refuse(gw: Gateway, a: dict[str, Any], actor: str, exc: AuthorityError) -> NoReturn:
     _audit_transition(gw, a, actor, a["status"], str(exc), decision="deny")
+    exc.audited = True
     raise exc
 
 
@@ -108,12 +202,13 @@ def _decide(gw: Gateway, a: dict[str, Any], actor: str, to_status: str,
 
 
 def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = None,
-            actor_requests: frozenset[str] = frozenset()) -> dict[str, Any]:
+            actor_requests: frozenset[str] = frozenset(),
+            scope: Scope = UNSCOPED) -> dict[str, Any]:
     """Approve a pending action; a gateway-dispatched one executes once, right now.
 
     ``actor_requests``: names whose requests the approver may not approve (its own key).
     """
-    a = _load(gw, approval_id)
+    a = _load_to_act(gw, approval_id, actor, scope)
     if a["status"] != "pending":
         _not_pending(gw, a, actor)
     refusal = approval_rules.recheck(gw.policy, a, actor=actor, actor_requests=actor_requests,
@@ -181,9 +276,10 @@ def _execute_approved_d(gw: Gateway, won: dict[str, Any], actor: str) -> Decisio
     return final
 
 
-def reject(gw: Gateway, approval_id: str, *, actor: str,
-           reason: str | None = None) -> dict[str, Any]:
-    won = _decide(gw, _load(gw, approval_id), actor, "rejected", decision_reason=reason)
+def reject(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = None,
+           scope: Scope = UNSCOPED) -> dict[str, Any]:
+    won = _decide(gw, _load_to_act(gw, approval_id, actor, scope), actor, "rejected",
+                  decision_reason=reason)
     _release_claims(gw, won)
     _audit_transition(gw, won, actor, "rejected", reason, decision="deny")
     return public_approval(gw, won)
@@ -201,24 +297,39 @@ def _release_claims(gw: Gateway, a: dict[str, Any]) -> None:
 
 
 def set_kill_switch(gw: Gateway, engaged: bool, *, actor: str, reason: str | None = None,
-                    environment: str | None = None) -> dict[str, Any]:
+                    environment: str | None = None,
+                    scope: Scope = UNSCOPED) -> dict[str, Any]:
+    if not scope.unscoped and environment != scope.environment:
+        target = "the global kill switch" if environment is None else \
+            "another environment's kill switch"
+        exc = Forbidden(f"{actor} may switch only the kill switch of {scope.describe()}, not "
+                        f"{target} (send \"environment\": \"{scope.environment}\")",
+                        code="environment_forbidden")
+        gw.audit_event("kill_switch", environment=scope.environment, decision="deny",
+                       reason=exc.message, actor=actor,
+                       details={"engaged": engaged, "refused": True,
+                                "scope": "global" if environment is None else environment})
+        exc.audited = True
+        raise exc
     if environment is not None and environment not in gw.policy.environments:
-        raise InvalidRequest(f"unknown environment {environment!r}")
-    scope = environment or "*"
-    state = gw.store.set_kill_switch(scope, engaged, reason=reason, actor=actor)
+        raise InvalidRequest(f"unknown environment {environment[:64]!r}")
+    switch = environment or "*"
+    state = gw.store.set_kill_switch(switch, engaged, reason=reason, actor=actor)
     gw.audit_event("kill_switch", environment=environment, decision="deny" if engaged else "allow",
                    reason=reason, actor=actor,
-                   details={"engaged": engaged, "scope": "global" if scope == "*" else scope})
-    return {"scope": "global" if scope == "*" else scope, **state}
+                   details={"engaged": engaged, "scope": "global" if switch == "*" else switch})
+    return dict(printable({"scope": "global" if switch == "*" else switch, **state}))
 
 
-def kill_switch_status(gw: Gateway) -> dict[str, Any]:
+def kill_switch_status(gw: Gateway, *, scope: Scope = UNSCOPED) -> dict[str, Any]:
+    """The global switch (it stops every environment, so every scope sees it) and the
+    switch of each environment in ``scope``."""
     state = gw.store.kill_switch_state()
-    return {
+    return dict(printable({
         "global": state.get("*", {"engaged": False}),
         "environments": {env: state.get(env, {"engaged": False})
-                         for env in gw.policy.environments},
-    }
+                         for env in gw.policy.environments if scope.covers(env)},
+    }))
 
 
 def recover(gw: Gateway) -> list[dict[str, Any]]:
@@ -239,17 +350,23 @@ def public_execution(gw: Gateway, entry: dict[str, Any]) -> dict[str, Any]:
     out["arguments"] = redact(entry.get("arguments"), gw.policy.redact)
     if "result" in out:
         out["result"] = redact(entry.get("result"), gw.policy.redact)
-    return out
+    return dict(printable(out))
 
 
-def list_executions(gw: Gateway, status: str | None = None) -> list[dict[str, Any]]:
-    """Journal entries, newest first; ``status="in_doubt"`` is what waits for a person."""
-    if status is not None and status not in EXECUTION_STATUSES:
-        raise InvalidRequest(
-            f"unknown status {status!r} (one of {', '.join(EXECUTION_STATUSES)})")
-    entries = sorted(gw.store.journal_list(status),
-                     key=lambda e: float(e.get("started_at") or 0), reverse=True)
-    return [public_execution(gw, e) for e in entries]
+def list_executions(gw: Gateway, status: str | None = None, *, limit: int | None = None,
+                    cursor: str | None = None, scope: Scope = UNSCOPED) -> Page:
+    """Journal entries within ``scope``, newest first, one page of at most ``limit``;
+    ``status="in_doubt"`` is what waits for a person."""
+    wanted = _statuses(status, EXECUTION_STATUSES)
+    n = check_limit(limit)
+    one = next(iter(wanted)) if wanted is not None and len(wanted) == 1 else None
+    items = (e for e in gw.store.journal_list(one)
+             if scope.covers(e.get("environment"))
+             and (wanted is None or e.get("status") in wanted))
+    page, nxt = paginate(items, lambda e: (_time(e.get("started_at")),
+                                           str(e.get("action_key"))),
+                         kind="actions", limit=n, cursor=cursor)
+    return Page((public_execution(gw, e) for e in page), nxt)
 
 
 def _audit_resolution(gw: Gateway, entry: dict[str, Any], actor: str, decision: str,
@@ -265,7 +382,7 @@ def _audit_resolution(gw: Gateway, entry: dict[str, Any], actor: str, decision: 
 
 
 def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
-                      reason: str | None = None) -> dict[str, Any]:
+                      reason: str | None = None, scope: Scope = UNSCOPED) -> dict[str, Any]:
     """Settle an ``in_doubt`` execution as a person found it on the real system.
 
     Nothing runs: the executor is never called. The entry moves ``in_doubt →
@@ -279,10 +396,16 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
     entry = gw.store.journal_get(action_key)
     if entry is None:
         raise NotFound(f"no execution {action_key!r} in the journal")
+    if not scope.covers(entry.get("environment")):
+        _audit_resolution(gw, entry, actor, "deny",
+                          f"refused: {actor} may act only in {scope.describe()}",
+                          str(entry.get("status")))
+        raise _refused_out_of_scope(f"execution {action_key!r} in the journal")
     if entry.get("requested_by") == actor:
         own = Forbidden(f"{actor} cannot settle an action its own request created",
                         code="self_approval_forbidden")
         _audit_resolution(gw, entry, actor, "deny", own.message, str(entry.get("status")))
+        own.audited = True
         raise own
     now = time.time()
     error = None if outcome == "executed" else (
@@ -299,6 +422,7 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
             "nothing was changed", status=current.get("status"))
         _audit_resolution(gw, current, actor, "deny", exc.message,
                           str(current.get("status")))
+        exc.audited = True
         raise exc
     _audit_resolution(gw, won, actor, "allow",
                       reason or f"a person resolved the execution as {outcome}", outcome,

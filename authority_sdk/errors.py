@@ -62,6 +62,9 @@ class AuthorityError(Exception):
     default_code: ClassVar[str] = "authority_error"
     error_type: ClassVar[str] = "authority_error"
     retryable: ClassVar[bool] = False
+    # Set by whoever already wrote this refusal to the audit log, so a front door that
+    # audits the refusals it sees does not record it twice.
+    audited: bool = False
 
     def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
         super().__init__(message)

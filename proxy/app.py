@@ -4,10 +4,18 @@ An existing app changes only its ``base_url`` and key. The key decides who the
 caller is, its environment and its roles; the request bytes go to the same
 engine as the SDK's, and its answer goes back as it is. Every error, ours or
 the framework's, leaves in OpenAI's shape.
+
+The input boundary (guard.py) authenticates and bounds every request before
+any body is read. Management routes act within the key's scope (control.py)
+and take strict bodies: no unknown fields, no duplicate keys, no coercion
+(``{"engaged": 0}`` is a 400), bounded strings. An authenticated caller's
+refusal is audited (refusals.py). ``/docs`` and ``/redoc`` are off: their pages
+load scripts from a CDN; ``/openapi.json`` stays for tools.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -17,20 +25,25 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from authority_sdk import control
-from authority_sdk.errors import AuthorityError, InvalidRequest, RequestTooLarge
+from authority_sdk.errors import AuthorityError, InvalidRequest, NotFound, RequestTooLarge
+from authority_sdk.paging import MAX_CURSOR_CHARS, MAX_LIMIT
 from authority_sdk.policy import Policy, load_policy
+from authority_sdk.render import clip, escape_surrogates
 from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 
 from .auth import Identity, KeyRing
 from .console import AuditTail, AuditVerify, audit_tail, audit_verify, console_response
+from .guard import IDENTITY, InputGuard, RoleCheck
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .observe import AccessLog, ObservedGateway, current_info
+from .refusals import AUDITED_STATUSES, audit_refusal
 from .schemas import (
     Approval,
     ApprovalList,
@@ -56,14 +69,39 @@ log = logging.getLogger("authority.proxy")
 _PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 503)}
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 405, 409, 413, 503)}
+
+# OpenAI's request, as far as the gateway reads it (the rest passes through untouched).
+_CHAT_BODY: dict[str, Any] = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role"],
+            "properties": {"role": {"type": "string"},
+                           "content": {"type": ["string", "null"]}}}},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"}}}}}}
+_CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS, **{code: {"model": ErrorBody} for code in (422, 502, 504)}}
+
+_MAX_ID = 256
+ApprovalId = Annotated[str, PathParam(max_length=_MAX_ID)]
+ActionKey = Annotated[str, PathParam(max_length=_MAX_ID)]
+Limit = Annotated[int | None, Query(ge=1, le=MAX_LIMIT, description=(
+    f"Page size (default 50, at most {MAX_LIMIT})."))]
+Cursor = Annotated[str | None, Query(max_length=MAX_CURSOR_CHARS, description=(
+    "The next_cursor of the previous page; omit for the first page."))]
 
 
-def _error_body(status: int, message: str, code: str, type_: str,
-                headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code,
-                                   "param": None}},
-                        status_code=status, headers={**(headers or {}), "x-should-retry": "false"})
+class MethodNotAllowed(InvalidRequest):
+    status_code = 405
+    default_code = "method_not_allowed"
+
+
+def _safe(text: str, limit: int = 200) -> str:
+    """A client-supplied value fit to quote in an error: clipped and printable."""
+    return escape_surrogates(clip(text, limit))
 
 
 def _note(decision: str | None, code: str | None, request_id: str | None = None) -> None:
@@ -85,15 +123,8 @@ def _to_response(resp: GatewayResponse) -> Response:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 before it is all in memory if it passes ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError as exc:
-            raise InvalidRequest("Content-Length is not a number") from exc
-        if size > limit:
-            raise RequestTooLarge(f"the request body is {size} bytes; the limit is {limit}")
+    """The body, refused with 413 if it passes ``limit``. The guard has already refused a
+    declared or streamed size above it; this holds should the app run without it."""
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
@@ -102,26 +133,35 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-async def _identity(request: Request) -> Identity:
-    ident: Identity = request.app.state.keyring.authenticate(request.headers.get("authorization"))
-    info = current_info()
-    if info is not None:
-        info.key = ident.name
-        info.environment = ident.caller.environment
-    return ident
+Agent = Annotated[Identity, Depends(RoleCheck("agent"))]
+Approver = Annotated[Identity, Depends(RoleCheck("approver"))]
+Reader = Annotated[Identity, Depends(RoleCheck("approver", "admin"))]
+Admin = Annotated[Identity, Depends(RoleCheck("admin"))]
 
 
-def _role(*roles: str) -> Any:
-    async def check(ident: Annotated[Identity, Depends(_identity)]) -> Identity:
-        ident.require(*roles)
-        return ident
-    return check
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise InvalidRequest(f"invalid request: duplicate key {_safe(k, 64)!r} in the body")
+        out[k] = v
+    return out
 
 
-Agent = Annotated[Identity, Depends(_role("agent"))]
-Approver = Annotated[Identity, Depends(_role("approver"))]
-Reader = Annotated[Identity, Depends(_role("approver", "admin"))]
-Admin = Annotated[Identity, Depends(_role("admin"))]
+async def _strict_json(request: Request) -> None:
+    """A management body means one thing: a key given twice is refused, not last-wins."""
+    body = await request.body()  # already read (and bounded) by FastAPI; cached
+    if not body.strip():
+        return
+    try:
+        json.loads(body, object_pairs_hook=_no_duplicates)
+    except InvalidRequest:
+        raise
+    except (ValueError, RecursionError):
+        return  # not JSON: the body's own validation answers with the details
+
+
+StrictJson = [Depends(_strict_json)]
 
 
 def _warm_up(gw: ObservedGateway) -> None:
@@ -169,55 +209,80 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         version="0.1.0",
         description="OpenAI-compatible proxy gated by policy, and its management API.",
         lifespan=lifespan,
+        # Their pages load scripts from a CDN: no third-party script is served here.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
+    keyring = KeyRing(pol)
     app.state.gateway = gw
     app.state.metrics = metrics
-    app.state.keyring = KeyRing(pol)
+    app.state.keyring = keyring
+
+    async def on_refusal(ident: Identity, exc: AuthorityError, method: str,
+                         path: str) -> AuthorityError | None:
+        return await audit_refusal(gw, ident, exc, method, path)
+
+    # Added first, so it runs inside the access log: its refusals are logged and counted.
+    app.add_middleware(InputGuard, keyring=keyring, routes=lambda: app.routes,
+                       max_body=pol.proxy.max_body_bytes, on_refusal=on_refusal)
     app.add_middleware(AccessLog, metrics=metrics)
 
     # -- errors: one shape for all -------------------------------------------------------
 
+    async def _answer(request: Request, exc: AuthorityError,
+                      headers: dict[str, str] | None = None) -> Response:
+        ident: Identity | None = request.scope.get(IDENTITY)
+        if ident is not None and exc.status_code in AUDITED_STATUSES:
+            replaced = await audit_refusal(gw, ident, exc, request.method, request.url.path)
+            exc = replaced or exc
+        rid = exc.details.get("request_id")
+        resp = error_response(exc, request_id=rid if isinstance(rid, str) else None)
+        _note(resp.decision, exc.code, resp.request_id)
+        return Response(resp.body, status_code=resp.status_code,
+                        headers={**resp.headers, **(headers or {})})
+
     @app.exception_handler(AuthorityError)
     async def _authority_error(request: Request, exc: AuthorityError) -> Response:
-        resp = error_response(exc)
-        _note(resp.decision, exc.code)
-        return Response(resp.body, status_code=resp.status_code, headers=resp.headers)
+        return await _answer(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        _note("deny", {404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, f"http_{exc.status_code}"))
+        where = f"{_safe(request.method, 16)} {_safe(request.url.path)}"
         if exc.status_code == 404:
-            return _error_body(404, f"no such endpoint: {request.method} {request.url.path}",
-                               "not_found", "not_found_error")
+            return await _answer(request, NotFound(f"no such endpoint: {where}"))
         if exc.status_code == 405:
-            return _error_body(405, f"{request.method} is not allowed on {request.url.path}",
-                               "method_not_allowed", "invalid_request_error",
-                               headers=dict(exc.headers or {}))
-        return _error_body(exc.status_code, str(exc.detail), f"http_{exc.status_code}",
-                           "invalid_request_error")
+            return await _answer(request, MethodNotAllowed(f"{where}: method not allowed"),
+                                 headers=dict(exc.headers or {}))
+        # FastAPI raises 400 for a body it cannot parse at all; nothing else is expected.
+        return await _answer(request, InvalidRequest(
+            f"invalid request: {_safe(str(exc.detail))}",
+            code="invalid_request" if exc.status_code == 400 else f"http_{exc.status_code}"))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
-            f"{e.get('msg')}" for e in exc.errors())
-        body_error = any(tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors())
+            f"{'.'.join(_safe(str(p), 64) for p in e.get('loc', ()) if p != 'body') or 'body'}"
+            f": {_safe(str(e.get('msg')))}" for e in errors[:5])
+        if len(errors) > 5:
+            problems += f"; and {len(errors) - 5} more"
+        body_error = any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors)
         if body_error and "json" not in request.headers.get("content-type", ""):
             problems += " (send the body as JSON with 'Content-Type: application/json')"
-        _note("deny", "invalid_request")
-        return _error_body(400, f"invalid request: {problems}", "invalid_request",
-                           "invalid_request_error")
+        return await _answer(request, InvalidRequest(f"invalid request: {problems}"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error_body(500, "internal error in the gateway", "authority_error",
-                           "authority_error")
+        log.exception("unhandled error on %s %s", _safe(request.method, 16),
+                      _safe(request.url.path))
+        resp = error_response(AuthorityError("internal error in the gateway"))
+        return Response(resp.body, status_code=resp.status_code, headers=resp.headers)
 
     # -- OpenAI-compatible ---------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", tags=["openai"], responses=_ERRORS,
+    @app.post("/v1/chat/completions", tags=["openai"], responses=_CHAT_ERRORS,
+              openapi_extra={"requestBody": _CHAT_BODY},
               summary="Chat completion (streaming or not), gated by policy")
     async def chat_completions(request: Request, ident: Agent) -> Response:
         body = await _read_body(request, pol.proxy.max_body_bytes)
@@ -234,70 +299,83 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         return {"object": "list", "data": await state["upstream"].allowed_models(patterns)}
 
     # -- management ----------------------------------------------------------------------
+    # Every route passes the key's scope: a key bound to an environment reads and acts
+    # only there (control.py).
 
     @app.get("/authority/approvals", tags=["management"], response_model=ApprovalList,
-             responses=_ERRORS)
+             responses=_ERRORS, summary="Approvals, newest first, one page at a time")
     def list_approvals(ident: Reader, status: Annotated[str | None, Query(
-            description="pending, approved, rejected, expired, executed, failed, in_doubt")]
-            = None) -> dict[str, Any]:
-        return {"object": "list", "data": control.list_approvals(gw, status)}
+            max_length=200, description="pending, approved, rejected, expired, executed, "
+            "failed, in_doubt, or several separated by commas")] = None,
+            limit: Limit = None, cursor: Cursor = None) -> dict[str, Any]:
+        page = control.list_approvals(gw, status, limit=limit, cursor=cursor,
+                                      scope=ident.scope)
+        return {"object": "list", "data": page, "next_cursor": page.next_cursor}
 
     @app.get("/authority/approvals/{approval_id}", tags=["management"],
              response_model=Approval, responses=_ERRORS)
-    def get_approval(approval_id: str, ident: Reader) -> dict[str, Any]:
-        return control.get_approval(gw, approval_id)
+    def get_approval(approval_id: ApprovalId, ident: Reader) -> dict[str, Any]:
+        return control.get_approval(gw, approval_id, scope=ident.scope)
 
     @app.post("/authority/approvals/{approval_id}/approve", tags=["management"],
-              response_model=Approval, responses=_ERRORS,
+              response_model=Approval, responses=_ERRORS, dependencies=StrictJson,
               summary="Approve a pending action (a gateway-dispatched one executes now)")
-    def approve(approval_id: str, ident: Approver,
+    def approve(approval_id: ApprovalId, ident: Approver,
                 body: Annotated[DecisionBody | None, Body()] = None) -> dict[str, Any]:
         return control.approve(gw, approval_id, actor=ident.name,
-                               reason=body.reason if body else None)
+                               reason=body.reason if body else None, scope=ident.scope)
 
     @app.post("/authority/approvals/{approval_id}/reject", tags=["management"],
-              response_model=Approval, responses=_ERRORS)
-    def reject(approval_id: str, ident: Approver,
+              response_model=Approval, responses=_ERRORS, dependencies=StrictJson)
+    def reject(approval_id: ApprovalId, ident: Approver,
                body: Annotated[DecisionBody | None, Body()] = None) -> dict[str, Any]:
         return control.reject(gw, approval_id, actor=ident.name,
-                              reason=body.reason if body else None)
+                              reason=body.reason if body else None, scope=ident.scope)
 
     @app.get("/authority/actions", tags=["management"], response_model=ExecutionList,
              responses=_ERRORS, summary="Actions the gateway ran (its execution journal)")
     def list_executions(ident: Reader, status: Annotated[str | None, Query(
-            description="started, executed, failed, in_doubt")] = None) -> dict[str, Any]:
-        return {"object": "list", "data": control.list_executions(gw, status)}
+            max_length=200, description="started, executed, failed, in_doubt, or several "
+            "separated by commas")] = None,
+            limit: Limit = None, cursor: Cursor = None) -> dict[str, Any]:
+        page = control.list_executions(gw, status, limit=limit, cursor=cursor,
+                                       scope=ident.scope)
+        return {"object": "list", "data": page, "next_cursor": page.next_cursor}
 
     @app.post("/authority/actions/{action_key}/resolve", tags=["management"],
-              response_model=Execution, responses=_ERRORS,
+              response_model=Execution, responses=_ERRORS, dependencies=StrictJson,
               summary="Settle an in_doubt action as executed or failed (nothing runs)")
-    def resolve_execution(action_key: str, body: ResolveBody,
+    def resolve_execution(action_key: ActionKey, body: ResolveBody,
                           ident: Approver) -> dict[str, Any]:
         return control.resolve_execution(gw, action_key, outcome=body.outcome,
-                                         actor=ident.name, reason=body.reason)
+                                         actor=ident.name, reason=body.reason,
+                                         scope=ident.scope)
 
     @app.get("/authority/kill-switch", tags=["management"], response_model=KillSwitchStatus,
-             responses=_ERRORS)
+             responses=_ERRORS, summary="The global switch and those of the key's "
+             "environments")
     def kill_switch_status(ident: Admin) -> dict[str, Any]:
-        return control.kill_switch_status(gw)
+        return control.kill_switch_status(gw, scope=ident.scope)
 
     @app.post("/authority/kill-switch", tags=["management"], response_model=KillSwitchChange,
-              responses=_ERRORS, summary="Engage or release the global or one environment's "
-              "kill switch")
+              responses=_ERRORS, dependencies=StrictJson,
+              summary="Engage or release the global (unscoped admin only) or one "
+              "environment's kill switch")
     def set_kill_switch(body: KillSwitchBody, ident: Admin) -> dict[str, Any]:
         return control.set_kill_switch(gw, body.engaged, actor=ident.name, reason=body.reason,
-                                       environment=body.environment)
+                                       environment=body.environment, scope=ident.scope)
 
     @app.get("/authority/audit", tags=["management"], response_model=AuditTail,
              responses=_ERRORS, summary="The last entries of the audit log, oldest first")
     def audit_log_tail(ident: Reader, limit: Annotated[int, Query(
-            ge=1, le=1000, description="How many entries")] = 50) -> dict[str, Any]:
-        return audit_tail(gw, limit)
+            ge=1, le=1000, description="How many entries (at most 1000)")] = 50,
+            cursor: Cursor = None) -> dict[str, Any]:
+        return audit_tail(gw, limit, cursor=cursor, scope=ident.scope)
 
     @app.get("/authority/audit/verify", tags=["management"], response_model=AuditVerify,
              responses=_ERRORS, summary="Check the audit log's hash chain and its head")
     def audit_log_verify(ident: Reader) -> dict[str, Any]:
-        return audit_verify(gw)
+        return audit_verify(gw, scope=ident.scope)
 
     @app.get("/authority/ui", include_in_schema=False)
     async def console() -> Response:

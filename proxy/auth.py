@@ -5,6 +5,12 @@ the keyring is built, and every presented key is hashed and compared with every
 configured digest in constant time, so neither the match nor its position leaks
 through timing. The key alone decides the caller's environment; no header can
 pick a laxer one (DESIGN.md §2).
+
+A key has two environments, kept apart on purpose: ``caller.environment`` is
+where its chat requests run (its ``environment``, else the policy's default),
+and ``scope`` is what it may manage (its ``environment``, else every one). An
+approver or admin key with no ``environment`` is unscoped for management even
+though its chat calls, if it also has ``agent``, run in the default environment.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from authority_sdk.control import Scope
 from authority_sdk.errors import AuthenticationFailed, Forbidden
 from authority_sdk.policy import KeyConfig, Policy
 from authority_sdk.wire import Caller
@@ -33,6 +40,11 @@ class Identity:
     @property
     def name(self) -> str:
         return self.key.name
+
+    @property
+    def scope(self) -> Scope:
+        """What this key may read and act on through the management API."""
+        return Scope(self.key.environment)
 
     def require(self, *roles: str) -> None:
         """Raise 403 ``insufficient_role`` unless the key has one of ``roles``."""

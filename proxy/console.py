@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from authority_sdk.audit import redact, tail, verify
-from authority_sdk.errors import AuthorityUnavailable
+from authority_sdk.audit_view import audit_page, audit_verdict
+from authority_sdk.control import UNSCOPED, Scope
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -42,7 +42,10 @@ _PAGE = "static/console.html"
 
 class AuditEntry(BaseModel):
     """One line of the audit log (DESIGN.md §6). A line that is not an entry comes back
-    as ``invalid_line`` and its byte ``offset`` instead of being hidden."""
+    as ``invalid_line`` and its byte ``offset`` instead of being hidden (to unscoped keys;
+    a scoped key sees only its environment's entries). Strings longer than 4096
+    characters are clipped (``…[+N chars]``) and lone surrogates escaped (``\\udXXX``):
+    this is a view; the file is the record."""
 
     ts: str | None = None
     seq: int | None = None
@@ -71,6 +74,8 @@ class AuditEntry(BaseModel):
 class AuditTail(BaseModel):
     object: Literal["list"] = "list"
     data: list[AuditEntry] = Field(description="The last entries, oldest first.")
+    next_cursor: str | None = Field(None, description="Pass as cursor for the entries "
+                                    "before these; null at the start of the log.")
 
 
 class AuditVerify(BaseModel):
@@ -85,41 +90,15 @@ class AuditVerify(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
-def audit_tail(gw: Gateway, limit: int) -> dict[str, Any]:
-    path = gw.audit.path
-    try:
-        entries = tail(path, limit)
-    except FileNotFoundError:
-        entries = []
-    except OSError as exc:
-        raise AuthorityUnavailable(
-            f"audit log unreadable: {path}: {exc.strerror or exc}") from exc
-    # Redacted when written; applied again so a log written under an older, shorter
-    # redact list does not show today's secrets through the API.
-    return {"object": "list", "data": redact(entries, gw.policy.redact)}
+def audit_tail(gw: Gateway, limit: int, *, cursor: str | None = None,
+               scope: Scope = UNSCOPED) -> dict[str, Any]:
+    """One page of the log's tail as ``scope`` may read it (audit_view.py)."""
+    return audit_page(gw, limit=limit, cursor=cursor, scope=scope)
 
 
-def audit_verify(gw: Gateway) -> dict[str, Any]:
-    path = gw.audit.path
-    # The head is read before the file: every entry it names is then already written.
-    head = gw.store.get_audit_head()
-    result = verify(path, head)
-    warnings = list(result.warnings)
-    if head is not None and result.ok and result.last_seq > head[0]:
-        # On a live gateway, appends made while the file was being read land past the
-        # head read before it. If the head has caught up since, that is traffic, not the
-        # crash the warning is about.
-        later = gw.store.get_audit_head()
-        if later is not None and later[0] >= result.last_seq:
-            stale = (f"{result.last_seq - head[0]} entries after the head recorded in the "
-                     f"state store (seq {head[0]}); expected only after a crash")
-            warnings = [w for w in warnings if w != stale]
-    if head is None:
-        warnings.append("head check skipped: the state store has no audit head yet")
-    return {"ok": result.ok, "entries": result.entries, "first_bad_line": result.first_bad_line,
-            "reason": result.reason, "last_seq": result.last_seq,
-            "last_hash": result.last_hash, "head_checked": head is not None,
-            "warnings": warnings}
+def audit_verify(gw: Gateway, *, scope: Scope = UNSCOPED) -> dict[str, Any]:
+    """The chain's verdict; a scoped key gets it without the warnings' text."""
+    return audit_verdict(gw, scope=scope)
 
 
 def _csp_hash(text: str) -> str:

@@ -63,11 +63,20 @@ class RequestInfo:
         return (ended - self.started) - (self.upstream_end - self.upstream_start)
 
 
-def _clean(text: str) -> str:
-    """One field of one line: a client-chosen path or model cannot forge log lines."""
-    if text.isprintable() and " " not in text:
-        return text
-    return text.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+# A client chooses the path and the model: each is cut to this many characters before
+# escaping, so a 4 MB model name costs the log line 200 bytes, not 4 MB.
+_MAX_FIELD = 200
+
+
+def _clean(text: str, limit: int = _MAX_FIELD) -> str:
+    """One field of one line: a client-chosen path or model can neither forge log lines
+    nor make them unbounded."""
+    cut = len(text) - limit
+    if cut > 0:
+        text = text[:limit]
+    if not (text.isprintable() and " " not in text):
+        text = text.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+    return f"{text}…[+{cut}]" if cut > 0 else text
 
 
 def current_info() -> RequestInfo | None:

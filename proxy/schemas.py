@@ -1,10 +1,18 @@
-"""Pydantic models of the management API, so /openapi.json describes it."""
+"""Pydantic models of the management API, so /openapi.json describes it.
+
+Request bodies are strict: unknown fields are refused, booleans are JSON
+booleans only (``{"engaged": 0}`` is a 400, not "false"), and every string is
+bounded. Lists carry ``next_cursor`` (control.py, paging.py).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+MAX_REASON = 2000
+MAX_ENVIRONMENT = 64
 
 __all__ = [
     "Approval",
@@ -39,7 +47,8 @@ class ErrorBody(BaseModel):
 
 
 class DecisionBody(BaseModel):
-    reason: str | None = Field(None, max_length=2000, description="Recorded in the audit log.")
+    reason: str | None = Field(None, max_length=MAX_REASON,
+                               description="Recorded in the audit log.")
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,9 +82,13 @@ class Approval(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+_NEXT = "Pass as cursor for the next page; null on the last page."
+
+
 class ApprovalList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[Approval]
+    data: list[Approval] = Field(description="Newest first.")
+    next_cursor: str | None = Field(None, description=_NEXT)
 
 
 class Execution(BaseModel):
@@ -107,20 +120,24 @@ class Execution(BaseModel):
 class ExecutionList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Execution] = Field(description="Newest first.")
+    next_cursor: str | None = Field(None, description=_NEXT)
 
 
 class ResolveBody(BaseModel):
     outcome: Literal["executed", "failed"] = Field(
         description="What a person found on the real system. Nothing is run again.")
-    reason: str | None = Field(None, max_length=2000, description="Recorded in the audit log.")
+    reason: str | None = Field(None, max_length=MAX_REASON,
+                               description="Recorded in the audit log.")
 
     model_config = ConfigDict(extra="forbid")
 
 
 class KillSwitchBody(BaseModel):
-    engaged: bool
-    reason: str | None = Field(None, max_length=2000)
-    environment: str | None = Field(None, description="null: the global switch")
+    engaged: StrictBool = Field(description="true or false; nothing else is taken for one")
+    reason: str | None = Field(None, max_length=MAX_REASON)
+    environment: str | None = Field(None, max_length=MAX_ENVIRONMENT, description=(
+        "null: the global switch (a key with no environment only); a key bound to an "
+        "environment may switch only its own"))
 
     model_config = ConfigDict(extra="forbid")
 

@@ -16,10 +16,13 @@ from typing import Annotated, Any, Protocol
 
 import typer
 
+from ..paging import DEFAULT_LIMIT, Page
 from .common import PolicyOpt
 from .control_cmd import (
+    CursorOpt,
     JsonOpt,
     KeyOpt,
+    LimitOpt,
     Local,
     ReasonOpt,
     Remote,
@@ -29,6 +32,7 @@ from .control_cmd import (
     _short,
     _ts,
     backend,
+    more_hint,
 )
 
 actions_app = typer.Typer(no_args_is_help=True,
@@ -41,7 +45,7 @@ class Outcome(StrEnum):
 
 
 class Executions(Protocol):
-    def list_executions(self, status: str | None) -> list[dict[str, Any]]: ...
+    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page: ...
     def resolve_execution(self, action_key: str, outcome: str,
                           reason: str | None) -> dict[str, Any]: ...
 
@@ -50,8 +54,9 @@ class LocalExecutions:
     def __init__(self, local: Local) -> None:
         self.local = local
 
-    def list_executions(self, status: str | None) -> list[dict[str, Any]]:
-        return self.local.control.list_executions(self.local.gw, status)
+    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        return self.local.control.list_executions(self.local.gw, status, limit=limit,
+                                                  cursor=cursor)
 
     def resolve_execution(self, action_key: str, outcome: str,
                           reason: str | None) -> dict[str, Any]:
@@ -63,9 +68,8 @@ class RemoteExecutions:
     def __init__(self, remote: Remote) -> None:
         self.remote = remote
 
-    def list_executions(self, status: str | None) -> list[dict[str, Any]]:
-        params = {"status": status} if status else {}
-        return list(self.remote._call("GET", "/authority/actions", params=params)["data"])
+    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        return self.remote.page("/authority/actions", status, limit, cursor)
 
     def resolve_execution(self, action_key: str, outcome: str,
                           reason: str | None) -> dict[str, Any]:
@@ -101,19 +105,24 @@ def _note(e: dict[str, Any]) -> str:
 @actions_app.command("list")
 def list_cmd(
     status: Annotated[str | None, typer.Option(
-        "--status", "-s", help="started, executed, failed, in_doubt (default: all).")] = None,
+        "--status", "-s", help="started, executed, failed, in_doubt, or several separated "
+                               "by commas (default: all).")] = None,
+    limit: LimitOpt = DEFAULT_LIMIT, cursor: CursorOpt = None,
     as_json: JsonOpt = False, policy: PolicyOpt = None, url: UrlOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """List actions the gateway ran (its execution journal), newest first."""
+    """List actions the gateway ran (its execution journal), newest first, a page at a
+    time (with --url: those the key's environment may see)."""
     with _executions(policy, url, key) as ex:
-        items = ex.list_executions(status)
+        items = ex.list_executions(status, limit, cursor)
+    more_hint(items)
     if as_json:
-        _print_json(items)
+        _print_json(list(items))
         return
     from rich.table import Table
 
-    table = Table(title=f"actions ({status or 'all'}): {len(items)}", title_justify="left")
+    shown = f"{len(items)}{'+' if items.next_cursor else ''}"
+    table = Table(title=f"actions ({status or 'all'}): {shown}", title_justify="left")
     table.add_column("action key", no_wrap=True)
     for col in ("status", "action", "env", "executor", "arguments", "started (UTC)",
                 "approval", "note"):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 import typer
 
 from ..errors import AuthorityError
+from ..paging import DEFAULT_LIMIT, MAX_LIMIT, Page
 from .common import PolicyOpt, policy_or_exit
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ ReasonOpt = Annotated[str | None, typer.Option("--reason", "-r", help="Recorded 
 EnvOpt = Annotated[str | None, typer.Option(
     "--environment", "-e", help="One environment (default: the global switch).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+LimitOpt = Annotated[int, typer.Option(
+    "--limit", "-n", min=1, max=MAX_LIMIT, help=f"At most this many, newest first "
+    f"(at most {MAX_LIMIT}).")]
+CursorOpt = Annotated[str | None, typer.Option(
+    "--cursor", help="Continue after a previous page (the cursor it printed).")]
 
 
 class Failure(Exception):
@@ -52,7 +58,7 @@ class Failure(Exception):
 
 
 class Backend(Protocol):
-    def list_approvals(self, status: str | None) -> list[dict[str, Any]]: ...
+    def list_approvals(self, status: str | None, limit: int, cursor: str | None) -> Page: ...
     def get_approval(self, approval_id: str) -> dict[str, Any]: ...
     def approve(self, approval_id: str, reason: str | None) -> dict[str, Any]: ...
     def reject(self, approval_id: str, reason: str | None) -> dict[str, Any]: ...
@@ -77,8 +83,9 @@ class Local:
         self.control = control
         self.actor = cli_actor()
 
-    def list_approvals(self, status: str | None) -> list[dict[str, Any]]:
-        return self.control.list_approvals(self.gw, status)
+    def list_approvals(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        # The local CLI reads the state files directly: it is unscoped by nature.
+        return self.control.list_approvals(self.gw, status, limit=limit, cursor=cursor)
 
     def get_approval(self, approval_id: str) -> dict[str, Any]:
         return self.control.get_approval(self.gw, approval_id)
@@ -122,10 +129,17 @@ class Remote:
             raise Failure(f"{method} {path}: the answer is not JSON")
         return body
 
-    def list_approvals(self, status: str | None) -> list[dict[str, Any]]:
-        params = {"status": status} if status else {}
-        data = self._call("GET", "/authority/approvals", params=params)["data"]
-        return list(data)
+    def page(self, path: str, status: str | None, limit: int, cursor: str | None) -> Page:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        body = self._call("GET", path, params=params)
+        return Page(body["data"], body.get("next_cursor"))
+
+    def list_approvals(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        return self.page("/authority/approvals", status, limit, cursor)
 
     def get_approval(self, approval_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/authority/approvals/{approval_id}"))
@@ -204,6 +218,12 @@ def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
+def more_hint(page: Page) -> None:
+    """Where the next page starts, on stderr (stdout stays the page itself)."""
+    if page.next_cursor:
+        typer.echo(f"more: run again with --cursor {page.next_cursor}", err=True)
+
+
 def _summary(verb: str, a: dict[str, Any]) -> str:
     line = f"{verb} {a['id']} ({a.get('action_type')}, {a.get('environment')}): {a['status']}"
     if a.get("status") == "approved" and a.get("dispatch") == "client":
@@ -222,20 +242,24 @@ def _summary(verb: str, a: dict[str, Any]) -> str:
 def list_cmd(
     status: Annotated[str | None, typer.Option(
         "--status", "-s", help="pending, approved, rejected, expired, executed, failed, "
-                               "in_doubt (default: all).")] = None,
+                               "in_doubt, or several separated by commas (default: all).")
+    ] = None,
+    limit: LimitOpt = DEFAULT_LIMIT, cursor: CursorOpt = None,
     as_json: JsonOpt = False, policy: PolicyOpt = None, url: UrlOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """List approvals, newest first."""
+    """List approvals, newest first, a page at a time (with --url: those the key's
+    environment may see)."""
     with backend(policy, url, key) as b:
-        items = sorted(b.list_approvals(status), key=lambda a: a.get("created_at") or 0,
-                       reverse=True)
+        items = b.list_approvals(status, limit, cursor)
+    more_hint(items)
     if as_json:
-        _print_json(items)
+        _print_json(list(items))
         return
     from rich.table import Table
 
-    table = Table(title=f"approvals ({status or 'all'}): {len(items)}", title_justify="left")
+    shown = f"{len(items)}{'+' if items.next_cursor else ''}"
+    table = Table(title=f"approvals ({status or 'all'}): {shown}", title_justify="left")
     table.add_column("id", no_wrap=True)
     for col in ("status", "action", "env", "arguments", "requested by", "created (UTC)",
                 "decided by"):

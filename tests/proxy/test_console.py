@@ -228,7 +228,7 @@ def test_openapi_describes_the_audit_endpoints(px: RunningProxy) -> None:
     verify_fields = doc["components"]["schemas"]["AuditVerify"]["properties"]
     assert {"ok", "entries", "first_bad_line", "reason", "warnings"} <= verify_fields.keys()
     params = doc["paths"]["/authority/audit"]["get"]["parameters"]
-    assert [p["name"] for p in params] == ["limit"]
+    assert [p["name"] for p in params] == ["limit", "cursor"]
 
 
 # -- what the page does, over HTTP ---------------------------------------------------------
