@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-core test-slow lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,8 +16,15 @@ lint: $(STAMP)
 	$(PY) -m ruff check authority_sdk proxy tests
 	$(PY) -m mypy
 
-test: lint
-	$(PY) -m pytest -n 2 -q
+# The core suite first (fast: unit, engine, SDK and proxy behaviour), then the slow stages
+# (crash tests with real processes killed, schemathesis, client libraries, replicas, browser).
+test: lint test-core test-slow
+
+test-core: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow" -p no:cacheprovider
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m slow -p no:cacheprovider
 
 demo: $(STAMP)
 	$(VENV)/bin/authority demo

@@ -4,9 +4,7 @@ The client classes are imported on first use, so ``import authority_sdk`` (and
 the decision modules under it) does not pay for openai or httpx until needed.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from .errors import (
     ApprovalError,
@@ -33,9 +31,9 @@ from .errors import (
 from .policy import Policy, load_policy
 from .types import ActionInfo, AuthorityInfo, CostInfo, authority_of
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .client import AsyncAuthorityClient, AuthorityClient
-    from .engine import Gateway
+    from .engine import Engine, Gateway
 
 __all__ = [
     "ActionInfo",
@@ -49,6 +47,7 @@ __all__ = [
     "BudgetExceeded",
     "CostCeilingExceeded",
     "CostInfo",
+    "Engine",
     "ExecutionError",
     "Forbidden",
     "Gateway",
@@ -69,10 +68,11 @@ __all__ = [
     "load_policy",
 ]
 
-_LAZY = {"AuthorityClient": "client", "AsyncAuthorityClient": "client", "Gateway": "engine"}
+_LAZY = {"AuthorityClient": "client", "AsyncAuthorityClient": "client", "Gateway": "engine",
+         "Engine": "engine"}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'authority_sdk' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from .effects import Decision, ExecuteOp, S
 from .liveness import owner_alive_d, process_owner
 from .records import JournalStatus
 
-__all__ = ["Execution", "mark_d", "run_once_d"]
+__all__ = ["RunOutcome", "mark_d", "run_once_d"]
 
 # A started entry older than this is treated as abandoned even if its owner looks alive
 # (a hung process): longer than any executor timeout the policy allows.
@@ -26,18 +26,18 @@ STALE_AFTER_S = 300.0
 
 
 @dataclass(frozen=True)
-class Execution:
+class RunOutcome:
     status: str  # executed | failed | in_doubt
     result: Any
     error: str | None = None
     replayed: bool = False
 
 
-def _from_entry(entry: dict[str, Any]) -> Execution:
+def _from_entry(entry: dict[str, Any]) -> RunOutcome:
     body = entry.get("result") or {}
     if not isinstance(body, dict):
         body = {}
-    return Execution(str(entry.get("status")), body.get("result"), body.get("error"),
+    return RunOutcome(str(entry.get("status")), body.get("result"), body.get("error"),
                      replayed=True)
 
 
@@ -52,7 +52,7 @@ def mark_d(key: str, from_status: str, to_status: str, *, ttl_s: float | None,
 
 def run_once_d(*, action_key: str, executor_name: str, idempotent: bool, action_type: str,
                arguments: dict[str, Any], ttl_s: float,
-               info: dict[str, Any] | None = None) -> Decision[Execution]:
+               info: dict[str, Any] | None = None) -> Decision[RunOutcome]:
     record = {"action_key": action_key, "executor": executor_name, "action_type": action_type,
               "arguments": arguments, "started_at": time.time(), **(info or {}),
               **process_owner()}
@@ -64,18 +64,18 @@ def run_once_d(*, action_key: str, executor_name: str, idempotent: bool, action_
         started = existing.get("started_at")
         old = not isinstance(started, int | float) or time.time() - started > STALE_AFTER_S
         if alive and not old:
-            return Execution("in_doubt", None, "this action is being executed by another process")
+            return RunOutcome("in_doubt", None, "this action is being executed by another process")
         if not idempotent:
             yield from mark_d(action_key, "started", "in_doubt", ttl_s=None,
                               reason="interrupted before its result was recorded")
-            return Execution("in_doubt", None,
+            return RunOutcome("in_doubt", None,
                              "an earlier execution was interrupted; the executor cannot "
                              "deduplicate, so a person must check whether it took effect")
         taken = yield from mark_d(action_key, "started", "started", ttl_s=ttl_s,
                                   **process_owner(), started_at=time.time(),
                                   attempt=int(existing.get("attempt", 1)) + 1)
         if taken is None:
-            return Execution("in_doubt", None, "this action is being executed by another process")
+            return RunOutcome("in_doubt", None, "this action is being executed by another process")
     try:
         outcome = yield ExecuteOp(executor_name, action_type, arguments, action_key)
     except Exception as exc:
@@ -85,10 +85,10 @@ def run_once_d(*, action_key: str, executor_name: str, idempotent: bool, action_
             "status": "in_doubt", "reason": reason, "audited": False,
             "result": {"result": None, "error": reason}, "finished_at": time.time()},
             ttl_s=None)
-        return Execution("in_doubt", None, reason)
+        return RunOutcome("in_doubt", None, reason)
     status = JournalStatus.EXECUTED if outcome.ok else JournalStatus.FAILED
     # From in_doubt too: what the executor answered is the truth, whatever was assumed.
     yield S.journal_update(action_key, ("started", "in_doubt"), {
         "status": status.value, "result": {"result": outcome.result, "error": outcome.error},
         "finished_at": time.time(), "audited": False}, ttl_s=ttl_s)
-    return Execution(status.value, outcome.result, outcome.error)
+    return RunOutcome(status.value, outcome.result, outcome.error)

@@ -376,11 +376,21 @@ def parse_policy(data: Any, *, base_dir: str | None = None, source: str = "polic
     return policy
 
 
+POLICY_ENV = "AUTHORITY_POLICY"
+DEFAULT_POLICY_FILE = "authority.yaml"
+
+
+def default_policy_path(given: str | os.PathLike[str] | None = None) -> str:
+    """The policy file to use: the one given, else ``$AUTHORITY_POLICY``, else
+    ``authority.yaml`` (one rule for the SDK, the CLI and the proxy)."""
+    return str(given or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_FILE)
+
+
 def load_policy(path: str | os.PathLike[str] | Policy | None = None) -> Policy:
-    """Load and validate a policy file (default ``authority.yaml`` or ``$AUTHORITY_POLICY``)."""
+    """Load and validate a policy file (:func:`default_policy_path` when none is given)."""
     if isinstance(path, Policy):
         return path
-    p = Path(path or os.environ.get("AUTHORITY_POLICY") or "authority.yaml")
+    p = Path(default_policy_path(path))
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:

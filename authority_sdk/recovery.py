@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .actions import kill_engaged
 from .effects import AuditOp, Decision, S
-from .execution import Execution, mark_d, run_once_d
+from .execution import RunOutcome, mark_d, run_once_d
 from .liveness import owner_alive_d
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def recover_d(engine: Engine) -> Decision[list[dict[str, Any]]]:
         if entry.get("executor") not in engine.policy.executors:
             yield from mark_d(key, "started", "in_doubt", ttl_s=None,
                               reason="executor no longer configured")
-            ex = Execution("in_doubt", None, "executor no longer configured")
+            ex = RunOutcome("in_doubt", None, "executor no longer configured")
         else:
             ex = yield from run_once_d(
                 action_key=key, executor_name=entry["executor"],

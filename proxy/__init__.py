@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .app import create_app
-from .server import ProxyProcess, run
+from .server import run
 
-__all__ = ["ProxyProcess", "create_app", "run"]
+__all__ = ["create_app", "run"]

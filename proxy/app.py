@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from authority_sdk import control
 from authority_sdk.errors import AuthorityError, InvalidRequest, NotFound, RequestTooLarge
 from authority_sdk.paging import MAX_CURSOR_CHARS, MAX_LIMIT
-from authority_sdk.policy import Policy, load_policy
+from authority_sdk.policy import POLICY_ENV, Policy, default_policy_path, load_policy
 from authority_sdk.render import clip, escape_surrogates
 from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 
@@ -49,9 +48,9 @@ from .schemas import (
     ApprovalList,
     DecisionBody,
     ErrorBody,
-    Execution,
-    ExecutionList,
     Health,
+    JournalEntry,
+    JournalEntryList,
     KillSwitchBody,
     KillSwitchChange,
     KillSwitchStatus,
@@ -62,7 +61,6 @@ from .upstream import Upstream
 
 __all__ = ["POLICY_ENV", "create_app", "create_app_from_env"]
 
-POLICY_ENV = "AUTHORITY_POLICY"
 log = logging.getLogger("authority.proxy")
 
 # Request headers the engine has no business seeing (it records what it is given).
@@ -332,7 +330,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         return control.reject(gw, approval_id, actor=ident.name,
                               reason=body.reason if body else None, scope=ident.scope)
 
-    @app.get("/authority/actions", tags=["management"], response_model=ExecutionList,
+    @app.get("/authority/actions", tags=["management"], response_model=JournalEntryList,
              responses=_ERRORS, summary="Actions the gateway ran (its execution journal)")
     def list_executions(ident: Reader, status: Annotated[str | None, Query(
             max_length=200, description="started, executed, failed, in_doubt, or several "
@@ -343,7 +341,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         return {"object": "list", "data": page, "next_cursor": page.next_cursor}
 
     @app.post("/authority/actions/{action_key}/resolve", tags=["management"],
-              response_model=Execution, responses=_ERRORS, dependencies=StrictJson,
+              response_model=JournalEntry, responses=_ERRORS, dependencies=StrictJson,
               summary="Settle an in_doubt action as executed or failed (nothing runs)")
     def resolve_execution(action_key: ActionKey, body: ResolveBody,
                           ident: Approver) -> dict[str, Any]:
@@ -398,4 +396,4 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """Factory for uvicorn's worker processes: the policy path comes from the environment."""
-    return create_app(os.environ.get(POLICY_ENV) or "authority.yaml")
+    return create_app(default_policy_path())

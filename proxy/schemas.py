@@ -19,9 +19,9 @@ __all__ = [
     "ApprovalList",
     "DecisionBody",
     "ErrorBody",
-    "Execution",
-    "ExecutionList",
     "Health",
+    "JournalEntry",
+    "JournalEntryList",
     "KillSwitchBody",
     "KillSwitchChange",
     "KillSwitchState",
@@ -91,7 +91,7 @@ class ApprovalList(BaseModel):
     next_cursor: str | None = Field(None, description=_NEXT)
 
 
-class Execution(BaseModel):
+class JournalEntry(BaseModel):
     """One entry of the execution journal (DESIGN.md §5). Redacted argument fields are
     replaced."""
 
@@ -117,9 +117,9 @@ class Execution(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class ExecutionList(BaseModel):
+class JournalEntryList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[Execution] = Field(description="Newest first.")
+    data: list[JournalEntry] = Field(description="Newest first.")
     next_cursor: str | None = Field(None, description=_NEXT)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,14 +11,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from servers import free_port
 
 from authority_sdk.scripted import ScriptedModel, build_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ScriptedServer:

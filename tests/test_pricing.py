@@ -18,11 +18,6 @@ from typing import Any
 
 import pytest
 
-os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before litellm is imported: no fetch
-
-import litellm
-from litellm._internal_context import pinned_billing_time
-
 from authority_sdk.policy import ModelPrice
 from authority_sdk.pricing import (
     ModelPricing,
@@ -32,6 +27,28 @@ from authority_sdk.pricing import (
     max_affordable_output_tokens,
     price_map_path,
 )
+
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before litellm is imported: no fetch
+
+
+class _Lazy:
+    """litellm (the oracle) is imported on first use, not at collection: importing it
+    takes seconds, and every xdist worker collects every test module."""
+
+    def __init__(self, module: str) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._module), name)
+
+
+litellm = _Lazy("litellm")
+
+
+def pinned_billing_time(at: datetime) -> Any:
+    return _Lazy("litellm._internal_context").pinned_billing_time(at)
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK = PriceBook()

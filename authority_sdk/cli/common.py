@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
 
 from ..errors import PolicyError
-from ..policy import Policy, load_policy
+from ..policy import Policy, default_policy_path, load_policy
 
 PolicyOpt = Annotated[
     str | None,
@@ -19,7 +18,7 @@ PolicyOpt = Annotated[
 
 def policy_or_exit(path: str | None) -> Policy:
     try:
-        return load_policy(path or os.environ.get("AUTHORITY_POLICY") or "authority.yaml")
+        return load_policy(default_policy_path(path))
     except PolicyError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc

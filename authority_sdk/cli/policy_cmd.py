@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import PolicyError
-from ..policy import Policy, load_policy
+from ..policy import Policy, default_policy_path, load_policy
 from .common import PolicyOpt, policy_or_exit
 
 app = typer.Typer(no_args_is_help=True)
@@ -17,9 +17,8 @@ app = typer.Typer(no_args_is_help=True)
 @app.command()
 def check(policy: PolicyOpt = None) -> None:
     """Validate the policy file; exit non-zero naming the path of each error."""
-    import os
 
-    path = policy or os.environ.get("AUTHORITY_POLICY") or "authority.yaml"
+    path = default_policy_path(policy)
     try:
         p = load_policy(path)
     except PolicyError as exc:

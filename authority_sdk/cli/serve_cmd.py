@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -26,7 +25,9 @@ def serve(
     if level not in _LEVELS:
         typer.echo(f"error: --log-level must be one of {', '.join(_LEVELS)}", err=True)
         raise typer.Exit(2)
-    path = policy or os.environ.get("AUTHORITY_POLICY") or "authority.yaml"
+    from ..policy import default_policy_path
+
+    path = default_policy_path(policy)
     policy_or_exit(path)  # a broken policy is a clear message and exit 2, not a traceback
     from proxy.server import run
 

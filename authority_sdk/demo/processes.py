@@ -6,9 +6,12 @@ between, the child exits at once and is started again on another port.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import IO
 
 import httpx
 
-__all__ = ["Child", "free_port", "start_child"]
+__all__ = ["Child", "ProxyProcess", "free_port", "start_child"]
 
 
 def free_port() -> int:
@@ -93,3 +96,86 @@ def start_child(name: str, make_command: Callable[[int], list[str]], log_path: P
             return child
     raise RuntimeError(f"{name} exited at start ({attempts} attempts):\n"
                        + (child.output() if child else ""))
+
+
+class ProxyProcess:
+    """``authority serve`` as a child process on loopback, for tests and the demo.
+
+    ``env`` is added to the current environment. Output goes to ``log_path``
+    (a temporary file by default), readable with ``output()``.
+    """
+
+    def __init__(self, policy_path: str | os.PathLike[str], *, port: int | None = None,
+                 workers: int = 1, env: dict[str, str] | None = None,
+                 log_path: str | os.PathLike[str] | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.policy_path = str(policy_path)
+        self.host = host
+        self.port = port or free_port()
+        self.workers = workers
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(log_path) if log_path else Path(
+            tempfile.mkstemp(prefix="authority-proxy-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "authority_sdk.cli", "serve",
+                "--policy", self.policy_path, "--host", self.host, "--port", str(self.port),
+                "--workers", str(self.workers)]
+
+    def start(self, timeout_s: float = 60.0) -> ProxyProcess:
+        import httpx
+
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=root)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the proxy exited with {self.proc.returncode}:\n"
+                                   + self.output())
+            try:
+                if httpx.get(self.url + "/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("the proxy did not become healthy in time:\n" + self.output())
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, then wait; returns the exit code (SIGKILL if it will not stop)."""
+        rc = 0
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                rc = -9
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return rc
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -29,14 +29,14 @@ from .processes import Child, start_child
 from .steps import Walkthrough
 
 if TYPE_CHECKING:
-    from proxy.server import ProxyProcess
+    from .processes import ProxyProcess
 
 __all__ = ["run_demo"]
 
 
 def _start_proxy(policy_path: Path, env: dict[str, str], log_path: Path,
                  attempts: int = 3) -> ProxyProcess:
-    from proxy.server import ProxyProcess
+    from .processes import ProxyProcess
 
     last: Exception | None = None
     for _ in range(attempts):  # a fresh free port each time, in case one was taken meanwhile

@@ -19,7 +19,7 @@ from in_doubt import POLICY, audit_lines, crash
 from typer.testing import CliRunner
 
 from authority_sdk.cli import actions_cmd
-from proxy.server import ProxyProcess
+from authority_sdk.demo.processes import ProxyProcess
 
 APPROVER_KEY = "sk-actions-approver-0123"
 ADMIN_KEY = "sk-actions-admin-0123"

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from authority_sdk.cli import control_cmd
 from authority_sdk.client import AuthorityClient
-from proxy.server import ProxyProcess
+from authority_sdk.demo.processes import ProxyProcess
 
 AGENT_KEY = "sk-cli-agent-0123"
 HYBRID_KEY = "sk-cli-hybrid-0123"

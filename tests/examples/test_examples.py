@@ -22,9 +22,8 @@ import pytest
 import yaml
 
 from authority_sdk.demo.config import pick_keys, write_policy
-from authority_sdk.demo.processes import Child, start_child
+from authority_sdk.demo.processes import Child, ProxyProcess, start_child
 from authority_sdk.policy import Policy
-from proxy.server import ProxyProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

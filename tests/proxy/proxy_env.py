@@ -21,7 +21,7 @@ import openai
 import yaml
 from conftest import BASE_POLICY, ScriptedServer, deep_merge
 
-from proxy.server import ProxyProcess
+from authority_sdk.demo.processes import ProxyProcess
 
 AGENT_KEY = "sk-agent-prod-0123456789"
 DEV_KEY = "sk-agent-dev-0123456789"

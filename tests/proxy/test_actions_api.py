@@ -33,7 +33,7 @@ from proxy_env import (
 )
 from test_console import Browser, _chromium
 
-from proxy.server import ProxyProcess
+from authority_sdk.demo.processes import ProxyProcess
 
 TESTS = Path(__file__).resolve().parent.parent
 TOOLS = [tool("write_note", {"text": {"type": "string"}})]
@@ -177,7 +177,7 @@ def test_openapi_describes_the_actions_endpoints(doubt: Doubt) -> None:
     assert schemas["ResolveBody"]["properties"]["outcome"]["enum"] == ["executed", "failed"]
     assert schemas["ResolveBody"]["required"] == ["outcome"]
     assert {"action_key", "status", "resolved_by", "approval_id"} <= \
-        schemas["Execution"]["properties"].keys()
+        schemas["JournalEntry"]["properties"].keys()
 
 
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")

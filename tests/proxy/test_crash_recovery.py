@@ -26,7 +26,9 @@ from proxy_env import ADMIN_KEY, AGENT_KEY, PROXY_ENV, write_proxy_policy
 from servers import HttpReceiver, SmtpSink
 
 from authority_sdk.audit import verify
-from proxy.server import ProxyProcess
+from authority_sdk.demo.processes import ProxyProcess
+
+pytestmark = pytest.mark.slow
 
 MODEL = "gpt-4o-mini"
 

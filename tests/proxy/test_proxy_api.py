@@ -408,7 +408,22 @@ def test_openapi_describes_the_management_api(px: RunningProxy) -> None:
     assert "reason" in schemas["DecisionBody"]["properties"]
 
 
-def test_audit_chain_still_verifies(px: RunningProxy) -> None:
+def test_audit_chain_verifies_after_every_kind_of_entry(upstream: ScriptedServer,
+                                                         tmp_path: Path) -> None:
+    """Its own proxy and its own traffic: requests, actions, an approval, the kill switch,
+    a replay and a refusal all chain, whatever other tests did."""
     from authority_sdk.audit import verify
 
-    assert verify(Path(px.directory / "audit.jsonl")).ok
+    with start_proxy(upstream, tmp_path) as rp:
+        approval_id = _pending(rp, AGENT_KEY)
+        assert rp.http("POST", f"/authority/approvals/{approval_id}/approve",
+                       APPROVER_KEY).status_code == 200
+        chat(rp, 'CALL lookup_customer {"id": 1}', extra_headers={"Idempotency-Key": "k"})
+        chat(rp, 'CALL lookup_customer {"id": 1}', extra_headers={"Idempotency-Key": "k"})
+        for engaged in (True, False):
+            assert rp.http("POST", "/authority/kill-switch", ADMIN_KEY,
+                           json={"engaged": engaged}).status_code == 200
+        rp.http("POST", "/v1/chat/completions", AGENT_KEY, json={"model": "gpt-4o"})
+        events = {e["event"] for e in rp.audit_entries()}
+        assert {"request", "action", "approval", "kill_switch", "replay"} <= events
+        assert verify(Path(tmp_path / "audit.jsonl")).ok
