@@ -40,7 +40,17 @@ def schema() -> None:
 
 @app.command()
 def explain(
-    action: Annotated[str, typer.Option("--action", "-a", help="Action type (tool name).")],
+    action: Annotated[str | None, typer.Option("--action", "-a",
+                                               help="Action type (tool name).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Explain a request for this model: the allowlist glob, the "
+        "kill switch, the per-request ceiling and the budgets that decide it.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", min=1, help="With --model: the output limit the request sets.")] = None,
+    prompt: Annotated[str, typer.Option(
+        "--prompt", help="With --model: the user message to count.")] = "hello",
+    key: Annotated[str | None, typer.Option(
+        "--key", help="With --model: the caller key's name (its budget counts too).")] = None,
     policy: PolicyOpt = None,
     environment: Annotated[
         str | None,
@@ -55,7 +65,17 @@ def explain(
         bool, typer.Option("--kill-switch", help="Explain as if the kill switch were engaged.")
     ] = False,
 ) -> None:
-    """Show which step or rule decides the mode of one action, and why (exit 0, also for deny)."""
+    """Show which step or rule decides a request (--model) or the mode of one action
+    (--action), and why (exit 0, also for deny)."""
+    if model is None and action is None:
+        typer.echo("error: give --action (an action's mode) or --model (a request)", err=True)
+        raise typer.Exit(2)
+    if model is not None:
+        _explain_request(policy_or_exit(policy), environment, model, max_tokens, prompt, key)
+        if action is None:
+            return
+        typer.echo("")
+    assert action is not None
     from ..modes import (
         describe_condition,
         describe_rule,
@@ -127,3 +147,85 @@ def explain(
             found, value = lookup(parsed, f)
             shown = json.dumps(value, ensure_ascii=False) if found else "missing"
             typer.echo(f"      fails: {describe_condition(f, rule.if_[f])} ({f} = {shown})")
+
+
+def _explain_request(p: Policy, environment: str | None, model: str, max_tokens: int | None,
+                     prompt: str, key: str | None) -> None:
+    """The request-level decisions, in the engine's order, with the rule that makes each:
+    the same code the engine runs, with budgets read from the state store, not reserved."""
+    from ..actions import kill_engaged
+    from ..admission import matching_glob
+    from ..costs import plan_d
+    from ..effects import StoreOp
+    from ..errors import AuthorityError
+    from ..formats import ChatCompletions
+    from ..pricing import PriceBook
+    from ..store import open_store
+    from ..tokens import default_counter
+
+    env_name = environment or p.default_environment
+    if env_name not in p.environments:
+        typer.echo(f"error: unknown environment {env_name!r}", err=True)
+        raise typer.Exit(2)
+    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    req = ChatCompletions().parse(json.dumps(body).encode())
+
+    def row(label: str, value: str) -> None:
+        typer.echo(f"{label + ':':<13}{value}")
+
+    row("request", f"model {model} in {env_name}" + (f" by key {key}" if key else ""))
+    glob = matching_glob(p, env_name, model)
+    where = f"environments.{env_name}.models"
+    if glob is None:
+        row("allowlist", f"refused: no glob of {where} matches "
+                         f"({', '.join(p.environments[env_name].models)})")
+        row("decision", "deny (model_not_allowed)")
+        row("decided by", where)
+        return
+    row("allowlist", f"allowed by glob {glob!r} ({where})")
+    store = None
+    try:
+        if p.state.backend == "diskcache" and not p.state_path.exists():
+            raise AuthorityError("no state yet (nothing engaged, nothing spent)")
+        store = open_store(p)
+        kill = kill_engaged(store.kill_switch_state(), env_name)
+    except AuthorityError as exc:
+        row("kill switch", f"off: {exc.message}" if store is None and "no state" in exc.message
+            else f"unknown: {exc.message}")
+        kill = None
+    else:
+        row("kill switch", f"ENGAGED ({kill['scope']})" if kill else "off")
+    if kill is not None:
+        row("decision", "deny (kill_switch_engaged)")
+        row("decided by", f"kill_switch:{kill['scope']}")
+        return
+    key_cfg = next((k for k in p.keys if k.name == key), None)
+    decision = plan_d(p, env_name, key_cfg.budget if key_cfg else None, key or "sdk", req,
+                      prices=PriceBook(p.pricing), counter=default_counter)
+    try:
+        effect = next(decision)
+        while True:  # answer the budget reservation from the store's counters, read-only
+            assert isinstance(effect, StoreOp) and effect.method == "budget_reserve"
+            counters, low = effect.args[0], effect.kwargs["min_usd"]
+            rooms = [limit - (store.budget_used(c) if store else 0.0) for c, limit in counters]
+            for (c, limit), room in zip(counters, rooms, strict=True):
+                row("budget", f"{c}: ${limit - room:.6f} of ${limit} used, ${room:.6f} left")
+            room = min(rooms)
+            effect = decision.send(None if room < low else min(effect.kwargs["max_usd"], room))
+    except StopIteration as stop:
+        plan = stop.value
+        row("cost", f"estimate ${plan.estimate_usd:.6f} (prompt ~{plan.prompt_tokens} tokens, "
+                    f"up to {plan.output_limit} output tokens"
+                    + (", a limit the gateway sets" if plan.injected_limit else "") + ")")
+        row("ceiling", f"${plan.ceiling_usd} (environments.{env_name}.ceilings.per_request_usd)"
+            if plan.ceiling_usd is not None else "none")
+        row("decision", "allow")
+    except AuthorityError as exc:
+        row("decision", f"deny ({exc.code})")
+        row("decided by", str(exc.details.get("decided_by") or "-"))
+        row("reason", exc.message)
+    finally:
+        if store is not None:
+            store.close()

@@ -69,3 +69,31 @@ def test_schema_is_valid_json_schema_of_the_policy() -> None:
     assert {"environments", "actions", "executors", "keys", "pricing", "redact"} <= set(
         schema["properties"])
     assert "base_dir" not in schema["properties"]
+
+
+def test_explain_names_the_rule_that_decides_a_request(tmp_path: Path) -> None:
+    """Which glob admits a model, which ceiling or budget refuses a request."""
+    import yaml
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "default_environment": "prod",
+        "state": {"path": str(tmp_path / "state")},
+        "environments": {"prod": {"models": ["gpt-4o-mini", "gpt-4.1-*"],
+                                  "ceilings": {"per_request_usd": 0.01},
+                                  "budget": {"usd": 1.0, "period": "day"}}}}))
+
+    def explain(*args: str) -> str:
+        result = run("policy", "explain", "--policy", str(path), *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    out = explain("-m", "gpt-4o")
+    assert "deny (model_not_allowed)" in out and "environments.prod.models" in out
+    out = explain("-m", "gpt-4.1-mini")
+    assert "allowed by glob 'gpt-4.1-*'" in out and "decision:    allow" in out
+    assert "budget:env:prod:day" in out
+    out = explain("-m", "gpt-4o-mini", "--max-tokens", "100000")
+    assert "deny (cost_ceiling_exceeded)" in out
+    assert "environments.prod.ceilings.per_request_usd" in out
+    assert not (tmp_path / "state").exists()  # explaining changes nothing
