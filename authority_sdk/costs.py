@@ -13,7 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BudgetExceeded, CostCeilingExceeded, InvalidRequest, ModelPriceUnknown
+from .errors import (
+    BudgetExceeded,
+    CostCeilingExceeded,
+    InvalidRequest,
+    ModelPriceUnknown,
+    UnpriceableContent,
+)
 from .policy import Budget, Policy
 from .pricing import (
     ModelPricing,
@@ -23,7 +29,8 @@ from .pricing import (
     max_affordable_output_tokens,
 )
 from .store import Store
-from .tokens import TokenCounter
+from .tokens import PromptCount, TokenCounter
+from .vision import image_rule
 
 __all__ = ["MIN_OUTPUT_TOKENS", "CostPlan", "budget_counter", "plan_cost", "settle"]
 
@@ -115,21 +122,28 @@ def plan_cost(
     n = body.get("n") or 1
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidRequest("n must be a positive integer")
-    prompt = counter.count_prompt(model, body["messages"], body.get("tools"))
+    counted = counter.count_request(model, body)
+    prompt, unseen = _bound_unseen(model, pricing, counted)
+    modal = {"image_tokens": counted.image_tokens, "audio_tokens": counted.audio_tokens,
+             "unseen_tokens": unseen}
     reserve_prompt = math.ceil(prompt * PROMPT_MARGIN) + PROMPT_MARGIN_TOKENS
     env = policy.environments[environment]
     ceiling = env.ceilings.per_request_usd
     explicit = _explicit_limit(body)
     window = pricing.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS
+    what = _prompt_words(prompt, counted, unseen)
 
     def est(out: int) -> float:
-        return estimate_usd(pricing, reserve_prompt, out * n)
+        return estimate_usd(pricing, reserve_prompt, out * n, **modal)
+
+    def affordable(usd: float) -> int:
+        return max_affordable_output_tokens(pricing, reserve_prompt, usd, **modal)
 
     if explicit is not None:
         out = explicit
         if ceiling is not None and est(out) > ceiling:
             raise CostCeilingExceeded(
-                f"estimated cost ${est(out):.6f} (prompt ~{prompt} tokens + up to {out * n} "
+                f"estimated cost ${est(out):.6f} ({what} + up to {out * n} "
                 f"output tokens on {model}) exceeds the per-request ceiling ${ceiling} "
                 f"of environment {environment!r}",
                 estimate_usd=est(out), ceiling_usd=ceiling,
@@ -137,10 +151,10 @@ def plan_cost(
     else:
         out = window
         if ceiling is not None and est(out) > ceiling:
-            out = min(window, max_affordable_output_tokens(pricing, reserve_prompt, ceiling) // n)
+            out = min(window, affordable(ceiling) // n)
             if out < MIN_OUTPUT_TOKENS:
                 raise CostCeilingExceeded(
-                    f"the prompt alone (~{prompt} tokens on {model}) leaves no room for an answer "
+                    f"the prompt alone ({what} on {model}) leaves no room for an answer "
                     f"under the per-request ceiling ${ceiling} of environment {environment!r}",
                     estimate_usd=est(MIN_OUTPUT_TOKENS), ceiling_usd=ceiling,
                 )
@@ -166,7 +180,7 @@ def plan_cost(
             )
         reserved = granted
         if explicit is None and granted < est(out):
-            out = min(out, max_affordable_output_tokens(pricing, reserve_prompt, granted) // n)
+            out = min(out, affordable(granted) // n)
             # Rounding can make the largest affordable limit dip below the floor we reserved for.
             out = max(out, min(MIN_OUTPUT_TOKENS, window))
 
@@ -178,6 +192,40 @@ def plan_cost(
         injected_limit=injected, estimate_usd=est(out), ceiling_usd=ceiling,
         reserved_usd=reserved, counters=[c for c, _ in counters], budget_ttl_s=ttl or 86400.0,
     )
+
+
+def _bound_unseen(model: str, pricing: ModelPricing, counted: PromptCount) -> tuple[int, int]:
+    """(prompt tokens, of which unseen) once content the gateway cannot see is bounded.
+
+    Unseen content (files, audio it cannot time, …) is priced as filling the model's input
+    window: a provider refuses, unbilled, a prompt that does not fit it. Models that bill an
+    image at a multiple of the context it takes (gpt-4o-mini, the patch models) can bill
+    that multiple of the window.
+    """
+    if not counted.unseen_parts:
+        return counted.tokens, 0
+    limit = pricing.max_input_tokens
+    if limit is None or limit <= 0:
+        raise UnpriceableContent(
+            f"the request carries content whose cost the gateway cannot bound from the request "
+            f"(a file, audio in a format it cannot time, an image with no size limit…) and no "
+            f"input window is known for model {model!r} to bound it; send text, images or "
+            f"WAV/MP3 audio, or use a model whose limits are in the price map")
+    bound = math.ceil(limit * image_rule(model).window_factor)
+    if bound <= counted.tokens:
+        return counted.tokens, 0
+    return bound, bound - counted.tokens
+
+
+def _prompt_words(prompt: int, counted: PromptCount, unseen: int) -> str:
+    parts = []
+    if counted.image_tokens:
+        parts.append(f"{counted.image_tokens} for images")
+    if counted.audio_tokens:
+        parts.append(f"{counted.audio_tokens} for audio")
+    if unseen:
+        parts.append(f"{unseen} bounding files or other content by the input window")
+    return f"prompt ~{prompt} tokens" + (f", of which {', '.join(parts)}" if parts else "")
 
 
 def _budget_names(counters: list[tuple[str, float]]) -> str:

@@ -32,13 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .media import part_cost
+from .vision import ImageRule, image_rule
+
 if TYPE_CHECKING:
     from tiktoken import Encoding
 
 __all__ = [
-    "IMAGE_TOKENS",
     "TOOLS_OVERHEAD",
     "CounterStats",
+    "PromptCount",
     "TokenCounter",
     "default_counter",
     "encoding_for_model",
@@ -49,8 +52,8 @@ __all__ = [
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
-IMAGE_TOKENS = 85
 TOOLS_OVERHEAD = 9  # what OpenAI adds around the function namespace it renders
+CHOICE_OVERHEAD = 4  # a forced function choice, besides the function's name
 
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")
 
@@ -143,6 +146,20 @@ class CounterStats:
     max_entries: int
 
 
+@dataclass(frozen=True, slots=True)
+class PromptCount:
+    """The prompt of one request as the gateway counts it."""
+
+    tokens: int  # every token counted: text, tool definitions, images, audio
+    image_tokens: int = 0  # of which image tokens (billed at the model's image rate, if any)
+    audio_tokens: int = 0  # of which audio tokens (billed at the model's audio rate)
+    unseen_parts: int = 0  # content only the model's input window bounds (see .media)
+
+
+# A message with content parts: (tokens, image tokens, audio tokens, unseen parts).
+_Rich = tuple[int, int, int, int]
+
+
 class TokenCounter:
     """Counts prompt tokens, caching each message and tool definition by its content hash.
 
@@ -150,34 +167,37 @@ class TokenCounter:
     conversations pass through.
     """
 
-    def __init__(self, max_entries: int = 50_000, image_tokens: int = IMAGE_TOKENS) -> None:
+    def __init__(self, max_entries: int = 50_000) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
-        self.image_tokens = image_tokens
-        self._cache: OrderedDict[bytes | int, int] = OrderedDict()
+        self._cache: OrderedDict[bytes | int, int | _Rich] = OrderedDict()
         self._lock = threading.Lock()
         self._hits = 0
         self._misses = 0
 
     # -- public -----------------------------------------------------------------------------
 
+    def count_request(self, model: str, body: Mapping[str, Any]) -> PromptCount:
+        """The prompt of a chat completion request: messages, reply priming, tool and legacy
+        function definitions, and a forced tool or function choice."""
+        messages = body.get("messages")
+        return self._count(
+            model, messages if isinstance(messages, list) else [], body.get("tools"),
+            body.get("functions"), (body.get("tool_choice"), body.get("function_call")),
+        )
+
     def count_prompt(
         self,
         model: str,
-        messages: Sequence[Mapping[str, Any]],
-        tools: Sequence[Mapping[str, Any]] | None = None,
+        messages: Sequence[Any],
+        tools: Sequence[Any] | None = None,
+        functions: Sequence[Any] | None = None,
     ) -> int:
-        """Prompt tokens of a chat request: its messages, reply priming and tool definitions."""
-        enc_name = encoding_name_for_model(model)
-        total = REPLY_PRIMING
-        for message in messages:
-            total += self._cached(enc_name, "m", message, self._message_tokens)
-        if tools:
-            total += TOOLS_OVERHEAD
-            for tool in tools:
-                total += self._cached(enc_name, "t", tool, self._tool_tokens)
-        return total
+        """Prompt tokens of a chat request: its messages, reply priming and tool definitions
+        (``functions``, the legacy spelling, count like tools). Content the gateway cannot
+        see (:attr:`PromptCount.unseen_parts`) is not in this number."""
+        return self._count(model, messages, tools, functions, ()).tokens
 
     def count_text(self, model: str, text: str) -> int:
         """Tokens of a plain string (no caching: callers use it for one-off text)."""
@@ -194,34 +214,58 @@ class TokenCounter:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _cached(
-        self,
-        enc_name: str,
-        kind: str,
-        obj: Mapping[str, Any],
-        count: Callable[[Encoding, Mapping[str, Any], str], int],
-    ) -> int:
-        key: bytes | int
-        if kind == "m" and all(type(v) is str for v in obj.values()):
-            # Plain text messages (most of a conversation): Python's own 64-bit string hash,
-            # computed once per string and cached by the interpreter, instead of sorted JSON
-            # and blake2b, which cost more than the lookup they serve. A collision (2**-64)
-            # would only misprice an estimate, never decide an action.
-            key = hash((enc_name, tuple(obj.items())))
-            canon = ""
-        else:
-            canon = _canonical(obj)
-            key = hashlib.blake2b(
-                f"{enc_name}\0{kind}\0{canon}".encode(), digest_size=16
-            ).digest()
+    def _count(self, model: str, messages: Sequence[Any], tools: Any, functions: Any,
+               choices: tuple[Any, ...]) -> PromptCount:
+        enc_name = encoding_name_for_model(model)
+        total = REPLY_PRIMING
+        image = audio = unseen = 0
+        rule: ImageRule | None = None
+        for message in messages:
+            if type(message) is dict and all(type(v) is str for v in message.values()):
+                # Plain text messages (most of a conversation): Python's own 64-bit string
+                # hash, computed once per string and cached by the interpreter, instead of
+                # sorted JSON and blake2b, which cost more than the lookup they serve. A
+                # collision (2**-64) would only misprice an estimate, never decide an action.
+                key = hash((enc_name, tuple(message.items())))
+                n = self._lookup(key, _plain_tokens, enc_name, message)
+                assert isinstance(n, int)
+                total += n
+                continue
+            if rule is None:
+                rule = image_rule(model)
+            # Image tokens depend on the model's family, not only on its encoding.
+            canon = _canonical(message)
+            rkey = _digest(enc_name, rule.name, "m", canon)
+            counted = self._lookup(rkey, _rich_tokens, enc_name, rule, message)
+            assert isinstance(counted, tuple)
+            total += counted[0]
+            image += counted[1]
+            audio += counted[2]
+            unseen += counted[3]
+        definitions = [*_as_list(tools), *(_as_tool(fn) for fn in _as_list(functions))]
+        if definitions:
+            total += TOOLS_OVERHEAD
+            for tool in definitions:
+                canon = _canonical(tool)
+                tkey = _digest(enc_name, "", "t", canon)
+                n = self._lookup(tkey, _tool_tokens, enc_name, tool, canon)
+                assert isinstance(n, int)
+                total += n
+        for choice in choices:
+            if choice is not None and choice != "auto":
+                total += _choice_tokens(_encoding(enc_name), choice)
+        return PromptCount(total, image, audio, unseen)
+
+    def _lookup(self, key: bytes | int, count: Callable[..., int | _Rich], *args: Any
+                ) -> int | _Rich:
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 self._hits += 1
                 return hit
-        # Encode outside the lock: two threads may both count a new message, which is harmless.
-        n = count(_encoding(enc_name), obj, canon)
+        # Count outside the lock: two threads may both count a new message, which is harmless.
+        n = count(*args)
         with self._lock:
             self._misses += 1
             self._cache[key] = n
@@ -230,58 +274,110 @@ class TokenCounter:
                 self._cache.popitem(last=False)
         return n
 
-    def _message_tokens(self, enc: Encoding, message: Mapping[str, Any], _canon: str) -> int:
-        n = TOKENS_PER_MESSAGE
-        for key, value in message.items():
-            if value is None:
-                continue
-            if key == "content" and not isinstance(value, str):
-                n += self._content_tokens(enc, value)
-            elif key == "tool_calls" and isinstance(value, list):
-                for call in value:
-                    if isinstance(call, Mapping):
-                        n += _function_tokens(enc, call.get("function"))
-            elif key == "function_call":
-                n += _function_tokens(enc, value)
-            elif isinstance(value, str):
-                n += _text_tokens(enc, value)
-                if key == "name":
-                    n += TOKENS_PER_NAME
-        return n
 
-    def _content_tokens(self, enc: Encoding, content: Any) -> int:
-        if not isinstance(content, list):
-            return 0
-        n = 0
-        for part in content:
-            if isinstance(part, str):
-                n += _text_tokens(enc, part)
-            elif isinstance(part, Mapping):
+def _plain_tokens(enc_name: str, message: Mapping[str, str]) -> int:
+    enc = _encoding(enc_name)
+    n = TOKENS_PER_MESSAGE
+    for key, value in message.items():
+        n += _text_tokens(enc, value)
+        if key == "name":
+            n += TOKENS_PER_NAME
+    return n
+
+
+def _rich_tokens(enc_name: str, rule: ImageRule, message: Any) -> _Rich:
+    enc = _encoding(enc_name)
+    if not isinstance(message, Mapping):
+        return TOKENS_PER_MESSAGE + _text_tokens(enc, _canonical(message)), 0, 0, 0
+    n = TOKENS_PER_MESSAGE
+    image = audio = unseen = 0
+    for key, value in message.items():
+        if value is None:
+            continue
+        if key == "content" and isinstance(value, list):
+            for part in value:
+                if isinstance(part, str):
+                    n += _text_tokens(enc, part)
+                    continue
+                if not isinstance(part, Mapping):
+                    n += _text_tokens(enc, _canonical(part))
+                    continue
                 kind = part.get("type")
-                if kind == "text":
-                    n += _text_tokens(enc, str(part.get("text") or ""))
-                elif kind == "refusal":
-                    n += _text_tokens(enc, str(part.get("refusal") or ""))
-                elif kind in ("image_url", "image"):
-                    n += self.image_tokens
-        return n
+                if kind in ("text", "refusal"):
+                    n += _text_tokens(enc, _as_text(part.get(kind)))
+                    continue
+                cost = part_cost(part, rule)
+                n += cost.image_tokens + cost.audio_tokens
+                image += cost.image_tokens
+                audio += cost.audio_tokens
+                unseen += cost.unseen
+        elif key == "tool_calls" and isinstance(value, list):
+            for call in value:
+                if isinstance(call, Mapping):
+                    n += _function_tokens(enc, call.get("function"))
+                else:
+                    n += _text_tokens(enc, _canonical(call))
+        elif key == "function_call":
+            n += _function_tokens(enc, value)
+        elif key == "audio":
+            unseen += 1  # an earlier answer's audio, by id: its length is not in the request
+        elif isinstance(value, str):
+            n += _text_tokens(enc, value)
+            if key == "name":
+                n += TOKENS_PER_NAME
+        else:
+            # Any other structured field: its JSON is an upper bound on the text it adds.
+            n += _text_tokens(enc, _canonical(value))
+    return n, image, audio, unseen
 
-    @staticmethod
-    def _tool_tokens(enc: Encoding, tool: Mapping[str, Any], canon: str) -> int:
-        fn = tool.get("function")
-        text = _canonical(fn) if isinstance(fn, Mapping) else canon
-        return _text_tokens(enc, text)
+
+def _digest(enc_name: str, family: str, kind: str, canon: str) -> bytes:
+    return hashlib.blake2b(f"{enc_name}\0{family}\0{kind}\0{canon}".encode(),
+                           digest_size=16).digest()
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _as_tool(fn: Any) -> Any:
+    # A legacy function definition is rendered exactly like a tool's function.
+    return {"type": "function", "function": fn}
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else _canonical(value)
+
+
+def _tool_tokens(enc_name: str, tool: Any, canon: str) -> int:
+    fn = tool.get("function") if isinstance(tool, Mapping) else None
+    text = _canonical(fn) if isinstance(fn, Mapping) else canon
+    return _text_tokens(_encoding(enc_name), text)
 
 
 def _function_tokens(enc: Encoding, fn: Any) -> int:
     if not isinstance(fn, Mapping):
-        return 0
+        return 0 if fn is None else _text_tokens(enc, _canonical(fn))
     n = 0
     for field in ("name", "arguments"):
         value = fn.get(field)
         if value is not None:
             n += _text_tokens(enc, value if isinstance(value, str) else _canonical(value))
     return n
+
+
+def _choice_tokens(enc: Encoding, choice: Any) -> int:
+    """A forced ``tool_choice``/``function_call``: OpenAI adds 1 token for "none" and the
+    name plus 4 for a named function (measured by hmarr/openai-chat-tokens)."""
+    if choice == "none":
+        return 1
+    if isinstance(choice, Mapping):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
+        return CHOICE_OVERHEAD + _text_tokens(enc, _as_text(name))
+    return CHOICE_OVERHEAD  # "required", or a value the upstream will refuse
 
 
 default_counter = TokenCounter()
