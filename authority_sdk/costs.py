@@ -124,14 +124,15 @@ def plan_cost(
         raise InvalidRequest("n must be a positive integer")
     counted = counter.count_request(model, body)
     prompt, unseen = _bound_unseen(model, pricing, counted)
-    modal = {"image_tokens": counted.image_tokens, "audio_tokens": counted.audio_tokens,
-             "unseen_tokens": unseen}
+    modal: dict[str, int] = {}
+    if counted.image_tokens or counted.audio_tokens or unseen:
+        modal = {"image_tokens": counted.image_tokens, "audio_tokens": counted.audio_tokens,
+                 "unseen_tokens": unseen}
     reserve_prompt = math.ceil(prompt * PROMPT_MARGIN) + PROMPT_MARGIN_TOKENS
     env = policy.environments[environment]
     ceiling = env.ceilings.per_request_usd
     explicit = _explicit_limit(body)
     window = pricing.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS
-    what = _prompt_words(prompt, counted, unseen)
 
     def est(out: int) -> float:
         return estimate_usd(pricing, reserve_prompt, out * n, **modal)
@@ -143,9 +144,9 @@ def plan_cost(
         out = explicit
         if ceiling is not None and est(out) > ceiling:
             raise CostCeilingExceeded(
-                f"estimated cost ${est(out):.6f} ({what} + up to {out * n} "
-                f"output tokens on {model}) exceeds the per-request ceiling ${ceiling} "
-                f"of environment {environment!r}",
+                f"estimated cost ${est(out):.6f} ({_prompt_words(prompt, counted, unseen)} + "
+                f"up to {out * n} output tokens on {model}) exceeds the per-request ceiling "
+                f"${ceiling} of environment {environment!r}",
                 estimate_usd=est(out), ceiling_usd=ceiling,
             )
     else:
@@ -154,8 +155,9 @@ def plan_cost(
             out = min(window, affordable(ceiling) // n)
             if out < MIN_OUTPUT_TOKENS:
                 raise CostCeilingExceeded(
-                    f"the prompt alone ({what} on {model}) leaves no room for an answer "
-                    f"under the per-request ceiling ${ceiling} of environment {environment!r}",
+                    f"the prompt alone ({_prompt_words(prompt, counted, unseen)} on {model}) "
+                    f"leaves no room for an answer under the per-request ceiling ${ceiling} "
+                    f"of environment {environment!r}",
                     estimate_usd=est(MIN_OUTPUT_TOKENS), ceiling_usd=ceiling,
                 )
 

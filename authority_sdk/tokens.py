@@ -158,6 +158,9 @@ class PromptCount:
 
 # A message with content parts: (tokens, image tokens, audio tokens, unseen parts).
 _Rich = tuple[int, int, int, int]
+_STR_ONLY = frozenset((str,))
+# A cache key, the function that counts on a miss, and its arguments.
+_Job = tuple["bytes | int", "Callable[..., int | _Rich]", tuple[Any, ...]]
 
 
 class TokenCounter:
@@ -217,62 +220,72 @@ class TokenCounter:
     def _count(self, model: str, messages: Sequence[Any], tools: Any, functions: Any,
                choices: tuple[Any, ...]) -> PromptCount:
         enc_name = encoding_name_for_model(model)
-        total = REPLY_PRIMING
-        image = audio = unseen = 0
+        jobs: list[_Job] = []
         rule: ImageRule | None = None
         for message in messages:
-            if type(message) is dict and all(type(v) is str for v in message.values()):
+            if type(message) is dict and set(map(type, message.values())) <= _STR_ONLY:
                 # Plain text messages (most of a conversation): Python's own 64-bit string
                 # hash, computed once per string and cached by the interpreter, instead of
                 # sorted JSON and blake2b, which cost more than the lookup they serve. A
                 # collision (2**-64) would only misprice an estimate, never decide an action.
-                key = hash((enc_name, tuple(message.items())))
-                n = self._lookup(key, _plain_tokens, enc_name, message)
-                assert isinstance(n, int)
-                total += n
+                jobs.append((hash((enc_name, tuple(message.items()))), _plain_tokens,
+                             (enc_name, message)))
                 continue
             if rule is None:
                 rule = image_rule(model)
             # Image tokens depend on the model's family, not only on its encoding.
-            canon = _canonical(message)
-            rkey = _digest(enc_name, rule.name, "m", canon)
-            counted = self._lookup(rkey, _rich_tokens, enc_name, rule, message)
-            assert isinstance(counted, tuple)
-            total += counted[0]
-            image += counted[1]
-            audio += counted[2]
-            unseen += counted[3]
+            key = _digest(enc_name, rule.name, "m", _canonical(message))
+            jobs.append((key, _rich_tokens, (enc_name, rule, message)))
         definitions = [*_as_list(tools), *(_as_tool(fn) for fn in _as_list(functions))]
-        if definitions:
-            total += TOOLS_OVERHEAD
-            for tool in definitions:
-                canon = _canonical(tool)
-                tkey = _digest(enc_name, "", "t", canon)
-                n = self._lookup(tkey, _tool_tokens, enc_name, tool, canon)
-                assert isinstance(n, int)
-                total += n
+        for tool in definitions:
+            canon = _canonical(tool)
+            jobs.append((_digest(enc_name, "", "t", canon), _tool_tokens, (enc_name, tool, canon)))
+        total = REPLY_PRIMING + (TOOLS_OVERHEAD if definitions else 0)
+        image = audio = unseen = 0
+        for value in self._lookup(jobs):
+            if type(value) is int:
+                total += value
+            else:
+                assert isinstance(value, tuple)
+                total += value[0]
+                image += value[1]
+                audio += value[2]
+                unseen += value[3]
         for choice in choices:
             if choice is not None and choice != "auto":
                 total += _choice_tokens(_encoding(enc_name), choice)
         return PromptCount(total, image, audio, unseen)
 
-    def _lookup(self, key: bytes | int, count: Callable[..., int | _Rich], *args: Any
-                ) -> int | _Rich:
+    def _lookup(self, jobs: list[_Job]) -> list[int | _Rich]:
+        """Each job's count: cached ones under one lock, the rest counted outside it."""
+        out: list[int | _Rich | None] = []
+        missing: list[int] = []
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                self._hits += 1
-                return hit
-        # Count outside the lock: two threads may both count a new message, which is harmless.
-        n = count(*args)
-        with self._lock:
-            self._misses += 1
-            self._cache[key] = n
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        return n
+            cache = self._cache
+            for i, (key, _, _) in enumerate(jobs):
+                hit = cache.get(key)
+                if hit is None:
+                    missing.append(i)
+                else:
+                    cache.move_to_end(key)
+                out.append(hit)
+            self._hits += len(jobs) - len(missing)
+        if missing:
+            # Two threads may both count a new message, which is harmless.
+            for i in missing:
+                _, count, args = jobs[i]
+                out[i] = count(*args)
+            with self._lock:
+                self._misses += len(missing)
+                for i in missing:
+                    key = jobs[i][0]
+                    value = out[i]
+                    assert value is not None
+                    cache[key] = value
+                    cache.move_to_end(key)
+                while len(cache) > self.max_entries:
+                    cache.popitem(last=False)
+        return out  # type: ignore[return-value]  # every None was filled in above
 
 
 def _plain_tokens(enc_name: str, message: Mapping[str, str]) -> int:
