@@ -47,6 +47,8 @@ _UNSEEN = PartCost(unseen=1)
 def part_cost(part: Mapping[str, Any], rule: ImageRule) -> PartCost:
     """What a non-text content part costs on a model billing images by ``rule``."""
     kind = part.get("type")
+    if not isinstance(kind, str):
+        return _UNSEEN
     if kind in _IMAGE_TYPES:
         return _image(part, rule)
     if kind == "input_audio":
