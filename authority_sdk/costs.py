@@ -177,7 +177,7 @@ def plan_cost(
         if granted is None:
             raise BudgetExceeded(
                 f"the budget of {_budget_names(counters)} cannot pay for this request "
-                f"(needs at least ${low:.6f})",
+                f"(needs at least ${low:.6f}: {_prompt_words(prompt, counted, unseen)} on {model})",
                 needed_usd=low,
             )
         reserved = granted
