@@ -8,15 +8,18 @@ never imported: its folder is found with ``importlib.util.find_spec``.
 Accounting follows OpenAI's cookbook (``num_tokens_from_messages``): 3 tokens
 per message, plus every string field (role, content, name, tool_call_id…),
 plus 1 per ``name``, plus 3 to prime the reply. Assistant ``tool_calls`` count
-their function name and arguments. Content parts count their text; an image
-part counts a fixed :data:`IMAGE_TOKENS` (85, OpenAI's low-detail price) since
-its real size is not known without decoding it, so high-detail images are
-under-counted. Audio and file parts count nothing. Each tool definition counts
-the tokens of its canonical JSON, plus :data:`TOOLS_OVERHEAD` once.
+their function name and arguments. Content parts count their text; images and
+audio count as the provider bills them (:mod:`.media`, :mod:`.vision`), and
+what only the model's input window bounds (files…) is reported in
+:attr:`PromptCount.unseen_parts` for the cost plan to price. Each tool
+definition, and each legacy ``functions`` entry (rendered the same way),
+counts the tokens of its canonical JSON, plus :data:`TOOLS_OVERHEAD` once; a
+forced ``tool_choice``/``function_call`` counts its name.
 
 Agents resend their whole conversation every turn, so each message's count is
-cached by a hash of its canonical JSON in a bounded LRU: a turn pays only for
-the messages that are new.
+cached in a bounded LRU (plain text messages by the interpreter's string hash,
+others by a digest of their canonical JSON and the model's image family): a
+turn pays only for the messages that are new.
 """
 
 from __future__ import annotations

@@ -369,3 +369,16 @@ def test_images_raise_the_estimate_by_their_tokens(tmp_path: Any) -> None:
     a, b = _plan("gpt-4o", text, tmp_path), _plan("gpt-4o", images, tmp_path)
     assert b.prompt_tokens - a.prompt_tokens == 20 * 765
     assert b.estimate_usd - a.estimate_usd >= 20 * 765 * 2.5e-6
+
+
+def test_a_resent_image_message_is_served_from_the_cache() -> None:
+    c = TokenCounter()
+    image_msg = {"role": "user", "content": [image_part(data_url(png(1024, 1024)), "high")]}
+    turn1 = [image_msg, {"role": "assistant", "content": "A black square."}]
+    first = c.count_request("gpt-4o", {"messages": turn1})
+    before = c.stats()
+    turn2 = [*turn1, {"role": "user", "content": "And now?"}]
+    second = c.count_request("gpt-4o", {"messages": turn2})
+    after = c.stats()
+    assert after.misses - before.misses == 1  # only the new message was counted
+    assert second.image_tokens == first.image_tokens == 765
