@@ -24,7 +24,6 @@ turn pays only for the messages that are new.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidRequest
 from .media import part_cost
 from .vision import ImageRule, image_rule
 
@@ -163,7 +163,7 @@ class PromptCount:
 _Rich = tuple[int, int, int, int]
 _STR_ONLY = frozenset((str,))
 # A cache key, the function that counts on a miss, and its arguments.
-_Job = tuple["bytes | int", "Callable[..., int | _Rich]", tuple[Any, ...]]
+_Job = tuple[int, "Callable[..., int | _Rich]", tuple[Any, ...]]
 
 
 class TokenCounter:
@@ -177,7 +177,7 @@ class TokenCounter:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
-        self._cache: OrderedDict[bytes | int, int | _Rich] = OrderedDict()
+        self._cache: OrderedDict[int, int | _Rich] = OrderedDict()
         self._lock = threading.Lock()
         self._hits = 0
         self._misses = 0
@@ -222,6 +222,13 @@ class TokenCounter:
 
     def _count(self, model: str, messages: Sequence[Any], tools: Any, functions: Any,
                choices: tuple[Any, ...]) -> PromptCount:
+        try:
+            return self._count_unguarded(model, messages, tools, functions, choices)
+        except RecursionError:
+            raise InvalidRequest("the request is nested too deeply to be priced") from None
+
+    def _count_unguarded(self, model: str, messages: Sequence[Any], tools: Any,
+                         functions: Any, choices: tuple[Any, ...]) -> PromptCount:
         enc_name = encoding_name_for_model(model)
         jobs: list[_Job] = []
         rule: ImageRule | None = None
@@ -236,13 +243,14 @@ class TokenCounter:
                 continue
             if rule is None:
                 rule = image_rule(model)
-            # Image tokens depend on the model's family, not only on its encoding.
-            key = _digest(enc_name, rule.name, "m", _canonical(message))
+            # Image tokens depend on the model's family, not only on its encoding. The key is
+            # the interpreter's hash of the message's structure, as for plain messages: a
+            # digest of its JSON would cost ~40 ms for a 4 MB image, every turn.
+            key = hash((enc_name, rule.name, "m", _freeze(message)))
             jobs.append((key, _rich_tokens, (enc_name, rule, message)))
         definitions = [*_as_list(tools), *(_as_tool(fn) for fn in _as_list(functions))]
         for tool in definitions:
-            canon = _canonical(tool)
-            jobs.append((_digest(enc_name, "", "t", canon), _tool_tokens, (enc_name, tool, canon)))
+            jobs.append((hash((enc_name, "t", _freeze(tool))), _tool_tokens, (enc_name, tool)))
         total = REPLY_PRIMING + (TOOLS_OVERHEAD if definitions else 0)
         image = audio = unseen = 0
         for value in self._lookup(jobs):
@@ -347,9 +355,19 @@ def _rich_tokens(enc_name: str, rule: ImageRule, message: Any) -> _Rich:
     return n, image, audio, unseen
 
 
-def _digest(enc_name: str, family: str, kind: str, canon: str) -> bytes:
-    return hashlib.blake2b(f"{enc_name}\0{family}\0{kind}\0{canon}".encode(),
-                           digest_size=16).digest()
+def _freeze(obj: Any) -> Any:
+    """A hashable image of a JSON value; equal values give equal images (bool and float are
+    tagged so that ``true``, ``1`` and ``1.0`` stay apart)."""
+    t = type(obj)
+    if t is dict:
+        return ("{", *((k, _freeze(v)) for k, v in obj.items()))
+    if t is list:
+        return ("[", *(_freeze(v) for v in obj))
+    if t is bool or t is float:
+        return t, obj
+    if t is str or t is int or obj is None:
+        return obj
+    return repr(obj)  # not from JSON (a caller's own object): its text is its identity
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -367,9 +385,9 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else _canonical(value)
 
 
-def _tool_tokens(enc_name: str, tool: Any, canon: str) -> int:
+def _tool_tokens(enc_name: str, tool: Any) -> int:
     fn = tool.get("function") if isinstance(tool, Mapping) else None
-    text = _canonical(fn) if isinstance(fn, Mapping) else canon
+    text = _canonical(fn if isinstance(fn, Mapping) else tool)
     return _text_tokens(_encoding(enc_name), text)
 
 

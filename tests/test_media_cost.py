@@ -382,3 +382,14 @@ def test_a_resent_image_message_is_served_from_the_cache() -> None:
     after = c.stats()
     assert after.misses - before.misses == 1  # only the new message was counted
     assert second.image_tokens == first.image_tokens == 765
+
+
+def test_a_body_nested_too_deeply_to_price_is_a_400() -> None:
+    from authority_sdk.errors import InvalidRequest
+
+    deep: Any = "x"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(InvalidRequest) as ei:
+        TokenCounter().count_request("gpt-4o", {"messages": [{"role": "user", "content": deep}]})
+    assert ei.value.status_code == 400
