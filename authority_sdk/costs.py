@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .effects import Decision, S
-from .errors import BudgetExceeded, CostCeilingExceeded, ModelPriceUnknown
+from .errors import BudgetExceeded, CostCeilingExceeded, ModelPriceUnknown, UnpriceableContent
 from .formats.base import ParsedRequest
 from .policy import Budget, Policy
 from .pricing import (
@@ -24,9 +24,11 @@ from .pricing import (
     estimate_usd,
     max_affordable_output_tokens,
 )
-from .tokens import TokenCounter
+from .tokens import PromptCount, TokenCounter
+from .vision import image_rule
 
-__all__ = ["MIN_OUTPUT_TOKENS", "CostPlan", "budget_counter", "plan_d", "release_d", "settle_d"]
+__all__ = ["MIN_OUTPUT_TOKENS", "CostPlan", "budget_counter", "plan_cost", "plan_d", "release_d",
+           "settle_d"]
 
 # The smallest answer worth asking for: a short reply or one small tool call.
 # Below this the request is refused rather than sent with a useless limit.
@@ -95,7 +97,12 @@ def plan_d(
             f"no price is known for model {model!r}; give one under 'pricing:' in the policy",
             decided_by="pricing")
     n = req.n
-    prompt = counter.count_prompt(model, req.prompt_messages, req.prompt_tools)
+    counted = counter.count_request(model, req.count_body())
+    prompt, unseen = _bound_unseen(model, pricing, counted)
+    modal: dict[str, int] = {}
+    if counted.image_tokens or counted.audio_tokens or unseen:
+        modal = {"image_tokens": counted.image_tokens, "audio_tokens": counted.audio_tokens,
+                 "unseen_tokens": unseen}
     reserve_prompt = math.ceil(prompt * PROMPT_MARGIN) + PROMPT_MARGIN_TOKENS
     env = policy.environments[environment]
     ceiling = env.ceilings.per_request_usd
@@ -104,25 +111,29 @@ def plan_d(
     window = pricing.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS
 
     def est(out: int) -> float:
-        return estimate_usd(pricing, reserve_prompt, out * n)
+        return estimate_usd(pricing, reserve_prompt, out * n, **modal)
+
+    def affordable(usd: float) -> int:
+        return max_affordable_output_tokens(pricing, reserve_prompt, usd, **modal)
 
     if explicit is not None:
         out = explicit
         if ceiling is not None and est(out) > ceiling:
             raise CostCeilingExceeded(
-                f"estimated cost ${est(out):.6f} (prompt ~{prompt} tokens + up to {out * n} "
-                f"output tokens on {model}) exceeds the per-request ceiling ${ceiling} "
-                f"of environment {environment!r}",
+                f"estimated cost ${est(out):.6f} ({_prompt_words(prompt, counted, unseen)} + "
+                f"up to {out * n} output tokens on {model}) exceeds the per-request ceiling "
+                f"${ceiling} of environment {environment!r}",
                 estimate_usd=est(out), ceiling_usd=ceiling, decided_by=ceiling_rule,
             )
     else:
         out = window
         if ceiling is not None and est(out) > ceiling:
-            out = min(window, max_affordable_output_tokens(pricing, reserve_prompt, ceiling) // n)
+            out = min(window, affordable(ceiling) // n)
             if out < MIN_OUTPUT_TOKENS:
                 raise CostCeilingExceeded(
-                    f"the prompt alone (~{prompt} tokens on {model}) leaves no room for an answer "
-                    f"under the per-request ceiling ${ceiling} of environment {environment!r}",
+                    f"the prompt alone ({_prompt_words(prompt, counted, unseen)} on {model}) "
+                    f"leaves no room for an answer under the per-request ceiling ${ceiling} "
+                    f"of environment {environment!r}",
                     estimate_usd=est(MIN_OUTPUT_TOKENS), ceiling_usd=ceiling,
                     decided_by=ceiling_rule,
                 )
@@ -146,12 +157,13 @@ def plan_d(
         if granted is None:
             raise BudgetExceeded(
                 f"the budget of {_budget_names(counters)} cannot pay for this request "
-                f"(needs at least ${low:.6f})",
+                f"(needs at least ${low:.6f}: {_prompt_words(prompt, counted, unseen)} on "
+                f"{model})",
                 needed_usd=low, decided_by=" and ".join(rules),
             )
         reserved = granted
         if explicit is None and granted < est(out):
-            out = min(out, max_affordable_output_tokens(pricing, reserve_prompt, granted) // n)
+            out = min(out, affordable(granted) // n)
             # Rounding can make the largest affordable limit dip below the floor we reserved for.
             out = max(out, min(MIN_OUTPUT_TOKENS, window))
 
@@ -165,9 +177,56 @@ def plan_d(
     )
 
 
+def _bound_unseen(model: str, pricing: ModelPricing, counted: PromptCount) -> tuple[int, int]:
+    """(prompt tokens, of which unseen) once content the gateway cannot see is bounded.
+
+    Unseen content (files, audio it cannot time, …) is priced as filling the model's input
+    window: a provider refuses, unbilled, a prompt that does not fit it. Models that bill an
+    image at a multiple of the context it takes (gpt-4o-mini, the patch models) can bill
+    that multiple of the window.
+    """
+    if not counted.unseen_parts:
+        return counted.tokens, 0
+    limit = pricing.max_input_tokens
+    if limit is None or limit <= 0:
+        raise UnpriceableContent(
+            f"the request carries content whose cost the gateway cannot bound from the request "
+            f"(a file, audio in a format it cannot time, an image with no size limit…) and no "
+            f"input window is known for model {model!r} to bound it; send text, images or "
+            f"WAV/MP3 audio, or use a model whose limits are in the price map")
+    bound = math.ceil(limit * image_rule(model).window_factor)
+    if bound <= counted.tokens:
+        return counted.tokens, 0
+    return bound, bound - counted.tokens
+
+
+def _prompt_words(prompt: int, counted: PromptCount, unseen: int) -> str:
+    parts = []
+    if counted.image_tokens:
+        parts.append(f"{counted.image_tokens} for images")
+    if counted.audio_tokens:
+        parts.append(f"{counted.audio_tokens} for audio")
+    if unseen:
+        parts.append(f"{unseen} bounding files or other content by the input window")
+    return f"prompt ~{prompt} tokens" + (f", of which {', '.join(parts)}" if parts else "")
+
+
 def _budget_names(counters: list[tuple[str, float]]) -> str:
     return " and ".join(f"{c.split(':')[1]} {c.split(':')[2]!r} (${lim}/{c.split(':')[3]})"
                         for c, lim in counters)
+
+
+def plan_cost(policy: Policy, environment: str, caller_budget: Budget | None,
+              caller_name: str, body: dict[str, Any], *, store: Any, prices: PriceBook,
+              counter: TokenCounter) -> CostPlan:
+    """:func:`plan_d` run directly on a store, for a chat body held as a dict (tools, tests,
+    benchmarks). A limit the gateway chooses is written into ``body``."""
+    from .effects import run_on_store
+    from .formats.chat import ChatCompletions
+
+    req = ChatCompletions().from_data(body)
+    return run_on_store(plan_d(policy, environment, caller_budget, caller_name, req,
+                               prices=prices, counter=counter), store)
 
 
 def settle_d(plan: CostPlan, usage: dict[str, Any] | None) -> Decision[float]:

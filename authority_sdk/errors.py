@@ -15,6 +15,7 @@ matching ``openai`` error class.
     │   ├── ModelPriceUnknown            model_price_unknown
     │   └── BudgetExceeded               budget_exceeded
     ├── InvalidRequest (400)             invalid_request
+    │   ├── UnpriceableContent           unpriceable_content
     │   └── RequestTooLarge (413)        request_too_large
     ├── NotFound (404)                   not_found
     ├── IdempotencyInProgress (409)      idempotency_request_in_progress
@@ -52,6 +53,7 @@ __all__ = [
     "PolicyError",
     "RequestDenied",
     "RequestTooLarge",
+    "UnpriceableContent",
     "UpstreamError",
     "UpstreamTimeout",
 ]
@@ -136,6 +138,12 @@ class InvalidRequest(AuthorityError):
     status_code = 400
     default_code = "invalid_request"
     error_type = "invalid_request_error"
+
+
+class UnpriceableContent(InvalidRequest):
+    """The request carries content whose cost the gateway cannot bound (DESIGN.md §2)."""
+
+    default_code = "unpriceable_content"
 
 
 class RequestTooLarge(InvalidRequest):

@@ -833,20 +833,51 @@ def _worst_rates(pricing: ModelPricing, prompt_tokens: int) -> tuple[float, floa
     return inp, out
 
 
-def estimate_usd(pricing: ModelPricing, prompt_tokens: int, max_output_tokens: int) -> float:
+def estimate_usd(
+    pricing: ModelPricing,
+    prompt_tokens: int,
+    max_output_tokens: int,
+    *,
+    image_tokens: int = 0,
+    audio_tokens: int = 0,
+    unseen_tokens: int = 0,
+) -> float:
     """Worst-case USD cost before the call: the whole prompt at the input rate of the tier its
     size lands in, plus ``max_output_tokens`` at the dearest output rate (text, reasoning,
     audio…), at standard or off-peak prices, whichever is higher.
 
+    ``image_tokens``, ``audio_tokens`` and ``unseen_tokens`` are parts of ``prompt_tokens``:
+    images and audio at their own input rate when the model has one (never below the text
+    rate), and ``unseen_tokens`` (content priced by the input window, whose kind is unknown)
+    at the dearest input rate of any kind.
+
     Cache-write premiums (e.g. Anthropic's 1.25x for ``cache_control`` prompts) are not
     included: the prompt is priced as plain input.
     """
-    inp, out = _worst_rates(pricing, max(prompt_tokens, 0))
-    return max(prompt_tokens, 0) * inp + max(max_output_tokens, 0) * out
+    prompt = max(prompt_tokens, 0)
+    inp, out = _worst_rates(pricing, prompt)
+    cost = prompt * inp + max(max_output_tokens, 0) * out
+    if image_tokens > 0 or audio_tokens > 0 or unseen_tokens > 0:
+        image, audio = _modal_rate(pricing.input_cost_per_image_token, inp), _modal_rate(
+            pricing.input_cost_per_audio_token, inp)
+        video = _modal_rate(pricing.input_cost_per_video_token, inp)
+        cost += max(image_tokens, 0) * (image - inp) + max(audio_tokens, 0) * (audio - inp)
+        cost += max(unseen_tokens, 0) * (max(image, audio, video) - inp)
+    return cost
+
+
+def _modal_rate(rate: float | None, text_rate: float) -> float:
+    return max(rate, text_rate) if rate is not None else text_rate
 
 
 def max_affordable_output_tokens(
-    pricing: ModelPricing, prompt_tokens: int, budget_usd: float
+    pricing: ModelPricing,
+    prompt_tokens: int,
+    budget_usd: float,
+    *,
+    image_tokens: int = 0,
+    audio_tokens: int = 0,
+    unseen_tokens: int = 0,
 ) -> int:
     """The largest output limit whose :func:`estimate_usd` fits ``budget_usd``, capped at the
     model's ``max_output_tokens`` (0 when even the prompt does not fit).
@@ -856,23 +887,27 @@ def max_affordable_output_tokens(
     """
     import sys
 
+    def est(n: int) -> float:
+        return estimate_usd(pricing, prompt_tokens, n, image_tokens=image_tokens,
+                            audio_tokens=audio_tokens, unseen_tokens=unseen_tokens)
+
     cap = pricing.max_output_tokens
     if math.isnan(budget_usd):
         return 0
     if math.isinf(budget_usd):
         return 0 if budget_usd < 0 else cap if cap is not None else sys.maxsize
-    if estimate_usd(pricing, prompt_tokens, 0) > budget_usd:
+    if est(0) > budget_usd:
         return 0
     _, out = _worst_rates(pricing, max(prompt_tokens, 0))
     if out <= 0:
         return cap if cap is not None else sys.maxsize
-    room = budget_usd - estimate_usd(pricing, prompt_tokens, 0)
+    room = budget_usd - est(0)
     n = math.floor(room / out) if math.isfinite(room / out) else sys.maxsize
     if cap is not None:
         n = min(n, cap)
     # Float rounding can put the division one token either side of the true limit.
-    while n > 0 and estimate_usd(pricing, prompt_tokens, n) > budget_usd:
+    while n > 0 and est(n) > budget_usd:
         n -= 1
-    while (cap is None or n < cap) and estimate_usd(pricing, prompt_tokens, n + 1) <= budget_usd:
+    while (cap is None or n < cap) and est(n + 1) <= budget_usd:
         n += 1
     return max(n, 0)

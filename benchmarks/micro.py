@@ -3,6 +3,7 @@
     python benchmarks/micro.py audit --dir D --procs 4 --seconds 3 [--head]
     python benchmarks/micro.py store --dir D --n 2000
     python benchmarks/micro.py imports --runs 7
+    python benchmarks/micro.py tokens --n 20000
 
 Everything runs with durability on (audit fsync, SQLite ``synchronous=FULL``),
 as the gateway does by default.
@@ -160,6 +161,55 @@ def bench_imports(runs: int) -> dict[str, Any]:
             for name, ts in times.items()}
 
 
+def bench_tokens(n: int) -> dict[str, Any]:
+    """The pre-call cost plan of a plain text conversation (the hot path): a resent
+    conversation (every message cached), and an agent's next turn (3 new messages)."""
+    import copy
+    import tempfile
+
+    import workload
+
+    from authority_sdk.costs import plan_cost
+    from authority_sdk.policy import parse_policy
+    from authority_sdk.pricing import PriceBook
+    from authority_sdk.store import DiskStore
+    from authority_sdk.tokens import TokenCounter
+
+    policy = parse_policy({"default_environment": "prod", "environments": {"prod": {
+        "models": [workload.MODEL], "ceilings": {"per_request_usd": 0.05}}}})
+    prices = PriceBook()
+    counter = TokenCounter()
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = DiskStore(Path(tmp) / "store")
+        body = workload.chat_body()
+
+        def plan(_: int, b: dict[str, Any] = body) -> None:
+            plan_cost(policy, "prod", None, "bench", dict(b), store=store, prices=prices,
+                      counter=counter)
+
+        plan(-1)  # load the price map and the encoding; fill the cache
+        res["plan_cost_resent_conversation"] = _timed(plan, n)
+
+        def count(_: int) -> None:
+            counter.count_prompt(workload.MODEL, body["messages"], body["tools"])
+
+        res["count_prompt_resent_conversation"] = _timed(count, n)
+        turns = []
+        messages = workload.base_messages("t")
+        for t in range(2, 2 + min(n, 2000)):
+            messages = workload.agent_turn(messages, t, f"t{t}")[-40:]
+            turns.append(copy.deepcopy(workload.chat_body(messages)))
+
+        def turn(i: int) -> None:
+            plan_cost(policy, "prod", None, "bench", turns[i], store=store, prices=prices,
+                      counter=counter)
+
+        res["plan_cost_agent_turn"] = _timed(turn, len(turns))
+        store.close()
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
@@ -173,11 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n", type=int, default=2000)
     i = sub.add_parser("imports")
     i.add_argument("--runs", type=int, default=7)
+    t = sub.add_parser("tokens")
+    t.add_argument("--n", type=int, default=20000)
     args = ap.parse_args(argv)
     if args.what == "audit":
         result = bench_audit(args.dir, args.procs, args.seconds, args.head)
     elif args.what == "store":
         result = bench_store(args.dir, args.n)
+    elif args.what == "tokens":
+        result = bench_tokens(args.n)
     else:
         result = bench_imports(args.runs)
     print(json.dumps(result))

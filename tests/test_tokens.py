@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from authority_sdk.tokens import (
-    IMAGE_TOKENS,
     TOOLS_OVERHEAD,
     TokenCounter,
     default_counter,
@@ -100,19 +99,26 @@ def test_name_tool_calls_and_tool_results() -> None:
     )
 
 
-def test_content_parts_count_text_and_a_fixed_image_estimate() -> None:
+def test_content_parts_count_text_and_images_by_the_models_rule() -> None:
     counter = TokenCounter()
     parts = [{"role": "user", "content": [
         {"type": "text", "text": "Describe this picture."},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]  # fmt: skip
-    assert counter.count_prompt("gpt-4o", parts) == (
-        3 + n_tokens("user") + n_tokens("Describe this picture.") + 2 * IMAGE_TOKENS + 3
-    )
-    assert TokenCounter(image_tokens=765).count_prompt("gpt-4o", parts) - counter.count_prompt(
-        "gpt-4o", parts
-    ) == 2 * (765 - IMAGE_TOKENS)
+    text = 3 + n_tokens("user") + n_tokens("Describe this picture.") + 3
+    # gpt-4o: a URL image (size unknown, detail auto = high) costs the most a 768x2048 image
+    # can, 85 + 8 x 170; a low-detail one the base, 85. The audio has no readable header:
+    # it is unseen content, left to the cost plan (the model's input window).
+    got = counter.count_request("gpt-4o", {"messages": parts})
+    assert got.tokens == text + (85 + 8 * 170) + 85
+    assert got.image_tokens == (85 + 8 * 170) + 85
+    assert got.unseen_parts == 1
+    assert counter.count_prompt("gpt-4o", parts) == got.tokens
+    # The same message on gpt-4o-mini bills images at ~33x the tokens: counted again, not
+    # served from the gpt-4o entry although both share the o200k encoding.
+    mini = counter.count_request("gpt-4o-mini", {"messages": parts})
+    assert mini.image_tokens == (2833 + 8 * 5667) + 2833
 
 
 def test_tools_count_their_json_plus_a_fixed_overhead() -> None:

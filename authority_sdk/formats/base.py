@@ -37,6 +37,17 @@ class ParsedRequest:
     prompt_tools: list[Any] | None = None
     client_wants_usage: bool = False
 
+    def count_body(self) -> dict[str, Any]:
+        """The prompt in the chat shape the token counter reads (messages, tools, a forced
+        tool choice): a chat body as it is; other formats translate theirs."""
+        body: dict[str, Any] = {"messages": self.prompt_messages}
+        if self.prompt_tools:
+            body["tools"] = self.prompt_tools
+        for name in ("tool_choice", "function_call"):
+            if self.data.get(name) is not None:
+                body[name] = self.data[name]
+        return body
+
 
 @dataclass
 class Call:

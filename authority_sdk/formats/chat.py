@@ -172,6 +172,10 @@ class ChatCompletions:
             data = strictjson.loads(body)
         except strictjson.StrictJSONError as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        return self.from_data(data)
+
+    def from_data(self, data: Any) -> ParsedRequest:
+        """Validate an already parsed body (the SDK's tools and benchmarks hold dicts)."""
         if not isinstance(data, dict):
             raise _bad("the request body must be a JSON object")
         model = data.get("model")
