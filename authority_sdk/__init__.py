@@ -14,7 +14,9 @@ from .errors import (
     AuthorityError,
     AuthorityUnavailable,
     BudgetExceeded,
+    ClientOptionNotAllowed,
     CostCeilingExceeded,
+    EndpointNotAllowed,
     ExecutionError,
     Forbidden,
     IdempotencyInProgress,
@@ -36,6 +38,7 @@ from .types import ActionInfo, AuthorityInfo, CostInfo, authority_of
 if TYPE_CHECKING:
     from .client import AsyncAuthorityClient, AuthorityClient
     from .engine import Gateway
+    from .http_client import gated_async_http_client, gated_http_client
 
 __all__ = [
     "ActionInfo",
@@ -47,8 +50,10 @@ __all__ = [
     "AuthorityInfo",
     "AuthorityUnavailable",
     "BudgetExceeded",
+    "ClientOptionNotAllowed",
     "CostCeilingExceeded",
     "CostInfo",
+    "EndpointNotAllowed",
     "ExecutionError",
     "Forbidden",
     "Gateway",
@@ -66,10 +71,13 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "authority_of",
+    "gated_async_http_client",
+    "gated_http_client",
     "load_policy",
 ]
 
-_LAZY = {"AuthorityClient": "client", "AsyncAuthorityClient": "client", "Gateway": "engine"}
+_LAZY = {"AuthorityClient": "client", "AsyncAuthorityClient": "client", "Gateway": "engine",
+         "gated_http_client": "http_client", "gated_async_http_client": "http_client"}
 
 
 def __getattr__(name: str) -> Any:
