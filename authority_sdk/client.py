@@ -89,7 +89,7 @@ class _RefusesWebSockets:
         self._authority_ws_base_url = value
 
 
-class AuthorityClient(_RefusesWebSockets, openai.OpenAI):  # type: ignore[misc]
+class AuthorityClient(_RefusesWebSockets, openai.OpenAI):
     """``openai.OpenAI`` whose every chat completion and tool call passes policy.
 
     Extra arguments: ``policy`` (path or loaded :class:`Policy`; default
@@ -123,7 +123,7 @@ class AuthorityClient(_RefusesWebSockets, openai.OpenAI):  # type: ignore[misc]
     with_options = copy
 
 
-class AsyncAuthorityClient(_RefusesWebSockets, openai.AsyncOpenAI):  # type: ignore[misc]
+class AsyncAuthorityClient(_RefusesWebSockets, openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` with the same gate as :class:`AuthorityClient`."""
 
     gateway: Gateway

@@ -18,7 +18,7 @@ matching ``openai`` error class.
     │   ├── RequestTooLarge (413)        request_too_large
     │   └── ClientOptionNotAllowed       client_option_not_allowed (SDK: a way around the gate)
     ├── NotFound (404)                   not_found
-    │   └── EndpointNotAllowed           endpoint_not_allowed (an endpoint the gateway does not serve)
+    │   └── EndpointNotAllowed           endpoint_not_allowed (an endpoint the gateway won't serve)
     ├── IdempotencyInProgress (409)      idempotency_request_in_progress
     ├── IdempotencyKeyReused (422)       idempotency_key_reused
     ├── ApprovalError (409)              approval_not_pending … (see ApprovalError.code)

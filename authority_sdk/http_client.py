@@ -64,7 +64,7 @@ def gate_client(gw: Gateway, who: Caller, http_client: Any, *, is_async: bool,
     what it wrapped, never stacked."""
     if http_client is not None:
         library = library_of(http_client, is_async=is_async)
-        current = getattr(http_client, "_transport", None)
+        current: Any = getattr(http_client, "_transport", None)
         if is_gate(current):
             if current.gateway is gw and current.caller == who:
                 return http_client

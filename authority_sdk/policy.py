@@ -6,6 +6,7 @@ unknown field``), never a silently ignored rule.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -142,6 +143,22 @@ class ActionPolicy(_Strict):
     description: str | None = None
 
 
+class _ActionTable(dict[str, ActionPolicy]):
+    """``actions`` that also answer, when indexed, for a name ``output_tools`` matches: an
+    action with no executor, no dedupe and no rules. ``.get()`` still says such a name is
+    not defined (``modes.resolve_action`` decides it as an output tool); code that indexes
+    an action it was told is allowed (the dedupe step of gating) finds one."""
+
+    def __init__(self, actions: dict[str, ActionPolicy], output_tools: list[str]) -> None:
+        super().__init__(actions)
+        self._output_tools = output_tools
+
+    def __missing__(self, name: str) -> ActionPolicy:
+        if any(fnmatch.fnmatchcase(name, p) for p in self._output_tools):
+            return _OUTPUT_TOOL_ACTION
+        raise KeyError(name)
+
+
 class WebhookExecutor(_Strict):
     type: Literal["webhook"]
     url: str
@@ -212,6 +229,9 @@ class ProxyConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
 
 
+_OUTPUT_TOOL_ACTION = ActionPolicy(mode="auto_execute", description="output tool")
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     default_environment: str = "dev"
@@ -226,6 +246,15 @@ class Policy(_Strict):
     pricing: dict[str, ModelPrice] = Field(default_factory=dict)
     redact: list[str] = Field(default_factory=list)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    output_tools: list[str] = Field(default_factory=list, description=(
+        "Tools whose call is the model's answer, not an action: names or globs (e.g. "
+        "final_result, final_result_*). Libraries ask for structured output this way "
+        "(instructor's TOOLS mode, pydantic-ai's output_type, LangChain's "
+        "with_structured_output(method='function_calling'), LlamaIndex's "
+        "structured_predict). A matching call is passed to the app as allowed (client "
+        "dispatch), never executed by the gateway; its arguments must still be a JSON "
+        "object, and the kill switch still denies it. An action defined in actions: may "
+        "not also match. Empty by default: an undefined tool call is denied (fail closed)."))
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -249,12 +278,27 @@ class Policy(_Strict):
         for i, key in enumerate(self.keys):
             if key.environment is not None and key.environment not in self.environments:
                 problems.append(f"keys.{i}.environment: unknown environment {key.environment!r}")
+        for i, pattern in enumerate(self.output_tools):
+            clash = sorted(a for a in self.actions if fnmatch.fnmatchcase(a, pattern))
+            if clash:
+                problems.append(f"output_tools.{i}: {pattern!r} matches the defined action(s) "
+                                f"{', '.join(clash)}; an output tool has no executor or rules, "
+                                "so a name is one or the other")
         names = [k.name for k in self.keys]
         if len(names) != len(set(names)):
             problems.append("keys: key names must be unique")
         if problems:
             raise ValueError("; ".join(problems))
+        if self.output_tools:
+            object.__setattr__(self, "actions", _ActionTable(self.actions, self.output_tools))
         return self
+
+    def output_tool_pattern(self, name: str) -> str | None:
+        """The ``output_tools`` entry that ``name`` matches, if any."""
+        for pattern in self.output_tools:
+            if fnmatch.fnmatchcase(name, pattern):
+                return pattern
+        return None
 
     @cached_property
     def hash(self) -> str:

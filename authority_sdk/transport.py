@@ -69,7 +69,7 @@ class _Http:
         self.Headers = mod.Headers
         self.HTTPError: type[Exception] = mod.HTTPError
 
-        class ClosingStream(mod.SyncByteStream):  # type: ignore[misc,name-defined]
+        class ClosingStream(mod.SyncByteStream):
             """The library never closes a plain iterator given as content. Closing the
             response must close the gate's generator: it audits the abandoned request and
             frees the upstream connection."""
@@ -85,7 +85,7 @@ class _Http:
                 if close is not None:
                     close()
 
-        class AsyncClosingStream(mod.AsyncByteStream):  # type: ignore[misc,name-defined]
+        class AsyncClosingStream(mod.AsyncByteStream):
             def __init__(self, it: AsyncIterator[bytes]) -> None:
                 self._it = it
 

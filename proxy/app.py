@@ -23,7 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from authority_sdk import control
-from authority_sdk.errors import AuthorityError, InvalidRequest, RequestTooLarge
+from authority_sdk.errors import (
+    AuthorityError,
+    EndpointNotAllowed,
+    InvalidRequest,
+    RequestTooLarge,
+)
 from authority_sdk.policy import Policy, load_policy
 from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 
@@ -178,6 +183,11 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (404, 405) and request.url.path.startswith("/v1/"):
+            # An OpenAI endpoint the gateway does not serve: the SDK's transport gives the
+            # very same answer (status, code and advice).
+            return await _authority_error(request, EndpointNotAllowed.for_request(
+                request.method, request.url.path))
         _note("deny", {404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, f"http_{exc.status_code}"))
         if exc.status_code == 404:

@@ -280,7 +280,7 @@ def test_budget_holds_across_processes(write_policy: Callable[..., Path]) -> Non
     procs = [ctx.Process(target=_budget_worker, args=(str(policy), 5, q)) for _ in range(4)]
     for p in procs:
         p.start()
-    results = [q.get(timeout=60) for _ in procs]
+    results = [q.get(timeout=240) for _ in procs]  # spawned children import everything anew
     for p in procs:
         p.join(30)
     oks = sum(r[0] for r in results)

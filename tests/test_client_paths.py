@@ -54,6 +54,7 @@ def _client(policy: Path, base_url: str, cls: type[Any] = AuthorityClient, **kw:
 # -- walking the client's resources -------------------------------------------------------
 
 _SKIP_ATTRS = {"with_raw_response", "with_streaming_response"}
+_RESOURCE_TYPES = (openai._resource.SyncAPIResource, openai._resource.AsyncAPIResource)
 
 
 def _resources(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -63,7 +64,7 @@ def _resources(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             continue
         if isinstance(member, functools.cached_property):
             value = getattr(obj, name)
-            if isinstance(value, openai._resource.SyncAPIResource | openai._resource.AsyncAPIResource):
+            if isinstance(value, _RESOURCE_TYPES):
                 yield f"{prefix}{name}", value
                 yield from _resources(value, f"{prefix}{name}.")
 
