@@ -2,7 +2,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-core test-openai2 test-libs lint demo bench clean
+
+# The libraries built on openai that tests/libs drives, per openai major (each venv pinned
+# by constraints/openaiN.txt). Their top-level modules must import there: a skip would
+# otherwise pass for a run.
+OA2_VENV := .venv-openai2
+LIBS3_VENV := .venv-libs3
+LIBS_OPENAI2 := openai-agents 'pydantic-ai-slim[openai]' langchain-openai langchain \
+	llama-index-llms-openai llama-index-core instructor
+LIBS_OPENAI3 := openai-agents 'pydantic-ai-slim[openai]' langchain-openai langchain
+REQUIRE_OPENAI2 := agents,pydantic_ai,langchain_openai,langchain,langchain_core,llama_index,instructor
+REQUIRE_OPENAI3 := agents,pydantic_ai,langchain_openai,langchain,langchain_core
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,8 +27,33 @@ lint: $(STAMP)
 	$(PY) -m ruff check authority_sdk proxy tests
 	$(PY) -m mypy
 
-test: lint
+# The whole suite on the default install (openai 3.x), then on openai 2.x with the
+# libraries that run there, then the libraries that need openai 3.x.
+test: lint test-core test-openai2 test-libs
+
+test-core: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+$(OA2_VENV)/.installed: pyproject.toml constraints/openai2.txt
+	test -x $(OA2_VENV)/bin/python || python3 -m venv $(OA2_VENV)
+	$(OA2_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OA2_VENV)/bin/python -m pip install -q -c constraints/openai2.txt -e '.[dev]' $(LIBS_OPENAI2)
+	touch $@
+
+$(LIBS3_VENV)/.installed: pyproject.toml constraints/openai3.txt
+	test -x $(LIBS3_VENV)/bin/python || python3 -m venv $(LIBS3_VENV)
+	$(LIBS3_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LIBS3_VENV)/bin/python -m pip install -q -c constraints/openai3.txt -e '.[dev]' $(LIBS_OPENAI3)
+	touch $@
+
+# The SDK suite (and everything else) on openai 2.x / httpx, with its libraries.
+test-openai2: $(OA2_VENV)/.installed
+	$(OA2_VENV)/bin/python -m mypy
+	AUTHORITY_REQUIRE_LIBS=$(REQUIRE_OPENAI2) $(OA2_VENV)/bin/python -m pytest -n 2 -q
+
+# The libraries that need openai 3.x.
+test-libs: $(LIBS3_VENV)/.installed
+	AUTHORITY_REQUIRE_LIBS=$(REQUIRE_OPENAI3) $(LIBS3_VENV)/bin/python -m pytest -n 2 -q tests/libs
 
 demo: $(STAMP)
 	$(VENV)/bin/authority demo
@@ -29,4 +65,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .authority .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OA2_VENV) $(LIBS3_VENV) .authority .pytest_cache .mypy_cache .ruff_cache

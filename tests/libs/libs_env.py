@@ -23,17 +23,16 @@ from conftest import ScriptedServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_env import AGENT_KEY, PROXY_ENV, RunningProxy, write_proxy_policy  # noqa: E402
+from proxy_env import AGENT_KEY, PROXY_ENV, RunningProxy, write_proxy_policy
 
-from proxy.server import ProxyProcess  # noqa: E402
-
-from authority_sdk import (  # noqa: E402
+from authority_sdk import (
     AsyncAuthorityClient,
     AuthorityClient,
     gated_async_http_client,
     gated_http_client,
 )
-from authority_sdk.engine import Gateway  # noqa: E402
+from authority_sdk.engine import Gateway
+from proxy.server import ProxyProcess
 
 OPENAI_MAJOR = int(openai.__version__.split(".")[0])
 
@@ -62,8 +61,8 @@ def need(module: str) -> Any:
         pytest.skip(f"{module} is not installed here: `make test-libs` runs it")
 
 
-@pytest.fixture(scope="session")
-def libs_proxy(upstream: ScriptedServer, tmp_path_factory: pytest.TempPathFactory
+@pytest.fixture(scope="session", name="libs_proxy")
+def libs_proxy_fixture(upstream: ScriptedServer, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[RunningProxy]:
     directory = tmp_path_factory.mktemp("libs-proxy")
     policy = write_proxy_policy(upstream, directory, LIBS_POLICY)
@@ -115,16 +114,16 @@ class Door:
         return [e for e in self.audit() if e["event"] == "action"][-n:]
 
 
-@pytest.fixture(scope="session")
-def sdk_gateway(libs_proxy: RunningProxy) -> Iterator[Gateway]:
+@pytest.fixture(scope="session", name="sdk_gateway")
+def sdk_gateway_fixture(libs_proxy: RunningProxy) -> Iterator[Gateway]:
     # The proxy's own policy, state and audit log: both doors write one record.
     gw = Gateway(str(libs_proxy.policy_path))
     yield gw
     gw.close()
 
 
-@pytest.fixture(params=["proxy", "sdk"])
-def door(request: pytest.FixtureRequest, libs_proxy: RunningProxy,
+@pytest.fixture(params=["proxy", "sdk"], name="door")
+def door_fixture(request: pytest.FixtureRequest, libs_proxy: RunningProxy,
          sdk_gateway: Gateway) -> Door:
     return Door(request.param, libs_proxy, sdk_gateway if request.param == "sdk" else None)
 

@@ -10,7 +10,15 @@ from typing import Any
 
 import openai
 import pytest
-from libs_env import Door, call, door, libs_proxy, need, say, sdk_gateway  # noqa: F401
+from libs_env import (  # noqa: F401 (fixtures)
+    Door,
+    call,
+    door_fixture,
+    libs_proxy_fixture,
+    need,
+    say,
+    sdk_gateway_fixture,
+)
 from pydantic import BaseModel
 
 pytestmark = pytest.mark.libs
