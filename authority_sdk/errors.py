@@ -169,6 +169,8 @@ class EndpointNotAllowed(NotFound):
 
     @classmethod
     def for_request(cls, method: str, path: str) -> EndpointNotAllowed:
+        # A caller chooses the path: never echo it unbounded.
+        method, path = method[:16], (path if len(path) <= 200 else path[:200] + "…")
         return cls(
             f"{method} {path} is not served by the AI Authority Gateway, which cannot vouch "
             f"for what it does not gate. It serves {SERVED_ENDPOINTS}: use chat completions "

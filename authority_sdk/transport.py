@@ -216,14 +216,18 @@ class _SyncGate:
             self.gateway.handle(http.gateway_request(request, self.caller), send), request)
 
     def _models(self, request: Any) -> Any:
-        resp = self.inner.handle_request(request)
+        # An upstream that cannot list gets the literal allowed names, as from the proxy.
+        status, headers, body = 0, {}, b""
         try:
-            body = resp.read()
-        finally:
-            resp.close()
+            resp = self.inner.handle_request(request)
+            try:
+                status, headers, body = resp.status_code, resp.headers, resp.read()
+            finally:
+                resp.close()
+        except self.http.HTTPError:
+            pass
         patterns = self.gateway.policy.environments[self.caller.environment].models
-        return self.http.models_response(resp.status_code, resp.headers, body, patterns,
-                                         request)
+        return self.http.models_response(status, headers, body, patterns, request)
 
     def close(self) -> None:
         self.inner.close()
@@ -268,14 +272,17 @@ class _AsyncGate:
         return http.to_response(resp, request)
 
     async def _models(self, request: Any) -> Any:
-        resp = await self.inner.handle_async_request(request)
+        status, headers, body = 0, {}, b""
         try:
-            body = await resp.aread()
-        finally:
-            await resp.aclose()
+            resp = await self.inner.handle_async_request(request)
+            try:
+                status, headers, body = resp.status_code, resp.headers, await resp.aread()
+            finally:
+                await resp.aclose()
+        except self.http.HTTPError:
+            pass
         patterns = self.gateway.policy.environments[self.caller.environment].models
-        return self.http.models_response(resp.status_code, resp.headers, body, patterns,
-                                         request)
+        return self.http.models_response(status, headers, body, patterns, request)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

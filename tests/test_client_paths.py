@@ -20,7 +20,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import ScriptedServer, tool, user
+from conftest import ScriptedServer, free_port, tool, user
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openai._resource import AsyncAPIResource, SyncAPIResource
 from servers import HttpReceiver
 
 from authority_sdk import (
@@ -54,7 +57,7 @@ def _client(policy: Path, base_url: str, cls: type[Any] = AuthorityClient, **kw:
 # -- walking the client's resources -------------------------------------------------------
 
 _SKIP_ATTRS = {"with_raw_response", "with_streaming_response"}
-_RESOURCE_TYPES = (openai._resource.SyncAPIResource, openai._resource.AsyncAPIResource)
+_RESOURCE_TYPES = (SyncAPIResource, AsyncAPIResource)
 
 
 def _resources(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -397,6 +400,8 @@ def test_models_list_falls_back_to_literal_patterns(write_policy: Callable[..., 
     receiver.reply(500, json={"error": {"message": "down"}})
     c = _client(write_policy(), receiver.url("/v1"))
     assert [m.id for m in c.models.list()] == ["gpt-4o-mini"]  # as the proxy answers
+    gone = _client(write_policy(), f"http://127.0.0.1:{free_port()}/v1")  # nothing listens
+    assert [m.id for m in gone.models.list()] == ["gpt-4o-mini"]
 
 
 # -- a gated httpx client for libraries that take http_client= --------------------------------
@@ -446,3 +451,50 @@ def test_gated_http_client_rejects_a_client_of_the_wrong_kind(
         gated_async_http_client(policy=str(write_policy()), http_client=httpx.Client())
     with pytest.raises(ValueError, match="unknown HTTP library"):
         gated_http_client(policy=str(write_policy()), http_library="requests")
+
+
+# -- hostile methods and paths through the gated client ---------------------------------------
+
+_METHODS = st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS",
+                            "QUERY", "post", "Get"])
+_SEGMENT = st.text(st.characters(codec="ascii", exclude_characters="?#"), max_size=12)
+_PATHS = st.one_of(
+    st.lists(_SEGMENT, max_size=5).map(lambda p: "/v1/" + "/".join(p)),
+    st.sampled_from(["/v1/chat/completions", "/v1/models", "/v1/models/", "/v1/responses",
+                     "/v1/chat/completions/x", "/v1/chat%2Fcompletions", "/v1/embeddings",
+                     "/v1/chat/completions/", "/v1/../v1/chat/completions"]))
+
+
+def test_nothing_but_gated_chat_and_model_listing_reaches_the_inner_client(
+        write_policy: Callable[..., Path]) -> None:
+    from authority_sdk.engine import Gateway
+
+    lib = httpx2 if httpx2 is not None else httpx
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: Any) -> Any:
+        seen.append((request.method, request.url.path))
+        return lib.Response(200, json={"object": "list", "data": [{"id": "gpt-4o"}]})
+
+    gw = Gateway(str(write_policy()))
+    gated = gated_http_client(gateway=gw, environment="prod",
+                              http_client=lib.Client(transport=lib.MockTransport(handler)))
+
+    @settings(max_examples=150, deadline=None)
+    @given(method=_METHODS, path=_PATHS, body=st.binary(max_size=64))
+    def check(method: str, path: str, body: bytes) -> None:
+        seen.clear()
+        try:
+            r = gated.request(method, "http://upstream.test" + path, content=body)
+        except (lib.InvalidURL, lib.UnsupportedProtocol, ValueError):
+            return  # the HTTP library refused the URL itself: nothing was sent
+        for m, p in seen:  # only a model listing passes through, and is filtered
+            assert m == "GET" and p.rstrip("/").endswith("/models"), (m, p)
+            assert r.json()["data"] == []  # gpt-4o is not allowed in prod
+        if not seen:
+            assert r.status_code in (400, 403, 404), (method, path, r.status_code)
+
+    try:
+        check()
+    finally:
+        gw.close()

@@ -58,7 +58,8 @@ def need(module: str) -> Any:
         if module.split(".")[0] in required:
             pytest.fail(f"{module} is required in this run (AUTHORITY_REQUIRE_LIBS) but "
                         f"cannot be imported: {exc}", pytrace=False)
-        pytest.skip(f"{module} is not installed here: `make test-libs` runs it")
+        pytest.skip(f"{module} is not installed here (`make test-libs` and `make test-openai2` "
+                    "run it in the venv of the openai major it supports)")
 
 
 @pytest.fixture(scope="session", name="libs_proxy")

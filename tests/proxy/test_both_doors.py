@@ -37,6 +37,7 @@ def _answer(call: Callable[[], Any]) -> tuple[int, str | None, str]:
     try:
         call()
     except openai.APIStatusError as e:
+        assert e.response.headers["x-should-retry"] == "false"  # a retry cannot help
         return e.status_code, e.code, str(e.message)
     raise AssertionError("expected a refusal")
 
@@ -69,6 +70,8 @@ def test_unserved_endpoint_needs_no_key_to_be_refused_and_reads_no_body(
         px: RunningProxy) -> None:
     r = px.http("POST", "/v1/embeddings", content=b"x" * 10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "endpoint_not_allowed"
+    long = px.http("GET", "/v1/" + "a" * 5000)  # the caller's path is never echoed unbounded
+    assert long.status_code == 404 and len(long.text) < 1500
     # outside /v1 a missing route is still a plain not_found
     assert px.http("GET", "/nothing", ADMIN_KEY).json()["error"]["code"] == "not_found"
 
