@@ -129,7 +129,7 @@ class ProxyProcess:
                 "--policy", self.policy_path, "--host", self.host, "--port", str(self.port),
                 "--workers", str(self.workers)]
 
-    def start(self, timeout_s: float = 15.0) -> ProxyProcess:
+    def start(self, timeout_s: float = 60.0) -> ProxyProcess:
         import httpx
 
         root = str(Path(__file__).resolve().parent.parent)
