@@ -26,11 +26,14 @@ __all__ = ["gated_async_http_client", "gated_http_client"]
 @cache
 def default_http_library() -> str:
     """``httpx2`` where the installed openai runs on it (3.x), else ``httpx``."""
+    import sys
     from importlib.metadata import PackageNotFoundError, version
 
+    loaded = sys.modules.get("openai")  # already imported by nearly every caller
     try:
-        major = int(version("openai").split(".", 1)[0])
-    except (PackageNotFoundError, ValueError):
+        text = loaded.__version__ if loaded is not None else version("openai")
+        major = int(text.split(".", 1)[0])
+    except (PackageNotFoundError, ValueError, AttributeError):
         major = 2
     return "httpx2" if major >= 3 else "httpx"
 
