@@ -12,7 +12,9 @@ from .errors import (
     AuthorityError,
     AuthorityUnavailable,
     BudgetExceeded,
+    ClientOptionNotAllowed,
     CostCeilingExceeded,
+    EndpointNotAllowed,
     ExecutionError,
     Forbidden,
     IdempotencyInProgress,
@@ -34,6 +36,7 @@ from .types import ActionInfo, AuthorityInfo, CostInfo, authority_of
 if _typing.TYPE_CHECKING:
     from .client import AsyncAuthorityClient, AuthorityClient
     from .engine import Engine, Gateway
+    from .http_client import gated_async_http_client, gated_http_client
 
 __all__ = [
     "ActionInfo",
@@ -45,8 +48,10 @@ __all__ = [
     "AuthorityInfo",
     "AuthorityUnavailable",
     "BudgetExceeded",
+    "ClientOptionNotAllowed",
     "CostCeilingExceeded",
     "CostInfo",
+    "EndpointNotAllowed",
     "Engine",
     "ExecutionError",
     "Forbidden",
@@ -65,11 +70,14 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "authority_of",
+    "gated_async_http_client",
+    "gated_http_client",
     "load_policy",
 ]
 
 _LAZY = {"AuthorityClient": "client", "AsyncAuthorityClient": "client", "Gateway": "engine",
-         "Engine": "engine"}
+         "Engine": "engine", "gated_http_client": "http_client",
+         "gated_async_http_client": "http_client"}
 
 
 def __getattr__(name: str) -> _typing.Any:

@@ -277,10 +277,11 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
                         "arguments": args}
         return
 
-    action = policy.actions[call.name]
+    # None for an output tool (the app's structured answer): no limits, no business key.
+    action = policy.actions.get(call.name)
     held: list[limits.Charge] = []
     override: list[limits.Charge] = []
-    if action.limits:
+    if action is not None and action.limits:
         check = limits.charges_for(action.limits, action_type=call.name, args=args,
                                    environment=inp.environment, caller=inp.caller, tally=tally)
         if not check.exceeded:
@@ -299,7 +300,8 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
 
     approval_id = ("apr_" + secrets.token_hex(12)
                    if mode == Mode.REQUIRE_HUMAN_APPROVAL else None)
-    dkey = dedupe.key_for(inp.environment, call.name, action.dedupe_on, args)
+    dkey = dedupe.key_for(inp.environment, call.name, action.dedupe_on, args) \
+        if action is not None else None
     if dkey is not None:
         dup = yield from dedupe.claim_d(dkey, {
             "action_key": o.action_key, "request_id": inp.request_id, "ts": time.time(),
@@ -307,8 +309,9 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
             ttl_s=inp.idempotency_ttl_s)
         if dup is not None:
             yield from give_back()
+            fields = ", ".join(action.dedupe_on) if action is not None else ""
             _deny(o, "duplicate_action",
-                  f"{call.name} already ran on the same {', '.join(action.dedupe_on)} "
+                  f"{call.name} already ran on the same {fields} "
                   f"(action {dup.get('action_key')}, request {dup.get('request_id')})",
                   "dedupe")
             o.result = {"duplicate_of": dup}

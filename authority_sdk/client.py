@@ -1,41 +1,56 @@
 """``AuthorityClient``: swap ``OpenAI()`` for it and nothing else changes.
 
-Subclasses of ``openai.OpenAI`` / ``openai.AsyncOpenAI`` that install an httpx
-transport running the engine in-process. Nothing of openai's resource classes
-is overridden, so every openai path is gated and openai upgrades do not break
-it; a denial surfaces as the same openai exception the proxy would produce.
+Subclasses of ``openai.OpenAI`` / ``openai.AsyncOpenAI`` whose HTTP client's transport
+runs the engine in-process (``httpx`` under openai 2.x, ``httpx2`` under 3.x, or the
+library of the ``http_client`` you pass, which is wrapped, not replaced). Nothing of
+openai's resource classes is overridden, so every HTTP path is gated and openai upgrades
+do not break it; a denial surfaces as the same openai exception the proxy would produce.
+
+What does not go through the HTTP client cannot be gated, so it is refused with an
+:class:`~authority_sdk.AuthorityError`: WebSocket connections (``responses.connect()``,
+``realtime``, ``live``), which all start by reading ``websocket_base_url``, and the
+``provider=`` / ``workload_identity=`` options, which sign or send requests themselves.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-import httpx
 import openai
 
 from .engine import Gateway
+from .errors import ClientOptionNotAllowed, EndpointNotAllowed
+from .http_client import gate_client, resolve_caller
 from .policy import Policy
-from .transport import AsyncAuthorityTransport, AuthorityTransport
 from .wire import Caller
 
 __all__ = ["AsyncAuthorityClient", "AuthorityClient"]
 
+_WEBSOCKETS_REFUSED = (
+    "WebSocket connections (responses.connect(), realtime, live) do not pass through the "
+    "gateway's HTTP transport, so they cannot be gated and are refused; use chat completions "
+    "(POST /v1/chat/completions)")
 
-def _gateway_and_caller(policy: Policy | str | Path | None, gateway: Gateway | None,
-                        environment: str | None, caller: str) -> tuple[Gateway, Caller]:
-    gw = gateway or Gateway(policy)
-    env = environment or os.environ.get("AUTHORITY_ENV") or gw.policy.default_environment
-    if env not in gw.policy.environments:
-        from .errors import PolicyError
+_UNGATED_OPTIONS = {
+    "provider": "a provider signs or rewrites each request after it is built, so the body "
+                "the gateway decided on would not be the one sent (or its signature would "
+                "break); point the policy's upstream.base_url at the provider's "
+                "OpenAI-compatible endpoint instead",
+    "workload_identity": "workload identity sends requests through its own connection, "
+                         "around the gateway; give the client an api_key (or use the proxy)",
+}
 
-        raise PolicyError(f"environment {env!r} is not defined in the policy "
-                          f"(defined: {', '.join(gw.policy.environments)})")
-    return gw, Caller(name=caller, environment=env)
+# openai's copy() reads websocket_base_url to carry it over; only then may it be read.
+_copying = threading.local()
 
 
-RETRY_KEY_HEADER = "X-Authority-Retry-Key"
+def _refuse_ungated_options(kwargs: dict[str, Any]) -> None:
+    for name, why in _UNGATED_OPTIONS.items():
+        if kwargs.get(name) is not None:
+            raise ClientOptionNotAllowed(f"{name}= is not supported by AuthorityClient: {why}")
 
 
 def _key_retries(client: Any) -> None:
@@ -43,15 +58,48 @@ def _key_retries(client: Any) -> None:
     idempotency header makes it send one key for all attempts of a call, so the gateway
     replays a retry instead of running its actions again. (Not the app's Idempotency-Key:
     these keys are the gateway's, kept only for ``defaults.retry_window_s``.)"""
+    from .transport import RETRY_KEY_HEADER
+
     client._idempotency_header = RETRY_KEY_HEADER
 
 
-def _inner_transport(http_client: Any) -> Any:
-    # Wrap the caller's own transport (proxies, certificates, mounts) rather than replace it.
-    return getattr(http_client, "_transport", None) if http_client is not None else None
+def _client_kwargs(gw: Gateway, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or "unused")
+    if not kwargs.get("base_url") and not os.environ.get("OPENAI_BASE_URL"):
+        kwargs["base_url"] = gw.policy.upstream.base_url
+    return kwargs
 
 
-class AuthorityClient(openai.OpenAI):
+def _copy_kwargs(client: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """openai's copy() rebuilds the client with every constructor field of the installed
+    major; ours ride along in its ``_extra_kwargs``."""
+    extra: dict[str, Any] = {
+        "gateway": client.gateway, "environment": client.environment,
+        "caller": client.authority_caller.name, **(kwargs.pop("_extra_kwargs", None) or {})}
+    for name in ("gateway", "environment", "caller"):
+        if name in kwargs:
+            extra[name] = kwargs.pop(name)
+    if "policy" in kwargs:
+        extra["policy"], extra["gateway"] = kwargs.pop("policy"), None
+    kwargs["_extra_kwargs"] = extra
+    return kwargs
+
+
+class _RefusesWebSockets:
+    _authority_ws_base_url: Any = None
+
+    @property
+    def websocket_base_url(self) -> Any:
+        if getattr(_copying, "active", False):
+            return self._authority_ws_base_url
+        raise EndpointNotAllowed(_WEBSOCKETS_REFUSED)
+
+    @websocket_base_url.setter
+    def websocket_base_url(self, value: Any) -> None:
+        self._authority_ws_base_url = value
+
+
+class AuthorityClient(_RefusesWebSockets, openai.OpenAI):
     """``openai.OpenAI`` whose every chat completion and tool call passes policy.
 
     Extra arguments: ``policy`` (path or loaded :class:`Policy`; default
@@ -62,76 +110,54 @@ class AuthorityClient(openai.OpenAI):
 
     gateway: Gateway
     environment: str
+    authority_caller: Caller
 
     def __init__(self, *, policy: Policy | str | Path | None = None,
                  environment: str | None = None, gateway: Gateway | None = None,
-                 caller: str = "sdk", http_client: httpx.Client | None = None,
-                 **kwargs: Any) -> None:
-        gw, who = _gateway_and_caller(policy, gateway, environment, caller)
-        inner = _inner_transport(http_client)
-        # copy()/with_options() hand us a client that is already gated: keep its transport.
-        transport = inner if isinstance(inner, AuthorityTransport) else AuthorityTransport(
-            gw, who, inner)
-        kwargs.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or "unused")
-        if "base_url" not in kwargs and not os.environ.get("OPENAI_BASE_URL"):
-            kwargs["base_url"] = gw.policy.upstream.base_url
-        super().__init__(http_client=openai.DefaultHttpxClient(transport=transport), **kwargs)
+                 caller: str = "sdk", http_client: Any = None, **kwargs: Any) -> None:
+        _refuse_ungated_options(kwargs)
+        gw, who = resolve_caller(policy, gateway, environment, caller)
+        super().__init__(http_client=gate_client(gw, who, http_client, is_async=False),
+                         **_client_kwargs(gw, kwargs))
         _key_retries(self)
         self.gateway = gw
         self.environment = who.environment
+        self.authority_caller = who
 
-    def copy(self, **kwargs: Any) -> AuthorityClient:
-        kwargs.setdefault("http_client", self._client)
-        kwargs.setdefault("gateway", self.gateway)
-        kwargs.setdefault("environment", self.environment)
-        return _copy(self, AuthorityClient, kwargs)
+    def copy(self, **kwargs: Any) -> Self:
+        _copying.active = True
+        try:
+            return super().copy(**_copy_kwargs(self, kwargs))
+        finally:
+            _copying.active = False
 
     with_options = copy
 
 
-class AsyncAuthorityClient(openai.AsyncOpenAI):
+class AsyncAuthorityClient(_RefusesWebSockets, openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` with the same gate as :class:`AuthorityClient`."""
 
     gateway: Gateway
     environment: str
+    authority_caller: Caller
 
     def __init__(self, *, policy: Policy | str | Path | None = None,
                  environment: str | None = None, gateway: Gateway | None = None,
-                 caller: str = "sdk", http_client: httpx.AsyncClient | None = None,
-                 **kwargs: Any) -> None:
-        gw, who = _gateway_and_caller(policy, gateway, environment, caller)
-        inner = _inner_transport(http_client)
-        transport = inner if isinstance(inner, AsyncAuthorityTransport) else (
-            AsyncAuthorityTransport(gw, who, inner))
-        kwargs.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or "unused")
-        if "base_url" not in kwargs and not os.environ.get("OPENAI_BASE_URL"):
-            kwargs["base_url"] = gw.policy.upstream.base_url
-        super().__init__(http_client=openai.DefaultAsyncHttpxClient(transport=transport),
-                         **kwargs)
+                 caller: str = "sdk", http_client: Any = None, **kwargs: Any) -> None:
+        _refuse_ungated_options(kwargs)
+        gw, who = resolve_caller(policy, gateway, environment, caller)
+        super().__init__(http_client=gate_client(gw, who, http_client, is_async=True),
+                         **_client_kwargs(gw, kwargs))
         _key_retries(self)
         self.gateway = gw
         self.environment = who.environment
+        self.authority_caller = who
 
-    def copy(self, **kwargs: Any) -> AsyncAuthorityClient:
-        kwargs.setdefault("http_client", self._client)
-        kwargs.setdefault("gateway", self.gateway)
-        kwargs.setdefault("environment", self.environment)
-        return _copy(self, AsyncAuthorityClient, kwargs)
+    def copy(self, **kwargs: Any) -> Self:
+        _copying.active = True
+        try:
+            return super().copy(**_copy_kwargs(self, kwargs))
+        finally:
+            _copying.active = False
 
     with_options = copy
-
-
-def _copy(client: Any, cls: type[Any], kwargs: dict[str, Any]) -> Any:
-    """openai's copy() rebuilds the client with its own constructor arguments; ours need
-    the gateway and environment carried over as well."""
-    base: dict[str, Any] = {
-        "api_key": client.api_key, "organization": client.organization,
-        "project": client.project, "base_url": client.base_url, "timeout": client.timeout,
-        "max_retries": client.max_retries,
-        "default_headers": {k: v for k, v in client._custom_headers.items()},
-        "default_query": client._custom_query,
-    }
-    for k in ("set_default_headers", "set_default_query"):
-        kwargs.pop(k, None)
-    base.update(kwargs)
-    return cls(**base)

@@ -16,8 +16,10 @@ matching ``openai`` error class.
     │   └── BudgetExceeded               budget_exceeded
     ├── InvalidRequest (400)             invalid_request
     │   ├── UnpriceableContent           unpriceable_content
-    │   └── RequestTooLarge (413)        request_too_large
+    │   ├── RequestTooLarge (413)        request_too_large
+    │   └── ClientOptionNotAllowed       client_option_not_allowed (SDK: a way around the gate)
     ├── NotFound (404)                   not_found
+    │   └── EndpointNotAllowed           endpoint_not_allowed (an endpoint the gateway won't serve)
     ├── IdempotencyInProgress (409)      idempotency_request_in_progress
     ├── IdempotencyKeyReused (422)       idempotency_key_reused
     ├── ApprovalError (409)              approval_not_pending … (see ApprovalError.code)
@@ -40,7 +42,9 @@ __all__ = [
     "AuthorityError",
     "AuthorityUnavailable",
     "BudgetExceeded",
+    "ClientOptionNotAllowed",
     "CostCeilingExceeded",
+    "EndpointNotAllowed",
     "ExecutionError",
     "Forbidden",
     "IdempotencyInProgress",
@@ -151,10 +155,39 @@ class RequestTooLarge(InvalidRequest):
     default_code = "request_too_large"
 
 
+class ClientOptionNotAllowed(InvalidRequest):
+    """An openai client option that would send requests around the gate (its own signing,
+    its own connection): refused when the client is built, never silently ungated."""
+
+    default_code = "client_option_not_allowed"
+
+
 class NotFound(AuthorityError):
     status_code = 404
     default_code = "not_found"
     error_type = "not_found_error"
+
+
+# What the gateway serves; the refusal of anything else names it so the caller knows what to do.
+SERVED_ENDPOINTS = "POST /v1/chat/completions and GET /v1/models"
+
+
+class EndpointNotAllowed(NotFound):
+    """An endpoint the gateway does not serve: the same answer from the proxy and the SDK."""
+
+    default_code = "endpoint_not_allowed"
+    error_type = "invalid_request_error"
+
+    @classmethod
+    def for_request(cls, method: str, path: str) -> EndpointNotAllowed:
+        # A caller chooses the path: never echo it unbounded.
+        method, path = method[:16], (path if len(path) <= 200 else path[:200] + "…")
+        return cls(
+            f"{method} {path} is not served by the AI Authority Gateway, which cannot vouch "
+            f"for what it does not gate. It serves {SERVED_ENDPOINTS}: use chat completions "
+            "(e.g. OpenAIChatCompletionsModel in the Agents SDK, use_responses_api=False in "
+            "LangChain), or call this endpoint without the gateway if your organisation "
+            "allows it.")
 
 
 class IdempotencyInProgress(AuthorityError):

@@ -7,6 +7,9 @@ compiled validators and regexes are cached.
 Resolution, first step that applies wins:
 
 1. kill switch engaged → ``deny`` (``kill_switch_engaged``);
+   an undefined tool named in ``output_tools`` (its call is the model's structured
+   answer) → allowed for the app, never executed (``decided_by="output_tool"``), once
+   its arguments parse as a JSON object;
 2. action type not allowed in the environment → ``deny`` (``action_not_allowed``);
    an action type the policy does not define is never allowed (fail closed);
 3. arguments not a JSON object, or not valid against the JSON schema (the
@@ -307,6 +310,11 @@ def describe_rule(rule: Rule) -> str:
 # ---------------------------------------------------------------- resolution
 
 
+def _undefined_reason(action_type: str) -> str:
+    return (f"action type {action_type!r} is not defined in the policy: add it to actions: "
+            "to allow it, or to output_tools: if its call is the app's structured answer")
+
+
 def not_allowed_reason(policy: Policy, environment: str, action_type: str) -> str | None:
     """None if the action type may run in ``environment``, else why not."""
     env = policy.environments.get(environment)
@@ -314,7 +322,7 @@ def not_allowed_reason(policy: Policy, environment: str, action_type: str) -> st
         return f"environment {environment!r} is not defined in the policy"
     action = policy.actions.get(action_type)
     if action is None:
-        return f"action type {action_type!r} is not defined in the policy"
+        return _undefined_reason(action_type)
     if action.environments is not None and environment not in action.environments:
         return (f"action type {action_type!r} is not allowed in {environment} "
                 "(not in the action's environments)")
@@ -355,9 +363,18 @@ def resolve_action(
     if kill_switch_engaged:
         return done("deny", "kill_switch", "kill switch engaged", "kill_switch_engaged")
 
+    output_pattern = policy.output_tool_pattern(action_type) if action is None else None
+    if output_pattern is not None:
+        if args is None:
+            return done("deny", "validation", parse_error or "invalid arguments",
+                        "invalid_arguments")
+        return done("auto_execute", "output_tool",
+                    f"{action_type} is an output tool (output_tools: {output_pattern}): "
+                    "its call is the answer, passed to the app")
+
     refused = not_allowed_reason(policy, environment, action_type)
     if refused is not None or action is None:
-        reason = refused or f"action type {action_type!r} is not defined in the policy"
+        reason = refused or _undefined_reason(action_type)
         return done("deny", "environment_allowlist", reason, "action_not_allowed")
 
     if args is None:

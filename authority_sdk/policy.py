@@ -6,6 +6,7 @@ unknown field``), never a silently ignored rule.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -284,6 +285,15 @@ class Policy(_Strict):
     redact: list[str] = Field(default_factory=list)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    output_tools: list[str] = Field(default_factory=list, description=(
+        "Tools whose call is the model's answer, not an action: names or globs (e.g. "
+        "final_result, final_result_*). Libraries ask for structured output this way "
+        "(instructor's TOOLS mode, pydantic-ai's output_type, LangChain's "
+        "with_structured_output(method='function_calling'), LlamaIndex's "
+        "structured_predict). A matching call is passed to the app as allowed (client "
+        "dispatch), never executed by the gateway; its arguments must still be a JSON "
+        "object, and the kill switch still denies it. An action defined in actions: may "
+        "not also match. Empty by default: an undefined tool call is denied (fail closed)."))
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -307,12 +317,25 @@ class Policy(_Strict):
         for i, key in enumerate(self.keys):
             if key.environment is not None and key.environment not in self.environments:
                 problems.append(f"keys.{i}.environment: unknown environment {key.environment!r}")
+        for i, pattern in enumerate(self.output_tools):
+            clash = sorted(a for a in self.actions if fnmatch.fnmatchcase(a, pattern))
+            if clash:
+                problems.append(f"output_tools.{i}: {pattern!r} matches the defined action(s) "
+                                f"{', '.join(clash)}; an output tool has no executor or rules, "
+                                "so a name is one or the other")
         names = [k.name for k in self.keys]
         if len(names) != len(set(names)):
             problems.append("keys: key names must be unique")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def output_tool_pattern(self, name: str) -> str | None:
+        """The ``output_tools`` entry that ``name`` matches, if any."""
+        for pattern in self.output_tools:
+            if fnmatch.fnmatchcase(name, pattern):
+                return pattern
+        return None
 
     @cached_property
     def hash(self) -> str:

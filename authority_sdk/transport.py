@@ -1,190 +1,316 @@
-"""httpx transports that run the engine in-process around the real transport.
+"""Transports that run the engine in-process around the real HTTP layer.
 
 Every path of the openai client (``create``, ``stream=True``, ``.stream()``,
 ``.parse()``, ``with_raw_response``, ``with_options()``) goes through its HTTP
-layer, so gating here cannot be bypassed by a new openai method. Chat requests
-are gated; ``GET`` requests (``models.list``) pass through; any other ``POST``
-is refused, because the gateway cannot vouch for what it does not understand.
+layer, so gating here cannot be bypassed by a new openai method. :func:`route` is
+the one place that decides what a request is: chat requests are gated, ``GET
+/models`` is answered with the models the policy allows, anything else is
+refused (``endpoint_not_allowed``), because the gateway cannot vouch for what it
+does not understand.
+
+openai 2.x runs on ``httpx``, openai 3.x on ``httpx2`` (same API, other classes),
+and openai 3 still accepts a plain ``httpx.Client``. The gate's logic is written
+once; :func:`transport_classes` binds it to one library's base classes.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator, Iterator
-
-import httpx
+from functools import cache
+from typing import Any, Literal
 
 from .engine import CallContext, Gateway, UpstreamReply
-from .errors import AuthorityError, InvalidRequest, UpstreamError, UpstreamTimeout
+from .errors import AuthorityError, EndpointNotAllowed, UpstreamError, UpstreamTimeout
 from .formats import format_for_path
+from .models_list import models_body
 from .wire import Caller, GatewayRequest, GatewayResponse, error_response
 
-__all__ = ["AsyncAuthorityTransport", "AuthorityTransport", "upstream_error"]
+__all__ = ["HTTP_LIBRARIES", "is_gate", "route", "sender", "transport_classes", "upstream_error"]
+
+HTTP_LIBRARIES = ("httpx", "httpx2")
+# openai's own retry loop sends one key for all attempts of a call under this header
+# (AuthorityClient names it), so the gateway replays a retry instead of running it again.
+RETRY_KEY_HEADER = "X-Authority-Retry-Key"
+Route = Literal["chat", "models", "refuse"]
+
+
+def route(method: str, path: str) -> Route:
+    """What the gateway does with a request, by method and URL path: a POST to a path a
+    wire format serves goes to the engine (which picks the format by the path)."""
+    path = path.rstrip("/")
+    if method == "POST" and format_for_path(path) is not None:
+        return "chat"
+    if method == "GET" and path.endswith("/models"):
+        return "models"
+    # Everything else, GETs included: stored responses and completions, files, batches and
+    # conversations hand back model output the gateway never saw.
+    return "refuse"
 
 
 def upstream_error(exc: Exception, timeout_s: float | None = None) -> AuthorityError:
-    """Map an httpx failure to the gateway's codes: timeout → 504, connection → 502."""
-    if isinstance(exc, httpx.TimeoutException):
+    """Map an HTTP library's failure to the gateway's codes: timeout → 504, connection → 502."""
+    if _is_timeout(exc):
         after = f" after {timeout_s:g}s" if timeout_s else ""
         return UpstreamTimeout(f"the upstream did not answer in time{after}")
     return UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}")
 
 
-def _is_chat(request: httpx.Request) -> bool:
-    return request.method == "POST" and format_for_path(request.url.path) is not None
+def _is_timeout(exc: Exception) -> bool:
+    # Either library's TimeoutException (connect, read, write, pool).
+    return any(c.__name__ == "TimeoutException" for c in type(exc).__mro__)
 
 
-def _gateway_request(request: httpx.Request, caller: Caller) -> GatewayRequest:
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    return GatewayRequest(caller=caller, body=request.content, headers=headers,
-                          path=request.url.path, method=request.method)
+class _Http:
+    """The classes of one HTTP library (``httpx`` or ``httpx2``) the gate needs."""
+
+    def __init__(self, name: str) -> None:
+        mod: Any = importlib.import_module(name)
+        self.name = name
+        self.mod = mod
+        self.Request = mod.Request
+        self.Response = mod.Response
+        self.Headers = mod.Headers
+        self.HTTPError: type[Exception] = mod.HTTPError
+
+        class ClosingStream(mod.SyncByteStream):
+            """The library never closes a plain iterator given as content. Closing the
+            response must close the gate's generator: it audits the abandoned request and
+            frees the upstream connection."""
+
+            def __init__(self, it: Iterator[bytes]) -> None:
+                self._it = it
+
+            def __iter__(self) -> Iterator[bytes]:
+                yield from self._it
+
+            def close(self) -> None:
+                close = getattr(self._it, "close", None)
+                if close is not None:
+                    close()
+
+        class AsyncClosingStream(mod.AsyncByteStream):
+            def __init__(self, it: AsyncIterator[bytes]) -> None:
+                self._it = it
+
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                async for chunk in self._it:
+                    yield chunk
+
+            async def aclose(self) -> None:
+                aclose = getattr(self._it, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        self.ClosingStream = ClosingStream
+        self.AsyncClosingStream = AsyncClosingStream
+
+    def gateway_request(self, request: Any, caller: Caller) -> GatewayRequest:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return GatewayRequest(caller=caller, body=request.content, headers=headers,
+                              path=request.url.path, method=request.method)
+
+    def forward(self, request: Any, ctx: CallContext) -> Any:
+        headers = self.Headers(request.headers)
+        headers["content-length"] = str(len(ctx.upstream_body))
+        # We read the answer ourselves; a compressed body would only cost a decode.
+        headers["accept-encoding"] = "identity"
+        for private in ("idempotency-key", RETRY_KEY_HEADER):
+            headers.pop(private, None)
+        return self.Request(request.method, request.url, headers=headers,
+                            content=ctx.upstream_body, extensions=request.extensions)
+
+    def refuse(self, request: Any) -> Any:
+        exc = EndpointNotAllowed.for_request(request.method, request.url.path)
+        return self.to_response(error_response(exc), request)
+
+    def to_response(self, resp: GatewayResponse, request: Any) -> Any:
+        if resp.stream is not None:
+            return self.Response(resp.status_code, headers=resp.headers,
+                                 stream=self.ClosingStream(resp.stream), request=request)
+        if resp.astream is not None:
+            return self.Response(resp.status_code, headers=resp.headers,
+                                 stream=self.AsyncClosingStream(resp.astream), request=request)
+        return self.Response(resp.status_code, headers=resp.headers, content=resp.body,
+                             request=request)
+
+    def models_response(self, status: int, headers: Any, body: bytes, patterns: list[str],
+                        request: Any) -> Any:
+        out = {k: v for k, v in headers.items()
+               if k.lower() not in ("content-length", "content-encoding", "transfer-encoding")}
+        out["content-type"] = "application/json"
+        return self.Response(200, headers=out, content=models_body(status, body, patterns),
+                             request=request)
+
+    def sync_chunks(self, resp: Any) -> Iterator[bytes]:
+        try:
+            yield from resp.iter_bytes()
+        except self.HTTPError as exc:
+            raise upstream_error(exc) from exc
+
+    async def async_chunks(self, resp: Any) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_bytes():
+                yield chunk
+        except self.HTTPError as exc:
+            raise upstream_error(exc) from exc
 
 
-def _forward(request: httpx.Request, ctx: CallContext) -> httpx.Request:
-    headers = httpx.Headers(request.headers)
-    headers["content-length"] = str(len(ctx.upstream_body))
-    # We read the answer ourselves; a compressed body would only cost a decode.
-    headers["accept-encoding"] = "identity"
-    for private in ("idempotency-key", "x-authority-retry-key"):
-        headers.pop(private, None)
-    return httpx.Request(request.method, request.url, headers=headers,
-                         content=ctx.upstream_body, extensions=request.extensions)
+class _SyncSender:
+    """Sends through the caller's own client, so its proxies, certificates, mounts, auth
+    and event hooks still apply to what goes upstream."""
 
+    def __init__(self, client: Any) -> None:
+        self.client = client
 
-def _refuse(request: httpx.Request) -> httpx.Response:
-    exc = InvalidRequest(f"{request.method} {request.url.path} is not governed by the gateway",
-                         code="endpoint_not_allowed")
-    return _to_httpx(error_response(exc), request)
-
-
-class _ClosingStream(httpx.SyncByteStream):
-    """httpx never closes a plain iterator given as content. Closing the response must close
-    the gate's generator: it audits the abandoned request and frees the upstream connection."""
-
-    def __init__(self, it: Iterator[bytes]) -> None:
-        self._it = it
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._it
+    def handle_request(self, request: Any) -> Any:
+        return self.client.send(request, stream=True)
 
     def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
+        self.client.close()
 
 
-class _AsyncClosingStream(httpx.AsyncByteStream):
-    def __init__(self, it: AsyncIterator[bytes]) -> None:
-        self._it = it
+class _AsyncSender:
+    def __init__(self, client: Any) -> None:
+        self.client = client
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._it:
-            yield chunk
+    async def handle_async_request(self, request: Any) -> Any:
+        return await self.client.send(request, stream=True)
 
     async def aclose(self) -> None:
-        aclose = getattr(self._it, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await self.client.aclose()
 
 
-def _to_httpx(resp: GatewayResponse, request: httpx.Request) -> httpx.Response:
-    if resp.stream is not None:
-        return httpx.Response(resp.status_code, headers=resp.headers,
-                              stream=_ClosingStream(resp.stream), request=request)
-    if resp.astream is not None:
-        return httpx.Response(resp.status_code, headers=resp.headers,
-                              stream=_AsyncClosingStream(resp.astream), request=request)
-    return httpx.Response(resp.status_code, headers=resp.headers, content=resp.body,
-                          request=request)
+class _SyncGate:
+    """The gate as a sync transport; bound to one HTTP library by :func:`transport_classes`."""
 
+    http: _Http
 
-class AuthorityTransport(httpx.BaseTransport):
-    def __init__(self, gateway: Gateway, caller: Caller,
-                 inner: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, gateway: Gateway, caller: Caller, inner: Any = None) -> None:
         self.gateway = gateway
         self.caller = caller
-        self.inner = inner or httpx.HTTPTransport()
+        self.inner = inner if inner is not None else self.http.mod.HTTPTransport()
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if not _is_chat(request):
-            if request.method == "GET":
-                return self.inner.handle_request(request)
-            return _refuse(request)
+    def handle_request(self, request: Any) -> Any:
+        http = self.http
+        what = route(request.method, request.url.path)
+        if what == "refuse":
+            return http.refuse(request)
+        if what == "models":
+            return self._models(request)
         request.read()
 
         def send(ctx: CallContext) -> UpstreamReply:
             try:
-                resp = self.inner.handle_request(_forward(request, ctx))
-            except httpx.HTTPError as exc:
+                resp = self.inner.handle_request(http.forward(request, ctx))
+            except http.HTTPError as exc:
                 raise upstream_error(exc, self.gateway.policy.upstream.timeout_s) from exc
-            wrapped = httpx.Response(resp.status_code, headers=resp.headers, stream=resp.stream,
-                                     request=request)
+            wrapped = http.Response(resp.status_code, headers=resp.headers, stream=resp.stream,
+                                    request=request)
             if ctx.stream and resp.status_code < 300:
                 return UpstreamReply(resp.status_code, dict(wrapped.headers),
-                                     chunks=_sync_chunks(wrapped), close=wrapped.close)
+                                     chunks=http.sync_chunks(wrapped), close=wrapped.close)
             try:
                 body = wrapped.read()
-            except httpx.HTTPError as exc:
+            except http.HTTPError as exc:
                 raise upstream_error(exc) from exc
             finally:
                 wrapped.close()
             return UpstreamReply(resp.status_code, dict(wrapped.headers), body)
 
-        return _to_httpx(self.gateway.handle(_gateway_request(request, self.caller), send),
-                         request)
+        return http.to_response(
+            self.gateway.handle(http.gateway_request(request, self.caller), send), request)
+
+    def _models(self, request: Any) -> Any:
+        # An upstream that cannot list gets the literal allowed names, as from the proxy.
+        status, headers, body = 0, {}, b""
+        try:
+            resp = self.inner.handle_request(request)
+            try:
+                status, headers, body = resp.status_code, resp.headers, resp.read()
+            finally:
+                resp.close()
+        except self.http.HTTPError:
+            pass
+        patterns = self.gateway.policy.environments[self.caller.environment].models
+        return self.http.models_response(status, headers, body, patterns, request)
 
     def close(self) -> None:
         self.inner.close()
 
 
-def _sync_chunks(resp: httpx.Response) -> Iterator[bytes]:
-    try:
-        yield from resp.iter_bytes()
-    except httpx.HTTPError as exc:
-        raise upstream_error(exc) from exc
+class _AsyncGate:
+    http: _Http
 
-
-async def _async_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in resp.aiter_bytes():
-            yield chunk
-    except httpx.HTTPError as exc:
-        raise upstream_error(exc) from exc
-
-
-class AsyncAuthorityTransport(httpx.AsyncBaseTransport):
-    def __init__(self, gateway: Gateway, caller: Caller,
-                 inner: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, gateway: Gateway, caller: Caller, inner: Any = None) -> None:
         self.gateway = gateway
         self.caller = caller
-        self.inner = inner or httpx.AsyncHTTPTransport()
+        self.inner = inner if inner is not None else self.http.mod.AsyncHTTPTransport()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not _is_chat(request):
-            if request.method == "GET":
-                return await self.inner.handle_async_request(request)
-            return _refuse(request)
+    async def handle_async_request(self, request: Any) -> Any:
+        http = self.http
+        what = route(request.method, request.url.path)
+        if what == "refuse":
+            return http.refuse(request)
+        if what == "models":
+            return await self._models(request)
         await request.aread()
 
         async def send(ctx: CallContext) -> UpstreamReply:
             try:
-                resp = await self.inner.handle_async_request(_forward(request, ctx))
-            except httpx.HTTPError as exc:
+                resp = await self.inner.handle_async_request(http.forward(request, ctx))
+            except http.HTTPError as exc:
                 raise upstream_error(exc, self.gateway.policy.upstream.timeout_s) from exc
-            wrapped = httpx.Response(resp.status_code, headers=resp.headers, stream=resp.stream,
-                                     request=request)
+            wrapped = http.Response(resp.status_code, headers=resp.headers, stream=resp.stream,
+                                    request=request)
             if ctx.stream and resp.status_code < 300:
                 return UpstreamReply(resp.status_code, dict(wrapped.headers),
-                                     achunks=_async_chunks(wrapped), close=wrapped.aclose)
+                                     achunks=http.async_chunks(wrapped), close=wrapped.aclose)
             try:
                 body = await wrapped.aread()
-            except httpx.HTTPError as exc:
+            except http.HTTPError as exc:
                 raise upstream_error(exc) from exc
             finally:
                 await wrapped.aclose()
             return UpstreamReply(resp.status_code, dict(wrapped.headers), body)
 
-        resp = await self.gateway.ahandle(_gateway_request(request, self.caller), send)
-        return _to_httpx(resp, request)
+        resp = await self.gateway.ahandle(http.gateway_request(request, self.caller), send)
+        return http.to_response(resp, request)
+
+    async def _models(self, request: Any) -> Any:
+        status, headers, body = 0, {}, b""
+        try:
+            resp = await self.inner.handle_async_request(request)
+            try:
+                status, headers, body = resp.status_code, resp.headers, await resp.aread()
+            finally:
+                await resp.aclose()
+        except self.http.HTTPError:
+            pass
+        patterns = self.gateway.policy.environments[self.caller.environment].models
+        return self.http.models_response(status, headers, body, patterns, request)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+@cache
+def transport_classes(library: str) -> tuple[type[_SyncGate], type[_AsyncGate]]:
+    """The (sync, async) gated transport classes for ``httpx`` or ``httpx2``."""
+    if library not in HTTP_LIBRARIES:
+        raise ValueError(f"unknown HTTP library {library!r} (one of {HTTP_LIBRARIES})")
+    http = _Http(library)
+    sync = type("AuthorityTransport", (_SyncGate, http.mod.BaseTransport),
+                {"http": http, "__module__": __name__})
+    async_ = type("AsyncAuthorityTransport", (_AsyncGate, http.mod.AsyncBaseTransport),
+                  {"http": http, "__module__": __name__})
+    return sync, async_
+
+
+def is_gate(transport: Any) -> bool:
+    return isinstance(transport, _SyncGate | _AsyncGate)
+
+
+def sender(client: Any, *, is_async: bool) -> Any:
+    """The caller's own client as the inner layer of a gate."""
+    return _AsyncSender(client) if is_async else _SyncSender(client)

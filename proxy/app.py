@@ -31,7 +31,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from authority_sdk import control
-from authority_sdk.errors import AuthorityError, InvalidRequest, NotFound, RequestTooLarge
+from authority_sdk.errors import (
+    AuthorityError,
+    EndpointNotAllowed,
+    InvalidRequest,
+    NotFound,
+    RequestTooLarge,
+)
 from authority_sdk.paging import MAX_CURSOR_CHARS, MAX_LIMIT
 from authority_sdk.policy import POLICY_ENV, Policy, default_policy_path, load_policy
 from authority_sdk.render import clip, escape_surrogates
@@ -246,6 +252,11 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (404, 405) and request.url.path.startswith("/v1/"):
+            # An OpenAI endpoint the gateway does not serve: the SDK's transport gives the
+            # very same answer (status, code and advice).
+            return await _answer(request, EndpointNotAllowed.for_request(
+                request.method, request.url.path))
         where = f"{_safe(request.method, 16)} {_safe(request.url.path)}"
         if exc.status_code == 404:
             return await _answer(request, NotFound(f"no such endpoint: {where}"))

@@ -13,7 +13,6 @@ is openai's own.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import os
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import aiohttp
 
 from authority_sdk.engine import CallContext, UpstreamReply
 from authority_sdk.errors import AuthorityError, UpstreamError, UpstreamTimeout
+from authority_sdk.models_list import allowed_models, model_entries
 from authority_sdk.policy import Policy
 
 from .metrics import Metrics
@@ -127,21 +127,14 @@ class Upstream:
         try:
             async with self.session.get(self.base_url + "/models", headers=headers) as resp:
                 payload = await resp.json(content_type=None) if resp.status == 200 else None
-            data = payload.get("data") if isinstance(payload, dict) else None
+            models = model_entries(payload)
         except (*_ERRORS, ValueError):
             return None
-        if not isinstance(data, list):
+        if models is None:
             return None
-        models = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
         self._models = (now, models)
         return models
 
     async def allowed_models(self, patterns: list[str]) -> list[dict[str, Any]]:
-        """Models matching the environment's globs: from the upstream's list when it answers,
-        else the patterns that name one model literally."""
-        listed = await self.models()
-        if listed is not None:
-            return [m for m in listed
-                    if any(fnmatch.fnmatchcase(m["id"], p) for p in patterns)]
-        return [{"id": p, "object": "model", "created": 0, "owned_by": "authority"}
-                for p in patterns if not any(c in p for c in "*?[")]
+        """Models matching the environment's globs (the rule the SDK applies too)."""
+        return allowed_models(await self.models(), patterns)

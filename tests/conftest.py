@@ -120,7 +120,8 @@ def audit_entries(path: Path, event: str | None = None, *,
     entry — written before its executor runs — is left out, so each action appears once."""
     import json
 
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # JSON Lines: split on "\n" only (str.splitlines also splits inside strings at U+2028…).
+    entries = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
     return [e for e in entries if (event is None or e["event"] == event)
             and (intents or (e.get("details") or {}).get("status") != "executing")]
 

@@ -93,7 +93,7 @@ def test_policy_example_has_every_section_and_passes_check() -> None:
     data = yaml.safe_load((EXAMPLES / "policy.yaml").read_text())
     assert set(data) == {"version", "default_environment", "upstream", "state", "audit",
                          "defaults", "environments", "actions", "executors", "keys", "pricing",
-                         "redact"}
+                         "redact", "output_tools"}
     assert {e["type"] for e in data["executors"].values()} == {"webhook", "smtp", "python",
                                                                "log"}
     assert any(k.get("secret_sha256") for k in data["keys"])

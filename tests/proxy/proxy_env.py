@@ -92,7 +92,7 @@ class RunningProxy:
 
     def audit_entries(self) -> list[dict[str, Any]]:
         path = self.directory / "audit.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
     def upstream_stats(self) -> dict[str, Any]:
         return dict(httpx.get(f"http://127.0.0.1:{self.upstream.port}/_stats").json())
