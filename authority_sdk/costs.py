@@ -116,7 +116,15 @@ def plan_d(
     def affordable(usd: float) -> int:
         return max_affordable_output_tokens(pricing, reserve_prompt, usd, **modal)
 
-    if explicit is not None:
+    if not req.has_output:
+        out = 0  # embeddings: the input is the whole bill
+        if ceiling is not None and est(0) > ceiling:
+            raise CostCeilingExceeded(
+                f"estimated cost ${est(0):.6f} ({_prompt_words(prompt, counted, unseen)} on "
+                f"{model}) exceeds the per-request ceiling ${ceiling} of environment "
+                f"{environment!r}", estimate_usd=est(0), ceiling_usd=ceiling,
+                decided_by=ceiling_rule)
+    elif explicit is not None:
         out = explicit
         if ceiling is not None and est(out) > ceiling:
             raise CostCeilingExceeded(
@@ -152,7 +160,8 @@ def plan_d(
 
     reserved = 0.0
     if counters:
-        low = est(out) if explicit is not None else est(min(out, MIN_OUTPUT_TOKENS))
+        low = est(out) if explicit is not None or not req.has_output \
+            else est(min(out, MIN_OUTPUT_TOKENS))
         granted = yield S.budget_reserve(counters, min_usd=low, max_usd=est(out), ttl_s=ttl)
         if granted is None:
             raise BudgetExceeded(
@@ -162,12 +171,12 @@ def plan_d(
                 needed_usd=low, decided_by=" and ".join(rules),
             )
         reserved = granted
-        if explicit is None and granted < est(out):
+        if explicit is None and req.has_output and granted < est(out):
             out = min(out, affordable(granted) // n)
             # Rounding can make the largest affordable limit dip below the floor we reserved for.
             out = max(out, min(MIN_OUTPUT_TOKENS, window))
 
-    injected = explicit is None and out < window
+    injected = explicit is None and req.has_output and out < window
     if injected:
         req.data[req.limit_field] = out
     return CostPlan(

@@ -182,6 +182,24 @@ class ScriptedModel:
             del answer["choices"]
         return JSONResponse(answer)
 
+    async def embeddings(self, request: Request) -> Response:
+        body = await request.json()
+        with self._lock:
+            self.chat_requests += 1
+            self.last_request = {"headers": dict(request.headers), "body": body}
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) and inputs and not isinstance(
+            inputs[0], int) else [inputs]
+        from .tokens import default_counter
+
+        tokens = sum(default_counter.count_text(body.get("model", "text-embedding-3-small"),
+                                                i if isinstance(i, str) else "x") for i in items)
+        return JSONResponse({
+            "object": "list", "model": body.get("model"),
+            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                     for i in range(len(items))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "scripted"} for m in MODELS]})
@@ -228,6 +246,7 @@ def build_app(model: ScriptedModel | None = None) -> Starlette:
     app = Starlette(routes=[
         Route("/v1/chat/completions", m.chat, methods=["POST"]),
         Route("/v1/models", m.models, methods=["GET"]),
+        Route("/v1/embeddings", m.embeddings, methods=["POST"]),
         Route("/_stats", m.stats, methods=["GET"]),
     ])
     app.state.model = m

@@ -301,6 +301,11 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
                                 state["upstream"].send)
         return _to_response(resp)
 
+    @app.post("/v1/embeddings", tags=["openai"], responses=_CHAT_ERRORS,
+              summary="Embeddings: model allowlist, cost of the input, budgets and audit")
+    async def embeddings(request: Request, ident: Agent) -> Response:
+        return await chat_completions(request, ident)
+
     @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_ERRORS,
              summary="The models the caller's environment allows")
     async def list_models(ident: Agent) -> dict[str, Any]:

@@ -82,8 +82,9 @@ class Upstream:
         if info is not None:
             info.upstream_start = started
             info.streamed = ctx.stream
+        assert ctx.fmt is not None
         try:
-            resp = await self.session.post(self.base_url + "/chat/completions",
+            resp = await self.session.post(self.base_url + ctx.fmt.path,
                                            data=ctx.upstream_body, headers=headers,
                                            allow_redirects=False)
         except _ERRORS as exc:

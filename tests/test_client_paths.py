@@ -206,7 +206,8 @@ def _check(outcomes: dict[str, str]) -> None:
     # the chat path is gated (the dummy model is not allowed), not refused
     assert outcomes["chat.completions.create"].startswith("gated:")
     refused = [n for n, o in outcomes.items() if o == "refused"]
-    assert "responses.create" in refused and "embeddings.create" in refused
+    assert "responses.create" in refused and "completions.create" in refused
+    assert outcomes["embeddings.create"].startswith("gated:")
     assert "responses.retrieve" in refused  # stored model output is not passed through
     assert "chat.completions.retrieve" in refused
     assert "responses.connect" in refused or OPENAI_MAJOR < 3
@@ -351,7 +352,7 @@ def test_own_http_client_is_wrapped(write_policy: Callable[..., Path], upstream:
     assert r.choices[0].message.content == "wrapped"
     assert seen == ["/v1/chat/completions"]  # went out through the caller's own client
     with pytest.raises(openai.NotFoundError):
-        c.embeddings.create(model="text-embedding-3-small", input="x")
+        c.completions.create(model="gpt-4o-mini", prompt="x")
     assert seen == ["/v1/chat/completions"]
 
 
@@ -425,7 +426,7 @@ def test_gated_http_client_gates_an_ordinary_openai_client(
     raw = hc.post(upstream.base_url + "/chat/completions",
                   json={"model": "gpt-4o", "messages": user("hi")})
     assert raw.status_code == 403 and raw.json()["error"]["code"] == "model_not_allowed"
-    refused = hc.post(upstream.base_url + "/embeddings", json={"input": "x"})
+    refused = hc.post(upstream.base_url + "/completions", json={"prompt": "x"})
     assert refused.status_code == 404
     assert refused.json()["error"]["code"] == "endpoint_not_allowed"
     assert upstream.chat_requests == before + 1

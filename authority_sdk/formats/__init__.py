@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .base import Answer, Call, ParsedRequest, StreamAssembler, WireFormat
 from .chat import ChatCompletions
+from .embeddings import Embeddings
 
-__all__ = ["Answer", "Call", "ChatCompletions", "ParsedRequest", "StreamAssembler",
+__all__ = ["Answer", "Call", "ChatCompletions", "Embeddings", "ParsedRequest", "StreamAssembler",
            "WireFormat", "format_for_path"]
 
 _BY_PATH: dict[str, WireFormat] = {}
@@ -16,6 +17,7 @@ def register(fmt: WireFormat) -> None:
 
 
 register(ChatCompletions())
+register(Embeddings())
 
 
 def format_for_path(path: str) -> WireFormat | None:

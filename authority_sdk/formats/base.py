@@ -36,6 +36,7 @@ class ParsedRequest:
     prompt_messages: list[Any] = field(default_factory=list)
     prompt_tools: list[Any] | None = None
     client_wants_usage: bool = False
+    has_output: bool = True  # False: priced by its input alone (embeddings)
 
     def count_body(self) -> dict[str, Any]:
         """The prompt in the chat shape the token counter reads (messages, tools, a forced

@@ -43,7 +43,7 @@ def _answer(call: Callable[[], Any]) -> tuple[int, str | None, str]:
 
 
 ENDPOINTS: list[tuple[str, Callable[[openai.OpenAI], Any]]] = [
-    ("embeddings", lambda c: c.embeddings.create(model="text-embedding-3-small", input="x")),
+    ("legacy completions", lambda c: c.completions.create(model="gpt-4o-mini", prompt="x")),
     ("responses", lambda c: c.responses.create(model="gpt-4o-mini", input="hi")),
     ("stored response", lambda c: c.responses.retrieve("resp_123")),
     ("stored completions", lambda c: c.chat.completions.list()),
@@ -68,9 +68,9 @@ def test_unserved_endpoint_same_status_code_and_advice_from_both_doors(
 
 def test_unserved_endpoint_is_refused_before_its_body_is_read(px: RunningProxy) -> None:
     # Without a key nothing under /v1 says what exists: authentication comes first.
-    r = px.http("POST", "/v1/embeddings", content=b"x" * 10)
+    r = px.http("POST", "/v1/audio/speech", content=b"x" * 10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = px.http("POST", "/v1/embeddings", AGENT_KEY, content=b"x" * 10)
+    r = px.http("POST", "/v1/audio/speech", AGENT_KEY, content=b"x" * 10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "endpoint_not_allowed"
     long = px.http("GET", "/v1/" + "a" * 5000, AGENT_KEY)  # never echoed unbounded
     assert long.status_code == 404 and len(long.text) < 1500
