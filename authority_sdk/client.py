@@ -99,7 +99,39 @@ class _RefusesWebSockets:
         self._authority_ws_base_url = value
 
 
-class AuthorityClient(_RefusesWebSockets, openai.OpenAI):
+class _Gated(_RefusesWebSockets):
+    """What both clients add to openai's: the gate around the HTTP client, the retry key,
+    and a copy() that keeps the gateway, environment and caller."""
+
+    _is_async = False
+    gateway: Gateway
+    environment: str
+    authority_caller: Caller
+
+    def __init__(self, *, policy: Policy | str | Path | None = None,
+                 environment: str | None = None, gateway: Gateway | None = None,
+                 caller: str = "sdk", http_client: Any = None, **kwargs: Any) -> None:
+        _refuse_ungated_options(kwargs)
+        gw, who = resolve_caller(policy, gateway, environment, caller)
+        super().__init__(http_client=gate_client(gw, who, http_client,  # type: ignore[call-arg]
+                                                 is_async=self._is_async),
+                         **_client_kwargs(gw, kwargs))
+        _key_retries(self)
+        self.gateway = gw
+        self.environment = who.environment
+        self.authority_caller = who
+
+    def copy(self, **kwargs: Any) -> Self:
+        _copying.active = True
+        try:
+            return super().copy(**_copy_kwargs(self, kwargs))  # type: ignore[misc]
+        finally:
+            _copying.active = False
+
+    with_options = copy
+
+
+class AuthorityClient(_Gated, openai.OpenAI):
     """``openai.OpenAI`` whose every chat completion and tool call passes policy.
 
     Extra arguments: ``policy`` (path or loaded :class:`Policy`; default
@@ -108,56 +140,8 @@ class AuthorityClient(_RefusesWebSockets, openai.OpenAI):
     engine between clients) and ``caller`` (the name approvals and the audit log record).
     """
 
-    gateway: Gateway
-    environment: str
-    authority_caller: Caller
 
-    def __init__(self, *, policy: Policy | str | Path | None = None,
-                 environment: str | None = None, gateway: Gateway | None = None,
-                 caller: str = "sdk", http_client: Any = None, **kwargs: Any) -> None:
-        _refuse_ungated_options(kwargs)
-        gw, who = resolve_caller(policy, gateway, environment, caller)
-        super().__init__(http_client=gate_client(gw, who, http_client, is_async=False),
-                         **_client_kwargs(gw, kwargs))
-        _key_retries(self)
-        self.gateway = gw
-        self.environment = who.environment
-        self.authority_caller = who
-
-    def copy(self, **kwargs: Any) -> Self:
-        _copying.active = True
-        try:
-            return super().copy(**_copy_kwargs(self, kwargs))
-        finally:
-            _copying.active = False
-
-    with_options = copy
-
-
-class AsyncAuthorityClient(_RefusesWebSockets, openai.AsyncOpenAI):
+class AsyncAuthorityClient(_Gated, openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` with the same gate as :class:`AuthorityClient`."""
 
-    gateway: Gateway
-    environment: str
-    authority_caller: Caller
-
-    def __init__(self, *, policy: Policy | str | Path | None = None,
-                 environment: str | None = None, gateway: Gateway | None = None,
-                 caller: str = "sdk", http_client: Any = None, **kwargs: Any) -> None:
-        _refuse_ungated_options(kwargs)
-        gw, who = resolve_caller(policy, gateway, environment, caller)
-        super().__init__(http_client=gate_client(gw, who, http_client, is_async=True),
-                         **_client_kwargs(gw, kwargs))
-        _key_retries(self)
-        self.gateway = gw
-        self.environment = who.environment
-        self.authority_caller = who
-
-    def copy(self, **kwargs: Any) -> Self:
-        _copying.active = True
-        try:
-            return super().copy(**_copy_kwargs(self, kwargs))
-        finally:
-            _copying.active = False
-
-    with_options = copy
+    _is_async = True

@@ -160,6 +160,17 @@ def audit_chain_intact(tmp_path: Path) -> Iterator[None]:
 
 
 @pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Child processes a test starts (multiprocessing), killed after it if still alive."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+
+
+@pytest.fixture
 def gateways() -> Iterator[list[Any]]:
     """Gateways a test opens, closed after it."""
     opened: list[Any] = []

@@ -434,8 +434,13 @@ def test_no_openai_path_bypasses_the_gate(policy_path: Path, upstream: ScriptedS
     # other POST endpoints are refused, not silently passed through (test_client_paths.py
     # walks every resource of the installed openai)
     with pytest.raises(openai.NotFoundError) as ei:
-        c.embeddings.create(model="text-embedding-3-small", input="x")
+        c.completions.create(model="gpt-4o-mini", prompt="x")
     assert ei.value.code == "endpoint_not_allowed"
+    # embeddings are gated like chat: the allowlist refuses a model it does not name
+    with pytest.raises(openai.PermissionDeniedError) as denied_ei:
+        c.embeddings.create(model="text-embedding-3-small", input="x")
+    assert denied_ei.value.code == "model_not_allowed"
+    assert upstream.chat_requests == before
 
 
 def test_core_modules_do_not_import_openai_or_httpx() -> None:

@@ -3,7 +3,7 @@ SIGKILLed mid-execution, recovered, then resolved through ``authority_sdk.contro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -15,16 +15,6 @@ from authority_sdk import ExecutionError, control
 from authority_sdk.audit import verify
 from authority_sdk.engine import Gateway
 from authority_sdk.errors import ApprovalError, Forbidden, InvalidRequest, NotFound
-
-
-@pytest.fixture
-def procs() -> Iterator[list[BaseProcess]]:
-    started: list[BaseProcess] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
 
 
 @pytest.fixture

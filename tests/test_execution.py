@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -211,16 +211,6 @@ def _resend(client: AuthorityClient, script: str, idem_key: str) -> Any:
     """Send again at once: the dead request's claim on the key is taken over right away
     (its owner process is gone), not after the lease runs out."""
     return ask(client, script, idem_key)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[BaseProcess]]:
-    started: list[BaseProcess] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
 
 
 def test_killed_non_idempotent_execution_becomes_in_doubt_and_never_runs_again(

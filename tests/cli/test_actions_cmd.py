@@ -45,16 +45,6 @@ def _sha(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
 
-@pytest.fixture
-def procs() -> Iterator[list[BaseProcess]]:
-    started: list[BaseProcess] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-
-
 def test_local_list_and_resolve(write_policy: Callable[..., Path], tmp_path: Path,
                                 procs: list[BaseProcess]) -> None:
     policy = write_policy(POLICY)

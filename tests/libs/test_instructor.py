@@ -9,15 +9,7 @@ from typing import Any
 
 import openai
 import pytest
-from libs_env import (  # noqa: F401 (fixtures)
-    Door,
-    call,
-    door_fixture,
-    libs_proxy_fixture,
-    need,
-    say,
-    sdk_gateway_fixture,
-)
+from libs_env import Door, call, need, say
 from pydantic import BaseModel
 
 pytestmark = pytest.mark.libs

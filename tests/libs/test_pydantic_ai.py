@@ -7,15 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from libs_env import (  # noqa: F401 (fixtures)
-    Door,
-    call,
-    door_fixture,
-    libs_proxy_fixture,
-    need,
-    say,
-    sdk_gateway_fixture,
-)
+from libs_env import Door, call, need, say
 from pydantic import BaseModel
 
 pytestmark = pytest.mark.libs

@@ -235,11 +235,3 @@ def test_a_browser_resolves_executions_in_doubt(
     assert auto.run_count() == held.run_count() == 1
 
 
-@pytest.fixture
-def procs() -> Iterator[list[BaseProcess]]:
-    started: list[BaseProcess] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
