@@ -108,19 +108,26 @@ class Runtime:
         return await executor.aexecute(effect.action_type, effect.arguments, effect.action_key)
 
 
+def _advance(decision: Decision[T], value: Any,
+             error: BaseException | None) -> tuple[bool, Any]:
+    """One step of a decision: ``(True, result)`` when it ended, else ``(False, effect)``."""
+    try:
+        return False, (decision.throw(error) if error is not None else decision.send(value))
+    except StopIteration as stop:
+        return True, stop.value
+
+
 def run(decision: Decision[T], rt: Runtime) -> T:
     """Drive ``decision`` to its end, performing its effects synchronously."""
     value: Any = None
     error: BaseException | None = None
     while True:
-        try:
-            effect = decision.throw(error) if error is not None else decision.send(value)
-        except StopIteration as stop:
-            return stop.value
-        error = None
-        try:
-            value = rt.perform(effect)
-        except Exception as exc:  # the decision handles (or re-raises) the failure
+        done, out = _advance(decision, value, error)
+        if done:
+            return out
+        try:  # the decision handles (or re-raises) a failure thrown back into it
+            value, error = rt.perform(out), None
+        except Exception as exc:
             value, error = None, exc
 
 
@@ -135,12 +142,10 @@ async def arun(decision: Decision[T], rt: Runtime) -> T:
     value: Any = None
     error: BaseException | None = None
     while True:
+        done, out = _advance(decision, value, error)
+        if done:
+            return out
         try:
-            effect = decision.throw(error) if error is not None else decision.send(value)
-        except StopIteration as stop:
-            return stop.value
-        error = None
-        try:
-            value = await rt.aperform(effect)
+            value, error = await rt.aperform(out), None
         except Exception as exc:
             value, error = None, exc
