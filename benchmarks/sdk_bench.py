@@ -9,7 +9,7 @@ Prints one JSON document on stdout (progress on stderr):
   (``cold``: every message is new to the token counter) and for the same
   conversation resent (``warm``). ``added_*`` = gated minus stock.
 * ``growing``: an agent conversation over ``turns`` turns (≈160 new tokens a
-  turn), the gate's own cost per turn (``Gateway.begin`` + ``Gateway.complete``
+  turn), the gate's own cost per turn (``Engine.begin_d`` + ``Engine.complete_d``
   around an in-memory upstream answer, so no network noise), median over
   ``convs`` conversations; the same with fsync off (``cpu_ms``: how the CPU part
   scales once fsync's constant is gone); the end-to-end added latency per turn.
@@ -84,9 +84,11 @@ def _gate_turns(gateway: Any, tag: str, turns: int, gate: list[list[float]],
                 begin: list[list[float]], tokens: list[int] | None = None,
                 sizes: list[int] | None = None) -> None:
     """One conversation through the engine alone (its own nonce: nothing pre-counted)."""
+    from authority_sdk.effects import run
     from authority_sdk.wire import Caller, GatewayRequest
 
     caller = Caller(name="sdk", environment="prod")
+    rt = gateway.runtime
     answer = json.dumps(completion_body()).encode()
     msgs = workload.base_messages(tag)
     for turn in range(1, turns + 1):
@@ -98,9 +100,9 @@ def _gate_turns(gateway: Any, tag: str, turns: int, gate: list[list[float]],
             sizes.append(len(raw))
         req = GatewayRequest(caller=caller, body=raw, headers={})
         t0 = time.perf_counter()
-        ctx = gateway.begin(req)
+        ctx = run(gateway.begin_d(req), rt)
         t1 = time.perf_counter()
-        resp = gateway.complete(ctx, 200, answer)
+        resp = run(gateway.complete_d(ctx, 200, answer), rt)
         t2 = time.perf_counter()
         if resp.status_code != 200:
             raise RuntimeError(f"gate refused turn {turn}: {resp.body[:300]!r}")
