@@ -184,6 +184,21 @@ class Server:
             time.sleep(interval_s)
         raise RuntimeError(f"{self.name} not healthy after {timeout_s}s; log:\n{self.tail_log()}")
 
+    def wait_listening(self, port: int, timeout_s: float = 60.0) -> float:
+        """Seconds from spawn until a TCP connection to ``port`` is accepted (a server with no
+        health route of its own)."""
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
+                                   f"log:\n{self.tail_log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return time.perf_counter() - self.started
+            except OSError:
+                time.sleep(0.01)
+        raise RuntimeError(f"{self.name} not listening after {timeout_s}s")
+
     def tail_log(self, n: int = 30) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
