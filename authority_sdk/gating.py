@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .audit import redact
+from .business_keys import normalise_business_value
 from .execution import Execution, run_once
 from .modes import resolve_action
 from .wire import canonical_json
@@ -94,7 +95,7 @@ def _dig(args: dict[str, Any], dotted: str) -> Any:
 def _dedupe_key(environment: str, action_type: str, fields: list[str],
                 args: dict[str, Any]) -> str | None:
     try:
-        values = {f: _dig(args, f) for f in fields}
+        values = {f: normalise_business_value(_dig(args, f)) for f in fields}
     except KeyError:
         return None  # the business key is absent: nothing to deduplicate on
     raw = canonical_json([environment, action_type, values])

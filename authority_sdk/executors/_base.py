@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["ExecutionResult", "Executor", "ExecutorKind"]
+__all__ = ["MASK", "ExecutionResult", "Executor", "ExecutorKind", "redact_names", "redacted"]
 
 ExecutorKind = Literal["webhook", "smtp", "python", "log"]
+
+# What a secret (an executor credential, a URL token) is shown as.
+MASK = "***"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,20 @@ class Executor(Protocol):
     async def aexecute(self, action_type: str, arguments: dict[str, Any],
                        action_key: str) -> ExecutionResult:
         ...
+
+
+def redact_names(names: Iterable[str]) -> tuple[str, ...]:
+    """The policy's ``redact`` list as an executor keeps it (order kept, for a stable repr)."""
+    return tuple(dict.fromkeys(n for n in names if isinstance(n, str) and n))
+
+
+def redacted(value: Any, names: tuple[str, ...]) -> Any:
+    """``value`` with the policy's redacted fields masked, as the audit log masks them."""
+    if not names:
+        return value
+    from ..audit import redact
+
+    return redact(value, names)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -22,11 +22,11 @@ import copy
 import importlib
 import inspect
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from ..policy import PythonExecutor
-from ._base import ExecutionResult, exc_text, to_jsonable
+from ._base import ExecutionResult, exc_text, redact_names, redacted, to_jsonable
 
 __all__ = ["PythonActionExecutor"]
 
@@ -90,9 +90,11 @@ async def _await(awaitable: Any) -> Any:
 class PythonActionExecutor:
     kind = "python"
 
-    def __init__(self, name: str, config: PythonExecutor) -> None:
+    def __init__(self, name: str, config: PythonExecutor, *,
+                 redact: Iterable[str] = ()) -> None:
         self.name = name
         self.config = config
+        self.redact = redact_names(redact)
         self.idempotent_downstream = config.idempotent
         self._fn: Callable[..., Any] | None = None
         self._lock = threading.Lock()
@@ -106,14 +108,14 @@ class PythonActionExecutor:
     def describe(self, action_type: str, arguments: dict[str, Any],
                  action_key: str) -> dict[str, Any]:
         function = self.config.target.partition(":")[2]
-        return {
+        return redacted({
             "executor": self.name,
             "type": "python",
             "target": self.config.target,
             "call": f"{function}(arguments, action_key=..., action_type=...)",
             "args": [arguments],
             "kwargs": {"action_key": action_key, "action_type": action_type},
-        }
+        }, self.redact)
 
     def _prepare(self, arguments: dict[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
         return self._function(), copy.deepcopy(arguments)
