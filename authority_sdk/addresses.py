@@ -20,7 +20,8 @@ exactly one address and nothing else:
   A non-ASCII domain is converted to its ASCII (IDNA, UTS #46) form, which is
   what the rule sees and what is sent; the local part must be ASCII (no SMTPUTF8);
 - whose display name, if any, holds no ``@``, ``<`` or ``>`` (it must not pass
-  for an address), and which reads back as the same address once written.
+  for an address) and at most ``MAX_DISPLAY_NAME_CHARS`` characters (white space
+  runs read as one space), and which reads back as the same address once written.
 
 What is written back always quotes the display name when it needs quoting
 (``"Smith, John" <j@example.com>``), so the message carries exactly the
@@ -48,11 +49,13 @@ __all__ = [
     "parse_address",
     "parse_recipient_field",
     "parse_recipients",
+    "wire_header",
 ]
 
 # The argument fields that name recipients, in the order the executor reads them.
 RECIPIENT_FIELDS: tuple[str, ...] = ("to", "cc", "bcc")
 MAX_VALUE_CHARS = 512
+MAX_DISPLAY_NAME_CHARS = 128  # keeps every line of a header well under SMTP's 998
 MAX_RECIPIENTS = 100  # per field: a bounded envelope, and bounded work for the matcher
 
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
@@ -84,8 +87,16 @@ class Recipient:
 
     @property
     def header(self) -> str:
-        """The address as written into a header: display name quoted when it needs to be."""
+        """The address as a person reads it: display name quoted when it needs to be."""
         return _render(self.display_name, self.username, self.domain)
+
+    @property
+    def wire(self) -> str:
+        """The address as it goes into the message: ASCII, a non-ASCII display name as
+        one RFC 2047 encoded word on its own line. Written by us, not by the
+        ``email`` package's folder, which can encode the comma between two addresses
+        into an encoded word and so merge them (found by the round-trip property test)."""
+        return _wire(self.display_name, self.username, self.domain)
 
     def to_dict(self) -> dict[str, str]:
         return {"name": self.display_name, "address": self.addr_spec}
@@ -95,6 +106,23 @@ def _render(display_name: str, username: str, domain: str) -> str:
     from email.headerregistry import Address
 
     return str(Address(display_name=display_name, username=username, domain=domain))
+
+
+def _wire(display_name: str, username: str, domain: str) -> str:
+    if display_name.isascii():
+        return _render(display_name, username, domain)
+    import base64
+
+    # One encoded word for the whole name, longer than RFC 2047's 75 characters if need be:
+    # split into several, the space between them is dropped by RFC readers but kept by
+    # Python's, so two readers would disagree on the name. Lines stay far under 998.
+    encoded = base64.b64encode(display_name.encode("utf-8")).decode("ascii")
+    return f"=?utf-8?b?{encoded}?=\n <{username}@{domain}>"
+
+
+def wire_header(recipients: Iterable[Recipient]) -> str:
+    """A To/Cc header value for ``recipients``: one address per line, folded by us."""
+    return ",\n ".join(r.wire for r in recipients)
 
 
 def normalise_domain(domain: str) -> str:
@@ -199,13 +227,19 @@ def _parse_address(value: str) -> Recipient:
         raise AddressError("the part before @ must be ASCII letters, digits and "
                            "#$&'*+-/=?^_`{|}~ in dot-separated words (no quotes, % or !)")
     ascii_domain = normalise_domain(domain)
+    # Runs of white space (NBSP included) in a display name read as one space; written
+    # back unquoted they would be collapsed by the reader anyway.
+    display = " ".join(display.split())
     if any(c in display for c in "@<>"):
         raise AddressError("a display name must not contain @, < or > (it could pass for an "
                            "address)")
+    if len(display) > MAX_DISPLAY_NAME_CHARS:
+        raise AddressError(f"a display name must be at most {MAX_DISPLAY_NAME_CHARS} characters")
     recipient = Recipient(display, username, ascii_domain)
-    # What is written must read back as what was checked: else refuse, never guess.
-    if _parse_one(recipient.header) != (display, username, ascii_domain):
-        raise AddressError("the address does not read back the same once written")
+    # What is shown and what is sent must read back as what was checked: else refuse.
+    for written in (recipient.header, recipient.wire.replace("\n", "")):  # unfolded
+        if _parse_one(written) != (display, username, ascii_domain):
+            raise AddressError("the address does not read back the same once written")
     return recipient
 
 

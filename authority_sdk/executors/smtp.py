@@ -23,12 +23,18 @@ import os
 import smtplib
 import ssl
 from collections.abc import Iterable
-from email.headerregistry import Address
 from email.message import EmailMessage
+from email.policy import default as _default_policy
 from email.utils import formatdate
 from typing import Any
 
-from ..addresses import RECIPIENT_FIELDS, AddressError, Recipient, parse_recipient_field
+from ..addresses import (
+    RECIPIENT_FIELDS,
+    AddressError,
+    Recipient,
+    parse_recipient_field,
+    wire_header,
+)
 from ..policy import SmtpExecutor
 from ._base import (
     MASK,
@@ -80,11 +86,10 @@ def message_id(action_key: str, sender: str) -> str:
     return f"<authority.{digest}@{domain}>"
 
 
-def _header_addresses(recipients: list[Recipient]) -> tuple[Address, ...]:
-    # Address objects, not a joined string: nothing is re-parsed, and the header
-    # machinery quotes each display name as it needs.
-    return tuple(Address(display_name=r.display_name, username=r.username, domain=r.domain)
-                 for r in recipients)
+# Address headers are set raw (already folded, by ``addresses.wire_header``) and never
+# refolded: the stdlib folder can turn the comma between two addresses into an encoded
+# word, so the header would name fewer recipients than the envelope.
+_POLICY = _default_policy.clone(refold_source="none")
 
 
 def build_message(sender: str, arguments: dict[str, Any], action_key: str
@@ -108,11 +113,11 @@ def build_message(sender: str, arguments: dict[str, Any], action_key: str
     subject = _text(arguments, "subject", one_line=True)
     body = _text(arguments, "body", one_line=False)
 
-    msg = EmailMessage()
+    msg = EmailMessage(policy=_POLICY)
     msg["From"] = sender
-    msg["To"] = _header_addresses(by_field["to"])
+    msg.set_raw("To", wire_header(by_field["to"]))
     if by_field["cc"]:
-        msg["Cc"] = _header_addresses(by_field["cc"])
+        msg.set_raw("Cc", wire_header(by_field["cc"]))
     msg["Subject"] = subject
     msg["Date"] = formatdate(localtime=True)
     msg["Message-ID"] = message_id(action_key, sender)
