@@ -22,10 +22,10 @@ SPELLINGS = [
     "\ufeffORD-1042",              # byte order mark
     "ORD\u200d-10\u200c42",        # zero-width joiner and non-joiner
     "\u00a0ORD-1042\u00a0",        # no-break spaces
-    "ＯＲＤ-１０４２",                # full-width letters and digits
+    "\uff2f\uff32\uff24-\uff11\uff10\uff14\uff12",  # full-width letters and digits
     "Ord\u20111042",               # non-breaking hyphen
     "ORD\u22121042",               # minus sign
-    "ＯＲＤ－1042\u2060",            # full-width hyphen-minus, word joiner
+    "\uff2f\uff32\uff24\uff0d1042\u2060",  # full-width hyphen-minus, word joiner
     "ORD-1042\ufe0f",              # variation selector
     "\u202aORD-1042\u202c",        # bidi embedding
 ]

@@ -154,7 +154,8 @@ EMAIL_RULES = [{"if": {"recipients": {"domain_in": ["example.com", "*.corp.examp
     ({"to": "boss@example.com"}, "auto_execute", "rule[0]"),
     ({"to": ["Boss <boss@EXAMPLE.com>", "a@mail.corp.example"], "cc": [], "bcc": None},
      "auto_execute", "rule[0]"),
-    ({"to": "boss@ｅｘａｍｐｌｅ.com"}, "auto_execute", "rule[0]"),  # sent to example.com
+    # Full width: the executor sends to example.com, so the rule sees example.com.
+    ({"to": "boss@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com"}, "auto_execute", "rule[0]"),
     # The issue's attacks: none auto-sends.
     ({"to": "evil@attacker.com, boss@example.com"}, "require_human_approval", "action_mode"),
     ({"to": "boss@example.com", "cc": "evil@attacker.com"}, "require_human_approval",
@@ -165,7 +166,7 @@ EMAIL_RULES = [{"if": {"recipients": {"domain_in": ["example.com", "*.corp.examp
     ({"to": '"boss@example.com" <evil@attacker.com>'}, "require_human_approval", "action_mode"),
     ({"to": "boss@example.com.attacker.com"}, "require_human_approval", "action_mode"),
     ({"to": "boss@corp.example"}, "require_human_approval", "action_mode"),  # *. is subdomains
-    ({"to": "boss@exаmple.com"}, "require_human_approval", "action_mode"),  # noqa: RUF001
+    ({"to": "boss@ex\u0430mple.com"}, "require_human_approval", "action_mode"),  # Cyrillic a
     ({"to": 42}, "require_human_approval", "action_mode"),
     ({"subject": "no recipients"}, "require_human_approval", "action_mode"),
     ({"to": []}, "require_human_approval", "action_mode"),
