@@ -64,6 +64,8 @@ def _clean(text: str) -> str:
 
 def normalise_business_text(text: str) -> str:
     """One spelling of a text key (module docstring has the rules)."""
+    if text.isascii():  # the common case: NFKC changes nothing, case folding is lower()
+        return _clean(text.lower())
     previous = None
     # NFKC and case folding can each undo the other's normal form on rare characters;
     # a few rounds reach the fixed point, which is what makes the function idempotent.

@@ -45,17 +45,20 @@ EXECUTION_STATUSES = ("started", "executed", "failed", "in_doubt")
 RESOLUTIONS = ("executed", "failed")
 
 
-def public_approval(gw: Gateway, a: dict[str, Any]) -> dict[str, Any]:
+def public_approval(gw: Gateway, a: dict[str, Any], *,
+                    preview: bool | None = None) -> dict[str, Any]:
     """What an approver sees: everything but the fields the policy says to redact, and
-    ``would_execute``, what approving runs (``approval_preview``)."""
+    ``would_execute``, what approving runs (``approval_preview``) — by default for a
+    pending approval, the one a person is about to decide."""
     out = {k: v for k, v in a.items() if k not in ("tool_schema",)}
     out["arguments"] = shown = redact(a.get("arguments"), gw.policy.redact)
     out.pop("arguments_json", None)
     if "tool_call" in out:
         out["tool_call"] = {**out["tool_call"], "arguments": shown}
-    preview = approval_preview(gw, a)
-    if preview is not None:
-        out["would_execute"] = preview
+    if preview or (preview is None and a.get("status") == "pending"):
+        described = approval_preview(gw, a)
+        if described is not None:
+            out["would_execute"] = described
     return out
 
 
@@ -97,7 +100,7 @@ def _load(gw: Gateway, approval_id: str) -> dict[str, Any]:
 
 
 def get_approval(gw: Gateway, approval_id: str) -> dict[str, Any]:
-    return public_approval(gw, _load(gw, approval_id))
+    return public_approval(gw, _load(gw, approval_id), preview=True)
 
 
 def _audit_transition(gw: Gateway, a: dict[str, Any], actor: str, status: str,

@@ -18,10 +18,14 @@ recognised by the receiving side.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
+import json
 import os
 import smtplib
 import ssl
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from email.message import EmailMessage
 from email.policy import default as _default_policy
@@ -32,6 +36,7 @@ from ..addresses import (
     RECIPIENT_FIELDS,
     AddressError,
     Recipient,
+    header_registry,
     parse_recipient_field,
     wire_header,
 )
@@ -49,6 +54,7 @@ from ._base import (
 __all__ = ["SmtpActionExecutor", "build_message"]
 
 ALLOWED_ARGUMENTS = (*RECIPIENT_FIELDS, "subject", "body")
+_DESCRIBED_KEPT = 256
 
 
 class _Invalid(ValueError):
@@ -89,7 +95,7 @@ def message_id(action_key: str, sender: str) -> str:
 # Address headers are set raw (already folded, by ``addresses.wire_header``) and never
 # refolded: the stdlib folder can turn the comma between two addresses into an encoded
 # word, so the header would name fewer recipients than the envelope.
-_POLICY = _default_policy.clone(refold_source="none")
+_POLICY = _default_policy.clone(refold_source="none", header_factory=header_registry())
 
 
 def build_message(sender: str, arguments: dict[str, Any], action_key: str
@@ -136,11 +142,36 @@ class SmtpActionExecutor:
         self.name = name
         self.config = config
         self.redact = redact_names(redact)
+        self._lock = threading.Lock()
+        self._described: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     def describe(self, action_type: str, arguments: dict[str, Any],
                  action_key: str) -> dict[str, Any]:
         """The envelope, the headers and the body as they would be sent; credentials never
-        appear (only whether a login happens), redacted fields are masked."""
+        appear (only whether a login happens), redacted fields are masked.
+
+        Kept for the last few actions: building a message with the ``email`` package takes
+        about a millisecond, and an approvals list describes every pending email each time
+        it is read. A kept description is a copy, so a caller cannot alter the next one."""
+        try:
+            key = (action_type, json.dumps(arguments, sort_keys=True, allow_nan=False),
+                   action_key)
+        except (TypeError, ValueError):
+            return self._describe(action_type, arguments, action_key)
+        with self._lock:
+            kept = self._described.get(key)
+            if kept is not None:
+                self._described.move_to_end(key)
+                return copy.deepcopy(kept)
+        described = self._describe(action_type, arguments, action_key)
+        with self._lock:
+            self._described[key] = copy.deepcopy(described)
+            while len(self._described) > _DESCRIBED_KEPT:
+                self._described.popitem(last=False)
+        return described
+
+    def _describe(self, action_type: str, arguments: dict[str, Any],
+                  action_key: str) -> dict[str, Any]:
         base: dict[str, Any] = {
             "executor": self.name,
             "type": "smtp",
@@ -158,7 +189,7 @@ class SmtpActionExecutor:
             # What an approver reads: each recipient parsed, by field, as it is written.
             "recipients": {field: [r.header for r in by_field[field]]
                            for field in RECIPIENT_FIELDS if by_field[field]},
-            "headers": dict(msg.items()),
+            "headers": {name: str(value) for name, value in msg.items()},
             "body": msg.get_content(),
         }, self.redact)
 
