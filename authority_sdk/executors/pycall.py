@@ -25,8 +25,17 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from ..audit import REDACTED
 from ..policy import PythonExecutor
-from ._base import ExecutionResult, exc_text, redact_names, redacted, to_jsonable
+from ._base import (
+    ExecutionResult,
+    exc_text,
+    redact_names,
+    redacted,
+    redacted_values,
+    scrub,
+    to_jsonable,
+)
 
 __all__ = ["PythonActionExecutor"]
 
@@ -120,8 +129,20 @@ class PythonActionExecutor:
     def _prepare(self, arguments: dict[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
         return self._function(), copy.deepcopy(arguments)
 
+    def _hide(self, result: ExecutionResult, arguments: dict[str, Any]) -> ExecutionResult:
+        # An exception text or a return value may quote a redacted argument back.
+        return scrub(result, dict.fromkeys(redacted_values(arguments, self.redact), REDACTED))
+
     def execute(self, action_type: str, arguments: dict[str, Any],
                 action_key: str) -> ExecutionResult:
+        return self._hide(self._execute(action_type, arguments, action_key), arguments)
+
+    async def aexecute(self, action_type: str, arguments: dict[str, Any],
+                       action_key: str) -> ExecutionResult:
+        return self._hide(await self._aexecute(action_type, arguments, action_key), arguments)
+
+    def _execute(self, action_type: str, arguments: dict[str, Any],
+                 action_key: str) -> ExecutionResult:
         try:
             fn, args = self._prepare(arguments)
         except _TargetError as exc:
@@ -134,8 +155,8 @@ class PythonActionExecutor:
             return ExecutionResult(False, None, exc_text(exc))
         return ExecutionResult(True, to_jsonable(value))
 
-    async def aexecute(self, action_type: str, arguments: dict[str, Any],
-                       action_key: str) -> ExecutionResult:
+    async def _aexecute(self, action_type: str, arguments: dict[str, Any],
+                        action_key: str) -> ExecutionResult:
         try:
             fn, args = self._prepare(arguments)
         except _TargetError as exc:

@@ -40,6 +40,7 @@ from ..addresses import (
     parse_recipient_field,
     wire_header,
 )
+from ..audit import REDACTED
 from ..policy import SmtpExecutor
 from ._base import (
     MASK,
@@ -49,6 +50,8 @@ from ._base import (
     fmt_seconds,
     redact_names,
     redacted,
+    redacted_values,
+    scrub,
 )
 
 __all__ = ["SmtpActionExecutor", "build_message"]
@@ -212,7 +215,11 @@ class SmtpActionExecutor:
         except ValueError as exc:
             return ExecutionResult(False, None, f"email not sent: {exc}")
         result = self._send(msg, recipients, credentials)
-        return _scrubbed(result, credentials) if credentials and not result.ok else result
+        # A server may echo the login, or a redacted value, in its answer; the result goes to
+        # the audit log and the model.
+        masks = dict.fromkeys(redacted_values(arguments, self.redact), REDACTED)
+        masks.update(dict.fromkeys(credentials or (), MASK))
+        return scrub(result, masks)
 
     async def aexecute(self, action_type: str, arguments: dict[str, Any],
                        action_key: str) -> ExecutionResult:
@@ -270,15 +277,6 @@ class SmtpActionExecutor:
             not isinstance(exc, smtplib.SMTPException | ssl.SSLError))
         return ExecutionResult(False, None, f"email not sent: {where} {what}",
                                retryable=transient)
-
-
-def _scrubbed(result: ExecutionResult, credentials: tuple[str, str]) -> ExecutionResult:
-    # A server may echo the login in its error text; the result goes to the audit log.
-    error = result.error or ""
-    for secret in credentials:
-        if secret:
-            error = error.replace(secret, MASK)
-    return ExecutionResult(result.ok, result.result, error or None, result.retryable)
 
 
 def _goodbye(smtp: smtplib.SMTP) -> None:

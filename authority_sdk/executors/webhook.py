@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import httpx
 
+from ..audit import REDACTED
 from ..policy import WebhookExecutor
 from ._base import (
     MASK,
@@ -27,6 +28,8 @@ from ._base import (
     fmt_seconds,
     redact_names,
     redacted,
+    redacted_values,
+    scrub,
     shorten,
 )
 
@@ -47,8 +50,7 @@ class WebhookActionExecutor:
         self.name = name
         self.config = config
         self.redact = redact_names(redact)
-        self._secrets = {v for v in (_url_secrets(config.url) | set(config.headers.values()))
-                         if len(v) >= 4}  # a "1" would mask half the text, protecting nothing
+        self._secrets = _url_secrets(config.url) | set(config.headers.values())
         self._timeout = httpx.Timeout(config.timeout_s)
         self._lock = threading.Lock()
         self._client: httpx.Client | None = None
@@ -118,8 +120,8 @@ class WebhookActionExecutor:
         try:
             response = self._sync_client().post(self.config.url, content=content, headers=headers)
         except httpx.HTTPError as exc:
-            return self._scrub(self._transport_failure(exc))
-        return self._scrub(self._outcome(response))
+            return self._scrub(self._transport_failure(exc), arguments)
+        return self._scrub(self._outcome(response), arguments)
 
     # -- async --------------------------------------------------------------
 
@@ -142,21 +144,18 @@ class WebhookActionExecutor:
             response = await self._async_client().post(self.config.url, content=content,
                                                        headers=headers)
         except httpx.HTTPError as exc:
-            return self._scrub(self._transport_failure(exc))
-        return self._scrub(self._outcome(response))
+            return self._scrub(self._transport_failure(exc), arguments)
+        return self._scrub(self._outcome(response), arguments)
 
     # -- outcomes -----------------------------------------------------------
 
-    def _scrub(self, result: ExecutionResult) -> ExecutionResult:
-        """The result without any configured secret: an error text can quote the URL, and a
-        receiver can echo a header back; the result goes to the audit log and the model."""
-        if not self._secrets:
-            return result
-        error = _scrub_text(result.error, self._secrets)
-        body = _scrub_value(result.result, self._secrets)
-        if error == result.error and body is result.result:
-            return result
-        return ExecutionResult(result.ok, body, error, result.retryable)
+    def _scrub(self, result: ExecutionResult, arguments: dict[str, Any]) -> ExecutionResult:
+        """The result without any configured secret or redacted value: an error text can
+        quote the URL, and a receiver can echo a header or the request back; the result goes
+        to the audit log and the model."""
+        masks = dict.fromkeys(redacted_values(arguments, self.redact), REDACTED)
+        masks.update(dict.fromkeys(self._secrets, MASK))
+        return scrub(result, masks)
 
     def _transport_failure(self, exc: httpx.HTTPError) -> ExecutionResult:
         timeout = fmt_seconds(self.config.timeout_s)
@@ -248,21 +247,3 @@ def _url_secrets(url: str) -> set[str]:
     if parts.fragment:
         found.add(parts.fragment)
     return found | {unquote(f) for f in found}
-
-
-def _scrub_text(text: str | None, secrets: set[str]) -> str | None:
-    if not text:
-        return text
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, MASK)
-    return text
-
-
-def _scrub_value(value: Any, secrets: set[str]) -> Any:
-    if isinstance(value, str):
-        return _scrub_text(value, secrets)
-    if isinstance(value, dict):
-        return {k: _scrub_value(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub_value(v, secrets) for v in value]
-    return value
