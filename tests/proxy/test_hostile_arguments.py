@@ -387,3 +387,18 @@ def test_a_webhook_error_never_leaks_a_secret(door: Door, billing: HttpReceiver)
     assert action["reason"] == "webhook answered 500: bad token *** for key *** at /hooks/***"
     assert_no_secret("the response", json.dumps(completion))
     assert_no_secret("the audit log", door.audit_text())
+
+
+def test_one_hostile_call_never_poisons_the_others(door: Door, billing: HttpReceiver,
+                                                  mailbox: SmtpSink) -> None:
+    order, subject = unique("mix"), unique("mix-mail")
+    script = "\n".join([
+        "CALL send_email " + json.dumps({"to": "evil@attacker.com, boss@example.com",
+                                         "subject": subject, "body": "b"}),
+        "CALL issue_refund " + json.dumps({"order_id": order, "amount": "5000"}),
+        "CALL issue_refund " + json.dumps({"order_id": order + "-b", "amount": 12}),
+    ])
+    actions = door.chat(script)["authority"]["actions"]
+    assert [a["status"] for a in actions] == ["pending_approval", "denied", "executed"]
+    assert mails(mailbox, subject) == [] and deliveries(billing, order) == []
+    assert len(deliveries(billing, order + "-b")) == 1
