@@ -114,36 +114,34 @@ def explain(
                "undecidable, and its mode applies if stricter):")
     parsed, _ = parse_arguments(args)
     redacted_names = {n.lower() for n in p.redact}
+    verdicts = ([rule_verdict(rule, parsed).verdict for rule in action_policy.rules]
+                if parsed is not None else [])
+    first_match = next((i for i, v in enumerate(verdicts) if v == "match"), len(verdicts))
+    # The rules were read at all only if no earlier step (kill switch, validation…) decided.
+    rules_read = r.decided_by.startswith("rule[") or r.decided_by in (
+        "action_mode", "environment_default", "global_default")
     for i, rule in enumerate(action_policy.rules):
         head = f"  rule[{i}] if {describe_rule(rule)} -> {rule.mode}"
         if parsed is None:
             typer.echo(f"{head}: not evaluated (arguments are not a JSON object)")
             continue
-        verdict = rule_verdict(rule, parsed).verdict
-        reached = r.decided_by.startswith("rule[") or r.decided_by in (
-            "action_mode", "environment_default", "global_default")
-        if reached and r.decided_by.startswith("rule[") and ":" not in r.decided_by:
-            reached = i < _index(r.decided_by)  # rules after the first match are not read
-        if verdict == "match":
-            line = "matched"
-            if r.decided_by == f"rule[{i}]":
-                line += "  <- decides"
-            elif r.decided_by.endswith(":undecidable"):
-                line += f" (an undecidable rule with a stricter mode decided: {r.decided_by})"
-            elif r.decided_by.startswith("rule["):
-                line += " (an earlier rule decided)"
-            else:
-                line += f" (not reached: {r.decided_by} decided)"
-        elif verdict == "undecidable":
-            line = "undecidable"
-            if r.decided_by == f"rule[{i}]:undecidable":
-                line += "  <- decides (the strictest mode met)"
-            elif not reached:
-                line += f" (not reached: {r.decided_by} decided)"
-            else:
-                line += " (its mode is not stricter than the outcome)"
-        else:
+        verdict = verdicts[i]
+        if verdict == "no_match":
             line = "no match"
+        elif not rules_read:
+            line = ("matched" if verdict == "match" else "undecidable") + (
+                f" (not reached: {r.decided_by} decided)")
+        elif i > first_match:
+            line = ("matched" if verdict == "match" else "undecidable") + (
+                " (an earlier rule decided)")
+        elif verdict == "match":
+            line = "matched" + ("  <- decides" if r.decided_by == f"rule[{i}]" else
+                                f" (an undecidable rule with a stricter mode decided: "
+                                f"{r.decided_by})")
+        elif r.decided_by == f"rule[{i}]:undecidable":
+            line = "undecidable  <- decides (the strictest mode met)"
+        else:
+            line = "undecidable (its mode is not stricter than the outcome)"
         typer.echo(f"{head}: {line}")
         for f, conds in rule.if_.items():
             cond, why = condition_verdict(parsed, f, conds)
@@ -172,8 +170,3 @@ def _recipient_list(args: dict[str, object], redacted_names: set[str]) -> str:
     except AddressError:
         return "(does not parse)"
     return json.dumps(found) if found else "none (no to, cc or bcc)"
-
-
-def _index(decided_by: str) -> int:
-    """The rule index in ``rule[3]`` or ``rule[3]:undecidable``."""
-    return int(decided_by[len("rule["):decided_by.index("]")])
