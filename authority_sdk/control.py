@@ -46,6 +46,7 @@ __all__ = [
     "UNSCOPED",
     "Page",
     "Scope",
+    "approval_preview",
     "approve",
     "get_approval",
     "kill_switch_status",
@@ -115,14 +116,45 @@ def _time(value: Any) -> float:
     return float(value)
 
 
-def public_approval(gw: Gateway, a: dict[str, Any]) -> dict[str, Any]:
-    """What an approver sees: everything but the fields the policy says to redact."""
+def public_approval(gw: Gateway, a: dict[str, Any], *,
+                    preview: bool | None = None) -> dict[str, Any]:
+    """What an approver sees: everything but the fields the policy says to redact, and
+    ``would_execute``, what approving runs (``approval_preview``) — by default for a
+    pending approval, the one a person is about to decide."""
     out = {k: v for k, v in a.items() if k not in ("tool_schema",)}
     out["arguments"] = shown = redact(a.get("arguments"), gw.policy.redact)
     out.pop("arguments_json", None)
     if "tool_call" in out:
         out["tool_call"] = {**out["tool_call"], "arguments": shown}
+    if preview or (preview is None and a.get("status") == "pending"):
+        described = approval_preview(gw, a)
+        if described is not None:
+            out["would_execute"] = described
     return dict(printable(out))
+
+
+def approval_preview(gw: Gateway, a: dict[str, Any]) -> dict[str, Any] | None:
+    """What approving ``a`` would run, as its executor describes it: for an email, the
+    parsed recipients by field and the envelope; for a webhook, the request. Secrets are
+    masked by the executor and the policy's redacted fields are masked here too.
+
+    Built from the stored arguments with the executor configured now — the one
+    ``approve`` would call — so what the approver reads is what runs. None for an
+    action the app runs itself (client dispatch). Never raises on stored data.
+    """
+    name = a.get("executor")
+    args = a.get("arguments")
+    if a.get("dispatch") != "gateway" or not isinstance(name, str) or not isinstance(args, dict):
+        return None
+    if name not in gw.executors:
+        return {"error": f"executor {name!r} is no longer configured: approving runs nothing"}
+    try:
+        described = gw.executors.get(name).describe(str(a.get("action_type")), args,
+                                                     str(a.get("action_key") or ""))
+    except Exception as exc:  # a describe bug must not hide the approval from its approver
+        return {"error": f"cannot describe the action: {type(exc).__name__}"}
+    shown: dict[str, Any] = redact(described, gw.policy.redact)
+    return shown
 
 
 def list_approvals(gw: Gateway, status: str | None = None, *, limit: int | None = None,
@@ -164,7 +196,7 @@ def _load_to_act(gw: Gateway, approval_id: str, actor: str, scope: Scope) -> dic
 
 
 def get_approval(gw: Gateway, approval_id: str, *, scope: Scope = UNSCOPED) -> dict[str, Any]:
-    return public_approval(gw, _load(gw, approval_id, scope))
+    return public_approval(gw, _load(gw, approval_id, scope), preview=True)
 
 
 def _audit_transition(gw: Gateway, a: dict[str, Any], actor: str, status: str,

@@ -1,49 +1,24 @@
 """Business keys (``dedupe_on``): the same action on the same object runs at most once
 within the idempotency TTL, however the model words the rest of its arguments.
 
-Values are normalised before they are compared, so spellings of one order id that a
-person reads as the same (case, surrounding or repeated spaces, no-break spaces,
-zero-width and other invisible characters, full-width letters) are the same key.
+Values are normalised before they are compared (:mod:`.business_keys`), so spellings of
+one order id that a person reads as the same (case, surrounding or repeated spaces,
+no-break spaces, zero-width and other invisible characters, full-width letters) are the
+same key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-import unicodedata
 from typing import Any
 
+from .business_keys import normalise_business_value
 from .effects import Decision, S
 from .modes import lookup
 from .wire import canonical_json
 
-__all__ = ["claim_d", "key_for", "normalise"]
-
-
-def _visible(ch: str) -> bool:
-    # Format characters (Cf: zero-width spaces and joiners, bidi marks, BOM) and
-    # variation selectors change nothing a person reads.
-    return unicodedata.category(ch) != "Cf" and not ("\ufe00" <= ch <= "\ufe0f")
-
-
-def normalise(value: Any) -> Any:
-    """The comparable form of a business-key value (strings: NFKC, casefolded, invisible
-    characters removed, whitespace collapsed; numbers: 1 and 1.0 are one value)."""
-    if isinstance(value, str):
-        text = unicodedata.normalize("NFKC", value)
-        text = "".join(ch for ch in text if _visible(ch)).casefold()
-        return " ".join(text.split())
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int | float):
-        return float(value) if isinstance(value, float) and not value.is_integer() \
-            else int(value)
-    if isinstance(value, list):
-        return [normalise(v) for v in value]
-    if isinstance(value, dict):
-        return {normalise(k) if isinstance(k, str) else k: normalise(v)
-                for k, v in value.items()}
-    return value
+__all__ = ["claim_d", "key_for"]
 
 
 def key_for(environment: str, action_type: str, fields: list[str],
@@ -56,7 +31,7 @@ def key_for(environment: str, action_type: str, fields: list[str],
         found, value = lookup(args, f)
         if not found:
             return None  # the business key is absent: nothing to deduplicate on
-        values[f] = normalise(value)
+        values[f] = normalise_business_value(value)
     raw = canonical_json([environment, action_type, values])
     return "dedupe:" + hashlib.sha256(raw.encode()).hexdigest()
 

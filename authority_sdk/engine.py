@@ -163,7 +163,7 @@ class Engine:
         if self._executors is None:
             with self._lock:
                 if self._executors is None:
-                    self._executors = ExecutorRegistry(self.policy.executors)
+                    self._executors = ExecutorRegistry.from_policy(self.policy)
         return self._executors
 
     @property

@@ -19,6 +19,18 @@ Resolution, first step that applies wins:
 5. the action's rules, first match wins (``denied_by_rule`` for a deny);
 6. the action's ``mode``, then the environment's ``default_mode``, then the
    policy's ``defaults.mode`` (``denied_by_policy`` for a deny from 4 or 6).
+
+A rule is *undecidable* when a condition meets a present value it cannot
+compare (an ordered matcher on anything but a number, ``glob``/``regex`` on a
+non-string, ``recipients`` with an address that does not parse). Modes are
+ordered strictest first — ``deny``, ``require_human_approval``,
+``simulation_only``, ``auto_execute`` — and the mode of steps 5 and 6 is the
+strictest of the first definite match (or the fall-through mode) and the mode of
+every undecidable rule met before it: a value a rule cannot compare moves the
+action towards the strict end, never away from it. A string is never turned
+into a number (``"5e3"`` is not comparable with 100); a missing field proves
+nothing and matches nothing; equality (``eq ne in not_in``) is JSON's and is
+always decidable.
 """
 
 from __future__ import annotations
@@ -26,15 +38,19 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
-from .policy import ActionPolicy, Policy, Rule
+from .policy import RECIPIENTS, ActionPolicy, Policy, Rule
 
 __all__ = [
+    "MODE_ORDER",
     "Resolution",
+    "RuleVerdict",
+    "Verdict",
+    "condition_verdict",
     "describe_condition",
     "describe_rule",
     "lookup",
@@ -43,14 +59,25 @@ __all__ = [
     "parse_arguments",
     "resolve_action",
     "rule_matches",
+    "rule_verdict",
+    "stricter",
     "validate_arguments",
 ]
+
+# Strictest first (DESIGN.md §10): what an undecidable rule or a limit may only move towards.
+MODE_ORDER: tuple[str, ...] = ("deny", "require_human_approval", "simulation_only",
+                               "auto_execute")
+_STRICTNESS = {mode: len(MODE_ORDER) - i for i, mode in enumerate(MODE_ORDER)}
+
+# A condition or a rule either holds, does not hold, or cannot be decided on this value.
+Verdict = Literal["match", "no_match", "undecidable"]
 
 _MAX_MESSAGE = 500
 
 _SYMBOLS: dict[str, str] = {
     "eq": "==", "ne": "!=", "lt": "<", "lte": "<=", "gt": ">", "gte": ">=",
     "in": "in", "not_in": "not in", "glob": "matches glob", "regex": "matches regex",
+    "domain_in": "all in domains",
 }
 
 
@@ -147,12 +174,19 @@ def _compiled(canonical_schema: str) -> tuple[Any, str | None]:
     return cls(schema, registry=REGISTRY, format_checker=cls.FORMAT_CHECKER), None
 
 
-def validate_arguments(args: Any, schema: Mapping[str, Any] | bool) -> str | None:
+def validate_arguments(args: Any, schema: Mapping[str, Any] | bool,
+                       redact: Iterable[str] = ()) -> str | None:
     """None if ``args`` is valid against ``schema``, else a one-line message.
 
     The draft is whatever ``$schema`` declares, Draft 2020-12 otherwise. A
     schema that is itself invalid, or whose ``$ref`` cannot be resolved
     locally, is reported as such (the caller denies: fail closed).
+
+    ``redact``: field names whose values must never appear in the message
+    (the policy's ``redact`` list). jsonschema's messages quote the failing
+    value (``'4111…' is not of type 'integer'``), so when the error's path
+    crosses a redacted name, or the failing value holds one, the message is
+    built from the path and the failed keyword only.
     """
     try:
         canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -175,7 +209,25 @@ def validate_arguments(args: Any, schema: Mapping[str, Any] | bool) -> str | Non
     if error is None:
         return None
     path = ".".join(str(p) for p in error.absolute_path)
-    return _clip(f"{path}: {error.message}" if path else error.message)
+    message = error.message
+    wanted = frozenset(n.lower() for n in redact)
+    if wanted and (any(str(p).lower() in wanted for p in error.absolute_path)
+                   or _holds_name(error.instance, wanted)):
+        message = f"does not satisfy the schema's {error.validator!r} constraint (value redacted)"
+    return _clip(f"{path}: {message}" if path else message)
+
+
+def _holds_name(value: Any, wanted: frozenset[str], depth: int = 0) -> bool:
+    """Whether ``value`` has a key named in ``wanted`` at any depth (bounded: fail towards
+    yes, which only makes a message less specific)."""
+    if depth > 64:
+        return True
+    if isinstance(value, Mapping):
+        return any((isinstance(k, str) and k.lower() in wanted) or _holds_name(v, wanted, depth + 1)
+                   for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_name(v, wanted, depth + 1) for v in value)
+    return False
 
 
 # ---------------------------------------------------------------- matchers
@@ -234,64 +286,162 @@ def _regex(pattern: str) -> re.Pattern[str] | None:
         return None
 
 
-def _holds(op: str, value: Any, operand: Any) -> bool:
-    if op == "eq":
-        return _json_equal(value, operand)
-    if op == "ne":
-        return not _json_equal(value, operand)
-    if op in ("lt", "lte", "gt", "gte"):
-        if not _comparable(value, operand):
-            return False
-        if op == "lt":
-            return bool(value < operand)
-        if op == "lte":
-            return bool(value <= operand)
-        if op == "gt":
-            return bool(value > operand)
-        return bool(value >= operand)
+def _kind(value: Any) -> str:
+    """A value's JSON type with an article, for saying why a rule cannot compare it."""
+    kind = _json_type(value)
+    return {"null": "null", "array": "an array", "object": "an object",
+            "boolean": "a boolean"}.get(kind, f"a {kind}")
+
+
+def _value_verdict(op: str, value: Any, operand: Any) -> tuple[Verdict, str | None]:
+    """One matcher on a present value, and why it cannot be decided when it cannot."""
+    if op in ("eq", "ne"):
+        return ("match" if _json_equal(value, operand) == (op == "eq") else "no_match"), None
     if op in ("in", "not_in"):
         if not isinstance(operand, list | tuple):
-            return False
+            return "undecidable", f"the policy's {op} operand is not a list"
         found = any(_json_equal(value, item) for item in operand)
-        return found if op == "in" else not found
-    if op == "glob":
-        return isinstance(value, str) and fnmatch.fnmatchcase(value, str(operand))
-    if op == "regex":
-        compiled = _regex(str(operand))
-        return (isinstance(value, str) and compiled is not None
-                and compiled.search(value) is not None)
-    return False
+        return ("match" if found == (op == "in") else "no_match"), None
+    if op in ("lt", "lte", "gt", "gte"):
+        if not _comparable(value, operand):
+            want = "a number" if _is_number(operand) else _kind(operand)
+            return "undecidable", f"is {_kind(value)}, not {want}"
+        if op == "lt":
+            held = value < operand
+        elif op == "lte":
+            held = value <= operand
+        elif op == "gt":
+            held = value > operand
+        else:
+            held = value >= operand
+        return ("match" if held else "no_match"), None
+    if op in ("glob", "regex"):
+        if not isinstance(value, str):
+            return "undecidable", f"is {_kind(value)}, not a string"
+        if op == "glob":
+            held = fnmatch.fnmatchcase(value, str(operand))
+        else:
+            compiled = _regex(str(operand))
+            if compiled is None:
+                return "undecidable", "the policy's regex does not compile"
+            held = compiled.search(value) is not None
+        return ("match" if held else "no_match"), None
+    return "undecidable", f"{op!r} is not a matcher"
+
+
+def _recipients_verdict(args: Mapping[str, Any],
+                        conditions: Mapping[str, Any]) -> tuple[Verdict, str | None]:
+    # The executor's own parser: the rule sees exactly the recipients that would be sent to.
+    from .addresses import AddressError, domain_matches, parse_recipients
+
+    try:
+        by_field = parse_recipients(args)
+    except AddressError as exc:
+        return "undecidable", f"{exc.field}: {exc.problem}"
+    recipients = [r for rs in by_field.values() for r in rs]
+    if not recipients:
+        return "no_match", None  # no recipient at all proves nothing about recipients
+    verdict: Verdict = "match"
+    for op, operand in conditions.items():
+        if op != "domain_in":
+            return "undecidable", f"{op!r} is not an address matcher"
+        patterns = _domain_patterns(operand)
+        if patterns is None:
+            return "undecidable", "the policy's domain list is invalid"
+        if not all(domain_matches(r.domain, patterns) for r in recipients):
+            verdict = "no_match"
+    return verdict, None
+
+
+def _domain_patterns(operand: Any) -> tuple[str, ...] | None:
+    if not isinstance(operand, list | tuple):
+        return None
+    try:
+        return _normalised_patterns(tuple(operand))
+    except (ValueError, TypeError):
+        return None
+
+
+@lru_cache(maxsize=256)
+def _normalised_patterns(entries: tuple[Any, ...]) -> tuple[str, ...]:
+    from .addresses import normalise_domain_pattern
+
+    return tuple(normalise_domain_pattern(e) for e in entries)
+
+
+def condition_verdict(args: Mapping[str, Any], field: str,
+                      conditions: Mapping[str, Any]) -> tuple[Verdict, str | None]:
+    """Whether every matcher in ``conditions`` holds for ``field``: ``(verdict, why)``.
+
+    ``why`` says, for an undecidable condition, what could not be compared
+    (never the value itself: it may be a redacted one). Three-valued (Kleene)
+    logic: one matcher that surely fails makes the condition fail, whatever the
+    others; otherwise one that cannot be decided makes it undecidable.
+
+    - a missing field matches nothing, not even ``ne`` or ``not_in`` (a missing
+      amount proves nothing about the amount);
+    - ordered matchers compare two numbers (booleans are not numbers; a string
+      is never parsed as one) or two strings; anything else present is undecidable;
+    - equality is JSON's: ``true`` is not ``1``, ``1`` is ``1.0``; always decidable;
+    - ``glob`` (``fnmatchcase``) and ``regex`` (``re.search``) decide strings only;
+    - ``recipients`` parses ``to``, ``cc`` and ``bcc`` with the smtp executor's
+      parser: ``domain_in`` holds when there is at least one recipient and every
+      one's domain is listed (exactly, or under a listed ``*.domain``); an
+      address that does not parse makes it undecidable;
+    - an empty condition matches nothing; an unknown matcher or a bad pattern
+      (only possible when a policy skipped validation) is undecidable.
+    """
+    if not conditions:
+        return "no_match", None
+    if field == RECIPIENTS:
+        return _recipients_verdict(args, conditions)
+    found, value = lookup(args, field)
+    if not found:
+        return "no_match", None
+    undecided: str | None = None
+    for op, operand in conditions.items():
+        verdict, why = _value_verdict(op, value, operand)
+        if verdict == "no_match":
+            return "no_match", None
+        if verdict == "undecidable" and undecided is None:
+            undecided = f"{field} {why}"
+    return ("undecidable", undecided) if undecided is not None else ("match", None)
 
 
 def match_condition(args: Mapping[str, Any], field: str, conditions: Mapping[str, Any]) -> bool:
-    """Whether every matcher in ``conditions`` holds for the argument ``field``.
+    """Whether every matcher in ``conditions`` surely holds for the argument ``field``
+    (``condition_verdict`` has the rules; an undecidable condition is not a match)."""
+    return condition_verdict(args, field, conditions)[0] == "match"
 
-    Matchers: ``eq ne lt lte gt gte in not_in glob regex``. Never raises and
-    never evaluates code. Deliberate choices, all "fail safe": a condition
-    that cannot be shown to hold does not match, so the action falls through
-    to the later, usually stricter, steps:
 
-    - a missing field matches nothing, not even ``ne`` or ``not_in`` (a
-      missing amount proves nothing about the amount);
-    - ordered comparisons need two numbers (booleans are not numbers) or two
-      strings; ``"abc" > 5`` and ``true > 0`` do not match;
-    - equality is JSON's: ``true`` is not ``1``, ``1`` is ``1.0``;
-    - ``glob`` (``fnmatchcase``) and ``regex`` (``re.search``) match strings only;
-    - an empty condition, an unknown matcher or a bad pattern matches nothing.
-    """
-    if not conditions:
-        return False
-    found, value = lookup(args, field)
-    if not found:
-        return False
-    return all(_holds(op, value, operand) for op, operand in conditions.items())
+@dataclass(frozen=True, slots=True)
+class RuleVerdict:
+    verdict: Verdict
+    why: str | None = None  # for "undecidable": which condition could not be compared
+
+
+def rule_verdict(rule: Rule, args: Mapping[str, Any]) -> RuleVerdict:
+    """A rule's verdict on ``args``: every condition of its ``if`` must hold (Kleene and)."""
+    if not rule.if_:
+        return RuleVerdict("no_match")
+    undecided: str | None = None
+    for field, conds in rule.if_.items():
+        verdict, why = condition_verdict(args, field, conds)
+        if verdict == "no_match":
+            return RuleVerdict("no_match")
+        if verdict == "undecidable" and undecided is None:
+            undecided = why
+    return RuleVerdict("undecidable", undecided) if undecided is not None else RuleVerdict("match")
 
 
 def rule_matches(rule: Rule, args: Mapping[str, Any]) -> bool:
-    """Whether every condition of the rule's ``if`` holds."""
-    return bool(rule.if_) and all(
-        match_condition(args, field, conds) for field, conds in rule.if_.items()
-    )
+    """Whether every condition of the rule's ``if`` surely holds."""
+    return rule_verdict(rule, args).verdict == "match"
+
+
+def stricter(a: str, b: str) -> str:
+    """The stricter of two modes (``a`` on a tie)."""
+    return b if _STRICTNESS.get(b, 0) > _STRICTNESS.get(a, 0) else a
 
 
 def describe_condition(field: str, conditions: Mapping[str, Any]) -> str:
@@ -381,7 +531,7 @@ def resolve_action(
         return done("deny", "validation", parse_error or "invalid arguments", "invalid_arguments")
     schema = action.parameters if action.parameters is not None else tool_schema
     if schema is not None:
-        problem = validate_arguments(args, schema)
+        problem = validate_arguments(args, schema, policy.redact)
         if problem is not None:
             return done("deny", "validation", f"invalid arguments: {problem}", "invalid_arguments")
 
@@ -390,15 +540,38 @@ def resolve_action(
         return done(env.force_mode, "force_mode",
                     f"environment {environment} forces {env.force_mode}")
 
+    # Rules that cannot compare a value, met before the deciding step: each may only make
+    # the outcome stricter.
+    undecided: list[tuple[int, Rule, str | None]] = []
+    decision: tuple[str, str, str] | None = None
     for i, rule in enumerate(action.rules):
-        if rule_matches(rule, args):
-            return done(rule.mode, f"rule[{i}]", rule.reason or describe_rule(rule),
-                        "denied_by_rule")
+        verdict = rule_verdict(rule, args)
+        if verdict.verdict == "match":
+            decision = (rule.mode, f"rule[{i}]", rule.reason or describe_rule(rule))
+            break
+        if verdict.verdict == "undecidable":
+            undecided.append((i, rule, verdict.why))
+    if decision is None:
+        decision = _fall_through(policy, action, action_type, environment)
+    mode, decided_by, reason = decision
+    for i, rule, why in undecided:
+        if stricter(mode, rule.mode) != mode:
+            mode, decided_by = rule.mode, f"rule[{i}]:undecidable"
+            reason = (f"rule[{i}] ({rule.reason or describe_rule(rule)} -> {rule.mode}) cannot "
+                      f"be decided: {why or 'a value cannot be compared'}; a value a rule "
+                      "cannot compare gets the stricter mode")
+    code = "denied_by_rule" if decided_by.startswith("rule[") else "denied_by_policy"
+    return done(mode, decided_by, reason, code)
 
+
+def _fall_through(policy: Policy, action: ActionPolicy, action_type: str,
+                  environment: str) -> tuple[str, str, str]:
+    """Step 6: the mode when no rule matched, and which setting gave it."""
     if action.mode is not None:
-        return done(action.mode, "action_mode", f"action {action_type} has mode {action.mode}")
+        return action.mode, "action_mode", f"action {action_type} has mode {action.mode}"
+    env = policy.environments[environment]
     if env.default_mode is not None:
-        return done(env.default_mode, "environment_default",
-                    f"environment {environment} defaults to {env.default_mode}")
-    return done(policy.defaults.mode, "global_default",
-                f"policy default mode is {policy.defaults.mode}")
+        return (env.default_mode, "environment_default",
+                f"environment {environment} defaults to {env.default_mode}")
+    return (policy.defaults.mode, "global_default",
+            f"policy default mode is {policy.defaults.mode}")

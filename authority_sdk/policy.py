@@ -21,6 +21,7 @@ from pydantic.json_schema import SkipJsonSchema
 from .errors import PolicyError
 
 __all__ = [
+    "MATCHERS",
     "ActionPolicy",
     "AuditConfig",
     "Budget",
@@ -46,7 +47,37 @@ __all__ = [
 Mode = Literal["auto_execute", "require_human_approval", "simulation_only", "deny"]
 Role = Literal["agent", "approver", "admin"]
 MODES: tuple[str, ...] = ("auto_execute", "require_human_approval", "simulation_only", "deny")
-MATCHERS: tuple[str, ...] = ("eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "glob", "regex")
+# Matchers on one argument's value.
+VALUE_MATCHERS: tuple[str, ...] = ("eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "glob",
+                                   "regex")
+# Matchers on the parsed recipient list of an email (the ``recipients`` condition).
+ADDRESS_MATCHERS: tuple[str, ...] = ("domain_in",)
+MATCHERS: tuple[str, ...] = VALUE_MATCHERS + ADDRESS_MATCHERS
+# The condition name that stands for every recipient of to, cc and bcc, parsed.
+RECIPIENTS = "recipients"
+
+_OPERAND_SCHEMA: dict[str, Any] = {
+    "eq": {}, "ne": {},
+    "lt": {"type": "number"}, "lte": {"type": "number"},
+    "gt": {"type": "number"}, "gte": {"type": "number"},
+    "in": {"type": "array"}, "not_in": {"type": "array"},
+    "glob": {"type": "string"}, "regex": {"type": "string"},
+    "domain_in": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+}
+_IF_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "minProperties": 1,
+    "description": (
+        "Argument name (dotted for nested fields) to {matcher: operand}; every condition must "
+        "hold. The name 'recipients' stands for every address of to, cc and bcc, parsed, and "
+        "takes only domain_in."),
+    "properties": {RECIPIENTS: {
+        "type": "object", "minProperties": 1, "additionalProperties": False,
+        "properties": {op: _OPERAND_SCHEMA[op] for op in ADDRESS_MATCHERS}}},
+    "additionalProperties": {
+        "type": "object", "minProperties": 1, "additionalProperties": False,
+        "properties": {op: _OPERAND_SCHEMA[op] for op in VALUE_MATCHERS}},
+}
 
 
 class _Strict(BaseModel):
@@ -119,9 +150,14 @@ class Environment(_Strict):
 
 
 class Rule(_Strict):
-    """``if`` maps an argument name (dotted for nested) to ``{matcher: operand}``."""
+    """``if`` maps an argument name (dotted for nested) to ``{matcher: operand}``.
 
-    if_: dict[str, dict[str, Any]] = Field(alias="if")
+    ``recipients`` is not an argument: it is the parsed recipient list of the
+    ``to``, ``cc`` and ``bcc`` arguments together, and takes address matchers
+    (``domain_in``) only, which take nothing else.
+    """
+
+    if_: dict[str, dict[str, Any]] = Field(alias="if", json_schema_extra=_IF_SCHEMA)
     mode: Mode
     reason: str | None = None
 
@@ -144,6 +180,14 @@ class Rule(_Strict):
                     raise ValueError(
                         f"{field}: unknown matcher {op!r} (one of {', '.join(MATCHERS)})"
                     )
+                if (field == RECIPIENTS) != (op in ADDRESS_MATCHERS):
+                    raise ValueError(
+                        f"{field}.{op}: {RECIPIENTS} (every address of to, cc and bcc, parsed) "
+                        f"takes only {', '.join(ADDRESS_MATCHERS)}, and "
+                        f"{', '.join(ADDRESS_MATCHERS)} applies only to {RECIPIENTS}"
+                    )
+                if op == "domain_in":
+                    _check_domains(field, operand)
                 if op in ("in", "not_in") and not isinstance(operand, list):
                     raise ValueError(f"{field}.{op}: expected a list")
                 if op in ("lt", "lte", "gt", "gte") and (
@@ -179,6 +223,19 @@ class Limit(_Strict):
         if self.then == "auto_execute":
             raise ValueError("then: auto_execute would let an exceeded limit pass")
         return self
+
+
+def _check_domains(field: str, operand: Any) -> None:
+    from .addresses import AddressError, normalise_domain_pattern
+
+    if not isinstance(operand, list) or not operand:
+        raise ValueError(f"{field}.domain_in: expected a non-empty list of domains")
+    for i, entry in enumerate(operand):
+        try:
+            normalise_domain_pattern(entry)
+        except AddressError as exc:
+            raise ValueError(f"{field}.domain_in.{i}: {exc.problem} (write example.com, or "
+                             "*.example.com for its subdomains)") from None
 
 
 class ActionPolicy(_Strict):

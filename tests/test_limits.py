@@ -118,9 +118,15 @@ def test_concurrent_requests_cannot_pass_a_limit_together(
 def test_a_value_a_limit_cannot_add_up_falls_to_the_safer_mode(
         write_policy: Callable[..., Path], effects: Path, engines: list[Engine]) -> None:
     c = client(engines, write_policy(refund_policy(
-        {"per": "day", "sum": "amount", "max": 1000, "then": "deny"})))
-    # No schema: "5000" is a string, not an amount the limit can add: denied, not run.
-    assert refunds(c, ["5000", 10]) == [("denied", "limit_exceeded"), ("executed", None)]
+        {"per": "day", "sum": "units", "max": 1000, "then": "deny"})))
+    # No schema: "7" is a string, not a number the limit can add up: denied, not run.
+    script = "\n".join(f'CALL issue_refund {json.dumps(a)}' for a in (
+        {"order_id": "u1", "amount": 10, "units": "7"},
+        {"order_id": "u2", "amount": 10, "units": 7}))
+    resp = c.chat.completions.create(model=MODEL, messages=user(script),
+                                     tools=[tool("issue_refund")])
+    assert [(a.status, a.code) for a in authority_of(resp).actions] == [
+        ("denied", "limit_exceeded"), ("executed", None)]
 
 
 def test_pending_approvals_hold_their_reservation_and_rejection_gives_it_back(

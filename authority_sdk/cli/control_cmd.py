@@ -285,10 +285,12 @@ def show_cmd(approval_id: str, as_json: JsonOpt = False, policy: PolicyOpt = Non
         _print_json(a)
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=False, title=f"approval {a.get('id')}", title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
+    # Text, not markup: model-written values such as "[white on white]" must show as written.
     for field in ("status", "action_type", "environment", "dispatch", "executor", "reason",
                   "requested_by", "request_id", "model", "created_at", "expires_at",
                   "decided_by", "decided_at", "decision_reason", "result", "error"):
@@ -297,9 +299,14 @@ def show_cmd(approval_id: str, as_json: JsonOpt = False, policy: PolicyOpt = Non
             continue
         text = _ts(value) if field.endswith("_at") else (
             value if isinstance(value, str) else json.dumps(value, default=str))
-        table.add_row(field, text)
-    table.add_row("arguments", json.dumps(a.get("arguments"), indent=2, ensure_ascii=False,
-                                          default=str))
+        table.add_row(field, Text(text))
+    table.add_row("arguments", Text(json.dumps(a.get("arguments"), indent=2,
+                                               ensure_ascii=False, default=str)))
+    preview = a.get("would_execute")
+    if preview is not None:
+        # What approving runs, parsed by the executor (an email's recipients, a request).
+        table.add_row("would execute", Text(json.dumps(preview, indent=2, ensure_ascii=False,
+                                                       default=str)))
     _console().print(table)
 
 

@@ -76,13 +76,15 @@ def explain(
             return
         typer.echo("")
     assert action is not None
+    from ..audit import REDACTED
     from ..modes import (
+        condition_verdict,
         describe_condition,
         describe_rule,
         lookup,
-        match_condition,
         parse_arguments,
         resolve_action,
+        rule_verdict,
     )
 
     p = policy_or_exit(policy)
@@ -127,26 +129,66 @@ def explain(
     if not action_policy.rules:
         typer.echo("rules: none")
         return
-    typer.echo("rules (first match wins):")
+    typer.echo("rules (first match wins; a rule that cannot compare a value it meets is "
+               "undecidable, and its mode applies if stricter):")
     parsed, _ = parse_arguments(args)
+    redacted_names = {n.lower() for n in p.redact}
+    verdicts = ([rule_verdict(rule, parsed).verdict for rule in action_policy.rules]
+                if parsed is not None else [])
+    first_match = next((i for i, v in enumerate(verdicts) if v == "match"), len(verdicts))
+    # The rules were read at all only if no earlier step (kill switch, validation…) decided.
+    rules_read = r.decided_by.startswith("rule[") or r.decided_by in (
+        "action_mode", "environment_default", "global_default")
     for i, rule in enumerate(action_policy.rules):
         head = f"  rule[{i}] if {describe_rule(rule)} -> {rule.mode}"
         if parsed is None:
             typer.echo(f"{head}: not evaluated (arguments are not a JSON object)")
             continue
-        failing = [f for f, conds in rule.if_.items() if not match_condition(parsed, f, conds)]
-        verdict = "matched" if not failing else "no match"
-        if not failing and r.decided_by == f"rule[{i}]":
-            verdict += "  <- decides"
-        elif not failing and r.decided_by.startswith("rule["):
-            verdict += " (an earlier rule decided)"
-        elif not failing:
-            verdict += f" (not reached: {r.decided_by} decided)"
-        typer.echo(f"{head}: {verdict}")
-        for f in failing:
-            found, value = lookup(parsed, f)
-            shown = json.dumps(value, ensure_ascii=False) if found else "missing"
-            typer.echo(f"      fails: {describe_condition(f, rule.if_[f])} ({f} = {shown})")
+        verdict = verdicts[i]
+        if verdict == "no_match":
+            line = "no match"
+        elif not rules_read:
+            line = ("matched" if verdict == "match" else "undecidable") + (
+                f" (not reached: {r.decided_by} decided)")
+        elif i > first_match:
+            line = ("matched" if verdict == "match" else "undecidable") + (
+                " (an earlier rule decided)")
+        elif verdict == "match":
+            line = "matched" + ("  <- decides" if r.decided_by == f"rule[{i}]" else
+                                f" (an undecidable rule with a stricter mode decided: "
+                                f"{r.decided_by})")
+        elif r.decided_by == f"rule[{i}]:undecidable":
+            line = "undecidable  <- decides (the strictest mode met)"
+        else:
+            line = "undecidable (its mode is not stricter than the outcome)"
+        typer.echo(f"{head}: {line}")
+        for f, conds in rule.if_.items():
+            cond, why = condition_verdict(parsed, f, conds)
+            if cond == "match":
+                continue
+            if f == "recipients":
+                shown = "recipients = " + _recipient_list(parsed, redacted_names)
+            else:
+                found, value = lookup(parsed, f)
+                hidden = any(part.lower() in redacted_names for part in f.split("."))
+                shown = f"{f} = " + ("missing" if not found else json.dumps(REDACTED) if hidden
+                                     else json.dumps(value, ensure_ascii=False))
+            if cond == "undecidable":
+                typer.echo(f"      cannot decide: {describe_condition(f, conds)} ({why})")
+            else:
+                typer.echo(f"      fails: {describe_condition(f, conds)} ({shown})")
+
+
+def _recipient_list(args: dict[str, object], redacted_names: set[str]) -> str:
+    from ..addresses import RECIPIENT_FIELDS, AddressError, parse_recipients
+
+    if redacted_names & set(RECIPIENT_FIELDS):
+        return '"[REDACTED]"'
+    try:
+        found = [r.addr_spec for rs in parse_recipients(args).values() for r in rs]
+    except AddressError:
+        return "(does not parse)"
+    return json.dumps(found) if found else "none (no to, cc or bcc)"
 
 
 def _explain_request(p: Policy, environment: str | None, model: str, max_tokens: int | None,

@@ -22,7 +22,7 @@ executor modules, which load the first time an executor of that type is built.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._base import ExecutionResult, Executor
@@ -71,9 +71,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_executor(name: str, config: ExecutorConfig) -> Executor:
-    """The executor for one ``executors:`` entry of the policy."""
-    executor: Executor = _class(config.type)(name, config)
+def build_executor(name: str, config: ExecutorConfig, *,
+                   redact: Iterable[str] = ()) -> Executor:
+    """The executor for one ``executors:`` entry of the policy.
+
+    ``redact``: the policy's redacted field names; an executor masks them wherever it
+    shows arguments (``describe``, the ``log`` executor's line), never in what it sends.
+    """
+    executor: Executor = _class(config.type)(name, config, redact=redact)
     return executor
 
 
@@ -84,14 +89,17 @@ class ExecutorRegistry:
     share between threads.
     """
 
-    def __init__(self, configs: Mapping[str, ExecutorConfig]) -> None:
+    def __init__(self, configs: Mapping[str, ExecutorConfig], *,
+                 redact: Iterable[str] = ()) -> None:
         self._configs = dict(configs)
+        self._redact = tuple(redact)
         self._built: dict[str, Executor] = {}
         self._lock = threading.Lock()
 
     @classmethod
     def from_policy(cls, policy: Policy) -> ExecutorRegistry:
-        return cls(policy.executors)
+        """The registry the gateway uses: the policy's executors and its ``redact`` list."""
+        return cls(policy.executors, redact=policy.redact)
 
     def get(self, name: str) -> Executor:
         with self._lock:
@@ -102,7 +110,8 @@ class ExecutorRegistry:
                 except KeyError:
                     raise KeyError(f"unknown executor {name!r} (configured: "
                                    f"{', '.join(sorted(self._configs)) or 'none'})") from None
-                executor = self._built[name] = build_executor(name, config)
+                executor = self._built[name] = build_executor(name, config,
+                                                              redact=self._redact)
             return executor
 
     def __contains__(self, name: object) -> bool:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["ExecutionResult", "Executor", "ExecutorKind"]
+__all__ = ["MASK", "ExecutionResult", "Executor", "ExecutorKind", "redact_names", "redacted",
+           "redacted_values", "scrub"]
 
 ExecutorKind = Literal["webhook", "smtp", "python", "log"]
+
+# What a secret (an executor credential, a URL token) is shown as.
+MASK = "***"
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,76 @@ class Executor(Protocol):
     async def aexecute(self, action_type: str, arguments: dict[str, Any],
                        action_key: str) -> ExecutionResult:
         ...
+
+
+def redact_names(names: Iterable[str]) -> tuple[str, ...]:
+    """The policy's ``redact`` list as an executor keeps it (order kept, for a stable repr)."""
+    return tuple(dict.fromkeys(n for n in names if isinstance(n, str) and n))
+
+
+def redacted(value: Any, names: tuple[str, ...]) -> Any:
+    """``value`` with the policy's redacted fields masked, as the audit log masks them."""
+    if not names:
+        return value
+    from ..audit import redact
+
+    return redact(value, names)
+
+
+# Shorter values would mask half of any text and protect nothing.
+_MIN_SCRUB_CHARS = 4
+
+
+def redacted_values(arguments: Any, names: tuple[str, ...]) -> set[str]:
+    """The text of every value the policy redacts in ``arguments`` (at any depth), so an
+    error or a result that quotes one (a receiver echoing the request) can be masked."""
+    wanted = {n.lower() for n in names}
+    found: set[str] = set()
+
+    def walk(value: Any, hidden: bool, depth: int) -> None:
+        if depth > 64:
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, hidden or (isinstance(k, str) and k.lower() in wanted), depth + 1)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, hidden, depth + 1)
+        elif hidden and value is not None and not isinstance(value, bool):
+            found.add(str(value))
+
+    if wanted:
+        walk(arguments, False, 0)
+    return {v for v in found if len(v) >= _MIN_SCRUB_CHARS}
+
+
+def scrub(result: ExecutionResult, masks: dict[str, str]) -> ExecutionResult:
+    """``result`` with every occurrence of each key of ``masks`` replaced by its value, in the
+    error text and anywhere in the result. Only what is reported changes, never what was sent."""
+    masks = {k: v for k, v in masks.items() if len(k) >= _MIN_SCRUB_CHARS}
+    if not masks:
+        return result
+    order = sorted(masks, key=len, reverse=True)
+
+    def text(t: str) -> str:
+        for secret in order:
+            t = t.replace(secret, masks[secret])
+        return t
+
+    def value(v: Any) -> Any:
+        if isinstance(v, str):
+            return text(v)
+        if isinstance(v, dict):
+            return {k: value(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [value(x) for x in v]
+        return v
+
+    error = text(result.error) if result.error else result.error
+    body = value(result.result)
+    if error == result.error and body == result.result:
+        return result
+    return ExecutionResult(result.ok, body, error, result.retryable)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -7,10 +7,11 @@ twice is harmless (idempotent downstream).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from ..policy import LogExecutor
-from ._base import ExecutionResult, dumps, to_jsonable
+from ._base import ExecutionResult, dumps, redact_names, redacted, to_jsonable
 
 __all__ = ["LOGGER_NAME", "LogActionExecutor"]
 
@@ -22,13 +23,17 @@ class LogActionExecutor:
     kind = "log"
     idempotent_downstream = True
 
-    def __init__(self, name: str, config: LogExecutor | None = None) -> None:
+    def __init__(self, name: str, config: LogExecutor | None = None, *,
+                 redact: Iterable[str] = ()) -> None:
         self.name = name
         self.config = config
+        self.redact = redact_names(redact)
 
     def _line(self, action_type: str, arguments: dict[str, Any], action_key: str) -> str:
+        # The line goes to the process log: the policy's redacted fields never reach it.
+        shown = redacted(to_jsonable(arguments), self.redact)
         return (f"executor={self.name} action_type={action_type} action_key={action_key} "
-                f"arguments={dumps(to_jsonable(arguments))}")
+                f"arguments={dumps(shown)}")
 
     def describe(self, action_type: str, arguments: dict[str, Any],
                  action_key: str) -> dict[str, Any]:

@@ -22,11 +22,20 @@ import copy
 import importlib
 import inspect
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from ..audit import REDACTED
 from ..policy import PythonExecutor
-from ._base import ExecutionResult, exc_text, to_jsonable
+from ._base import (
+    ExecutionResult,
+    exc_text,
+    redact_names,
+    redacted,
+    redacted_values,
+    scrub,
+    to_jsonable,
+)
 
 __all__ = ["PythonActionExecutor"]
 
@@ -90,9 +99,11 @@ async def _await(awaitable: Any) -> Any:
 class PythonActionExecutor:
     kind = "python"
 
-    def __init__(self, name: str, config: PythonExecutor) -> None:
+    def __init__(self, name: str, config: PythonExecutor, *,
+                 redact: Iterable[str] = ()) -> None:
         self.name = name
         self.config = config
+        self.redact = redact_names(redact)
         self.idempotent_downstream = config.idempotent
         self._fn: Callable[..., Any] | None = None
         self._lock = threading.Lock()
@@ -106,20 +117,32 @@ class PythonActionExecutor:
     def describe(self, action_type: str, arguments: dict[str, Any],
                  action_key: str) -> dict[str, Any]:
         function = self.config.target.partition(":")[2]
-        return {
+        return redacted({
             "executor": self.name,
             "type": "python",
             "target": self.config.target,
             "call": f"{function}(arguments, action_key=..., action_type=...)",
             "args": [arguments],
             "kwargs": {"action_key": action_key, "action_type": action_type},
-        }
+        }, self.redact)
 
     def _prepare(self, arguments: dict[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
         return self._function(), copy.deepcopy(arguments)
 
+    def _hide(self, result: ExecutionResult, arguments: dict[str, Any]) -> ExecutionResult:
+        # An exception text or a return value may quote a redacted argument back.
+        return scrub(result, dict.fromkeys(redacted_values(arguments, self.redact), REDACTED))
+
     def execute(self, action_type: str, arguments: dict[str, Any],
                 action_key: str) -> ExecutionResult:
+        return self._hide(self._execute(action_type, arguments, action_key), arguments)
+
+    async def aexecute(self, action_type: str, arguments: dict[str, Any],
+                       action_key: str) -> ExecutionResult:
+        return self._hide(await self._aexecute(action_type, arguments, action_key), arguments)
+
+    def _execute(self, action_type: str, arguments: dict[str, Any],
+                 action_key: str) -> ExecutionResult:
         try:
             fn, args = self._prepare(arguments)
         except _TargetError as exc:
@@ -132,8 +155,8 @@ class PythonActionExecutor:
             return ExecutionResult(False, None, exc_text(exc))
         return ExecutionResult(True, to_jsonable(value))
 
-    async def aexecute(self, action_type: str, arguments: dict[str, Any],
-                       action_key: str) -> ExecutionResult:
+    async def _aexecute(self, action_type: str, arguments: dict[str, Any],
+                        action_key: str) -> ExecutionResult:
         try:
             fn, args = self._prepare(arguments)
         except _TargetError as exc:

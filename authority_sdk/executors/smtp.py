@@ -1,8 +1,13 @@
 """``smtp``: send a real email through an SMTP server.
 
-Arguments: ``to`` (address or list), ``subject``, ``body``, optional ``cc``.
-Anything else, or anything malformed, is refused before connecting: a
-half-formed message is never sent.
+Arguments: ``to`` (an address or a list of them), ``subject``, ``body``, and
+optional ``cc`` and ``bcc``. Every address is parsed strictly by
+``authority_sdk.addresses`` — the parser the policy's ``recipients`` matcher
+uses — one address per value, so the envelope holds exactly the recipients the
+rules checked and the approver saw. Display names are written back quoted when
+they need it. Anything else, or anything malformed, is refused before
+connecting: a half-formed message is never sent. ``bcc`` recipients are in the
+envelope only, never in a header.
 
 SMTP has no idempotency key, so this executor is *not* idempotent downstream.
 The Message-ID is derived from the action key and the key itself travels in
@@ -13,51 +18,64 @@ recognised by the receiving side.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
+import json
 import os
 import smtplib
 import ssl
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
 from email.message import EmailMessage
-from email.utils import formatdate, getaddresses
+from email.policy import default as _default_policy
+from email.utils import formatdate
 from typing import Any
 
+from ..addresses import (
+    RECIPIENT_FIELDS,
+    AddressError,
+    Recipient,
+    header_registry,
+    parse_recipient_field,
+    wire_header,
+)
+from ..audit import REDACTED
 from ..policy import SmtpExecutor
-from ._base import ExecutionResult, check_action_key, exc_text, fmt_seconds
+from ._base import (
+    MASK,
+    ExecutionResult,
+    check_action_key,
+    exc_text,
+    fmt_seconds,
+    redact_names,
+    redacted,
+    redacted_values,
+    scrub,
+)
 
 __all__ = ["SmtpActionExecutor", "build_message"]
 
-ALLOWED_ARGUMENTS = ("to", "cc", "subject", "body")
+ALLOWED_ARGUMENTS = (*RECIPIENT_FIELDS, "subject", "body")
+_DESCRIBED_KEPT = 256
 
 
 class _Invalid(ValueError):
     pass
 
 
-def _addresses(arguments: dict[str, Any], field: str, *, required: bool) -> list[str]:
-    """Header-form addresses (``"Ann <ann@x.org>"`` or ``ann@x.org``) from one argument."""
+def _recipients(arguments: dict[str, Any], field: str, *, required: bool) -> list[Recipient]:
     if field not in arguments or arguments[field] is None:
         if required:
             raise _Invalid(f"missing argument {field!r} (a recipient address or a list of them)")
         return []
-    value = arguments[field]
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise _Invalid(f"argument {field!r} must be a string or a list of strings")
-    out: list[str] = []
-    for item in items:
-        if "\r" in item or "\n" in item:
-            raise _Invalid(f"argument {field!r}: line breaks are not allowed in an address")
-        parsed = getaddresses([item])
-        if not item.strip() or not parsed:
-            raise _Invalid(f"argument {field!r}: empty address")
-        for display, addr in parsed:
-            local, at, domain = addr.rpartition("@")
-            if not at or not local or not domain or any(c.isspace() for c in addr):
-                raise _Invalid(f"argument {field!r}: {item!r} is not an email address")
-            out.append(f"{display} <{addr}>" if display else addr)
-    if required and not out:
+    try:
+        parsed = parse_recipient_field(arguments[field], field)
+    except AddressError as exc:
+        raise _Invalid(f"argument {exc.field or field!r}: {exc.problem}") from None
+    if required and not parsed:
         raise _Invalid(f"argument {field!r} names no recipient")
-    return out
+    return parsed
 
 
 def _text(arguments: dict[str, Any], field: str, *, one_line: bool) -> str:
@@ -77,9 +95,18 @@ def message_id(action_key: str, sender: str) -> str:
     return f"<authority.{digest}@{domain}>"
 
 
-def build_message(sender: str, arguments: dict[str, Any],
-                  action_key: str) -> tuple[EmailMessage, list[str]]:
-    """The message and its envelope recipients; raises ``ValueError`` on bad arguments."""
+# Address headers are set raw (already folded, by ``addresses.wire_header``) and never
+# refolded: the stdlib folder can turn the comma between two addresses into an encoded
+# word, so the header would name fewer recipients than the envelope.
+_POLICY = _default_policy.clone(refold_source="none", header_factory=header_registry())
+
+
+def build_message(sender: str, arguments: dict[str, Any], action_key: str
+                  ) -> tuple[EmailMessage, list[str], dict[str, list[Recipient]]]:
+    """The message, its envelope recipients and the parsed recipients by field.
+
+    Raises ``ValueError`` on bad arguments (the message never quotes an address value).
+    """
     if not isinstance(arguments, dict):
         raise _Invalid("arguments must be an object")
     unknown = sorted(set(arguments) - set(ALLOWED_ARGUMENTS))
@@ -89,35 +116,65 @@ def build_message(sender: str, arguments: dict[str, Any],
     problem = check_action_key(action_key)
     if problem:
         raise _Invalid(problem)
-    to = _addresses(arguments, "to", required=True)
-    cc = _addresses(arguments, "cc", required=False)
+    by_field = {"to": _recipients(arguments, "to", required=True),
+                "cc": _recipients(arguments, "cc", required=False),
+                "bcc": _recipients(arguments, "bcc", required=False)}
     subject = _text(arguments, "subject", one_line=True)
     body = _text(arguments, "body", one_line=False)
 
-    msg = EmailMessage()
+    msg = EmailMessage(policy=_POLICY)
     msg["From"] = sender
-    msg["To"] = ", ".join(to)
-    if cc:
-        msg["Cc"] = ", ".join(cc)
+    msg.set_raw("To", wire_header(by_field["to"]))
+    if by_field["cc"]:
+        msg.set_raw("Cc", wire_header(by_field["cc"]))
     msg["Subject"] = subject
     msg["Date"] = formatdate(localtime=True)
     msg["Message-ID"] = message_id(action_key, sender)
     msg["X-Authority-Action-Key"] = action_key
     msg.set_content(body)
-    recipients = list(dict.fromkeys(addr for _, addr in getaddresses(to + cc)))
-    return msg, recipients
+    envelope = list(dict.fromkeys(r.addr_spec for field in RECIPIENT_FIELDS
+                                  for r in by_field[field]))
+    return msg, envelope, by_field
 
 
 class SmtpActionExecutor:
     kind = "smtp"
     idempotent_downstream = False
 
-    def __init__(self, name: str, config: SmtpExecutor) -> None:
+    def __init__(self, name: str, config: SmtpExecutor, *, redact: Iterable[str] = ()) -> None:
         self.name = name
         self.config = config
+        self.redact = redact_names(redact)
+        self._lock = threading.Lock()
+        self._described: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     def describe(self, action_type: str, arguments: dict[str, Any],
                  action_key: str) -> dict[str, Any]:
+        """The envelope, the headers and the body as they would be sent; credentials never
+        appear (only whether a login happens), redacted fields are masked.
+
+        Kept for the last few actions: building a message with the ``email`` package takes
+        about a millisecond, and an approvals list describes every pending email each time
+        it is read. A kept description is a copy, so a caller cannot alter the next one."""
+        try:
+            key = (action_type, json.dumps(arguments, sort_keys=True, allow_nan=False),
+                   action_key)
+        except (TypeError, ValueError):
+            return self._describe(action_type, arguments, action_key)
+        with self._lock:
+            kept = self._described.get(key)
+            if kept is not None:
+                self._described.move_to_end(key)
+                return copy.deepcopy(kept)
+        described = self._describe(action_type, arguments, action_key)
+        with self._lock:
+            self._described[key] = copy.deepcopy(described)
+            while len(self._described) > _DESCRIBED_KEPT:
+                self._described.popitem(last=False)
+        return described
+
+    def _describe(self, action_type: str, arguments: dict[str, Any],
+                  action_key: str) -> dict[str, Any]:
         base: dict[str, Any] = {
             "executor": self.name,
             "type": "smtp",
@@ -126,15 +183,18 @@ class SmtpActionExecutor:
                        "login": self.config.username_env is not None},
         }
         try:
-            msg, recipients = build_message(self.config.sender, arguments, action_key)
+            msg, envelope, by_field = build_message(self.config.sender, arguments, action_key)
         except ValueError as exc:
             return {**base, "error": f"email not sent: {exc}"}
-        return {
+        return redacted({
             **base,
-            "envelope": {"mail_from": self.config.sender, "rcpt_to": recipients},
-            "headers": dict(msg.items()),
+            "envelope": {"mail_from": self.config.sender, "rcpt_to": envelope},
+            # What an approver reads: each recipient parsed, by field, as it is written.
+            "recipients": {field: [r.header for r in by_field[field]]
+                           for field in RECIPIENT_FIELDS if by_field[field]},
+            "headers": {name: str(value) for name, value in msg.items()},
             "body": msg.get_content(),
-        }
+        }, self.redact)
 
     def _credentials(self) -> tuple[str, str] | None:
         user_env, pw_env = self.config.username_env, self.config.password_env
@@ -150,11 +210,16 @@ class SmtpActionExecutor:
     def execute(self, action_type: str, arguments: dict[str, Any],
                 action_key: str) -> ExecutionResult:
         try:
-            msg, recipients = build_message(self.config.sender, arguments, action_key)
+            msg, recipients, _ = build_message(self.config.sender, arguments, action_key)
             credentials = self._credentials()
         except ValueError as exc:
             return ExecutionResult(False, None, f"email not sent: {exc}")
-        return self._send(msg, recipients, credentials)
+        result = self._send(msg, recipients, credentials)
+        # A server may echo the login, or a redacted value, in its answer; the result goes to
+        # the audit log and the model.
+        masks = dict.fromkeys(redacted_values(arguments, self.redact), REDACTED)
+        masks.update(dict.fromkeys(credentials or (), MASK))
+        return scrub(result, masks)
 
     async def aexecute(self, action_type: str, arguments: dict[str, Any],
                        action_key: str) -> ExecutionResult:

@@ -11,29 +11,46 @@ import asyncio
 import re
 import threading
 import weakref
+from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import httpx
 
+from ..audit import REDACTED
 from ..policy import WebhookExecutor
-from ._base import ExecutionResult, check_action_key, dumps, exc_text, fmt_seconds, shorten
+from ._base import (
+    MASK,
+    ExecutionResult,
+    check_action_key,
+    dumps,
+    exc_text,
+    fmt_seconds,
+    redact_names,
+    redacted,
+    redacted_values,
+    scrub,
+    shorten,
+)
 
-__all__ = ["WebhookActionExecutor"]
+__all__ = ["WebhookActionExecutor", "mask_url"]
 
-# Header values the gateway holds for the app and must not show it in a simulation.
-_SECRET_HEADER = re.compile(r"authorization|cookie|secret|token|password|api[-_]?key|signature",
-                            re.IGNORECASE)
-_MASK = "***"
+# A path segment shown as is in a description: a short lower-case word or two
+# ("hooks", "refund-requests"). Anything else — digits, capitals, dots, escapes,
+# length — may be a token (Slack- and Zapier-style URLs carry one in the path).
+_PLAIN_SEGMENT = re.compile(r"[a-z]{1,24}(?:[-_][a-z]{1,24}){0,2}")
 
 
 class WebhookActionExecutor:
     kind = "webhook"
     idempotent_downstream = True
 
-    def __init__(self, name: str, config: WebhookExecutor) -> None:
+    def __init__(self, name: str, config: WebhookExecutor, *,
+                 redact: Iterable[str] = ()) -> None:
         self.name = name
         self.config = config
+        self.redact = redact_names(redact)
+        self._secrets = _url_secrets(config.url) | set(config.headers.values())
         self._timeout = httpx.Timeout(config.timeout_s)
         self._lock = threading.Lock()
         self._client: httpx.Client | None = None
@@ -58,17 +75,21 @@ class WebhookActionExecutor:
 
     def describe(self, action_type: str, arguments: dict[str, Any],
                  action_key: str) -> dict[str, Any]:
-        headers = {k: (_MASK if _SECRET_HEADER.search(k) and k != "Idempotency-Key" else v)
+        """The request as it would be sent, minus the secrets the gateway holds for the app:
+        every configured header value, the URL's user info, query values, fragment and any
+        path segment that is not a plain word are masked; redacted fields too."""
+        configured = {k.lower() for k in self.config.headers}
+        headers = {k: (MASK if k.lower() in configured else v)
                    for k, v in self._headers(action_key).items()}
-        return {
+        return redacted({
             "executor": self.name,
             "type": "webhook",
             "method": "POST",
-            "url": _mask_url(self.config.url),
+            "url": mask_url(self.config.url),
             "headers": headers,
             "json": self._body(action_type, arguments, action_key),
             "timeout_s": self.config.timeout_s,
-        }
+        }, self.redact)
 
     def _prepare(self, action_type: str, arguments: dict[str, Any],
                  action_key: str) -> tuple[bytes, dict[str, str]] | ExecutionResult:
@@ -99,8 +120,8 @@ class WebhookActionExecutor:
         try:
             response = self._sync_client().post(self.config.url, content=content, headers=headers)
         except httpx.HTTPError as exc:
-            return self._transport_failure(exc)
-        return self._outcome(response)
+            return self._scrub(self._transport_failure(exc), arguments)
+        return self._scrub(self._outcome(response), arguments)
 
     # -- async --------------------------------------------------------------
 
@@ -123,10 +144,18 @@ class WebhookActionExecutor:
             response = await self._async_client().post(self.config.url, content=content,
                                                        headers=headers)
         except httpx.HTTPError as exc:
-            return self._transport_failure(exc)
-        return self._outcome(response)
+            return self._scrub(self._transport_failure(exc), arguments)
+        return self._scrub(self._outcome(response), arguments)
 
     # -- outcomes -----------------------------------------------------------
+
+    def _scrub(self, result: ExecutionResult, arguments: dict[str, Any]) -> ExecutionResult:
+        """The result without any configured secret or redacted value: an error text can
+        quote the URL, and a receiver can echo a header or the request back; the result goes
+        to the audit log and the model."""
+        masks = dict.fromkeys(redacted_values(arguments, self.redact), REDACTED)
+        masks.update(dict.fromkeys(self._secrets, MASK))
+        return scrub(result, masks)
 
     def _transport_failure(self, exc: httpx.HTTPError) -> ExecutionResult:
         timeout = fmt_seconds(self.config.timeout_s)
@@ -181,14 +210,40 @@ def _parse_body(response: httpx.Response) -> Any:
     return {"status_code": response.status_code, "text": response.text}
 
 
-def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
+def mask_url(url: str) -> str:
+    """``url`` with its secrets masked, its scheme, host, port and path shape readable:
+    ``https://***@hooks.example.com/hooks/***?token=***``."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return MASK  # not a URL we can take apart: show nothing of it
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    netloc = f"{parts.username or ''}:{_MASK}@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = (f"{MASK}@" if "@" in parts.netloc else "") + host
+    if port is not None:
+        netloc += f":{port}"
+    path = "/".join(seg if seg == "" or _PLAIN_SEGMENT.fullmatch(seg) else MASK
+                    for seg in parts.path.split("/"))
+    query = "&".join(f"{name}={MASK}" if sep else MASK
+                     for name, sep, _ in (item.partition("=")
+                                          for item in parts.query.split("&") if item))
+    return urlunsplit((parts.scheme, netloc, path, query, MASK if parts.fragment else ""))
+
+
+def _url_secrets(url: str) -> set[str]:
+    """Every part of the URL that ``mask_url`` hides, raw and percent-decoded."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return {url}
+    found: set[str] = set()
+    userinfo = parts.netloc.rpartition("@")[0]
+    found.update(p for p in userinfo.split(":") if p)
+    found.update(seg for seg in parts.path.split("/") if seg and not _PLAIN_SEGMENT.fullmatch(seg))
+    found.update(value for _, value in parse_qsl(parts.query, keep_blank_values=False))
+    found.update(item.partition("=")[2] for item in parts.query.split("&"))
+    if parts.fragment:
+        found.add(parts.fragment)
+    return found | {unquote(f) for f in found}
