@@ -402,7 +402,7 @@ def _approval(inp: GateInput, o: ActionOutcome, args: dict[str, Any],
         "executor": o.executor,
         "dispatch": o.dispatch,
         "reason": o.reason,
-        "decided_by": o.decided_by,
+        "held_by": o.decided_by,  # the policy step (decided_by is the approver, once decided)
         "requested_by": inp.caller,
         "policy_hash": inp.policy.hash,
         "limit_charges": [c.to_record() for c in held],

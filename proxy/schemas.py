@@ -78,6 +78,11 @@ class Approval(BaseModel):
     action_key: str | None = None
     action_hash: str | None = None
     policy_hash: str | None = None
+    would_execute: Any = Field(None, description=(
+        "What approving runs, as its executor describes it (an email's parsed recipients by "
+        "field and envelope, a webhook's request), secrets and redacted fields masked."))
+    held_by: str | None = Field(None, description="The policy step that held the action for "
+                                                  "approval (e.g. rule[0], limit, action_mode)")
 
     model_config = ConfigDict(extra="allow")
 
