@@ -1,54 +1,14 @@
-"""Shared fixtures: a real scripted model on loopback, and policies written to real files."""
+"""Shared fixtures: a real scripted model on loopback, and policies written to real files.
+Plain helpers (imported by test files) live in helpers.py."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import yaml
-from servers import free_port
-
-from authority_sdk.scripted import ScriptedModel, build_app
-
-
-class ScriptedServer:
-    def __init__(self) -> None:
-        import uvicorn
-
-        self.model = ScriptedModel()
-        self.port = free_port()
-        config = uvicorn.Config(build_app(self.model), host="127.0.0.1", port=self.port,
-                                log_level="error", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> ScriptedServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{self.port}/_stats", timeout=0.5)
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("scripted model did not start")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
-
-    @property
-    def chat_requests(self) -> int:
-        return self.model.chat_requests
+from helpers import STORE_BACKENDS, ScriptedServer, StoreBackend, write_policy_file
 
 
 @pytest.fixture(scope="session")
@@ -56,51 +16,6 @@ def upstream() -> Iterator[ScriptedServer]:
     srv = ScriptedServer().start()
     yield srv
     srv.stop()
-
-
-BASE_POLICY: dict[str, Any] = {
-    "version": 1,
-    "default_environment": "prod",
-    "defaults": {"mode": "require_human_approval", "approval_ttl_s": 3600,
-                 "idempotency_ttl_s": 3600},
-    "environments": {
-        "dev": {"models": ["gpt-4o-mini", "gpt-4.1-*"], "force_mode": "simulation_only",
-                "ceilings": {"per_request_usd": 0.10}},
-        "prod": {"models": ["gpt-4o-mini"], "ceilings": {"per_request_usd": 0.05}},
-    },
-    "actions": {
-        "lookup_customer": {"mode": "auto_execute"},
-        "send_note": {"executor": "dry", "mode": "auto_execute"},
-    },
-    "executors": {"dry": {"type": "log"}},
-    "redact": ["card_number", "password"],
-}
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def write_policy_file(directory: Path, upstream: ScriptedServer,
-                      overrides: dict[str, Any] | None = None,
-                      name: str = "authority.yaml") -> Path:
-    """A policy file (BASE_POLICY deep-merged with overrides) pointing at the scripted
-    model, with state and audit under ``directory``."""
-    data = deep_merge(BASE_POLICY, {
-        "upstream": {"base_url": upstream.base_url, "timeout_s": 5},
-        "state": {"path": str(directory / "state")},
-        "audit": {"path": str(directory / "audit.jsonl"), "fsync": False},
-    })
-    data = deep_merge(data, overrides or {})
-    path = directory / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 @pytest.fixture
@@ -112,29 +27,6 @@ def write_policy(tmp_path: Path, upstream: ScriptedServer) -> Callable[..., Path
         return write_policy_file(tmp_path, upstream, overrides, name)
 
     return write
-
-
-def audit_entries(path: Path, event: str | None = None, *,
-                  intents: bool = False) -> list[dict[str, Any]]:
-    """The audit log's entries (of one event). Without ``intents``, an action's "executing"
-    entry — written before its executor runs — is left out, so each action appears once."""
-    import json
-
-    # JSON Lines: split on "\n" only (str.splitlines also splits inside strings at U+2028…).
-    entries = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
-    return [e for e in entries if (event is None or e["event"] == event)
-            and (intents or (e.get("details") or {}).get("status") != "executing")]
-
-
-def tool(name: str, properties: dict[str, Any] | None = None,
-         required: list[str] | None = None) -> dict[str, Any]:
-    return {"type": "function", "function": {
-        "name": name, "parameters": {"type": "object", "properties": properties or {},
-                                     **({"required": required} if required else {})}}}
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
 
 
 @pytest.fixture
@@ -177,33 +69,6 @@ def gateways() -> Iterator[list[Any]]:
     yield opened
     for gw in opened:
         gw.close()
-
-
-# -- state backends: every store test runs on each -----------------------------------------
-
-
-class StoreBackend:
-    """One state backend under test. ``open()`` gives a new connection to the same store
-    (also usable in a forked child process)."""
-
-    name = "diskcache"
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def open(self) -> Any:
-        from authority_sdk.store import DiskStore
-
-        return DiskStore(self.directory / "state")
-
-    def policy_overrides(self) -> dict[str, Any]:
-        return {"state": {"backend": "diskcache", "path": str(self.directory / "state")}}
-
-    def cleanup(self) -> None:
-        pass
-
-
-STORE_BACKENDS: dict[str, Callable[[Path], StoreBackend]] = {"diskcache": StoreBackend}
 
 
 @pytest.fixture(params=sorted(STORE_BACKENDS))

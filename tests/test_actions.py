@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import audit_entries, tool, user
+from helpers import audit_entries, tool, user
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sample_actions import EFFECTS_ENV

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tool, user
+from helpers import tool, user
 from servers import HttpReceiver
 
 from authority_sdk import control

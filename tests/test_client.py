@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import ScriptedServer, audit_entries, free_port, tool, user
+from helpers import ScriptedServer, audit_entries, free_port, tool, user
 
 from authority_sdk import AsyncAuthorityClient, AuthorityClient, authority_of
 from authority_sdk.audit import verify

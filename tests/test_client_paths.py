@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import ScriptedServer, free_port, tool, user
+from helpers import ScriptedServer, free_port, tool, user
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai._resource import AsyncAPIResource, SyncAPIResource

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import user
+from helpers import user
 
 from authority_sdk import AuthorityClient
 from authority_sdk.costs import budget_counter

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import audit_entries, tool, user
+from helpers import audit_entries, tool, user
 from servers import HttpReceiver, SmtpSink
 
 from authority_sdk import control

@@ -13,7 +13,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import ScriptedServer, audit_entries, tool, user
+from helpers import ScriptedServer, audit_entries, tool, user
 from servers import HttpReceiver
 
 from authority_sdk import control

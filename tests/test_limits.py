@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tool, user
+from helpers import tool, user
 from sample_actions import EFFECTS_ENV
 
 from authority_sdk import AuthorityClient, authority_of, control

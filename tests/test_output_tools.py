@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tool, user
+from helpers import tool, user
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ScriptedServer, tool, user
+from helpers import ScriptedServer, tool, user
 from servers import HttpReceiver
 
 from authority_sdk.client import AsyncAuthorityClient, AuthorityClient

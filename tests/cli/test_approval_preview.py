@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from conftest import user
+from helpers import user
 from servers import SmtpSink
 from typer.testing import CliRunner
 

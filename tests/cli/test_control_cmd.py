@@ -16,7 +16,7 @@ import httpx
 import pytest
 import typer
 import yaml
-from conftest import BASE_POLICY, ScriptedServer, deep_merge, tool, user
+from helpers import BASE_POLICY, ScriptedServer, deep_merge, tool, user
 from typer.testing import CliRunner
 
 from authority_sdk.cli import control_cmd

@@ -10,7 +10,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import ScriptedServer, write_policy_file
+from helpers import ScriptedServer, write_policy_file
 
 from authority_sdk import AuthorityClient, control
 from authority_sdk.demo.processes import ProxyProcess

@@ -19,7 +19,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import ScriptedServer
+from helpers import ScriptedServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 

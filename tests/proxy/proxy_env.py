@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import openai
 import yaml
-from conftest import BASE_POLICY, ScriptedServer, deep_merge
+from helpers import BASE_POLICY, ScriptedServer, deep_merge
 
 from authority_sdk.demo.processes import ProxyProcess
 

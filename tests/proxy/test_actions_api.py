@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ScriptedServer, tool, user
+from helpers import ScriptedServer, tool, user
 from in_doubt import POLICY, crash, note_args
 from proxy_env import (
     ADMIN_KEY,

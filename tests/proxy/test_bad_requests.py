@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ScriptedServer, write_policy_file
+from helpers import ScriptedServer, write_policy_file
 from proxy_env import AGENT_KEY, RunningProxy, start_proxy
 
 from authority_sdk.engine import Engine

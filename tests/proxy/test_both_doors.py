@@ -9,7 +9,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import ScriptedServer, tool, user
+from helpers import ScriptedServer, tool, user
 from proxy_env import ADMIN_KEY, AGENT_KEY, DEV_KEY, RunningProxy, start_proxy
 
 from authority_sdk import AuthorityClient, authority_of

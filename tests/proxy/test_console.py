@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ScriptedServer, tool, user
+from helpers import ScriptedServer, tool, user
 from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, RunningProxy, start_proxy
 
 from authority_sdk.audit import AuditLog

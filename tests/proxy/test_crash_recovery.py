@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import ScriptedServer, user
+from helpers import ScriptedServer, user
 from proxy_env import ADMIN_KEY, AGENT_KEY, PROXY_ENV, write_proxy_policy
 from servers import HttpReceiver, SmtpSink
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ScriptedServer
+from helpers import ScriptedServer
 from proxy_env import (
     ADMIN_KEY,
     AGENT_KEY,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ScriptedServer, user
+from helpers import ScriptedServer, user
 from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, RunningProxy, start_proxy
 
 MiB = 1 << 20

@@ -15,7 +15,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import ScriptedServer
+from helpers import ScriptedServer
 from media_files import data_url, image_part, png
 from proxy_env import start_proxy, write_proxy_policy
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ScriptedServer, user
+from helpers import ScriptedServer, user
 from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, RunningProxy, start_proxy
 from typer.testing import CliRunner
 

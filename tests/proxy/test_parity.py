@@ -14,7 +14,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import ScriptedServer, tool, user
+from helpers import ScriptedServer, tool, user
 from proxy_env import AGENT_KEY, RunningProxy, start_proxy
 
 from authority_sdk import AuthorityClient

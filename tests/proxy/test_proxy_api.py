@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import ScriptedServer, tool, user
+from helpers import ScriptedServer, tool, user
 from proxy_env import (
     ADMIN_KEY,
     AGENT_KEY,

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ScriptedServer, user
+from helpers import ScriptedServer, user
 from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, DEV_KEY, start_proxy
 
 from authority_sdk.audit import verify

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from conftest import ScriptedServer
+from helpers import ScriptedServer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, DEV_KEY, RunningProxy, sha, start_proxy

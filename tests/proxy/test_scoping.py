@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import typer
-from conftest import ScriptedServer, tool, user
+from helpers import ScriptedServer, tool, user
 from proxy_env import (
     ADMIN_KEY,
     AGENT_KEY,

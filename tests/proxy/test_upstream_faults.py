@@ -7,7 +7,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import ScriptedServer, free_port, user
+from helpers import ScriptedServer, free_port, user
 from proxy_env import AGENT_KEY, start_proxy
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import StoreBackend
+from helpers import StoreBackend
 
 from authority_sdk import approvals, idempotency
 from authority_sdk.errors import AuthorityUnavailable
