@@ -168,9 +168,9 @@ def test_the_killed_proxys_action_is_listed_and_resolved_by_an_approver(doubt: D
 def test_openapi_describes_the_actions_endpoints(doubt: Doubt) -> None:
     doc = doubt.proxy.http("GET", "/openapi.json").json()
     listing = doc["paths"]["/authority/actions"]["get"]
-    assert [p["name"] for p in listing["parameters"]] == ["status"]
+    assert [p["name"] for p in listing["parameters"]] == ["status", "limit", "cursor"]
     assert listing["responses"]["200"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ExecutionList"}
+        "$ref": "#/components/schemas/JournalEntryList"}
     resolve = doc["paths"]["/authority/actions/{action_key}/resolve"]["post"]
     assert {"403", "404", "409"} <= resolve["responses"].keys()
     schemas = doc["components"]["schemas"]
