@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -199,8 +198,10 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         worker = Worker(gw, interval_s=pol.worker.interval_s)
         await run_in_threadpool(worker.tick)
         worker.start()
-        threading.Thread(target=_warm_up, args=(gw,), daemon=True,
-                         name="authority-warm-up").start()
+        # Before the first caller, not beside it: a warm-up thread parsing the price map holds
+        # the GIL long enough to starve the event loop, and upstream timeouts fire on requests
+        # that were answered in time.
+        await run_in_threadpool(_warm_up, gw)
         try:
             yield
         finally:

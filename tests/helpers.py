@@ -42,10 +42,17 @@ class ScriptedServer:
         while time.monotonic() < deadline:
             try:
                 httpx.get(f"http://127.0.0.1:{self.port}/_stats", timeout=0.5)
-                return self
+                break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        raise RuntimeError("scripted model did not start")
+        else:
+            raise RuntimeError("scripted model did not start")
+        # One answer now, so its first real one does not pay for loading the token counts
+        # (tests with short upstream timeouts would otherwise depend on the order they run).
+        httpx.post(f"{self.base_url}/chat/completions", timeout=30,
+                   json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        self.model.chat_requests, self.model.last_request = 0, None
+        return self
 
     def stop(self) -> None:
         self.server.should_exit = True
