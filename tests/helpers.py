@@ -8,8 +8,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
@@ -17,8 +18,10 @@ from servers import free_port
 
 from authority_sdk.scripted import ScriptedModel, build_app
 
+T = TypeVar("T")
+
 __all__ = ["BASE_POLICY", "STORE_BACKENDS", "ScriptedServer", "StoreBackend", "audit_entries",
-           "deep_merge", "free_port", "tool", "user", "write_policy_file"]
+           "concurrently", "deep_merge", "free_port", "tool", "user", "write_policy_file"]
 
 
 class ScriptedServer:
@@ -80,6 +83,18 @@ BASE_POLICY: dict[str, Any] = {
     "executors": {"dry": {"type": "log"}},
     "redact": ["card_number", "password"],
 }
+
+
+def concurrently(call: Callable[[], T], n: int = 16) -> list[T]:
+    """``call`` from ``n`` threads released together; their results."""
+    barrier = threading.Barrier(n)
+
+    def one(_: int) -> T:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
