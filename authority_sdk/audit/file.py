@@ -121,12 +121,15 @@ class FileSink:
         return self
 
     def close(self) -> None:
+        if self.checkpoints is not None and self._fd is not None and self._pid == os.getpid():
+            # At shutdown the checkpoint catches up with the log (under the lock, so two
+            # processes closing together cannot move it backwards). A failure here leaves
+            # the last periodic checkpoint, which is still true.
+            with contextlib.suppress(AuthorityError), self._locked():
+                if self._seq > self._checkpointed:
+                    self._checkpoint_now()
         with self._tlock:
             if self._fd is not None and self._pid == os.getpid():
-                if self.checkpoints is not None and self._seq > self._checkpointed:
-                    # At shutdown: the checkpoint then covers every entry this process wrote.
-                    with contextlib.suppress(AuthorityError):
-                        self._checkpoint_now()
                 os.close(self._fd)
                 self._flock.close()
             self._fd = None
