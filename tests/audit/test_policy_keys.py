@@ -56,7 +56,7 @@ def test_key_from_the_environment_and_failing_closed(tmp_path: Path,
     monkeypatch.setenv("AUDIT_TEST_KEY", "a-long-enough-audit-key")
     assert load_key(pol) == b"a-long-enough-audit-key"
     missing = policy(tmp_path, hmac_key_file="keys/none.key")
-    with pytest.raises(AuthorityUnavailable, match="cannot read audit.hmac_key_file"):
+    with pytest.raises(AuthorityUnavailable, match=r"cannot read audit\.hmac_key_file"):
         load_key(missing)
 
 
