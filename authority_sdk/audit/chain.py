@@ -43,6 +43,7 @@ __all__ = [
     "canonical_json",
     "entry_hash",
     "entry_mac",
+    "loss_entry",
     "lost_range",
     "prepare",
     "shape_problem",

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthorityError, AuthorityUnavailable
-from .chain import GENESIS_HASH, Prepared, build, loss_entry, prepare
+from .chain import GENESIS_HASH, Prepared, build, loss_entry, lost_range, prepare
 from .checkpoint import CheckpointFile
 from .lines import line_start, parse_entry, read_records, records_before, reverse_lines
 from .locking import LOCK_TIMEOUT_S, FlockLock, LockTimeout
@@ -330,7 +330,7 @@ def _losses(known: list[tuple[str, int, str]], seq: int, hsh: str, read: Any,
                                {"known_from": source, "known_hash": top_hash,
                                 "log_seq": seq, "log_hash": hsh}), top + 1))
     for source, kseq, khash in known:
-        if 0 < kseq <= seq and _hash_at(read, end, kseq, seq, hsh) != khash:
+        if 0 < kseq <= seq and not _still_there(read, end, kseq, khash, seq, hsh):
             out.append((prepare("recovery", {
                 "reason": f"the log does not match {source} at seq {kseq} (hash "
                           f"{khash[:16]}…): entries rewritten",
@@ -340,17 +340,21 @@ def _losses(known: list[tuple[str, int, str]], seq: int, hsh: str, read: Any,
     return out
 
 
-def _hash_at(read: Any, end: int, want: int, seq: int, hsh: str) -> str | None:
-    """The hash of entry ``want`` in the file up to ``end``, walking back from the end."""
+def _still_there(read: Any, end: int, want: int, want_hash: str, seq: int, hsh: str) -> bool:
+    """Does the file up to ``end`` hold entry ``want`` with ``want_hash``, or record its loss
+    (so a loss already recorded, by this process or another, is not recorded twice)?"""
     if want == seq:
-        return hsh
+        return hsh == want_hash
     for _off, raw in reverse_lines(read, end):
         entry = parse_entry(raw)
         if entry is None or entry["seq"] < want:
-            return None
+            return False
         if entry["seq"] == want:
-            return str(entry["hash"])
-    return None
+            return bool(entry["hash"] == want_hash)
+        lost = lost_range(entry)
+        if lost is not None and lost[0] <= want <= lost[1]:
+            return True
+    return False
 
 
 def _fsync_dir(path: Path) -> None:

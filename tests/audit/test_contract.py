@@ -318,3 +318,24 @@ def _nest(depth: int) -> Any:
     for _ in range(depth):
         value = {"a": [value]}
     return value
+
+
+def test_a_loss_is_recorded_once_however_many_writers_knew_of_it(
+        audit_backend: AuditSinkBackend, tmp_path: Path, head: DiskStore) -> None:
+    """Two writers that both appended past the cut, and a checkpoint still pointing into
+    the lost range after a crash: one recovery entry, not one per witness."""
+    cps = checkpoints(tmp_path)
+    a = audit_backend.open(head=head, key=KEY, checkpoints=cps, checkpoint_every=3)
+    b = audit_backend.open(head=head, key=KEY, checkpoints=cps, checkpoint_every=3)
+    fill(a, 4)
+    fill(b, 2)  # b knows seq 6; the checkpoint is at 6
+    audit_backend.drop_last(3)
+    fill(a, 1)  # a notices first: lost 4..6, recovery at 7, then its entry at 8
+    fill(b, 1)  # b knew seq 6: already accounted for
+    # A crash: no close, so the checkpoint still names seq 6, inside the lost range.
+    c = audit_backend.open(head=head, key=KEY, checkpoints=cps).open()
+    fill(c, 1)
+    recoveries = [e for e in audit_backend.raw_entries() if e["event"] == "recovery"]
+    assert [r["details"]["lost"] for r in recoveries] == [[4, 6]]
+    result = verify_sink(audit_backend.open(key=KEY, checkpoints=cps), head.get_audit_head())
+    assert (result.ok, result.kind, len(result.losses)) == (False, "lost", 1)
