@@ -7,6 +7,7 @@
 - :mod:`.file` — the JSONL file sink (``audit.backend: file``); :mod:`.lines` reads it;
 - :mod:`.registry` — sinks by name; :mod:`.keys` — the audit key;
 - :mod:`.checkpoint` — signed checkpoints kept outside the state folder;
+- :mod:`.losses` — what a sink records when entries it knew of are gone;
 - :mod:`.verify` — the verdict on a chain;
 - :mod:`.acknowledge` — a person recording that a loss was investigated.
 """

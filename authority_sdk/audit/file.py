@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthorityError, AuthorityUnavailable
-from .chain import GENESIS_HASH, Prepared, build, loss_entry, lost_range, prepare
+from .chain import GENESIS_HASH, build, prepare
 from .checkpoint import CheckpointFile
 from .lines import line_start, parse_entry, read_records, records_before, reverse_lines
 from .locking import LOCK_TIMEOUT_S, FlockLock, LockTimeout
+from .losses import Known, losses
 from .protocol import AuditHead, Record
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ class FileSink:
 
         # What is known to have been written: this process's own appends, the store's head,
         # the checkpoint. Read before anything changes, so a loss is measured against them.
-        known = [("this process's last append", self._seq, self._hash)]
+        known: list[Known] = [("this process's last append", self._seq, self._hash)]
         stored = self._stored_head()
         if stored is not None:
             known.append(("the state store's head", *stored))
@@ -241,7 +242,10 @@ class FileSink:
             os.ftruncate(fd, good_end)
             self._size = good_end
             self._commit(recovery)
-        for p, skip_to in _losses(known, seq, hsh, read, good_end):
+        def newest_first() -> Iterator[dict[str, Any] | None]:
+            return (parse_entry(raw) for _off, raw in reverse_lines(read, good_end))
+
+        for p, skip_to in losses(known, seq, hsh, newest_first):
             self._commit(build(p, self._seq, self._hash, self.key, seq=skip_to))
 
     def _read_checkpoint(self) -> Any:
@@ -315,46 +319,6 @@ AuditLog = FileSink  # the name the first version exported
 
 def open_for_policy(policy: Policy, head: AuditHead | None) -> FileSink:
     return FileSink.for_policy(policy, head)
-
-
-def _losses(known: list[tuple[str, int, str]], seq: int, hsh: str, read: Any,
-            end: int) -> list[tuple[Prepared, int | None]]:
-    """The recovery entries for what ``known`` says was written and the file lacks."""
-    out: list[tuple[Prepared, int | None]] = []
-    ahead = [k for k in known if k[1] > seq]
-    if ahead:
-        source, top, top_hash = max(ahead, key=lambda k: k[1])
-        what = "the log is empty or missing" if seq == 0 else f"the log ends at seq {seq}"
-        out.append((loss_entry(seq + 1, top, "lost_entries",
-                               f"entries {seq + 1}..{top} lost: {what} but {source} is seq {top}",
-                               {"known_from": source, "known_hash": top_hash,
-                                "log_seq": seq, "log_hash": hsh}), top + 1))
-    for source, kseq, khash in known:
-        if 0 < kseq <= seq and not _still_there(read, end, kseq, khash, seq, hsh):
-            out.append((prepare("recovery", {
-                "reason": f"the log does not match {source} at seq {kseq} (hash "
-                          f"{khash[:16]}…): entries rewritten",
-                "actor": "audit-log",
-                "details": {"problem": "rewritten", "known_from": source, "known_seq": kseq,
-                            "known_hash": khash, "log_seq": seq, "log_hash": hsh}}), None))
-    return out
-
-
-def _still_there(read: Any, end: int, want: int, want_hash: str, seq: int, hsh: str) -> bool:
-    """Does the file up to ``end`` hold entry ``want`` with ``want_hash``, or record its loss
-    (so a loss already recorded, by this process or another, is not recorded twice)?"""
-    if want == seq:
-        return hsh == want_hash
-    for _off, raw in reverse_lines(read, end):
-        entry = parse_entry(raw)
-        if entry is None or entry["seq"] < want:
-            return False
-        if entry["seq"] == want:
-            return bool(entry["hash"] == want_hash)
-        lost = lost_range(entry)
-        if lost is not None and lost[0] <= want <= lost[1]:
-            return True
-    return False
 
 
 def _fsync_dir(path: Path) -> None:
