@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import ScriptedServer, user
-from proxy_env import AGENT_KEY, PROXY_ENV, write_proxy_policy
+from proxy_env import ADMIN_KEY, AGENT_KEY, PROXY_ENV, write_proxy_policy
 
 from authority_sdk.audit import entry_hash
 from authority_sdk.demo.processes import ProxyProcess
@@ -150,6 +150,11 @@ def test_a_cut_synced_tail_fails_verify_until_a_person_acknowledges(gateway: Gat
     assert recovery[0]["details"]["lost"] == [last - 2, last]
     lost = gateway.cli("verify")
     assert lost.returncode == 3, lost.stderr
+    assert gateway.proc is not None
+    verdict = httpx.get(gateway.proc.url + "/authority/audit/verify", timeout=30,
+                        headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert (verdict["ok"], verdict["kind"], verdict["checkpoint_checked"]) == (
+        False, "lost", True)
     assert f"entries {last - 2}..{last} lost" in lost.stderr
     assert "authority audit acknowledge" in lost.stderr
 
