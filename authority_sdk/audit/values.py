@@ -89,10 +89,10 @@ def _bound(value: Any, budget: _Budget, depth: int) -> Any:
 
 def _string(text: str, budget: _Budget, cap: int) -> str:
     n = len(text)
-    if n <= 64 or (n <= cap and n <= budget.left):
-        if text.isascii():  # the common case: nothing to cut or escape
-            budget.left -= n + 2
-            return text
+    # The common case: nothing to cut or escape.
+    if (n <= 64 or (n <= cap and n <= budget.left)) and text.isascii():
+        budget.left -= n + 2
+        return text
     limit = max(min(cap, budget.left), 64)
     out = escape_surrogates(clip(text, limit))
     budget.left -= len(out) + 2
