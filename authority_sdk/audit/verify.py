@@ -187,7 +187,6 @@ def _recovery(entry: dict[str, object], lineno: int, lost: tuple[int, int] | Non
                                       who)
                 warnings.append(f"line {loss.line}: {loss.describe()} — acknowledged by {who} "
                                 f"at seq {seq}: {entry.get('reason')}")
-        return
     else:
         warnings.append(f"line {lineno}: recovery entry: {entry.get('reason')}")
 
