@@ -125,33 +125,6 @@ def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
-# -- state backends: every store test runs on each -----------------------------------------
-
-
-class StoreBackend:
-    """One state backend under test. ``open()`` gives a new connection to the same store
-    (also usable in a forked child process)."""
-
-    name = "diskcache"
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def open(self) -> Any:
-        from authority_sdk.store import DiskStore
-
-        return DiskStore(self.directory / "state")
-
-    def policy_overrides(self) -> dict[str, Any]:
-        return {"state": {"backend": "diskcache", "path": str(self.directory / "state")}}
-
-    def cleanup(self) -> None:
-        pass
-
-
-STORE_BACKENDS: dict[str, Callable[[Path], StoreBackend]] = {"diskcache": StoreBackend}
-
-
 # -- audit sinks: every audit contract test runs on each -----------------------------------
 
 
@@ -167,7 +140,9 @@ class AuditSinkBackend:
         self.path = directory / "audit" / "audit.jsonl"
 
     def open(self, **options: Any) -> Any:
-        """The sink; ``options`` as the registry passes them (head, key, checkpoints, …)."""
+        """The sink, built with the keywords every sink takes (``audit.registry.sink_options``
+        plus the head): ``head``, ``key``, ``checkpoints``, ``checkpoint_every``, ``redact``,
+        ``fsync``."""
         from authority_sdk.audit import FileSink
 
         options.setdefault("fsync", False)
@@ -201,3 +176,30 @@ class AuditSinkBackend:
 
 
 AUDIT_SINKS: dict[str, Callable[[Path], AuditSinkBackend]] = {"file": AuditSinkBackend}
+
+
+# -- state backends: every store test runs on each -----------------------------------------
+
+
+class StoreBackend:
+    """One state backend under test. ``open()`` gives a new connection to the same store
+    (also usable in a forked child process)."""
+
+    name = "diskcache"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def open(self) -> Any:
+        from authority_sdk.store import DiskStore
+
+        return DiskStore(self.directory / "state")
+
+    def policy_overrides(self) -> dict[str, Any]:
+        return {"state": {"backend": "diskcache", "path": str(self.directory / "state")}}
+
+    def cleanup(self) -> None:
+        pass
+
+
+STORE_BACKENDS: dict[str, Callable[[Path], StoreBackend]] = {"diskcache": StoreBackend}
