@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .protocol import Record
+from .protocol import Record, last_entries
 
 __all__ = ["MAX_LINE", "MAX_SHOWN", "line_start", "parse_entry", "read_records", "records_before",
            "reverse_lines", "tail"]
@@ -157,11 +157,4 @@ def tail(path: str | os.PathLike[str], n: int = 20) -> list[dict[str, Any]]:
         return []
     if not os.path.exists(path):
         open(path, "rb").close()  # the caller wants the OSError of a missing log
-    out: list[dict[str, Any]] = []
-    for rec in records_before(path):
-        if len(out) >= n:
-            break
-        out.append(rec.entry if rec.entry is not None
-                   else {"invalid_line": rec.raw, "offset": rec.position})
-    out.reverse()
-    return out
+    return last_entries(records_before(path), n)

@@ -11,13 +11,13 @@ entries. Reading never writes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .checkpoint import CheckpointFile
 
-__all__ = ["AuditHead", "AuditSink", "Record"]
+__all__ = ["AuditHead", "AuditSink", "Record", "last_entries"]
 
 
 @runtime_checkable
@@ -74,3 +74,16 @@ class AuditSink(Protocol):
     def close(self) -> None:
         """Write a last checkpoint and release what the sink holds."""
         ...
+
+
+def last_entries(newest_first: Iterable[Record], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` of ``newest_first``, oldest first; an item that is not an entry (torn,
+    garbage) comes back as ``{"invalid_line": text, "offset": position}``, not hidden."""
+    out: list[dict[str, Any]] = []
+    for rec in newest_first:
+        if len(out) >= n:
+            break
+        out.append(rec.entry if rec.entry is not None
+                   else {"invalid_line": rec.raw, "offset": rec.position})
+    out.reverse()
+    return out

@@ -16,6 +16,7 @@ import typer
 from ..audit import AuditSink, FileSink, open_sink, verify_sink
 from ..audit import acknowledge as acknowledge_losses
 from ..audit import tail as tail_log
+from ..audit.protocol import last_entries
 from ..errors import AuthorityError
 from ..policy import Policy
 from .common import PolicyOpt, policy_or_exit
@@ -146,9 +147,12 @@ def tail(
     file: FileOpt = None,
 ) -> None:
     """Show the last entries of the audit log."""
-    path, _ = _resolve(policy, file)
+    path, pol = _resolve(policy, file)
     try:
-        entries = tail_log(path, n)
+        if file is None and pol is not None and pol.audit.backend != "file":
+            entries = last_entries(_sink(pol, None).records_before(None), n)
+        else:
+            entries = tail_log(path, n)  # the file itself: no key or store needed to read it
     except OSError as exc:
         typer.echo(f"error: cannot read {path}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from exc
@@ -156,7 +160,8 @@ def tail(
         for entry in entries:
             typer.echo(json.dumps(entry, ensure_ascii=False))
         return
-    _print_table(entries, path)
+    _print_table(entries, path if pol is None or pol.audit.backend == "file"
+                 else Path(pol.audit.backend))
 
 
 def _print_table(entries: list[dict[str, Any]], path: Path) -> None:
