@@ -631,3 +631,20 @@ def test_cli_tail(tmp_path: Path) -> None:
     assert "req_29" in table.stdout and "req_25" not in table.stdout
     missing = runner.invoke(audit_app, ["tail", "--file", str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 1
+
+
+def test_a_cut_tail_ending_in_a_torn_line_records_both_and_the_chain_holds(
+        tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    head = FileHead(tmp_path / "head.json")
+    written = fill(path, 8, head=head)
+    _rewrite(path, lines_of(path)[:5])
+    with open(path, "ab") as f:
+        f.write(b'{"ts":"2030-01-01T00:00:00.000Z","seq":6,"ev')
+    AuditLog(path, fsync=False, head=head).append("request", request_id="after")
+    entries = [json.loads(x) for x in lines_of(path)]
+    assert [(e["seq"], (e.get("details") or {}).get("problem")) for e in entries[5:]] == [
+        (9, "lost_entries"), (10, "torn_line"), (11, None)]
+    assert entries[5]["prev_hash"] == written[4]["hash"]
+    result = verify(path, head.get_audit_head())
+    assert (result.ok, result.kind, result.first_bad_line) == (False, "lost", 6)

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthorityError, AuthorityUnavailable
-from .chain import GENESIS_HASH, build, prepare
-from .checkpoint import CheckpointFile
+from .chain import GENESIS_HASH, Prepared, build, prepare
+from .checkpoint import Checkpoint, CheckpointFile
 from .lines import line_start, parse_entry, read_records, records_before, reverse_lines
 from .locking import LOCK_TIMEOUT_S, FlockLock, LockTimeout
 from .losses import Known, losses
@@ -222,35 +222,36 @@ class FileSink:
         if stored is not None:
             known.append(("the state store's head", *stored))
         # Only on (re)opening: between appends, another process growing the file is traffic.
-        checkpoint = self._read_checkpoint() if reopened else None
-        if checkpoint is not None:
-            known.append((f"the checkpoint {self.checkpoints.path}"  # type: ignore[union-attr]
-                          , checkpoint.seq, checkpoint.hash))
+        checkpoint = self._read_checkpoint() if reopened and self.checkpoints else None
+        if checkpoint is not None and self.checkpoints is not None:
+            known.append((f"the checkpoint {self.checkpoints.path}", checkpoint.seq,
+                          checkpoint.hash))
             self._checkpointed = max(self._checkpointed, checkpoint.seq)
 
-        self._seq, self._hash, self._size = seq, hsh, size
-        if good_end < size:
-            length = size - good_end
-            text = read(good_end, min(length, _MAX_TORN_TEXT)).decode("utf-8", "replace")
-            recovery = build(prepare("recovery", {
-                "reason": f"torn last line moved aside ({length} bytes at offset {good_end})",
-                "actor": "audit-log",
-                "details": {"problem": "torn_line", "offset": good_end, "length": length,
-                            "torn": text, "torn_truncated": length > _MAX_TORN_TEXT}}),
-                seq, hsh, self.key)
-            # Built before truncating so the window in which the bytes exist nowhere is tiny.
-            os.ftruncate(fd, good_end)
-            self._size = good_end
-            self._commit(recovery)
         def newest_first() -> Iterator[dict[str, Any] | None]:
             return (parse_entry(raw) for _off, raw in reverse_lines(read, good_end))
 
-        for p, skip_to in losses(known, seq, hsh, newest_first):
-            self._commit(build(p, self._seq, self._hash, self.key, seq=skip_to))
+        lost = losses(known, seq, hsh, newest_first)
+        torn: Prepared | None = None
+        if good_end < size:
+            length = size - good_end
+            text = read(good_end, min(length, _MAX_TORN_TEXT)).decode("utf-8", "replace")
+            # Read before truncating, so the window in which the bytes exist nowhere is tiny.
+            torn = prepare("recovery", {
+                "reason": f"torn last line moved aside ({length} bytes at offset {good_end})",
+                "actor": "audit-log",
+                "details": {"problem": "torn_line", "offset": good_end, "length": length,
+                            "torn": text, "torn_truncated": length > _MAX_TORN_TEXT}})
+            os.ftruncate(fd, good_end)
+        self._seq, self._hash, self._size = seq, hsh, good_end
+        # Losses first: a lost range must follow the last entry the log still holds.
+        for p, skip_to in lost:
+            self._write([build(p, self._seq, self._hash, self.key, seq=skip_to)])
+        if torn is not None:
+            self._write([build(torn, self._seq, self._hash, self.key)])
 
-    def _read_checkpoint(self) -> Any:
-        if self.checkpoints is None:
-            return None
+    def _read_checkpoint(self) -> Checkpoint | None:
+        assert self.checkpoints is not None
         return self.checkpoints.read_signed()
 
     def _stored_head(self) -> tuple[int, str] | None:
@@ -262,9 +263,6 @@ class FileSink:
             raise
         except Exception as exc:
             raise AuthorityUnavailable(f"audit head unreadable: {exc}") from exc
-
-    def _commit(self, entry: dict[str, Any]) -> None:
-        self._write([entry])
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
         """Append built entries; the cached seq/hash move past them once they are written."""
