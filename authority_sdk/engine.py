@@ -26,6 +26,7 @@ import json
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,10 @@ class Engine:
             with self._lock:
                 if self._audit is None:
                     log = open_sink(self.policy, head=store)
+                    if log.checkpoints is not None:
+                        # An SDK process rarely closes its engine: its last checkpoint is
+                        # still written when the engine goes or the interpreter exits.
+                        weakref.finalize(self, log.close)
                     # Open (and recover a torn line) before the first call is let through:
                     # an unwritable log must stop requests before they reach the upstream.
                     log.open()

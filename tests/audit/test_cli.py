@@ -90,3 +90,27 @@ def test_a_missing_key_fails_closed(policy: Policy, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("CLI_AUDIT_KEY")
     out = runner.invoke(app, ["verify", "--policy", f"{policy.base_dir}/authority.yaml"])
     assert out.exit_code == 1 and "$CLI_AUDIT_KEY, which is not set" in out.stderr
+
+
+def test_an_sdk_process_that_never_closes_still_checkpoints_at_exit(policy: Policy) -> None:
+    """"At shutdown" holds for an SDK app too: it rarely closes its engine."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom authority_sdk.engine import Engine\n"
+              "gw = Engine(sys.argv[1])\n"
+              "for i in range(3):\n    gw.audit_event('kill_switch', reason=f'r{i}', actor='t')\n")
+    done = subprocess.run([sys.executable, "-c", script,
+                           f"{policy.base_dir}/authority.yaml"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    checkpoint = json.loads((Path(policy.base_dir or ".") / "checkpoints/audit.cp").read_text())
+    assert checkpoint["seq"] == 3  # checkpoint_every is 3 here: the periodic one…
+    done = subprocess.run([sys.executable, "-c", script.replace("range(3)", "range(2)"),
+                           f"{policy.base_dir}/authority.yaml"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    checkpoint = json.loads((Path(policy.base_dir or ".") / "checkpoints/audit.cp").read_text())
+    assert checkpoint["seq"] == 5  # …and the one at exit, past the last period
+    ok = runner.invoke(app, ["verify", "--policy", f"{policy.base_dir}/authority.yaml"])
+    assert ok.exit_code == 0, ok.output
