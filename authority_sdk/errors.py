@@ -62,6 +62,7 @@ __all__ = [
     "UnpriceableContent",
     "UpstreamError",
     "UpstreamTimeout",
+    "upstream_error",
 ]
 
 
@@ -240,6 +241,16 @@ class UpstreamError(AuthorityError):
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     default_code = "upstream_timeout"
+
+
+def upstream_error(exc: BaseException, *, timed_out: bool,
+                   timeout_s: float | None = None) -> UpstreamError:
+    """An HTTP library's failure to reach the upstream, in the gateway's codes: a timeout is
+    504, anything else 502. Each front door tells timeouts apart in its own library's terms."""
+    if timed_out:
+        after = f" after {timeout_s:g}s" if timeout_s else ""
+        return UpstreamTimeout(f"the upstream did not answer in time{after}")
+    return UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}")
 
 
 class AuthorityUnavailable(AuthorityError):

@@ -466,9 +466,6 @@ class Policy(_Strict):
     def audit_path(self) -> Path:
         return self.resolve_path(self.audit.path)
 
-    def environment(self, name: str) -> Environment:
-        return self.environments[name]
-
 
 def _format_errors(exc: ValidationError) -> list[str]:
     out: list[str] = []

@@ -70,6 +70,16 @@ def procs() -> Iterator[list[Any]]:
 
 
 @pytest.fixture
+def effects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where ``sample_actions:record`` writes each effect it makes (one JSON line each)."""
+    from sample_actions import EFFECTS_ENV
+
+    path = tmp_path / "effects.jsonl"
+    monkeypatch.setenv(EFFECTS_ENV, str(path))
+    return path
+
+
+@pytest.fixture
 def gateways() -> Iterator[list[Any]]:
     """Gateways a test opens, closed after it."""
     opened: list[Any] = []

@@ -8,8 +8,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
@@ -17,9 +18,11 @@ from servers import free_port
 
 from authority_sdk.scripted import ScriptedModel, build_app
 
+T = TypeVar("T")
+
 __all__ = ["AUDIT_SINKS", "BASE_POLICY", "STORE_BACKENDS", "AuditSinkBackend", "ScriptedServer",
-           "StoreBackend", "audit_entries", "deep_merge", "free_port", "tool", "user",
-           "write_policy_file"]
+           "StoreBackend", "audit_entries", "concurrently", "deep_merge", "free_port", "tool",
+           "user", "write_policy_file"]
 
 
 class ScriptedServer:
@@ -43,10 +46,17 @@ class ScriptedServer:
         while time.monotonic() < deadline:
             try:
                 httpx.get(f"http://127.0.0.1:{self.port}/_stats", timeout=0.5)
-                return self
+                break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        raise RuntimeError("scripted model did not start")
+        else:
+            raise RuntimeError("scripted model did not start")
+        # One answer now, so its first real one does not pay for loading the token counts
+        # (tests with short upstream timeouts would otherwise depend on the order they run).
+        httpx.post(f"{self.base_url}/chat/completions", timeout=30,
+                   json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        self.model.chat_requests, self.model.last_request = 0, None
+        return self
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -74,6 +84,18 @@ BASE_POLICY: dict[str, Any] = {
     "executors": {"dry": {"type": "log"}},
     "redact": ["card_number", "password"],
 }
+
+
+def concurrently(call: Callable[[], T], n: int = 16) -> list[T]:
+    """``call`` from ``n`` threads released together; their results."""
+    barrier = threading.Barrier(n)
+
+    def one(_: int) -> T:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

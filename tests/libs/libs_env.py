@@ -135,3 +135,11 @@ def say(text: str) -> str:
 
 def call(name: str, args: str) -> str:
     return f"CALL {name} {args}"
+
+
+# One call per policy outcome the gateway settles itself: none may reach the app's tools.
+GATED_CALLS = pytest.mark.parametrize(("script", "status"), [
+    (call("tag_ticket", '{"ticket": 7}'), "executed"),
+    (call("send_note", '{"text": "hi"}'), "pending_approval"),
+    (call("delete_account", '{"id": 1}'), "denied"),
+])
