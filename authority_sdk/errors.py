@@ -24,6 +24,7 @@ matching ``openai`` error class.
     ├── IdempotencyKeyReused (422)       idempotency_key_reused
     ├── ApprovalError (409)              approval_not_pending … (see ApprovalError.code)
     ├── ExecutionError (409)             execution_not_in_doubt
+    ├── AuditIntegrityError (409)        audit_chain_broken (acknowledging a loss on a broken chain)
     ├── UpstreamError (502)              upstream_error
     │   └── UpstreamTimeout (504)        upstream_timeout
     └── AuthorityUnavailable (503)       authority_unavailable (state or audit unwritable)
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ApprovalError",
+    "AuditIntegrityError",
     "AuthenticationFailed",
     "AuthorityError",
     "AuthorityUnavailable",
@@ -218,6 +220,15 @@ class ExecutionError(AuthorityError):
     status_code = 409
     default_code = "execution_not_in_doubt"
     error_type = "execution_error"
+
+
+class AuditIntegrityError(AuthorityError):
+    """The audit chain fails verification for a reason no acknowledgement can settle
+    (tampering, not a recorded loss)."""
+
+    status_code = 409
+    default_code = "audit_chain_broken"
+    error_type = "audit_error"
 
 
 class UpstreamError(AuthorityError):

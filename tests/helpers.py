@@ -20,8 +20,9 @@ from authority_sdk.scripted import ScriptedModel, build_app
 
 T = TypeVar("T")
 
-__all__ = ["BASE_POLICY", "STORE_BACKENDS", "ScriptedServer", "StoreBackend", "audit_entries",
-           "concurrently", "deep_merge", "free_port", "tool", "user", "write_policy_file"]
+__all__ = ["AUDIT_SINKS", "BASE_POLICY", "STORE_BACKENDS", "AuditSinkBackend", "ScriptedServer",
+           "StoreBackend", "audit_entries", "concurrently", "deep_merge", "free_port", "tool",
+           "user", "write_policy_file"]
 
 
 class ScriptedServer:
@@ -144,6 +145,59 @@ def tool(name: str, properties: dict[str, Any] | None = None,
 
 def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
+
+
+# -- audit sinks: every audit contract test runs on each -----------------------------------
+
+
+class AuditSinkBackend:
+    """One audit sink under test. ``open()`` gives a new writer/reader on the same log (also
+    usable in a forked child); the other methods reach past the sink into its storage, as an
+    attacker or a failing disk would."""
+
+    name = "file"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "audit" / "audit.jsonl"
+
+    def open(self, **options: Any) -> Any:
+        """The sink, built with the keywords every sink takes (``audit.registry.sink_options``
+        plus the head): ``head``, ``key``, ``checkpoints``, ``checkpoint_every``, ``redact``,
+        ``fsync``."""
+        from authority_sdk.audit import FileSink
+
+        options.setdefault("fsync", False)
+        return FileSink(self.path, **options)
+
+    def policy_overrides(self) -> dict[str, Any]:
+        return {"audit": {"backend": "file", "path": str(self.path)}}
+
+    def raw_entries(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(line) for line in self.path.read_bytes().split(b"\n") if line]
+
+    def append_raw(self, entry: dict[str, Any]) -> None:
+        """Store an entry as given, bypassing the sink (a forgery)."""
+        import json
+
+        with self.path.open("ab") as f:
+            f.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+
+    def drop_last(self, n: int) -> None:
+        """Lose the last ``n`` stored entries (a cut tail, a restored old backup)."""
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        self.path.write_bytes(b"".join(lines[:-n]))
+
+    def delete_all(self) -> None:
+        self.path.unlink()
+
+    def cleanup(self) -> None:
+        pass
+
+
+AUDIT_SINKS: dict[str, Callable[[Path], AuditSinkBackend]] = {"file": AuditSinkBackend}
 
 
 # -- state backends: every store test runs on each -----------------------------------------
