@@ -66,7 +66,7 @@ def test_a_failed_write_fails_every_request_it_carried(tmp_path: Path,
 
     async def main() -> list[Any]:
         group = GroupCommit(log, asyncio.get_running_loop())
-        monkeypatch.setattr("authority_sdk.audit.os.write", broken)
+        monkeypatch.setattr("authority_sdk.audit.file.os.write", broken)
         return await asyncio.gather(*(group.append_many(_items(i)) for i in range(5)),
                                     return_exceptions=True)
 
