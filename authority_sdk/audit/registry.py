@@ -8,11 +8,10 @@ sink with :func:`sink_options`, so every sink honours the same policy settings
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PolicyError
+from ..plugins import Registry
 from .checkpoint import CheckpointFile
 from .keys import load_key
 
@@ -24,21 +23,19 @@ __all__ = ["open_sink", "register_sink", "sink_options", "sinks"]
 
 Opener = Callable[["Policy", "AuditHead | None"], "AuditSink"]
 
-# name -> "module:function"; imported on first use, so a sink's driver (psycopg…) is
-# only loaded by the policies that name it.
-_SINKS: dict[str, str | Opener] = {
+_SINKS = Registry("audit.backend", "sink", {
     "file": "authority_sdk.audit.file:open_for_policy",
     "postgres": "authority_sdk.audit.postgres:open_for_policy",
-}
+})
 
 
 def register_sink(name: str, opener: str | Opener) -> None:
     """Make ``audit.backend: <name>`` open a sink with ``opener(policy, head)``."""
-    _SINKS[name] = opener
+    _SINKS.register(name, opener)
 
 
 def sinks() -> list[str]:
-    return sorted(_SINKS)
+    return _SINKS.names()
 
 
 def sink_options(policy: Policy) -> dict[str, Any]:
@@ -52,15 +49,5 @@ def sink_options(policy: Policy) -> dict[str, Any]:
 
 def open_sink(policy: Policy, head: AuditHead | None = None) -> AuditSink:
     """The sink the policy names, not yet opened (reading it writes nothing)."""
-    name = policy.audit.backend
-    opener = _SINKS.get(name)
-    if opener is None:
-        raise PolicyError(f"audit.backend: unknown sink {name!r} (one of {', '.join(sinks())})")
-    if isinstance(opener, str):
-        module, _, attr = opener.partition(":")
-        try:
-            opener = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise PolicyError(f"audit.backend: sink {name!r} is not available: {exc}") from exc
-        assert callable(opener)
-    return opener(policy, head)
+    sink: AuditSink = _SINKS.resolve(policy.audit.backend)(policy, head)
+    return sink
