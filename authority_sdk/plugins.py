@@ -23,6 +23,9 @@ class Registry:
     def register(self, name: str, opener: str | Callable[..., Any]) -> None:
         self._entries[name] = opener
 
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

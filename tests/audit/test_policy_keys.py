@@ -70,4 +70,4 @@ def test_unknown_sink_is_a_policy_error(tmp_path: Path) -> None:
             open_sink(pol.model_copy(update={"audit": pol.audit.model_copy(
                 update={"backend": "nowhere"})}))
     finally:
-        registry._SINKS.pop("nowhere")
+        registry._SINKS.unregister("nowhere")
