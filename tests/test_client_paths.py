@@ -164,12 +164,13 @@ def _walk_sync(c: Any, receiver: HttpReceiver) -> dict[str, str]:
                 _drive_sync(fn(*args, **kwargs))
             except Exception as e:
                 err = e
-            sent = _sent(receiver, before)
-            outcome = _outcome(err)
-            if sent:
-                outcome += f" SENT {sent}"
-            outcomes[f"{rname}.{mname}"] = outcome
+            outcomes[f"{rname}.{mname}"] = _what_happened(err, receiver, before)
     return outcomes
+
+
+def _what_happened(err: BaseException | None, receiver: HttpReceiver, before: int) -> str:
+    sent = _sent(receiver, before)
+    return _outcome(err) + (f" SENT {sent}" if sent else "")
 
 
 async def _walk_async(c: Any, receiver: HttpReceiver) -> dict[str, str]:
@@ -183,11 +184,7 @@ async def _walk_async(c: Any, receiver: HttpReceiver) -> dict[str, str]:
                 await _drive_async(fn(*args, **kwargs))
             except Exception as e:
                 err = e
-            sent = _sent(receiver, before)
-            outcome = _outcome(err)
-            if sent:
-                outcome += f" SENT {sent}"
-            outcomes[f"{rname}.{mname}"] = outcome
+            outcomes[f"{rname}.{mname}"] = _what_happened(err, receiver, before)
     return outcomes
 
 
