@@ -5,8 +5,10 @@ name clash."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,4 +150,75 @@ class StoreBackend:
         pass
 
 
-STORE_BACKENDS: dict[str, Callable[[Path], StoreBackend]] = {"diskcache": StoreBackend}
+# PostgreSQL for the store tests: AUTHORITY_TEST_PG_DSN, else the project machines' server
+# (127.0.0.1:5432, trust auth). Each test gets a schema of its own, dropped after it.
+PG_DSN = os.environ.get("AUTHORITY_TEST_PG_DSN",
+                        "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_unavailable() -> str | None:
+    """Why the PostgreSQL tests cannot run here (``None``: they can)."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install -e '.[postgres]')"
+    try:
+        with psycopg.connect(PG_DSN, connect_timeout=3):
+            return None
+    except psycopg.Error as exc:
+        return f"no PostgreSQL at {PG_DSN}: {str(exc).strip().splitlines()[0]}"
+
+
+def pg_dsn(schema: str) -> str:
+    """The test server's DSN with ``search_path`` set to ``schema``."""
+    sep = "&" if "?" in PG_DSN else "?"
+    return f"{PG_DSN}{sep}options=-csearch_path%3D{schema}"
+
+
+class PostgresBackend(StoreBackend):
+    """A fresh, migrated schema on the test server; dropped by ``cleanup``."""
+
+    name = "postgres"
+
+    def __init__(self, directory: Path) -> None:
+        import pytest
+
+        reason = postgres_unavailable()
+        if reason is not None:
+            if os.environ.get("CI"):
+                raise RuntimeError(f"PostgreSQL tests cannot run in CI: {reason}")
+            pytest.skip(reason)
+        import psycopg
+
+        from authority_sdk.store.pg_schema import migrate
+
+        super().__init__(directory)
+        self.schema = f"t_{uuid.uuid4().hex[:16]}"
+        self.dsn = pg_dsn(self.schema)
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {self.schema}")
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            migrate(conn)
+
+    def open(self) -> Any:
+        from authority_sdk.store.postgres import PgStore
+
+        return PgStore(self.dsn)
+
+    def policy_overrides(self) -> dict[str, Any]:
+        os.environ[self.dsn_env] = self.dsn
+        return {"state": {"backend": "postgres", "dsn_env": self.dsn_env}}
+
+    @property
+    def dsn_env(self) -> str:
+        return f"AUTHORITY_TEST_DSN_{self.schema.upper()}"
+
+    def cleanup(self) -> None:
+        import psycopg
+
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+
+STORE_BACKENDS: dict[str, Callable[[Path], StoreBackend]] = {
+    "diskcache": StoreBackend, "postgres": PostgresBackend}
