@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from .effects import AuditOp, Decision, S, run
 from .errors import AuthorityError
+from .liveness import replica_lease_name
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["LEASE_NAME", "Worker", "expire_approvals_d"]
+__all__ = ["LEASE_NAME", "Worker", "expire_approvals_d", "replica_lease_s"]
 
 log = logging.getLogger("authority.worker")
 
@@ -64,12 +65,20 @@ def expire_approvals_d(engine: Engine, limit: int = 500) -> Decision[list[str]]:
     return expired
 
 
+def replica_lease_s(interval_s: float) -> float:
+    """How long a heartbeat keeps a replica alive: a few rounds, so one slow round (or a
+    database hiccup) does not hand its live claims to another replica."""
+    return max(interval_s * 3, 5.0)
+
+
 class Worker:
     def __init__(self, engine: Engine, *, interval_s: float = DEFAULT_INTERVAL_S,
-                 holder: str | None = None) -> None:
+                 holder: str | None = None, replica: str | None = None) -> None:
         self.engine = engine
         self.interval_s = interval_s
         self.holder = holder or f"{os.getpid()}-{secrets.token_hex(4)}"
+        # On a shared store: this replica's heartbeat, which keeps its claims its own.
+        self.replica = replica
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -81,6 +90,11 @@ class Worker:
         eng = self.engine
         report: dict[str, Any] = {"leader": False}
         try:
+            if self.replica is not None:
+                # Every replica, leader or not, proves it is alive each round; a lease
+                # that runs out (a replica killed or cut off) frees its claims to others.
+                eng.store.lease_acquire(replica_lease_name(self.replica), self.replica,
+                                        ttl_s=replica_lease_s(self.interval_s))
             # The lease outlives a round by a margin, so a slow round keeps it.
             if not eng.store.lease_acquire(LEASE_NAME, self.holder,
                                            ttl_s=max(self.interval_s * 5, 10.0)):
@@ -115,3 +129,6 @@ class Worker:
             self._thread.join(timeout=30)
         with contextlib.suppress(AuthorityError):
             self.engine.store.lease_release(LEASE_NAME, self.holder)
+            if self.replica is not None:  # a clean stop: its claims are settled
+                self.engine.store.lease_release(replica_lease_name(self.replica),
+                                                self.replica)
