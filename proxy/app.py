@@ -228,6 +228,10 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         finally:
             await run_in_threadpool(worker.stop)
             await state["upstream"].aclose()
+            # A network store's async pool lives on this loop: close it here, awaited.
+            aclose = getattr(gw.store.aio, "aclose", None)
+            if aclose is not None:
+                await aclose()
             gw.close()
 
     app = FastAPI(
