@@ -250,3 +250,41 @@ def test_database_gone_answers_503_and_nothing_goes_upstream(
                 time.sleep(0.3)
         finally:
             cluster.stop()
+
+
+def test_a_tight_budget_hit_from_both_replicas_is_never_exceeded(
+        upstream: ScriptedServer, tmp_path: Path, pg: PostgresBackend,
+        rx: HttpReceiver) -> None:
+    from authority_sdk.costs import budget_counter
+    from authority_sdk.policy import Budget
+
+    # gpt-4o-mini, 100 output tokens: room for about 8 requests in all.
+    limit = 0.0006
+    cluster = Cluster(upstream, tmp_path, pg, {
+        **_actions(rx), "environments": {"prod": {"budget": {"usd": limit, "period": "day"}}}})
+    try:
+        a, b = cluster.start(2)
+        served = upstream.chat_requests
+
+        def ask(i: int) -> httpx.Response:
+            return httpx.post((a, b)[i % 2].url + "/v1/chat/completions", timeout=60,
+                              headers={"authorization": f"Bearer {AGENT_KEY}"},
+                              json={"model": MODEL, "max_tokens": 100,
+                                    "messages": user("COMPLETION_TOKENS 100\nSAY x")})
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, range(40)))
+        ok = [r for r in answers if r.status_code == 200]
+        denied = [r for r in answers if r.status_code == 403]
+        assert len(ok) + len(denied) == 40, [r.text for r in answers]
+        assert {r.json()["error"]["code"] for r in denied} == {"budget_exceeded"}
+        assert 1 <= len(ok) < 40 and upstream.chat_requests - served == len(ok)
+        store = pg.open()
+        try:
+            spent = store.budget_used(budget_counter("env", "prod", Budget(usd=limit)))
+        finally:
+            store.close()
+        assert 0 < spent <= limit + 1e-12
+        cluster.verify()
+    finally:
+        cluster.stop()

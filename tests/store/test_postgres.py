@@ -260,3 +260,41 @@ def test_import_local_moves_what_is_open(tmp_path: Path, pg: PostgresBackend) ->
         assert [a["id"] for a in s.approval_list("pending")] == ["apr_open"]
     finally:
         s.close()
+
+
+# -- liveness across machines ------------------------------------------------------------------
+
+
+def test_a_replica_elsewhere_holds_its_claims_while_its_heartbeat_runs(
+        tmp_path: Path, pg: PostgresBackend) -> None:
+    from authority_sdk.engine import Engine
+    from authority_sdk.liveness import owner_alive
+    from authority_sdk.worker import Worker
+
+    policy = tmp_path / "authority.yaml"
+    policy.write_text(yaml.safe_dump({
+        "version": 1, **pg.policy_overrides(),
+        "audit": {"path": str(tmp_path / "audit.jsonl"), "fsync": False}}))
+    engine = Engine(str(policy))
+    store = pg.open()
+    try:
+        name = "replica-b:4242:ab12cd"
+        remote = {"host": "another-machine", "pid": 4242, "pid_start": "1", "replica": name}
+        assert not owner_alive(store, remote)  # never heartbeat: not alive
+        worker = Worker(engine, interval_s=0.2, replica=name)
+        worker.tick()
+        assert owner_alive(store, remote)
+        # Its claim blocks a request on this machine while its heartbeat runs...
+        claim = {"claim_id": "theirs", "status": "in_flight", "fingerprint": "fp",
+                 "lease_until": time.time() + 3600, "owner": remote}
+        assert store.idem_claim("busy", claim, ttl_s=DAY) is None
+        assert idempotency.begin(store, "busy", "fp", claim_id="mine", ttl_s=DAY,
+                                 lease_s=60).state == "in_progress"
+        # ...and is taken over once that replica is gone (its lease released or run out).
+        worker.stop()
+        assert not owner_alive(store, remote)
+        taken = idempotency.begin(store, "busy", "fp", claim_id="mine", ttl_s=DAY, lease_s=60)
+        assert taken.state == "new" and taken.record["takeover_of"] == "theirs"
+    finally:
+        store.close()
+        engine.close()
