@@ -2,9 +2,9 @@
 
 A *plan* is a generator: it yields ``(sql, params)`` and receives the rows of that
 statement (a list of tuples, empty for a statement that returns none). The sync store
-runs plans on a psycopg connection, the async view on an ``AsyncConnection``, each
-inside one transaction (READ COMMITTED), so the SQL and the checks between statements
-exist once.
+runs plans on a psycopg connection, the async view on an ``AsyncConnection`` (a plan of
+several dependent statements inside one READ COMMITTED transaction, see
+:data:`TRANSACTIONAL`), so the SQL and the checks between statements exist once.
 
 Atomicity comes from the database, never from a read-then-write in Python without a
 lock: claims are ``INSERT … ON CONFLICT`` (which locks the conflicting row, so the
@@ -24,13 +24,14 @@ from typing import Any
 
 from .protocol import ExpiryGuard, Record
 
-__all__ = ["KILL_SWITCH_CHANNEL", "PLANS", "CorruptRecord", "Plan"]
+__all__ = ["KILL_SWITCH_CHANNEL", "PLANS", "TRANSACTIONAL", "CorruptRecord", "Plan"]
 
 Query = tuple[str, tuple[Any, ...]]
 Rows = list[tuple[Any, ...]]
 Plan = Generator[Query, Rows, Any]
 
 NOW = "extract(epoch from clock_timestamp())::float8"
+_CLAIM_TRIES = 5
 KILL_SWITCH_CHANNEL = "authority_kill_switch"
 
 
@@ -88,19 +89,33 @@ def _opt_str(value: Any) -> str | None:
 # -- idempotency ---------------------------------------------------------------------------
 
 
+def _claim(insert: str, params: tuple[Any, ...], current: str, key: str) -> Plan:
+    # current: "<column> FROM <table> WHERE <key column> = %s" (the record in the way)
+    """Insert a claim, or return the live record in its way, in one statement (one round
+    trip, no transaction): the unique key lets exactly one concurrent caller win. The
+    statement's snapshot may predate a claim that beat it (then neither part returns a
+    row): look again."""
+    for _ in range(_CLAIM_TRIES):
+        rows = yield (f"WITH ins AS ({insert} RETURNING 1) SELECT NULL::text FROM ins "
+                      f"UNION ALL SELECT {current} AND NOT EXISTS (SELECT 1 FROM ins)",
+                      (*params, key))
+        if rows and rows[0][0] is not None:
+            return _load(rows[0][0])
+        if rows:
+            return None
+    raise CorruptRecord("a claim stayed contended")
+
+
 def idem_claim(key: str, record: Record, *, ttl_s: float) -> Plan:
     _check_ttl("ttl_s", ttl_s)
-    won = yield (
+    return (yield from _claim(
         f"INSERT INTO authority_idem AS t (key, claim_id, record, expires_at) "
         f"VALUES (%s, %s, %s, {NOW} + %s) "
         f"ON CONFLICT (key) DO UPDATE SET claim_id = EXCLUDED.claim_id, "
         f"record = EXCLUDED.record, expires_at = EXCLUDED.expires_at "
-        f"WHERE t.expires_at <= {NOW} RETURNING 1",
-        (key, _opt_str(record.get("claim_id")), _dump(record), ttl_s))
-    if won:
-        return None
-    # ON CONFLICT locked the live row: it is still there, unchanged, for this read.
-    return _first((yield ("SELECT record FROM authority_idem WHERE key = %s", (key,))))
+        f"WHERE t.expires_at <= {NOW}",
+        (key, _opt_str(record.get("claim_id")), _dump(record), ttl_s),
+        "record FROM authority_idem WHERE key = %s", key))
 
 
 def idem_get(key: str) -> Plan:
@@ -137,19 +152,29 @@ def idem_put(key: str, record: Record, *, ttl_s: float) -> Plan:
 
 
 def _lock_counters(names: list[str]) -> Plan:
-    """Lock every counter row (created, already expired, if missing) in name order;
+    """Lock every counter row in name order (creating, already expired, those missing);
     returns ``name -> used`` (0 for an expired counter)."""
     ordered = sorted(set(names))
-    yield ("INSERT INTO authority_counters (name, used, expires_at) "
-           "SELECT n, 0, 0 FROM unnest(%s::text[]) AS n ORDER BY n ON CONFLICT DO NOTHING",
-           (ordered,))
-    rows = yield (f"SELECT name, CASE WHEN expires_at > {NOW} THEN used ELSE 0 END "
-                  f"FROM authority_counters WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
-                  (ordered,))
+    lock = (f"SELECT name, CASE WHEN expires_at > {NOW} THEN used ELSE 0 END "
+            f"FROM authority_counters WHERE name = ANY(%s) ORDER BY name FOR UPDATE")
+    rows = yield (lock, (ordered,))
+    if len(rows) != len(ordered):  # a new period: its rows do not exist yet
+        yield ("INSERT INTO authority_counters (name, used, expires_at) "
+               "SELECT n, 0, 0 FROM unnest(%s::text[]) AS n ORDER BY n "
+               "ON CONFLICT DO NOTHING", (ordered,))
+        rows = yield (lock, (ordered,))
     used = {str(name): float(value) for name, value in rows}
     if len(used) != len(ordered):
         raise CorruptRecord("a counter row vanished under its lock")
     return used
+
+
+def _write_counters(values: dict[str, float], ttl_s: float) -> Plan:
+    names = sorted(values)
+    yield (f"UPDATE authority_counters AS c SET used = v.used, expires_at = {NOW} + %s "
+           f"FROM unnest(%s::text[], %s::float8[]) AS v(name, used) WHERE c.name = v.name",
+           (ttl_s, names, [values[n] for n in names]))
+    return None
 
 
 def budget_reserve(counters: list[tuple[str, float]], *, min_usd: float, max_usd: float,
@@ -164,11 +189,12 @@ def budget_reserve(counters: list[tuple[str, float]], *, min_usd: float, max_usd
     if room < min_usd:
         return None
     grant = min(max_usd, room)
+    # Clamp so float rounding of used + (limit - used) cannot pass the limit.
+    new: dict[str, float] = {}
     for name, limit in counters:
-        # Clamp so float rounding of used + (limit - used) cannot pass the limit.
-        yield (f"UPDATE authority_counters SET used = %s, expires_at = {NOW} + %s "
-               f"WHERE name = %s", (min(used[name] + grant, max(limit, used[name])),
-                                    ttl_s, name))
+        value = min(used[name] + grant, max(limit, used[name]))
+        new[name] = min(new.get(name, value), value)
+    yield from _write_counters(new, ttl_s)
     return grant
 
 
@@ -179,10 +205,8 @@ def budget_settle(counters: list[str], *, reserved: float, actual: float,
     if delta == 0 or not counters:
         return None
     used = yield from _lock_counters(counters)
-    for name, value in sorted(used.items()):
-        # A counter that expired meanwhile (new period) must not go negative.
-        yield (f"UPDATE authority_counters SET used = %s, expires_at = {NOW} + %s "
-               f"WHERE name = %s", (max(value + delta, 0.0), ttl_s, name))
+    # A counter that expired meanwhile (new period) must not go negative.
+    yield from _write_counters({n: max(v + delta, 0.0) for n, v in used.items()}, ttl_s)
     return None
 
 
@@ -285,19 +309,16 @@ def journal_begin(action_key: str, entry: Record, *, ttl_s: float) -> Plan:
     record = {"started_at": time.time(), **entry, "action_key": action_key,
               "status": "started"}
     status, started_at, audited = _journal_cols(record)
-    won = yield (
+    return (yield from _claim(
         f"INSERT INTO authority_journal AS t "
         f"(action_key, status, started_at, audited, record, expires_at) "
         f"VALUES (%s, %s, %s, %s, %s, {NOW} + %s) ON CONFLICT (action_key) DO UPDATE SET "
         f"status = EXCLUDED.status, started_at = EXCLUDED.started_at, "
         f"audited = EXCLUDED.audited, record = EXCLUDED.record, "
         f"expires_at = EXCLUDED.expires_at "
-        f"WHERE t.expires_at IS NOT NULL AND t.expires_at <= {NOW} RETURNING 1",
-        (action_key, status, started_at, audited, _dump(record), ttl_s))
-    if won:
-        return None
-    return _first((yield ("SELECT record FROM authority_journal WHERE action_key = %s",
-                          (action_key,))))
+        f"WHERE t.expires_at IS NOT NULL AND t.expires_at <= {NOW}",
+        (action_key, status, started_at, audited, _dump(record), ttl_s),
+        "record FROM authority_journal WHERE action_key = %s", action_key))
 
 
 _LIVE_JOURNAL = f"(expires_at IS NULL OR expires_at > {NOW})"
@@ -346,16 +367,14 @@ def journal_list(status: str | None = None, *, unaudited: bool = False,
 
 def dedupe_claim(key: str, owner: Record, *, ttl_s: float) -> Plan:
     _check_ttl("ttl_s", ttl_s)
-    won = yield (
+    return (yield from _claim(
         f"INSERT INTO authority_dedupe AS t (key, action_key, owner, claimed_at, expires_at) "
         f"VALUES (%s, %s, %s, {NOW}, {NOW} + %s) ON CONFLICT (key) DO UPDATE SET "
         f"action_key = EXCLUDED.action_key, owner = EXCLUDED.owner, "
         f"claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at "
-        f"WHERE t.expires_at <= {NOW} RETURNING 1",
-        (key, _opt_str(owner.get("action_key")), _dump(owner), ttl_s))
-    if won:
-        return None
-    return _first((yield ("SELECT owner FROM authority_dedupe WHERE key = %s", (key,))))
+        f"WHERE t.expires_at <= {NOW}",
+        (key, _opt_str(owner.get("action_key")), _dump(owner), ttl_s),
+        "owner FROM authority_dedupe WHERE key = %s", key))
 
 
 def dedupe_release(key: str, owner_action_key: str) -> Plan:
@@ -449,6 +468,12 @@ def health() -> Plan:
         raise CorruptRecord("the schema has no version row: run `authority db migrate`")
     return None
 
+
+# Plans of several statements that must see one another's locks: run in one transaction.
+# Every other plan is one statement, atomic by itself, run without BEGIN/COMMIT (a round
+# trip each saved; the claims retry instead, see _claim).
+TRANSACTIONAL = frozenset({"budget_reserve", "budget_settle", "approval_transition",
+                           "journal_update", "set_kill_switch"})
 
 PLANS: dict[str, Any] = {fn.__name__: fn for fn in (
     idem_claim, idem_get, idem_replace, idem_delete, idem_put,

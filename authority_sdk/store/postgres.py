@@ -4,7 +4,8 @@ promises (idempotency, budgets, approvals, the journal, the kill switch, the aud
 Two pools, one set of plans (:mod:`.pg_plans`): the SDK, the CLI and the background
 worker call the sync methods on a ``psycopg_pool.ConnectionPool``; the proxy's async
 driver awaits ``store.aio`` on an ``AsyncConnectionPool``, so its event loop never
-waits on a socket. Each primitive is one transaction.
+waits on a socket. Each primitive is atomic: one statement, or one transaction
+(``pg_plans.TRANSACTIONAL``).
 
 The kill switch is read on every request without a round trip: the state is cached for
 at most :data:`KILL_SWITCH_CACHE_S`, and a listener thread (``LISTEN``) drops the cache
@@ -73,6 +74,17 @@ def _drive(plan: Plan, execute: Callable[[str, tuple[Any, ...]], Rows]) -> Any:
         rows = execute(sql, params)
 
 
+async def _adrive(plan: Plan, cur: Any) -> Any:
+    rows: Rows | None = None
+    while True:
+        try:
+            sql, params = plan.send(rows)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            return stop.value
+        await cur.execute(sql, params)
+        rows = await cur.fetchall() if cur.description else []
+
+
 class _KillSwitchCache:
     def __init__(self) -> None:
         self.state: dict[str, Record] | None = None
@@ -124,18 +136,11 @@ class _AsyncView:
     async def run(self, name: str, plan: Plan) -> Any:
         try:
             pool = await self._get_pool()
-            async with pool.connection() as conn, conn.transaction():
-                cur = conn.cursor()
-                rows: Rows | None = None
-                while True:
-                    try:
-                        sql, params = plan.send(rows)  # type: ignore[arg-type]
-                    except StopIteration as stop:
-                        result = stop.value
-                        break
-                    await cur.execute(sql, params)
-                    rows = await cur.fetchall() if cur.description else []
-            return result
+            async with pool.connection() as conn:
+                if name not in pg_plans.TRANSACTIONAL:
+                    return await _adrive(plan, conn.cursor())
+                async with conn.transaction():
+                    return await _adrive(plan, conn.cursor())
         except _ERRORS as exc:
             raise _unavailable(name, exc) from exc
 
@@ -191,6 +196,7 @@ class PgStore:
         self._pool.open(wait=False)
         self.aio = _AsyncView(self)
         self._listener: threading.Thread | None = None
+        self.listening = threading.Event()  # set while change notifications arrive
         if listen:
             self._listener = threading.Thread(target=self._listen, daemon=True,
                                               name="authority-kill-switch-listener")
@@ -214,14 +220,17 @@ class PgStore:
 
     def _run(self, name: str, plan: Plan) -> Any:
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._pool.connection() as conn:
                 cur = conn.cursor()
 
                 def execute(sql: str, params: tuple[Any, ...]) -> Rows:
                     cur.execute(sql, params)
                     return cur.fetchall() if cur.description else []
 
-                return _drive(plan, execute)
+                if name not in pg_plans.TRANSACTIONAL:
+                    return _drive(plan, execute)
+                with conn.transaction():
+                    return _drive(plan, execute)
         except _ERRORS as exc:
             raise _unavailable(name, exc) from exc
 
@@ -232,10 +241,12 @@ class PgStore:
                 with psycopg.connect(self.dsn, **_conn_kwargs()) as conn:
                     conn.execute(f"LISTEN {pg_plans.KILL_SWITCH_CHANNEL}")
                     self._ks_cache.drop()  # changes made while we were not listening
+                    self.listening.set()
                     while not self._closed.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             self._ks_cache.drop()
             except Exception as exc:  # the cache bound still holds; try again shortly
+                self.listening.clear()
                 if self._closed.is_set():
                     return
                 log.debug("kill-switch listener: %s", _describe(exc))
