@@ -61,6 +61,7 @@ class Cluster:
     def __init__(self, upstream: ScriptedServer, directory: Path, pg: PostgresBackend,
                  overrides: dict[str, Any], dsn: str | None = None) -> None:
         self.directory = directory
+        self.pg = pg
         self.policy = write_proxy_policy(upstream, directory, {
             **overrides, "state": {"backend": "postgres", "dsn_env": pg.dsn_env},
             "worker": {"interval_s": 0.3}})
@@ -79,8 +80,23 @@ class Cluster:
             r.proc.stop()
 
     def verify(self) -> None:
-        result = verify(self.directory / "audit.jsonl")
+        """`authority audit verify` on the shared chain: the log, and the head both replicas
+        moved forward in the database."""
+        from typer.testing import CliRunner
+
+        from authority_sdk.cli import audit_cmd
+
+        store = self.pg.open()
+        try:
+            head = store.get_audit_head()
+        finally:
+            store.close()
+        assert head is not None
+        result = verify(self.directory / "audit.jsonl", head=head)
         assert result.ok, result.reason
+        out = CliRunner().invoke(audit_cmd.app, ["verify", "--policy", str(self.policy)],
+                                 env=self.env)
+        assert out.exit_code == 0, out.output
 
 
 @pytest.fixture
@@ -152,6 +168,18 @@ def test_kill_switch_on_one_replica_refuses_the_next_request_on_another(
         assert refused.status_code != 200 or \
             refused.json()["authority"]["actions"][0]["status"] != "executed"
         assert rx.requests == []
+        # Released with the local CLI on the database (no replica involved): both serve.
+        from typer.testing import CliRunner
+
+        from authority_sdk.cli import control_cmd
+
+        out = CliRunner().invoke(control_cmd.kill_switch_app,
+                                 ["off", "--policy", str(cluster.policy), "--reason", "ok"],
+                                 env=cluster.env)
+        assert out.exit_code == 0, out.output
+        t0 = time.monotonic()
+        while a.chat("SAY hello").status_code != 200 or b.chat("SAY hello").status_code != 200:
+            assert time.monotonic() - t0 < 1.0, "the release did not reach both in 1 s"
         cluster.verify()
     finally:
         cluster.stop()
