@@ -316,3 +316,45 @@ def test_a_tight_budget_hit_from_both_replicas_is_never_exceeded(
         cluster.verify()
     finally:
         cluster.stop()
+
+
+def test_kill9_after_a_non_idempotent_effect_is_in_doubt_everywhere_never_rerun(
+        upstream: ScriptedServer, tmp_path: Path, pg: PostgresBackend) -> None:
+    """The effect happened, its outcome was never recorded: the other replica's worker
+    cannot know, so it marks the entry in_doubt (visible from every replica) and runs
+    nothing again; the client's retry is told so."""
+    effects = tmp_path / "effects.jsonl"
+    tests_dir = str(Path(__file__).resolve().parent.parent)
+    cluster = Cluster(upstream, tmp_path, pg, {
+        "actions": {"send_note": {"executor": "hang", "mode": "auto_execute"}},
+        "executors": {"hang": {"type": "python", "target": "sample_actions:record_then_hang",
+                               "idempotent": False}}})
+    cluster.env.update({"PYTHONPATH": tests_dir, "AUTHORITY_TEST_EFFECTS": str(effects)})
+    try:
+        a, b = cluster.start(2)
+        script = 'CALL send_note {"text": "hello"}'
+
+        def first() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                a.chat(script, key="hanging")
+
+        threading.Thread(target=first, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not (effects.exists() and effects.read_text().strip()):
+            assert time.monotonic() < deadline, "the effect never ran"
+            time.sleep(0.05)
+        a.kill9()
+        deadline = time.monotonic() + 20
+        while not (doubt := b.manage("GET", "/authority/actions",
+                                     params={"status": "in_doubt"}).json()["data"]):
+            assert time.monotonic() < deadline, "b did not settle a's interrupted execution"
+            time.sleep(0.2)
+        assert len(doubt) == 1
+        retry = b.chat(script, key="hanging")
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["authority"]["actions"][0]["status"] == "in_doubt"
+        time.sleep(0.5)
+        assert len(effects.read_text().splitlines()) == 1  # never run a second time
+        cluster.verify()
+    finally:
+        cluster.stop()
