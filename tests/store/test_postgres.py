@@ -314,3 +314,54 @@ def test_a_replica_elsewhere_holds_its_claims_while_its_heartbeat_runs(
     finally:
         store.close()
         engine.close()
+
+
+# -- the async path ---------------------------------------------------------------------------
+
+
+def test_async_view_never_blocks_the_event_loop_while_the_database_waits(
+        pg: PostgresBackend) -> None:
+    """A reservation stuck behind another transaction's row lock for a second: the loop
+    keeps running other work meanwhile (a sync call on the loop would freeze it)."""
+    import asyncio
+
+    import psycopg
+
+    store = pg.open()
+    store.budget_reserve([("locked", 10.0)], min_usd=1.0, max_usd=1.0, ttl_s=DAY)
+
+    async def scenario() -> tuple[float, float | None, float]:
+        gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        with psycopg.connect(pg.dsn) as blocker:  # a transaction holding the counter's row
+            blocker.execute("SELECT used FROM authority_counters WHERE name = 'locked' "
+                            "FOR UPDATE")
+            t0 = time.monotonic()
+            reserve = asyncio.create_task(store.aio.budget_reserve(
+                [("locked", 10.0)], min_usd=1.0, max_usd=1.0, ttl_s=DAY))
+            await asyncio.sleep(1.0)
+            assert not reserve.done()  # still waiting on the lock
+            blocker.commit()
+        grant = await reserve
+        waited = time.monotonic() - t0
+        stop.set()
+        await tick
+        await store.aio.aclose()
+        return max(gaps), grant, waited
+
+    try:
+        worst_gap, grant, waited = asyncio.run(scenario())
+    finally:
+        store.close()
+    assert grant == 1.0 and waited >= 1.0
+    assert worst_gap < 0.25, f"the loop stalled for {worst_gap:.2f} s"
