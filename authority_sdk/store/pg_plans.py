@@ -450,6 +450,10 @@ def get_audit_head() -> Plan:
 
 
 def set_audit_head(seq: int, hash: str) -> Plan:
+    # Without waiting for the WAL flush: the log line it points at is already durable, and
+    # a head one step behind the log is what a crash leaves and what verify accepts (as on
+    # diskcache). Saves a disk flush per audited request.
+    yield ("SET LOCAL synchronous_commit TO off", ())
     # Only forward: a stale writer (a replica behind another) cannot move the head back.
     yield ("INSERT INTO authority_audit_head (id, seq, hash) VALUES (1, %s, %s) "
            "ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash "
@@ -473,7 +477,7 @@ def health() -> Plan:
 # Every other plan is one statement, atomic by itself, run without BEGIN/COMMIT (a round
 # trip each saved; the claims retry instead, see _claim).
 TRANSACTIONAL = frozenset({"budget_reserve", "budget_settle", "approval_transition",
-                           "journal_update", "set_kill_switch"})
+                           "journal_update", "set_kill_switch", "set_audit_head"})
 
 PLANS: dict[str, Any] = {fn.__name__: fn for fn in (
     idem_claim, idem_get, idem_replace, idem_delete, idem_put,

@@ -42,6 +42,13 @@ __all__ = ["CONNECT_TIMEOUT_S", "KILL_SWITCH_CACHE_S", "PgStore", "open_for_poli
 log = logging.getLogger("authority.store.postgres")
 
 CONNECT_TIMEOUT_S = 3.0
+# How long a call waits for a free pooled connection before it fails closed (503): longer
+# than a connect, so a burst queues instead of failing while the database is fine.
+POOL_WAIT_S = 5.0
+# Per replica: sync (SDK, CLI, background worker) + async (the proxy) + the listener stay
+# well inside PostgreSQL's default 100 connections for a handful of replicas.
+SYNC_POOL_MAX = 8
+ASYNC_POOL_MAX = 10
 # The bound on how stale a replica's view of the kill switch can be (without LISTEN).
 KILL_SWITCH_CACHE_S = 0.5
 
@@ -50,13 +57,17 @@ _ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, Cor
 
 
 def _describe(exc: BaseException) -> str:
-    # The first line only: psycopg's messages can carry the DSN's host in later lines.
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _unavailable(what: str, exc: BaseException) -> AuthorityUnavailable:
-    return AuthorityUnavailable(f"state store unavailable: {what}: {_describe(exc)}")
+    # The answer names the failure's kind only: psycopg's messages carry the database's
+    # host and port, which a caller has no business seeing. The log has the detail.
+    log.warning("state store unavailable: %s: %s", what, _describe(exc))
+    state = getattr(exc, "sqlstate", None)
+    kind = type(exc).__name__ + (f" (SQLSTATE {state})" if state else "")
+    return AuthorityUnavailable(f"state store unavailable: {what}: {kind}")
 
 
 def _conn_kwargs() -> dict[str, Any]:
@@ -98,7 +109,7 @@ class _KillSwitchCache:
 
     def put(self, state: dict[str, Record], read_at: float) -> None:
         # A read that began before the last invalidation must not refill the cache.
-        if read_at >= self.at or self.state is None:
+        if read_at >= self.at:
             self.state, self.at = state, read_at
 
     def drop(self) -> None:
@@ -125,8 +136,8 @@ class _AsyncView:
         if pool is not None and self._loop is loop:
             return pool
         new = psycopg_pool.AsyncConnectionPool(
-            self._store.dsn, min_size=1, max_size=self._store.max_size, open=False,
-            timeout=CONNECT_TIMEOUT_S, kwargs=_conn_kwargs(), name="authority-async")
+            self._store.dsn, min_size=1, max_size=ASYNC_POOL_MAX, open=False,
+            timeout=POOL_WAIT_S, kwargs=_conn_kwargs(), name="authority-async")
         await new.open(wait=False)
         with self._lock:
             # A pool of another loop is dropped, not closed: its loop is gone or elsewhere.
@@ -184,14 +195,13 @@ class PgStore:
     name = "postgres"
     shared = True  # claims may belong to other machines: replicas heartbeat (liveness.py)
 
-    def __init__(self, dsn: str, *, max_size: int = 8, listen: bool = True) -> None:
+    def __init__(self, dsn: str, *, listen: bool = True) -> None:
         self.dsn = dsn
-        self.max_size = max_size
         self._ks_cache = _KillSwitchCache()
         self._closed = threading.Event()
         self._check_schema()
         self._pool = psycopg_pool.ConnectionPool(
-            dsn, min_size=1, max_size=max_size, open=False, timeout=CONNECT_TIMEOUT_S,
+            dsn, min_size=1, max_size=SYNC_POOL_MAX, open=False, timeout=POOL_WAIT_S,
             kwargs=_conn_kwargs(), name="authority-sync")
         self._pool.open(wait=False)
         self.aio = _AsyncView(self)

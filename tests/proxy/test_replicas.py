@@ -269,6 +269,7 @@ def test_database_gone_answers_503_and_nothing_goes_upstream(
             refused = a.chat('CALL issue_refund {"order_id": "U-1", "amount": 1}', key="k")
             assert refused.status_code == 503, refused.text
             assert refused.json()["error"]["code"] == "authority_unavailable"
+            assert str(relay.port) not in refused.text  # where the database is stays inside
             assert upstream.chat_requests == served
             assert rx.requests == []
             relay.restore()
