@@ -473,6 +473,24 @@ def health() -> Plan:
     return None
 
 
+# -- housekeeping ------------------------------------------------------------------------
+
+_EXPIRING = (("authority_idem", "expires_at"), ("authority_counters", "expires_at"),
+             ("authority_journal", "expires_at"), ("authority_dedupe", "expires_at"),
+             ("authority_leases", "until"))
+
+
+def sweep(batch: int = 1000) -> Plan:
+    """Delete rows that expired (reads already treat them as absent), a batch per table,
+    so tables do not grow with every key ever used. Returns how many went."""
+    gone = 0
+    for table, column in _EXPIRING:
+        rows = yield (f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} "
+                      f"WHERE {column} <= {NOW} LIMIT %s) RETURNING 1", (batch,))
+        gone += len(rows)
+    return gone
+
+
 # Plans of several statements that must see one another's locks: run in one transaction.
 # Every other plan is one statement, atomic by itself, run without BEGIN/COMMIT (a round
 # trip each saved; the claims retry instead, see _claim).
@@ -488,5 +506,5 @@ PLANS: dict[str, Any] = {fn.__name__: fn for fn in (
     dedupe_claim, dedupe_release, dedupe_list,
     outbox_put, outbox_list, outbox_delete,
     lease_acquire, lease_get, lease_release,
-    get_audit_head, set_audit_head, health,
+    get_audit_head, set_audit_head, health, sweep,
 )}

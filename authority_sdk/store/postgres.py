@@ -48,6 +48,7 @@ POOL_WAIT_S = 5.0
 # Per replica: sync (SDK, CLI, background worker) + async (the proxy) + the listener stay
 # well inside PostgreSQL's default 100 connections for a handful of replicas.
 SYNC_POOL_MAX = 8
+SWEEP_EVERY_S = 60.0
 ASYNC_POOL_MAX = 10
 # The bound on how stale a replica's view of the kill switch can be (without LISTEN).
 KILL_SWITCH_CACHE_S = 0.5
@@ -245,7 +246,9 @@ class PgStore:
             raise _unavailable(name, exc) from exc
 
     def _listen(self) -> None:
-        """Drop the kill-switch cache whenever any replica changes the switch."""
+        """Drop the kill-switch cache whenever any replica changes the switch; between
+        notifications, sweep expired rows now and then."""
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
         while not self._closed.is_set():
             try:
                 with psycopg.connect(self.dsn, **_conn_kwargs()) as conn:
@@ -255,6 +258,9 @@ class PgStore:
                     while not self._closed.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             self._ks_cache.drop()
+                        if time.monotonic() >= next_sweep:
+                            next_sweep = time.monotonic() + SWEEP_EVERY_S
+                            self.sweep()
             except Exception as exc:  # the cache bound still holds; try again shortly
                 self.listening.clear()
                 if self._closed.is_set():
@@ -271,6 +277,10 @@ class PgStore:
 
     def health(self) -> None:
         self._run("health", pg_plans.health())
+
+    def sweep(self) -> int:
+        """Delete a batch of expired rows per table (every replica does it now and then)."""
+        return int(self._run("sweep", pg_plans.sweep()))
 
     # -- idempotency -------------------------------------------------------------------
 

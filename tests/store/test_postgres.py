@@ -369,3 +369,27 @@ def test_async_view_never_blocks_the_event_loop_while_the_database_waits(
         store.close()
     assert grant == 1.0 and waited >= 1.0
     assert worst_gap < 0.25, f"the loop stalled for {worst_gap:.2f} s"
+
+
+def test_expired_rows_are_swept(pg: PostgresBackend) -> None:
+    import psycopg
+
+    store = pg.open()
+    try:
+        store.idem_put("old", {"claim_id": "a"}, ttl_s=0.05)
+        store.idem_put("live", {"claim_id": "b"}, ttl_s=DAY)
+        store.dedupe_claim("old", {"action_key": "x"}, ttl_s=0.05)
+        store.budget_reserve([("old", 1.0)], min_usd=0.1, max_usd=0.1, ttl_s=0.05)
+        store.journal_begin("old", {}, ttl_s=0.05)
+        store.journal_begin("doubt", {}, ttl_s=0.05)
+        store.journal_update("doubt", "started", {"status": "in_doubt"}, ttl_s=None)
+        store.lease_acquire("old", "me", ttl_s=0.05)
+        time.sleep(0.1)
+        assert store.sweep() == 5
+        with psycopg.connect(pg.dsn) as conn:
+            left = {t: conn.execute(f"SELECT count(*) FROM authority_{t}").fetchone()[0]
+                    for t in ("idem", "dedupe", "counters", "journal", "leases")}
+        assert left == {"idem": 1, "dedupe": 0, "counters": 0, "journal": 1, "leases": 0}
+        assert store.journal_get("doubt")["status"] == "in_doubt"  # never expires
+    finally:
+        store.close()
