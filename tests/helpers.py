@@ -19,8 +19,9 @@ from servers import free_port
 
 from authority_sdk.scripted import ScriptedModel, build_app
 
-__all__ = ["BASE_POLICY", "STORE_BACKENDS", "ScriptedServer", "StoreBackend", "audit_entries",
-           "deep_merge", "free_port", "tool", "user", "write_policy_file"]
+__all__ = ["BASE_POLICY", "PG_DSN", "STORE_BACKENDS", "PostgresBackend", "ScriptedServer",
+           "StoreBackend", "audit_entries", "deep_merge", "free_port", "pg_dsn",
+           "postgres_unavailable", "requires_postgres", "tool", "user", "write_policy_file"]
 
 
 class ScriptedServer:
@@ -167,6 +168,15 @@ def postgres_unavailable() -> str | None:
             return None
     except psycopg.Error as exc:
         return f"no PostgreSQL at {PG_DSN}: {str(exc).strip().splitlines()[0]}"
+
+
+def requires_postgres() -> Any:
+    """Mark a test module as needing PostgreSQL: skipped with the reason on a laptop without
+    one, never in CI (there the test fails instead, so a missing server cannot pass)."""
+    import pytest
+
+    reason = None if os.environ.get("CI") else postgres_unavailable()
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
 
 
 def pg_dsn(schema: str) -> str:

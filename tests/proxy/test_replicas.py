@@ -16,16 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import PostgresBackend, ScriptedServer, postgres_unavailable, user
+from helpers import PostgresBackend, ScriptedServer, requires_postgres, user
 from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, PROXY_ENV, write_proxy_policy
 from servers import HttpReceiver, TcpRelay
 
 from authority_sdk.audit import verify
 from authority_sdk.demo.processes import ProxyProcess
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(postgres_unavailable() is not None,
-                                 reason=str(postgres_unavailable()))]
+pytestmark = [pytest.mark.slow, requires_postgres()]
 
 MODEL = "gpt-4o-mini"
 

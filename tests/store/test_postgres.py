@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import PG_DSN, PostgresBackend, pg_dsn, postgres_unavailable
+from helpers import PG_DSN, PostgresBackend, pg_dsn, requires_postgres
 from servers import TcpRelay, free_port
 from typer.testing import CliRunner
 
@@ -22,8 +22,7 @@ from authority_sdk.cli import db_cmd
 from authority_sdk.errors import AuthorityUnavailable
 from authority_sdk.store import DiskStore
 
-pytestmark = pytest.mark.skipif(postgres_unavailable() is not None,
-                                reason=str(postgres_unavailable()))
+pytestmark = requires_postgres()
 
 DAY = 86400.0
 
