@@ -129,21 +129,24 @@ class _AsyncView:
         self._store = store
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
+        self._ready: asyncio.Task[None] | None = None
 
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool:
         loop = asyncio.get_running_loop()
+        ready = self._ready
+        if (self._pool is None or self._loop is not loop or ready is None
+                or (ready.done() and (ready.cancelled() or ready.exception() is not None))):
+            # Made and published before the first await, so requests arriving together
+            # share one pool; each waits for it to open. A pool of another loop is
+            # dropped, not closed: its loop is gone or elsewhere.
+            pool = psycopg_pool.AsyncConnectionPool(
+                self._store.dsn, min_size=1, max_size=ASYNC_POOL_MAX, open=False,
+                timeout=POOL_WAIT_S, kwargs=_conn_kwargs(), name="authority-async")
+            ready = loop.create_task(pool.open(wait=False))
+            self._pool, self._loop, self._ready = pool, loop, ready
         pool = self._pool
-        if pool is not None and self._loop is loop:
-            return pool
-        new = psycopg_pool.AsyncConnectionPool(
-            self._store.dsn, min_size=1, max_size=ASYNC_POOL_MAX, open=False,
-            timeout=POOL_WAIT_S, kwargs=_conn_kwargs(), name="authority-async")
-        await new.open(wait=False)
-        with self._lock:
-            # A pool of another loop is dropped, not closed: its loop is gone or elsewhere.
-            self._pool, self._loop = new, loop
-        return new
+        await ready
+        return pool
 
     async def run(self, name: str, plan: Plan) -> Any:
         try:
@@ -184,9 +187,9 @@ class _AsyncView:
         return call
 
     async def aclose(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        pool, self._pool, self._ready = self._pool, None, None
+        if pool is not None and self._loop is asyncio.get_running_loop():
+            await pool.close()
 
 
 class PgStore:

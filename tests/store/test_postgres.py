@@ -392,3 +392,33 @@ def test_expired_rows_are_swept(pg: PostgresBackend) -> None:
         assert store.journal_get("doubt")["status"] == "in_doubt"  # never expires
     finally:
         store.close()
+
+
+def test_requests_arriving_together_share_one_async_pool(
+        pg: PostgresBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import psycopg_pool
+
+    import authority_sdk.store.postgres as pgmod
+
+    made: list[Any] = []
+
+    class Counted(psycopg_pool.AsyncConnectionPool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(pgmod.psycopg_pool, "AsyncConnectionPool", Counted)
+    store = pg.open()
+
+    async def burst() -> list[Any]:
+        got = await asyncio.gather(*(store.aio.budget_used(f"c{i}") for i in range(20)))
+        await store.aio.aclose()
+        return list(got)
+
+    try:
+        assert asyncio.run(burst()) == [0.0] * 20
+    finally:
+        store.close()
+    assert len(made) == 1
