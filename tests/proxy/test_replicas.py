@@ -268,6 +268,8 @@ def test_database_gone_answers_503_and_nothing_goes_upstream(
             assert refused.status_code == 503, refused.text
             assert refused.json()["error"]["code"] == "authority_unavailable"
             assert str(relay.port) not in refused.text  # where the database is stays inside
+            health = httpx.get(a.url + "/healthz", timeout=30)
+            assert health.status_code == 503, health.text  # a load balancer takes it out
             assert upstream.chat_requests == served
             assert rx.requests == []
             relay.restore()
@@ -275,6 +277,7 @@ def test_database_gone_answers_503_and_nothing_goes_upstream(
             while (ok := a.chat("SAY hello", key="after")).status_code != 200:
                 assert time.monotonic() < deadline, ok.text
                 time.sleep(0.3)
+            assert httpx.get(a.url + "/healthz", timeout=30).status_code == 200
         finally:
             cluster.stop()
 
