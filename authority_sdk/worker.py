@@ -81,6 +81,7 @@ class Worker:
         self.replica = replica
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beater: threading.Thread | None = None
 
     def tick(self) -> dict[str, Any]:
         """One round, if this process holds the lease. Never raises for a storage or log
@@ -90,11 +91,6 @@ class Worker:
         eng = self.engine
         report: dict[str, Any] = {"leader": False}
         try:
-            if self.replica is not None:
-                # Every replica, leader or not, proves it is alive each round; a lease
-                # that runs out (a replica killed or cut off) frees its claims to others.
-                eng.store.lease_acquire(replica_lease_name(self.replica), self.replica,
-                                        ttl_s=replica_lease_s(self.interval_s))
             # The lease outlives a round by a margin, so a slow round keeps it.
             if not eng.store.lease_acquire(LEASE_NAME, self.holder,
                                            ttl_s=max(self.interval_s * 5, 10.0)):
@@ -112,6 +108,24 @@ class Worker:
             log.warning("recovered %s", r)
         return report
 
+    def beat(self) -> bool:
+        """Prove this replica alive (a lease that runs out — a replica killed or cut off —
+        frees its claims to the others). Its own thread, so a long round of recovery
+        cannot starve it and hand live claims away."""
+        if self.replica is None:
+            return False
+        try:
+            return self.engine.store.lease_acquire(
+                replica_lease_name(self.replica), self.replica,
+                ttl_s=replica_lease_s(self.interval_s))
+        except AuthorityError as exc:
+            log.warning("replica heartbeat failed: %s", exc.message)
+            return False
+
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
     def run_forever(self) -> None:
         while not self._stop.is_set():
             self.tick()
@@ -121,12 +135,19 @@ class Worker:
         self._thread = threading.Thread(target=self.run_forever, name="authority-worker",
                                         daemon=True)
         self._thread.start()
+        if self.replica is not None:
+            self.beat()
+            self._beater = threading.Thread(target=self._beat_forever, daemon=True,
+                                            name="authority-heartbeat")
+            self._beater.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._beater is not None:
+            self._beater.join(timeout=30)
         with contextlib.suppress(AuthorityError):
             self.engine.store.lease_release(LEASE_NAME, self.holder)
             if self.replica is not None:  # a clean stop: its claims are settled

@@ -301,7 +301,7 @@ def test_a_replica_elsewhere_holds_its_claims_while_its_heartbeat_runs(
         remote = {"host": "another-machine", "pid": 4242, "pid_start": "1", "replica": name}
         assert not owner_alive(store, remote)  # never heartbeat: not alive
         worker = Worker(engine, interval_s=0.2, replica=name)
-        worker.tick()
+        worker.start()  # beats on its own thread, whatever the rounds do
         assert owner_alive(store, remote)
         # Its claim blocks a request on this machine while its heartbeat runs...
         claim = {"claim_id": "theirs", "status": "in_flight", "fingerprint": "fp",
@@ -422,3 +422,43 @@ def test_requests_arriving_together_share_one_async_pool(
     finally:
         store.close()
     assert len(made) == 1
+
+
+def test_a_long_round_of_recovery_does_not_starve_the_heartbeat(
+        tmp_path: Path, pg: PostgresBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import authority_sdk.worker as worker_mod
+    from authority_sdk.engine import Engine
+    from authority_sdk.liveness import owner_alive
+
+    monkeypatch.setattr(worker_mod, "replica_lease_s", lambda interval_s: 0.6)
+    policy = tmp_path / "authority.yaml"
+    policy.write_text(yaml.safe_dump({
+        "version": 1, **pg.policy_overrides(),
+        "audit": {"path": str(tmp_path / "audit.jsonl"), "fsync": False}}))
+    engine = Engine(str(policy))
+    store = pg.open()
+    stuck = threading.Event()
+    w = worker_mod.Worker(engine, interval_s=0.1, replica="busy:1:aa")
+
+    def slow_round() -> dict[str, Any]:  # a recovery stuck on a slow executor
+        stuck.wait(10)
+        return {}
+
+    monkeypatch.setattr(w, "tick", slow_round)
+    owner = {"host": "elsewhere", "pid": 1, "replica": "busy:1:aa"}
+    try:
+        w.start()
+        time.sleep(1.5)  # well past the lease, inside one round
+        assert owner_alive(store, owner)
+    finally:
+        stuck.set()
+        w.stop()
+        store.close()
+        engine.close()
+    store = pg.open()
+    try:
+        assert not owner_alive(store, owner)
+    finally:
+        store.close()
