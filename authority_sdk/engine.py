@@ -26,6 +26,7 @@ import json
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 from . import admission, idempotency
 from .actions import AuditQueue, GateInput, gate_d, kill_engaged
-from .audit import AuditLog
+from .audit import AuditSink, open_sink
 from .costs import CostPlan, plan_d, release_d, settle_d
 from .effects import AuditOp, Decision, Runtime, S, arun, run
 from .errors import (
@@ -119,7 +120,7 @@ class Engine:
     """Policy + state + audit + executors. One per process is plenty; it is thread-safe."""
 
     def __init__(self, policy: Policy | str | Path | None = None, *, store: Store | None = None,
-                 audit: AuditLog | None = None, executors: ExecutorRegistry | None = None,
+                 audit: AuditSink | None = None, executors: ExecutorRegistry | None = None,
                  counter: TokenCounter | None = None) -> None:
         self.policy = load_policy(policy) if not isinstance(policy, Policy) else policy
         self._store = store
@@ -145,13 +146,16 @@ class Engine:
         return self._store
 
     @property
-    def audit(self) -> AuditLog:
+    def audit(self) -> AuditSink:
         if self._audit is None:
             store = self.store
             with self._lock:
                 if self._audit is None:
-                    log = AuditLog(self.policy.audit_path, fsync=self.policy.audit.fsync,
-                                   head=store, redact=self.policy.redact)
+                    log = open_sink(self.policy, head=store)
+                    if log.checkpoints is not None:
+                        # An SDK process rarely closes its engine: its last checkpoint is
+                        # still written when the engine goes or the interpreter exits.
+                        weakref.finalize(self, log.close)
                     # Open (and recover a torn line) before the first call is let through:
                     # an unwritable log must stop requests before they reach the upstream.
                     log.open()
@@ -177,6 +181,8 @@ class Engine:
     def close(self) -> None:
         if self._executors is not None:
             self._executors.close()
+        if self._audit is not None:
+            self._audit.close()  # a last checkpoint covers everything this process wrote
         if self._store is not None:
             self._store.close()
 

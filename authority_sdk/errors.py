@@ -24,6 +24,7 @@ matching ``openai`` error class.
     ├── IdempotencyKeyReused (422)       idempotency_key_reused
     ├── ApprovalError (409)              approval_not_pending … (see ApprovalError.code)
     ├── ExecutionError (409)             execution_not_in_doubt
+    ├── AuditIntegrityError (409)        audit_chain_broken (acknowledging a loss on a broken chain)
     ├── UpstreamError (502)              upstream_error
     │   └── UpstreamTimeout (504)        upstream_timeout
     └── AuthorityUnavailable (503)       authority_unavailable (state or audit unwritable)
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ApprovalError",
+    "AuditIntegrityError",
     "AuthenticationFailed",
     "AuthorityError",
     "AuthorityUnavailable",
@@ -60,6 +62,7 @@ __all__ = [
     "UnpriceableContent",
     "UpstreamError",
     "UpstreamTimeout",
+    "upstream_error",
 ]
 
 
@@ -219,6 +222,15 @@ class ExecutionError(AuthorityError):
     error_type = "execution_error"
 
 
+class AuditIntegrityError(AuthorityError):
+    """The audit chain fails verification for a reason no acknowledgement can settle
+    (tampering, not a recorded loss)."""
+
+    status_code = 409
+    default_code = "audit_chain_broken"
+    error_type = "audit_error"
+
+
 class UpstreamError(AuthorityError):
     status_code = 502
     default_code = "upstream_error"
@@ -229,6 +241,16 @@ class UpstreamError(AuthorityError):
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     default_code = "upstream_timeout"
+
+
+def upstream_error(exc: BaseException, *, timed_out: bool,
+                   timeout_s: float | None = None) -> UpstreamError:
+    """An HTTP library's failure to reach the upstream, in the gateway's codes: a timeout is
+    504, anything else 502. Each front door tells timeouts apart in its own library's terms."""
+    if timed_out:
+        after = f" after {timeout_s:g}s" if timeout_s else ""
+        return UpstreamTimeout(f"the upstream did not answer in time{after}")
+    return UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}")
 
 
 class AuthorityUnavailable(AuthorityError):

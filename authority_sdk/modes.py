@@ -44,6 +44,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from .policy import RECIPIENTS, ActionPolicy, Policy, Rule
+from .strictjson import no_constant, unique_pairs
 
 __all__ = [
     "MODE_ORDER",
@@ -99,21 +100,6 @@ class Resolution:
 # ---------------------------------------------------------------- arguments
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # A repeated key is rejected: the gateway and the executor's JSON parser could
-    # otherwise each pick a different copy (`{"amount": 10, "amount": 5000}`).
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_arguments(arguments_json: str) -> tuple[dict[str, Any] | None, str | None]:
     """Parse a tool call's ``arguments`` string: ``(object, None)`` or ``(None, error)``.
 
@@ -123,9 +109,10 @@ def parse_arguments(arguments_json: str) -> tuple[dict[str, Any] | None, str | N
     if not isinstance(arguments_json, str):
         return None, f"arguments must be a JSON string, got {type(arguments_json).__name__}"
     try:
-        value = json.loads(
-            arguments_json, object_pairs_hook=_unique_keys, parse_constant=_no_constant
-        )
+        # A repeated key is rejected: the gateway and the executor's JSON parser could
+        # otherwise each pick a different copy (`{"amount": 10, "amount": 5000}`).
+        value = json.loads(arguments_json, object_pairs_hook=unique_pairs,
+                           parse_constant=no_constant)
     except RecursionError:
         return None, "arguments are not valid JSON: nested too deeply"
     except ValueError as exc:

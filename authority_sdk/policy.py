@@ -114,6 +114,27 @@ class AuditConfig(_Strict):
     fsync: bool = True
     dsn_env: str | None = Field(
         None, description="postgres: the DSN's variable (default: the state store's)")
+    hmac_key_env: str | None = Field(
+        None, description="The environment variable holding the key that MACs every entry and "
+        "signs checkpoints (at least 16 bytes)")
+    hmac_key_file: str | None = Field(
+        None, description="A file holding that key instead; it must lie outside the state folder "
+        "and the audit log's folder")
+    checkpoint_path: str | None = Field(
+        None, description="Signed checkpoints (the chain's seq and hash) go to this file, in a "
+        "directory outside the state folder and the audit log's folder; verify compares the log "
+        "against it, so deleting the log and the state store together is caught. Needs a key")
+    checkpoint_every: int = Field(
+        1000, ge=1, description="Write a checkpoint every this many entries (and at shutdown)")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> AuditConfig:
+        if self.hmac_key_env and self.hmac_key_file:
+            raise ValueError("give hmac_key_env or hmac_key_file, not both")
+        if self.checkpoint_path and not (self.hmac_key_env or self.hmac_key_file):
+            raise ValueError("checkpoint_path needs hmac_key_env or hmac_key_file: an unsigned "
+                             "checkpoint can be rewritten along with the log")
+        return self
 
 
 class Defaults(_Strict):
@@ -380,12 +401,39 @@ class Policy(_Strict):
                 problems.append(f"output_tools.{i}: {pattern!r} matches the defined action(s) "
                                 f"{', '.join(clash)}; an output tool has no executor or rules, "
                                 "so a name is one or the other")
+        problems.extend(self._audit_path_problems())
         names = [k.name for k in self.keys]
         if len(names) != len(set(names)):
             problems.append("keys: key names must be unique")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _audit_path_problems(self) -> list[str]:
+        """The key and the checkpoint must survive whoever can write the state and the log:
+        a key beside the log lets a forger sign, a checkpoint beside it goes with it."""
+        writable = []
+        if self.state.backend == "diskcache":
+            writable.append(("the state folder", self.state_path.resolve()))
+        if self.audit.backend == "file":
+            writable.append(("the audit log's folder", self.audit_path.resolve().parent))
+        out = []
+        for field in ("hmac_key_file", "checkpoint_path"):
+            value = getattr(self.audit, field)
+            if not value:
+                continue
+            where = self.resolve_path(value).resolve()
+            for label, folder in writable:
+                if where == folder or folder in where.parents:
+                    out.append(f"audit.{field}: {value!r} is inside {label} ({folder}); "
+                               "keep it in a directory the gateway's state does not share")
+                    break
+        return out
+
+    @property
+    def checkpoint_file(self) -> Path | None:
+        return self.resolve_path(self.audit.checkpoint_path) if self.audit.checkpoint_path \
+            else None
 
     def output_tool_pattern(self, name: str) -> str | None:
         """The ``output_tools`` entry that ``name`` matches, if any."""
@@ -417,9 +465,6 @@ class Policy(_Strict):
     @property
     def audit_path(self) -> Path:
         return self.resolve_path(self.audit.path)
-
-    def environment(self, name: str) -> Environment:
-        return self.environments[name]
 
 
 def _format_errors(exc: ValidationError) -> list[str]:

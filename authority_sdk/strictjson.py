@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "StrictJSONError", "loads"]
+__all__ = ["MAX_DEPTH", "StrictJSONError", "loads", "no_constant", "unique_pairs"]
 
 MAX_DEPTH = 64
 
@@ -28,7 +28,8 @@ class StrictJSONError(ValueError):
     pass
 
 
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a repeated key (every strict parse in the gateway)."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -37,7 +38,8 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _constant(name: str) -> Any:
+def no_constant(name: str) -> Any:
+    """``parse_constant`` refusing NaN and the infinities."""
     raise StrictJSONError(f"{name} is not valid JSON")
 
 
@@ -82,7 +84,7 @@ def _has_lone_surrogate(value: Any) -> bool:
 def loads(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """The parsed body, or ``StrictJSONError`` saying precisely what is wrong."""
     try:
-        value = json.loads(body, object_pairs_hook=_unique, parse_constant=_constant,
+        value = json.loads(body, object_pairs_hook=unique_pairs, parse_constant=no_constant,
                            parse_float=_float)
     except StrictJSONError:
         raise

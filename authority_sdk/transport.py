@@ -21,12 +21,12 @@ from functools import cache
 from typing import Any, Literal
 
 from .engine import CallContext, Gateway, UpstreamReply
-from .errors import AuthorityError, EndpointNotAllowed, UpstreamError, UpstreamTimeout
+from .errors import AuthorityError, EndpointNotAllowed, upstream_error
 from .formats import format_for_path
 from .models_list import models_body
 from .wire import Caller, GatewayRequest, GatewayResponse, error_response
 
-__all__ = ["HTTP_LIBRARIES", "is_gate", "route", "sender", "transport_classes", "upstream_error"]
+__all__ = ["HTTP_LIBRARIES", "is_gate", "route", "sender", "transport_classes"]
 
 HTTP_LIBRARIES = ("httpx", "httpx2")
 # openai's own retry loop sends one key for all attempts of a call under this header
@@ -48,12 +48,8 @@ def route(method: str, path: str) -> Route:
     return "refuse"
 
 
-def upstream_error(exc: Exception, timeout_s: float | None = None) -> AuthorityError:
-    """Map an HTTP library's failure to the gateway's codes: timeout → 504, connection → 502."""
-    if _is_timeout(exc):
-        after = f" after {timeout_s:g}s" if timeout_s else ""
-        return UpstreamTimeout(f"the upstream did not answer in time{after}")
-    return UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}")
+def _upstream_error(exc: Exception, timeout_s: float | None = None) -> AuthorityError:
+    return upstream_error(exc, timed_out=_is_timeout(exc), timeout_s=timeout_s)
 
 
 def _is_timeout(exc: Exception) -> bool:
@@ -146,14 +142,14 @@ class _Http:
         try:
             yield from resp.iter_bytes()
         except self.HTTPError as exc:
-            raise upstream_error(exc) from exc
+            raise _upstream_error(exc) from exc
 
     async def async_chunks(self, resp: Any) -> AsyncIterator[bytes]:
         try:
             async for chunk in resp.aiter_bytes():
                 yield chunk
         except self.HTTPError as exc:
-            raise upstream_error(exc) from exc
+            raise _upstream_error(exc) from exc
 
 
 class _SyncSender:
@@ -204,7 +200,7 @@ class _SyncGate:
             try:
                 resp = self.inner.handle_request(http.forward(request, ctx))
             except http.HTTPError as exc:
-                raise upstream_error(exc, self.gateway.policy.upstream.timeout_s) from exc
+                raise _upstream_error(exc, self.gateway.policy.upstream.timeout_s) from exc
             wrapped = http.Response(resp.status_code, headers=resp.headers, stream=resp.stream,
                                     request=request)
             if ctx.stream and resp.status_code < 300:
@@ -213,7 +209,7 @@ class _SyncGate:
             try:
                 body = wrapped.read()
             except http.HTTPError as exc:
-                raise upstream_error(exc) from exc
+                raise _upstream_error(exc) from exc
             finally:
                 wrapped.close()
             return UpstreamReply(resp.status_code, dict(wrapped.headers), body)
@@ -260,7 +256,7 @@ class _AsyncGate:
             try:
                 resp = await self.inner.handle_async_request(http.forward(request, ctx))
             except http.HTTPError as exc:
-                raise upstream_error(exc, self.gateway.policy.upstream.timeout_s) from exc
+                raise _upstream_error(exc, self.gateway.policy.upstream.timeout_s) from exc
             wrapped = http.Response(resp.status_code, headers=resp.headers, stream=resp.stream,
                                     request=request)
             if ctx.stream and resp.status_code < 300:
@@ -269,7 +265,7 @@ class _AsyncGate:
             try:
                 body = await wrapped.aread()
             except http.HTTPError as exc:
-                raise upstream_error(exc) from exc
+                raise _upstream_error(exc) from exc
             finally:
                 await wrapped.aclose()
             return UpstreamReply(resp.status_code, dict(wrapped.headers), body)

@@ -2,8 +2,9 @@
 
 It runs inside every ``authority serve`` process (and as ``authority worker`` where
 only the SDK runs), but a lease in the state store lets exactly one process do the
-work at a time; if it dies, another takes the lease over when it runs out. Each
-tick:
+work at a time; if it dies, another takes the lease over when it runs out, or at
+once when the holder was a process on this host that is gone (a proxy restarted after
+``kill -9`` recovers on its first tick, not a lease later). Each tick:
 
 1. writes audit entries parked while the log was unwritable (never dropped);
 2. settles interrupted executions — retried or marked ``in_doubt`` — unless the
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import threading
 import time
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .effects import AuditOp, Decision, S, run
 from .errors import AuthorityError
-from .liveness import replica_lease_name
+from .liveness import local_owner_state, process_owner, replica_lease_name
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -65,6 +65,29 @@ def expire_approvals_d(engine: Engine, limit: int = 500) -> Decision[list[str]]:
     return expired
 
 
+def _holder_name() -> str:
+    owner = process_owner()
+    return f"{owner['host']}/{owner['pid']}/{owner['pid_start']}/{secrets.token_hex(4)}"
+
+
+def _holder_dead(holder: Any) -> bool:
+    if not isinstance(holder, str) or holder.count("/") != 3:
+        return False  # not ours to judge: the lease's own expiry decides
+    host, pid, start, _ = holder.split("/")
+    if not pid.isdigit():
+        return False
+    owner = {"host": host, "pid": int(pid), "pid_start": None if start == "None" else start}
+    return local_owner_state(owner) is False
+
+
+def _release_if_holder_died(eng: Engine) -> None:
+    # Releasing is guarded by the holder's name, so a race with another process doing the
+    # same, or with a live process acquiring meanwhile, cannot free a live holder's lease.
+    current = eng.store.lease_get(LEASE_NAME)
+    if current is not None and _holder_dead(current.get("holder")):
+        eng.store.lease_release(LEASE_NAME, current["holder"])
+
+
 def replica_lease_s(interval_s: float) -> float:
     """How long a heartbeat keeps a replica alive: a few rounds, so one slow round (or a
     database hiccup) does not hand its live claims to another replica."""
@@ -76,7 +99,7 @@ class Worker:
                  holder: str | None = None, replica: str | None = None) -> None:
         self.engine = engine
         self.interval_s = interval_s
-        self.holder = holder or f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.holder = holder or _holder_name()
         # On a shared store: this replica's heartbeat, which keeps its claims its own.
         self.replica = replica
         self._stop = threading.Event()
@@ -92,6 +115,7 @@ class Worker:
         report: dict[str, Any] = {"leader": False}
         try:
             # The lease outlives a round by a margin, so a slow round keeps it.
+            _release_if_holder_died(eng)
             if not eng.store.lease_acquire(LEASE_NAME, self.holder,
                                            ttl_s=max(self.interval_s * 5, 10.0)):
                 return report

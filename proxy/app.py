@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import secrets
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,6 +42,7 @@ from authority_sdk.errors import (
 from authority_sdk.paging import MAX_CURSOR_CHARS, MAX_LIMIT
 from authority_sdk.policy import POLICY_ENV, Policy, default_policy_path, load_policy
 from authority_sdk.render import clip, escape_surrogates
+from authority_sdk.strictjson import StrictJSONError, unique_pairs
 from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 
 from .auth import Identity, KeyRing
@@ -148,24 +148,15 @@ Reader = Annotated[Identity, Depends(RoleCheck("approver", "admin"))]
 Admin = Annotated[Identity, Depends(RoleCheck("admin"))]
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise InvalidRequest(f"invalid request: duplicate key {_safe(k, 64)!r} in the body")
-        out[k] = v
-    return out
-
-
 async def _strict_json(request: Request) -> None:
     """A management body means one thing: a key given twice is refused, not last-wins."""
     body = await request.body()  # already read (and bounded) by FastAPI; cached
     if not body.strip():
         return
     try:
-        json.loads(body, object_pairs_hook=_no_duplicates)
-    except InvalidRequest:
-        raise
+        json.loads(body, object_pairs_hook=unique_pairs)
+    except StrictJSONError as exc:
+        raise InvalidRequest(f"invalid request: {exc} in the body") from None
     except (ValueError, RecursionError):
         return  # not JSON: the body's own validation answers with the details
 
@@ -221,8 +212,10 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         worker = Worker(gw, interval_s=pol.worker.interval_s, replica=replica)
         await run_in_threadpool(worker.tick)
         worker.start()
-        threading.Thread(target=_warm_up, args=(gw,), daemon=True,
-                         name="authority-warm-up").start()
+        # Before the first caller, not beside it: a warm-up thread parsing the price map holds
+        # the GIL long enough to starve the event loop, and upstream timeouts fire on requests
+        # that were answered in time.
+        await run_in_threadpool(_warm_up, gw)
         try:
             yield
         finally:

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from authority_sdk.engine import CallContext, UpstreamReply
-from authority_sdk.errors import AuthorityError, UpstreamError, UpstreamTimeout
+from authority_sdk.errors import AuthorityError, upstream_error
 from authority_sdk.models_list import allowed_models, model_entries
 from authority_sdk.policy import Policy
 
@@ -33,12 +33,9 @@ __all__ = ["Upstream"]
 _MODELS_TTL_S = 60.0
 
 
-def upstream_error(exc: BaseException, timeout_s: float | None = None) -> AuthorityError:
-    """aiohttp's failures in the gateway's codes: timeout → 504, anything else → 502."""
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        after = f" after {timeout_s:g}s" if timeout_s else ""
-        return UpstreamTimeout(f"the upstream did not answer in time{after}")
-    return UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}")
+def _upstream_error(exc: BaseException, timeout_s: float | None = None) -> AuthorityError:
+    timed_out = isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError)
+    return upstream_error(exc, timed_out=timed_out, timeout_s=timeout_s)
 
 
 _ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
@@ -88,7 +85,7 @@ class Upstream:
                                            data=ctx.upstream_body, headers=headers,
                                            allow_redirects=False)
         except _ERRORS as exc:
-            raise upstream_error(exc, self.timeout_s) from exc
+            raise _upstream_error(exc, self.timeout_s) from exc
         if ctx.stream and resp.status < 300:
             self._observe(started, info)
 
@@ -100,7 +97,7 @@ class Upstream:
         try:
             body = await resp.read()
         except _ERRORS as exc:
-            raise upstream_error(exc, self.timeout_s) from exc
+            raise _upstream_error(exc, self.timeout_s) from exc
         finally:
             resp.release()
         self._observe(started, info)
@@ -111,7 +108,7 @@ class Upstream:
             async for chunk in resp.content.iter_any():
                 yield chunk
         except _ERRORS as exc:
-            raise upstream_error(exc, self.timeout_s) from exc
+            raise _upstream_error(exc, self.timeout_s) from exc
 
     def _observe(self, started: float, info: Any) -> None:
         ended = time.perf_counter()

@@ -10,8 +10,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
@@ -19,9 +20,12 @@ from servers import free_port
 
 from authority_sdk.scripted import ScriptedModel, build_app
 
-__all__ = ["BASE_POLICY", "PG_DSN", "STORE_BACKENDS", "PostgresBackend", "ScriptedServer",
-           "StoreBackend", "audit_entries", "deep_merge", "free_port", "pg_dsn",
-           "postgres_unavailable", "requires_postgres", "tool", "user", "write_policy_file"]
+T = TypeVar("T")
+
+__all__ = ["AUDIT_SINKS", "BASE_POLICY", "PG_DSN", "STORE_BACKENDS", "AuditSinkBackend",
+           "PostgresBackend", "ScriptedServer", "StoreBackend", "audit_entries", "concurrently",
+           "deep_merge", "free_port", "pg_dsn", "postgres_unavailable", "requires_postgres",
+           "tool", "user", "write_policy_file"]
 
 
 class ScriptedServer:
@@ -45,10 +49,17 @@ class ScriptedServer:
         while time.monotonic() < deadline:
             try:
                 httpx.get(f"http://127.0.0.1:{self.port}/_stats", timeout=0.5)
-                return self
+                break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        raise RuntimeError("scripted model did not start")
+        else:
+            raise RuntimeError("scripted model did not start")
+        # One answer now, so its first real one does not pay for loading the token counts
+        # (tests with short upstream timeouts would otherwise depend on the order they run).
+        httpx.post(f"{self.base_url}/chat/completions", timeout=30,
+                   json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        self.model.chat_requests, self.model.last_request = 0, None
+        return self
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -76,6 +87,18 @@ BASE_POLICY: dict[str, Any] = {
     "executors": {"dry": {"type": "log"}},
     "redact": ["card_number", "password"],
 }
+
+
+def concurrently(call: Callable[[], T], n: int = 16) -> list[T]:
+    """``call`` from ``n`` threads released together; their results."""
+    barrier = threading.Barrier(n)
+
+    def one(_: int) -> T:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +148,59 @@ def tool(name: str, properties: dict[str, Any] | None = None,
 
 def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
+
+
+# -- audit sinks: every audit contract test runs on each -----------------------------------
+
+
+class AuditSinkBackend:
+    """One audit sink under test. ``open()`` gives a new writer/reader on the same log (also
+    usable in a forked child); the other methods reach past the sink into its storage, as an
+    attacker or a failing disk would."""
+
+    name = "file"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "audit" / "audit.jsonl"
+
+    def open(self, **options: Any) -> Any:
+        """The sink, built with the keywords every sink takes (``audit.registry.sink_options``
+        plus the head): ``head``, ``key``, ``checkpoints``, ``checkpoint_every``, ``redact``,
+        ``fsync``."""
+        from authority_sdk.audit import FileSink
+
+        options.setdefault("fsync", False)
+        return FileSink(self.path, **options)
+
+    def policy_overrides(self) -> dict[str, Any]:
+        return {"audit": {"backend": "file", "path": str(self.path)}}
+
+    def raw_entries(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(line) for line in self.path.read_bytes().split(b"\n") if line]
+
+    def append_raw(self, entry: dict[str, Any]) -> None:
+        """Store an entry as given, bypassing the sink (a forgery)."""
+        import json
+
+        with self.path.open("ab") as f:
+            f.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+
+    def drop_last(self, n: int) -> None:
+        """Lose the last ``n`` stored entries (a cut tail, a restored old backup)."""
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        self.path.write_bytes(b"".join(lines[:-n]))
+
+    def delete_all(self) -> None:
+        self.path.unlink()
+
+    def cleanup(self) -> None:
+        pass
+
+
+AUDIT_SINKS: dict[str, Callable[[Path], AuditSinkBackend]] = {"file": AuditSinkBackend}
 
 
 # -- state backends: every store test runs on each -----------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 from helpers import audit_entries, tool, user
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sample_actions import EFFECTS_ENV
 from servers import HttpReceiver
 
 from authority_sdk import AuthorityClient, authority_of, control
@@ -27,13 +26,6 @@ from authority_sdk.audit import verify
 from authority_sdk.engine import Engine
 
 MODEL = "gpt-4o-mini"
-
-
-@pytest.fixture
-def effects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "effects.jsonl"
-    monkeypatch.setenv(EFFECTS_ENV, str(path))
-    return path
 
 
 def ran(effects: Path) -> list[dict[str, Any]]:
@@ -54,17 +46,9 @@ POLICY: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    opened: list[Engine] = []
-    yield opened
-    for e in opened:
-        e.close()
-
-
-def client_for(engines: list[Engine], path: Path, **kw: Any) -> AuthorityClient:
+def client_for(gateways: list[Engine], path: Path, **kw: Any) -> AuthorityClient:
     eng = Engine(path)
-    engines.append(eng)
+    gateways.append(eng)
     return AuthorityClient(gateway=eng, max_retries=0, **kw)
 
 
@@ -92,9 +76,9 @@ BAD_ARGUMENTS = {
 
 @pytest.mark.parametrize("bad", sorted(BAD_ARGUMENTS))
 def test_one_bad_call_never_poisons_the_answer(write_policy: Callable[..., Path], effects: Path,
-                                               engines: list[Engine], tmp_path: Path,
+                                               gateways: list[Engine], tmp_path: Path,
                                                bad: str) -> None:
-    c = client_for(engines, write_policy(POLICY))
+    c = client_for(gateways, write_policy(POLICY))
     script = [call("send_note", {"text": "first"}), call("send_note", BAD_ARGUMENTS[bad]),
               call("send_note", {"text": "third"})]
     raw = c.chat.completions.with_raw_response.create(
@@ -143,11 +127,11 @@ HOSTILE_TEXT = st.one_of(
        names=st.lists(st.sampled_from(["send_note", "issue_refund", "lookup_customer",
                                        "wipe_disk", ""]), min_size=3, max_size=3))
 def test_hostile_arguments_never_500_and_never_an_unaudited_effect(
-        write_policy: Callable[..., Path], effects: Path, engines: list[Engine],
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine],
         tmp_path: Path, args: list[str], names: list[str]) -> None:
-    if not engines:
-        client_for(engines, write_policy(POLICY))
-    c = AuthorityClient(gateway=engines[0], max_retries=0)
+    if not gateways:
+        client_for(gateways, write_policy(POLICY))
+    c = AuthorityClient(gateway=gateways[0], max_retries=0)
     script = [f"CALL {names[i] or 'x'} {a}" for i, a in enumerate(args)
               if "\n" not in a and "\r" not in a]
     if not script:
@@ -163,15 +147,15 @@ def test_hostile_arguments_never_500_and_never_an_unaudited_effect(
 
 
 def test_kill_switch_engaged_mid_answer_stops_the_rest(write_policy: Callable[..., Path],
-                                                       engines: list[Engine],
+                                                       gateways: list[Engine],
                                                        tmp_path: Path) -> None:
     with HttpReceiver() as rx:
         rx.reply(200, json={"refund_id": "rf"}, delay_s=0.5)
         path = write_policy({**POLICY, "executors": {"rec": {
             "type": "webhook", "url": rx.url("/refunds"), "timeout_s": 5}}})
-        c = client_for(engines, path)
+        c = client_for(gateways, path)
         ops = Engine(path)
-        engines.append(ops)
+        gateways.append(ops)
 
         def engage() -> None:
             rx.wait_for(1, timeout_s=10)  # the first refund is at the billing system
@@ -194,8 +178,8 @@ def test_kill_switch_engaged_mid_answer_stops_the_rest(write_policy: Callable[..
 
 
 def test_alternative_choices_run_nothing(write_policy: Callable[..., Path], effects: Path,
-                                         engines: list[Engine]) -> None:
-    c = client_for(engines, write_policy(POLICY))
+                                         gateways: list[Engine]) -> None:
+    c = client_for(gateways, write_policy(POLICY))
     resp = ask(c, call("send_note", {"text": "once"}), call("lookup_customer", {"id": 1}), n=3)
     assert len(resp.choices) == 3
     by_choice: dict[int, list[tuple[str, str | None]]] = {}
@@ -214,8 +198,8 @@ def test_alternative_choices_run_nothing(write_policy: Callable[..., Path], effe
 
 
 def test_content_as_a_list_of_parts_is_read(write_policy: Callable[..., Path], effects: Path,
-                                            engines: list[Engine]) -> None:
-    c = client_for(engines, write_policy(POLICY))
+                                            gateways: list[Engine]) -> None:
+    c = client_for(gateways, write_policy(POLICY))
     raw = c.chat.completions.with_raw_response.create(
         model=MODEL, messages=user("SHAPE content_parts\nSAY hello\n"
                                    + call("send_note", {"text": "x"})),
@@ -229,9 +213,9 @@ def test_content_as_a_list_of_parts_is_read(write_policy: Callable[..., Path], e
 
 @pytest.mark.parametrize("shape", ["tool_calls_object", "no_choices"])
 def test_an_answer_gating_cannot_read_is_502_audited_and_runs_nothing(
-        write_policy: Callable[..., Path], effects: Path, engines: list[Engine],
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine],
         tmp_path: Path, shape: str) -> None:
-    c = client_for(engines, write_policy(POLICY))
+    c = client_for(gateways, write_policy(POLICY))
     with pytest.raises(openai.APIStatusError) as ei:
         ask(c, f"SHAPE {shape}", call("send_note", {"text": "x"}))
     assert ei.value.status_code == 502 and ei.value.code == "upstream_malformed_response"
@@ -246,8 +230,8 @@ def test_an_answer_gating_cannot_read_is_502_audited_and_runs_nothing(
 
 def test_legacy_function_call_is_gated_like_a_tool_call(write_policy: Callable[..., Path],
                                                         effects: Path,
-                                                        engines: list[Engine]) -> None:
-    c = client_for(engines, write_policy(POLICY))
+                                                        gateways: list[Engine]) -> None:
+    c = client_for(gateways, write_policy(POLICY))
     functions = [{"name": "issue_refund", "parameters": {"type": "object"}}]
     big = c.chat.completions.create(
         model=MODEL, functions=functions,  # type: ignore[call-overload]
@@ -274,8 +258,8 @@ def test_legacy_function_call_is_gated_like_a_tool_call(write_policy: Callable[.
 
 
 def test_functions_count_in_the_cost_estimate(write_policy: Callable[..., Path],
-                                              engines: list[Engine]) -> None:
-    c = client_for(engines, write_policy(POLICY))
+                                              gateways: list[Engine]) -> None:
+    c = client_for(gateways, write_policy(POLICY))
     bare = authority_of(c.chat.completions.create(model=MODEL, messages=user("hi")))
     described = {"name": "issue_refund", "description": "word " * 400,
                  "parameters": {"type": "object"}}
@@ -289,8 +273,8 @@ def test_functions_count_in_the_cost_estimate(write_policy: Callable[..., Path],
 
 
 def test_calls_beyond_the_cap_are_denied(write_policy: Callable[..., Path], effects: Path,
-                                         engines: list[Engine]) -> None:
-    c = client_for(engines, write_policy({**POLICY,
+                                         gateways: list[Engine]) -> None:
+    c = client_for(gateways, write_policy({**POLICY,
                                           "defaults": {"max_tool_calls_per_answer": 3}}))
     resp = ask(c, *[call("send_note", {"text": str(i)}) for i in range(5)])
     assert [(a.status, a.code) for a in authority_of(resp).actions] == [
@@ -299,8 +283,8 @@ def test_calls_beyond_the_cap_are_denied(write_policy: Callable[..., Path], effe
 
 
 def test_pending_approvals_are_capped(write_policy: Callable[..., Path],
-                                      engines: list[Engine]) -> None:
-    c = client_for(engines, write_policy({**POLICY, "defaults": {"max_pending_approvals": 2}}))
+                                      gateways: list[Engine]) -> None:
+    c = client_for(gateways, write_policy({**POLICY, "defaults": {"max_pending_approvals": 2}}))
     resp = ask(c, *[call("issue_refund", {"order_id": f"o{i}", "amount": 500})
                     for i in range(3)])
     assert [(a.status, a.code) for a in authority_of(resp).actions] == [

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from helpers import ScriptedServer, audit_entries, free_port, tool, user
+from helpers import ScriptedServer, audit_entries, concurrently, free_port, tool, user
 
 from authority_sdk import AsyncAuthorityClient, AuthorityClient, authority_of
 from authority_sdk.audit import verify
@@ -183,25 +183,17 @@ def test_sixteen_threads_one_key_one_upstream_call(policy_path: Path,
                                                    upstream: ScriptedServer) -> None:
     c = client(policy_path)
     before = upstream.chat_requests
-    results: list[str] = []
-    lock = threading.Lock()
     msgs = user("SLEEP 0.5\nSAY done")
 
-    def go() -> None:
+    def go() -> str:
         try:
             raw = c.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", messages=msgs, extra_headers={"Idempotency-Key": "k16"})
-            out = "replayed" if raw.headers.get("idempotent-replayed") else "fresh"
+            return "replayed" if raw.headers.get("idempotent-replayed") else "fresh"
         except openai.ConflictError as e:
-            out = str(e.code)
-        with lock:
-            results.append(out)
+            return str(e.code)
 
-    threads = [threading.Thread(target=go) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = concurrently(go)
     assert upstream.chat_requests == before + 1
     assert results.count("fresh") == 1
     assert set(results) <= {"fresh", "replayed", "idempotency_request_in_progress"}

@@ -125,7 +125,6 @@ def test_webhook_500_is_a_failure_with_the_body(rx: HttpReceiver) -> None:
     res = webhook(rx.url()).execute("issue_refund", {"amount": 5}, KEY)
     assert not res.ok
     assert res.error == "webhook answered 500: database on fire"
-    assert res.retryable is False
     assert res.result == {"status_code": 500, "text": "database on fire"}
     assert len(rx.requests) == 1  # no automatic retry
 
@@ -149,15 +148,14 @@ def test_webhook_timeout(rx: HttpReceiver) -> None:
     res = webhook(rx.url(), timeout_s=0.3).execute("t", {"a": 1}, KEY)
     assert not res.ok
     assert res.error == "webhook timed out after 0.3s"
-    # The receiver got the request and may act on it: not safe to call blindly again.
-    assert res.retryable is False
+    # The receiver got the request and may act on it: the error must not say otherwise.
+    assert "nothing was sent" not in res.error
     assert len(rx.requests) == 1
 
 
-def test_webhook_connection_refused_is_retryable() -> None:
+def test_webhook_connection_refused_says_nothing_was_sent() -> None:
     res = webhook(f"http://127.0.0.1:{free_port()}/hook").execute("t", {}, KEY)
     assert not res.ok
-    assert res.retryable is True
     assert res.error is not None and res.error.startswith("webhook unreachable (nothing was sent)")
 
 
@@ -247,9 +245,8 @@ def test_webhook_aexecute_timeout_and_refused(rx: HttpReceiver) -> None:
             await dead.aclose()  # type: ignore[attr-defined]
 
     timed_out, refused = asyncio.run(run())
-    assert (timed_out.ok, timed_out.error, timed_out.retryable) == (
-        False, "webhook timed out after 0.25s", False)
-    assert (refused.ok, refused.retryable) == (False, True)
+    assert (timed_out.ok, timed_out.error) == (False, "webhook timed out after 0.25s")
+    assert not refused.ok and "nothing was sent" in str(refused.error)
 
 
 # -- smtp ---------------------------------------------------------------------
@@ -316,17 +313,17 @@ def test_smtp_message_id_follows_the_action_key(sink: SmtpSink) -> None:
 def test_smtp_refuses_malformed_arguments_without_sending(sink: SmtpSink, args: dict[str, Any],
                                                           error: str) -> None:
     res = smtp(sink).execute("send_email", args, KEY)
-    assert not res.ok and not res.retryable
+    assert not res.ok
     assert res.error is not None and res.error.startswith("email not sent: ")
     assert error in res.error
     assert smtp(sink).describe("send_email", args, KEY)["error"] == res.error
     assert sink.messages == []
 
 
-def test_smtp_connection_refused_is_retryable() -> None:
+def test_smtp_connection_refused_says_not_sent() -> None:
     res = smtp(free_port()).execute("send_email", {"to": "a@b.org", "subject": "s", "body": "b"},
                                     KEY)
-    assert not res.ok and res.retryable
+    assert not res.ok
     assert res.error is not None and res.error.startswith("email not sent: SMTP server 127.0.0.1:")
 
 
@@ -343,7 +340,7 @@ def test_smtp_partly_refused_recipients() -> None:
     assert partly.result["recipients"] == ["ann@example.org"]
     assert partly.result["refused"] == {"gone@example.org": "550 5.1.1 no such user"}
     assert mail.rcpt_tos == ["ann@example.org"]
-    assert not nobody.ok and not nobody.retryable
+    assert not nobody.ok
     assert nobody.error == ("email not sent: every recipient was refused: "
                             "gone@example.org: 550 5.1.1 no such user")
 
@@ -366,7 +363,7 @@ def test_smtp_login_with_credentials_from_the_environment(monkeypatch: pytest.Mo
     assert bad.error.startswith("email not sent: SMTP login failed: 535")
     assert unset.error == ("email not sent: SMTP credentials missing: "
                            "environment variable(s) T_SMTP_PASS not set")
-    assert not anonymous.ok and not anonymous.retryable
+    assert not anonymous.ok and str(anonymous.error).startswith("email not sent: ")
 
 
 def test_smtp_starttls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -381,7 +378,7 @@ def test_smtp_starttls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert trusted.ok, trusted.error
     assert mail.tls and mail.message["Subject"] == "over tls"
     assert not untrusted.ok and untrusted.error is not None
-    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.error and not untrusted.retryable
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.error
     assert not plain.ok  # the server demands STARTTLS before MAIL
 
 
@@ -491,7 +488,7 @@ def test_python_import_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert broken.error == ("python target 'broken_actions_mod:fn': importing "
                             "'broken_actions_mod' failed: ModuleNotFoundError: No module named "
                             "'dependency_that_is_missing_xyz'")
-    assert not broken.ok and not broken.retryable
+    assert not broken.ok
 
 
 def test_python_describe_does_not_import_or_call(tmp_path: Path) -> None:

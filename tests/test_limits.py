@@ -5,26 +5,18 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import tool, user
-from sample_actions import EFFECTS_ENV
 
 from authority_sdk import AuthorityClient, authority_of, control
 from authority_sdk.engine import Engine
 from authority_sdk.policy import PolicyError, parse_policy
 
 MODEL = "gpt-4o-mini"
-
-
-@pytest.fixture
-def effects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "effects.jsonl"
-    monkeypatch.setenv(EFFECTS_ENV, str(path))
-    return path
 
 
 def count(effects: Path) -> int:
@@ -40,17 +32,9 @@ def refund_policy(*limits: dict[str, Any]) -> dict[str, Any]:
         "executors": {"rec": {"type": "python", "target": "sample_actions:record"}}}
 
 
-@pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    opened: list[Engine] = []
-    yield opened
-    for e in opened:
-        e.close()
-
-
-def client(engines: list[Engine], path: Path, caller: str = "sdk") -> AuthorityClient:
+def client(gateways: list[Engine], path: Path, caller: str = "sdk") -> AuthorityClient:
     eng = Engine(path)
-    engines.append(eng)
+    gateways.append(eng)
     return AuthorityClient(gateway=eng, max_retries=0, caller=caller)
 
 
@@ -64,9 +48,9 @@ def refunds(c: AuthorityClient, amounts: list[Any], start: int = 0) -> list[tupl
 
 
 def test_splitting_one_answer_is_bounded_by_a_per_answer_sum(
-        write_policy: Callable[..., Path], effects: Path, engines: list[Engine]) -> None:
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine]) -> None:
     # 21 x $50 under a policy that denies any single refund over $1,000.
-    c = client(engines, write_policy(refund_policy(
+    c = client(gateways, write_policy(refund_policy(
         {"per": "answer", "sum": "amount", "max": 1000, "then": "require_human_approval"})))
     out = refunds(c, [50] * 21)
     assert out[:20] == [("executed", None)] * 20
@@ -75,9 +59,9 @@ def test_splitting_one_answer_is_bounded_by_a_per_answer_sum(
 
 
 def test_a_per_day_count_holds_across_answers_and_keys_share_the_environment(
-        write_policy: Callable[..., Path], effects: Path, engines: list[Engine]) -> None:
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine]) -> None:
     path = write_policy(refund_policy({"per": "day", "max_calls": 3, "then": "deny"}))
-    a, b = client(engines, path, "bot-a"), client(engines, path, "bot-b")
+    a, b = client(gateways, path, "bot-a"), client(gateways, path, "bot-b")
     assert refunds(a, [10, 10]) == [("executed", None)] * 2
     assert refunds(b, [10, 10], start=2) == [("executed", None),
                                              ("denied", "limit_exceeded")]
@@ -85,23 +69,23 @@ def test_a_per_day_count_holds_across_answers_and_keys_share_the_environment(
 
 
 def test_a_per_key_limit_counts_each_key_apart(write_policy: Callable[..., Path],
-                                               effects: Path, engines: list[Engine]) -> None:
+                                               effects: Path, gateways: list[Engine]) -> None:
     path = write_policy(refund_policy(
         {"per": "hour", "scope": "key", "max_calls": 1, "then": "deny"}))
-    assert refunds(client(engines, path, "bot-a"), [10, 10]) == [
+    assert refunds(client(gateways, path, "bot-a"), [10, 10]) == [
         ("executed", None), ("denied", "limit_exceeded")]
-    assert refunds(client(engines, path, "bot-b"), [10], start=5) == [("executed", None)]
+    assert refunds(client(gateways, path, "bot-b"), [10], start=5) == [("executed", None)]
 
 
 def test_concurrent_requests_cannot_pass_a_limit_together(
-        write_policy: Callable[..., Path], effects: Path, engines: list[Engine]) -> None:
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine]) -> None:
     path = write_policy(refund_policy({"per": "day", "sum": "amount", "max": 200,
                                        "then": "deny"}))
     results: list[tuple[str, Any]] = []
     lock = threading.Lock()
 
     def worker(i: int) -> None:
-        out = refunds(client(engines, path), [40, 40], start=10 * i)
+        out = refunds(client(gateways, path), [40, 40], start=10 * i)
         with lock:
             results.extend(out)
 
@@ -116,8 +100,8 @@ def test_concurrent_requests_cannot_pass_a_limit_together(
 
 
 def test_a_value_a_limit_cannot_add_up_falls_to_the_safer_mode(
-        write_policy: Callable[..., Path], effects: Path, engines: list[Engine]) -> None:
-    c = client(engines, write_policy(refund_policy(
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine]) -> None:
+    c = client(gateways, write_policy(refund_policy(
         {"per": "day", "sum": "units", "max": 1000, "then": "deny"})))
     # No schema: "7" is a string, not a number the limit can add up: denied, not run.
     script = "\n".join(f'CALL issue_refund {json.dumps(a)}' for a in (
@@ -130,13 +114,13 @@ def test_a_value_a_limit_cannot_add_up_falls_to_the_safer_mode(
 
 
 def test_pending_approvals_hold_their_reservation_and_rejection_gives_it_back(
-        write_policy: Callable[..., Path], effects: Path, engines: list[Engine]) -> None:
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine]) -> None:
     path = write_policy(refund_policy({"per": "day", "max_calls": 2, "then": "deny"}))
-    c = client(engines, path)
+    c = client(gateways, path)
     held = refunds(c, [400, 400])
     assert held == [("pending_approval", None)] * 2
     assert refunds(c, [10], start=5) == [("denied", "limit_exceeded")]
-    eng = engines[0]
+    eng = gateways[0]
     [first, _] = control.list_approvals(eng, "pending")
     control.reject(eng, first["id"], actor="ops")
     assert refunds(c, [10], start=6) == [("executed", None)]

@@ -28,11 +28,10 @@ from .control_cmd import (
     Remote,
     UrlOpt,
     _console,
-    _print_json,
     _short,
     _ts,
     backend,
-    more_hint,
+    listing_table,
 )
 
 actions_app = typer.Typer(no_args_is_help=True,
@@ -115,18 +114,12 @@ def list_cmd(
     time (with --url: those the key's environment may see)."""
     with _executions(policy, url, key) as ex:
         items = ex.list_executions(status, limit, cursor)
-    more_hint(items)
-    if as_json:
-        _print_json(list(items))
+    table = listing_table(items, as_json=as_json, title=f"actions ({status or 'all'})",
+                          key_column="action key", columns=(
+                              "status", "action", "env", "executor", "arguments",
+                              "started (UTC)", "approval", "note"))
+    if table is None:
         return
-    from rich.table import Table
-
-    shown = f"{len(items)}{'+' if items.next_cursor else ''}"
-    table = Table(title=f"actions ({status or 'all'}): {shown}", title_justify="left")
-    table.add_column("action key", no_wrap=True)
-    for col in ("status", "action", "env", "executor", "arguments", "started (UTC)",
-                "approval", "note"):
-        table.add_column(col, overflow="fold")
     colours = {"executed": "green", "failed": "red", "in_doubt": "magenta",
                "started": "yellow"}
     for e in items:

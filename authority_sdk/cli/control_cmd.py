@@ -224,6 +224,24 @@ def more_hint(page: Page) -> None:
         typer.echo(f"more: run again with --cursor {page.next_cursor}", err=True)
 
 
+def listing_table(items: Page, *, as_json: bool, title: str, key_column: str,
+                  columns: tuple[str, ...]) -> Any:
+    """A page as a table with its columns (the caller fills the rows), or, with --json,
+    printed as JSON and ``None``. The next page's cursor goes to stderr either way."""
+    more_hint(items)
+    if as_json:
+        _print_json(list(items))
+        return None
+    from rich.table import Table
+
+    shown = f"{len(items)}{'+' if items.next_cursor else ''}"
+    table = Table(title=f"{title}: {shown}", title_justify="left")
+    table.add_column(key_column, no_wrap=True)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
 def _summary(verb: str, a: dict[str, Any]) -> str:
     line = f"{verb} {a['id']} ({a.get('action_type')}, {a.get('environment')}): {a['status']}"
     if a.get("status") == "approved" and a.get("dispatch") == "client":
@@ -252,18 +270,12 @@ def list_cmd(
     environment may see)."""
     with backend(policy, url, key) as b:
         items = b.list_approvals(status, limit, cursor)
-    more_hint(items)
-    if as_json:
-        _print_json(list(items))
+    table = listing_table(items, as_json=as_json, title=f"approvals ({status or 'all'})",
+                          key_column="id", columns=(
+                              "status", "action", "env", "arguments", "requested by",
+                              "created (UTC)", "decided by"))
+    if table is None:
         return
-    from rich.table import Table
-
-    shown = f"{len(items)}{'+' if items.next_cursor else ''}"
-    table = Table(title=f"approvals ({status or 'all'}): {shown}", title_justify="left")
-    table.add_column("id", no_wrap=True)
-    for col in ("status", "action", "env", "arguments", "requested by", "created (UTC)",
-                "decided by"):
-        table.add_column(col, overflow="fold")
     colours = {"pending": "yellow", "executed": "green", "approved": "green",
                "rejected": "red", "failed": "red", "expired": "dim", "in_doubt": "magenta"}
     for a in items:

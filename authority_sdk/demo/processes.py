@@ -19,7 +19,7 @@ from typing import IO
 
 import httpx
 
-__all__ = ["Child", "ProxyProcess", "free_port", "start_child"]
+__all__ = ["Child", "ProxyProcess", "free_port", "start_child", "start_demo_model"]
 
 
 def free_port() -> int:
@@ -82,6 +82,15 @@ class Child:
             return self.log_path.read_text(errors="replace")[-last:]
         except OSError:
             return ""
+
+
+def start_demo_model(folder: Path) -> Child:
+    """The demo's scripted model (``python -m authority_sdk.demo.model``), logging to
+    ``folder/model.log``."""
+    return start_child("scripted model",
+                       lambda p: [sys.executable, "-m", "authority_sdk.demo.model",
+                                  "--port", str(p)],
+                       folder / "model.log", ready_path="/v1/models")
 
 
 def start_child(name: str, make_command: Callable[[int], list[str]], log_path: Path, *,

@@ -25,7 +25,7 @@ from rich.markup import escape
 from ..errors import PolicyError
 from .config import DemoKeys, examples_dir, make_folder, pick_keys, write_policy
 from .output import StepTable
-from .processes import Child, start_child
+from .processes import Child, start_child, start_demo_model
 from .steps import Walkthrough
 
 if TYPE_CHECKING:
@@ -106,10 +106,7 @@ def _run(con: Console, examples: Path, base: Path, folder: Path, keep: bool) -> 
                            "--port", str(p)],
                 folder / "receiver.log", ready_path="/received")
             stack.callback(receiver.stop)
-            model = start_child(
-                "scripted model",
-                lambda p: [sys.executable, "-m", "authority_sdk.demo.model", "--port", str(p)],
-                folder / "model.log", ready_path="/v1/models")
+            model = start_demo_model(folder)
             stack.callback(model.stop)
             policy_path, pol, secrets = write_policy(base, folder, model_url=model.url,
                                                      receiver_url=receiver.url)

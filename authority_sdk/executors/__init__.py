@@ -11,8 +11,8 @@ an executor only runs it, once per call, and reports what happened:
 - ``log`` — one line on the ``authority.executor`` logger (no side effects).
 
 ``execute``/``aexecute`` never raise for a downstream failure: they return
-``ExecutionResult(ok=False, error=...)``; ``retryable`` is set only when
-nothing reached the downstream system. ``describe`` shows what ``execute``
+``ExecutionResult(ok=False, error=...)``, whose error says when nothing reached
+the downstream system. ``describe`` shows what ``execute``
 would send, for ``simulation_only``, without sending anything.
 
 Importing this package is cheap: httpx and smtplib are imported by the

@@ -23,22 +23,15 @@ MASK = "***"
 
 @dataclass(frozen=True)
 class ExecutionResult:
-    """The outcome of one execution attempt.
-
-    ``retryable`` is True only when nothing reached the downstream system and
-    the failure may be transient (connection refused, connect timeout), so a
-    retry cannot duplicate the action. The engine decides whether to retry;
-    executors never retry on their own.
-    """
+    """The outcome of one execution attempt. Executors never retry on their own; an error
+    says whether anything reached the downstream system ("nothing was sent")."""
 
     ok: bool
     result: Any
     error: str | None = None
-    retryable: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "result": self.result, "error": self.error,
-                "retryable": self.retryable}
+        return {"ok": self.ok, "result": self.result, "error": self.error}
 
 
 @runtime_checkable
@@ -131,7 +124,7 @@ def scrub(result: ExecutionResult, masks: dict[str, str]) -> ExecutionResult:
     body = value(result.result)
     if error == result.error and body == result.result:
         return result
-    return ExecutionResult(result.ok, body, error, result.retryable)
+    return ExecutionResult(result.ok, body, error)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -273,10 +273,7 @@ class SmtpActionExecutor:
         if delivering:
             return ExecutionResult(False, None, f"{where} {what} while sending; "
                                    "the email may have been delivered")
-        transient = isinstance(exc, smtplib.SMTPConnectError | smtplib.SMTPServerDisconnected) or (
-            not isinstance(exc, smtplib.SMTPException | ssl.SSLError))
-        return ExecutionResult(False, None, f"email not sent: {where} {what}",
-                               retryable=transient)
+        return ExecutionResult(False, None, f"email not sent: {where} {what}")
 
 
 def _goodbye(smtp: smtplib.SMTP) -> None:

@@ -161,14 +161,14 @@ class WebhookActionExecutor:
         timeout = fmt_seconds(self.config.timeout_s)
         if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
             return ExecutionResult(False, None, f"webhook timed out after {timeout} "
-                                   "while connecting (nothing was sent)", retryable=True)
+                                   "while connecting (nothing was sent)")
         if isinstance(exc, httpx.TimeoutException):
             # The receiver may have acted on the request: only the engine,
             # knowing the downstream is idempotent, may decide to resend.
             return ExecutionResult(False, None, f"webhook timed out after {timeout}")
         if isinstance(exc, httpx.ConnectError):
             return ExecutionResult(False, None, f"webhook unreachable (nothing was sent): "
-                                   f"{exc_text(exc)}", retryable=True)
+                                   f"{exc_text(exc)}")
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
             return ExecutionResult(False, None, f"webhook url is invalid: {exc_text(exc)}")
         return ExecutionResult(False, None, f"webhook request failed: {exc_text(exc)}")

@@ -11,15 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-from authority_sdk.demo.processes import Child, start_child
+from authority_sdk.demo.processes import Child, start_child, start_demo_model
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    log = tmp_path_factory.mktemp("model") / "model.log"
-    child = start_child("demo model",
-                        lambda p: [sys.executable, "-m", "authority_sdk.demo.model",
-                                   "--port", str(p)], log, ready_path="/v1/models")
+    child = start_demo_model(tmp_path_factory.mktemp("model"))
     yield child
     child.stop()
     assert not child.alive()

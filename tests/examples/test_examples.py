@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from authority_sdk.demo.config import pick_keys, write_policy
-from authority_sdk.demo.processes import Child, ProxyProcess, start_child
+from authority_sdk.demo.processes import Child, ProxyProcess, start_child, start_demo_model
 from authority_sdk.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,10 +41,7 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    log = tmp_path_factory.mktemp("model") / "model.log"
-    child = start_child("demo model",
-                        lambda p: [sys.executable, "-m", "authority_sdk.demo.model",
-                                   "--port", str(p)], log, ready_path="/v1/models")
+    child = start_demo_model(tmp_path_factory.mktemp("model"))
     yield child
     child.stop()
 

@@ -31,8 +31,8 @@ from authority_sdk import (
     gated_async_http_client,
     gated_http_client,
 )
+from authority_sdk.demo.processes import ProxyProcess
 from authority_sdk.engine import Gateway
-from proxy.server import ProxyProcess
 
 OPENAI_MAJOR = int(openai.__version__.split(".")[0])
 
@@ -135,3 +135,11 @@ def say(text: str) -> str:
 
 def call(name: str, args: str) -> str:
     return f"CALL {name} {args}"
+
+
+# One call per policy outcome the gateway settles itself: none may reach the app's tools.
+GATED_CALLS = pytest.mark.parametrize(("script", "status"), [
+    (call("tag_ticket", '{"ticket": 7}'), "executed"),
+    (call("send_note", '{"text": "hi"}'), "pending_approval"),
+    (call("delete_account", '{"id": 1}'), "denied"),
+])

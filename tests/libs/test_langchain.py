@@ -10,7 +10,7 @@ from typing import Any
 
 import openai
 import pytest
-from libs_env import Door, call, need, say
+from libs_env import GATED_CALLS, Door, call, need, say
 from pydantic import BaseModel
 
 pytestmark = pytest.mark.libs
@@ -51,11 +51,7 @@ def test_denied_request_raises_the_openai_error(door: Door) -> None:
     assert ei.value.code == "model_not_allowed"
 
 
-@pytest.mark.parametrize(("script", "status"), [
-    (call("tag_ticket", '{"ticket": 7}'), "executed"),
-    (call("send_note", '{"text": "hi"}'), "pending_approval"),
-    (call("delete_account", '{"id": 1}'), "denied"),
-])
+@GATED_CALLS
 def test_withheld_calls_leave_a_record_in_the_answer(door: Door, script: str,
                                                     status: str) -> None:
     tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}

@@ -10,7 +10,7 @@ from typing import Any
 
 import openai
 import pytest
-from libs_env import Door, call, need, say
+from libs_env import GATED_CALLS, Door, call, need, say
 from pydantic import BaseModel
 
 pytestmark = pytest.mark.libs
@@ -70,11 +70,7 @@ def test_function_agent_runs_the_apps_own_tool(door: Door) -> None:
     assert ran == [7] and out == "I have the results: done."
 
 
-@pytest.mark.parametrize(("script", "status"), [
-    (call("tag_ticket", '{"ticket": 7}'), "executed"),
-    (call("send_note", '{"text": "hi"}'), "pending_approval"),
-    (call("delete_account", '{"id": 1}'), "denied"),
-])
+@GATED_CALLS
 def test_gateway_handled_calls_never_reach_the_apps_tools(door: Door, script: str,
                                                          status: str) -> None:
     tools = need("llama_index.core.tools")

@@ -38,6 +38,25 @@ def sha(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# Keys bound to one environment (and one unbound of each role), for scoping tests.
+DEV_APPROVER = "sk-dev-approver-0123456789"
+PROD_ADMIN = "sk-prod-admin-0123456789"
+DEV_ADMIN = "sk-dev-admin-0123456789"
+SCOPED_KEYS = [
+    {"name": "support-agent", "secret_env": "PX_AGENT_KEY", "environment": "prod",
+     "roles": ["agent"]},
+    {"name": "dev-agent", "secret_env": "PX_DEV_KEY", "environment": "dev"},
+    {"name": "approver", "secret_sha256": sha(APPROVER_KEY), "roles": ["approver"]},
+    {"name": "ops-admin", "secret_sha256": sha(ADMIN_KEY), "roles": ["admin"]},
+    {"name": "dev-approver", "secret_sha256": sha(DEV_APPROVER), "environment": "dev",
+     "roles": ["approver"]},
+    {"name": "prod-admin", "secret_sha256": sha(PROD_ADMIN), "environment": "prod",
+     "roles": ["admin"]},
+    {"name": "dev-admin", "secret_sha256": sha(DEV_ADMIN), "environment": "dev",
+     "roles": ["admin", "approver"]},
+]
+
+
 def write_proxy_policy(upstream: ScriptedServer, directory: Path,
                        overrides: dict[str, Any] | None = None) -> Path:
     data = deep_merge(BASE_POLICY, {

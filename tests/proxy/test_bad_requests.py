@@ -1,7 +1,7 @@
 """Malformed and hostile request bodies, through both doors: a 400 in OpenAI's shape,
 audited (the caller is known), with bounded echoes; never a 500.
 
-The proxy is the real ``authority serve``; the SDK door is ``AuthorityTransport``
+The proxy is the real ``authority serve``; the SDK door is the gated httpx transport
 under a plain ``httpx.Client``, which receives exactly the bytes given.
 """
 
@@ -18,7 +18,7 @@ from helpers import ScriptedServer, write_policy_file
 from proxy_env import AGENT_KEY, RunningProxy, start_proxy
 
 from authority_sdk.engine import Engine
-from authority_sdk.transport import AuthorityTransport
+from authority_sdk.transport import transport_classes
 from authority_sdk.wire import Caller
 
 OK = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -87,7 +87,8 @@ def sdk_http(upstream: ScriptedServer, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[tuple[httpx.Client, Path]]:
     folder = tmp_path_factory.mktemp("sdk-bad")
     engine = Engine(write_policy_file(folder, upstream))
-    transport = AuthorityTransport(engine, Caller("sdk", "prod"))
+    sync_transport, _ = transport_classes("httpx")
+    transport = sync_transport(engine, Caller("sdk", "prod"))
     with httpx.Client(transport=transport, base_url=upstream.base_url) as http:
         yield http, folder / "audit.jsonl"
     engine.close()

@@ -133,8 +133,13 @@ def test_the_audit_api_renders_any_line(px: RunningProxy) -> None:
         assert invalid[-1]["invalid_line"].startswith('{"torn"')
         entries = [e for e in data if not e.get("invalid_line")]
         models = [e["model"] for e in entries if e.get("model")]
-        assert "gpt\\ud800" in models  # escaped, visible, and the page did not fail
-        assert any(m.startswith("mmmm") and m.endswith("…[+45904 chars]") for m in models)
+        # A lone surrogate in the body is refused by the strict parser, before any field is
+        # read: the entry says why, and never carries the unencodable model name.
+        assert any((e.get("details") or {}).get("code") == "invalid_request"
+                   and "surrogate" in (e.get("reason") or "") for e in entries)
+        # So is a 50,000-character model name, by its bound; the log never holds it.
+        assert any("1 to 256 characters" in (e.get("reason") or "") for e in entries)
+        assert not any(m.startswith("mmmm") for m in models)
         mine = next(e for e in entries if e.get("actor") == "test")
         assert mine["details"]["lone"] == "\\udc80"
         assert mine["details"]["html"] == "<img src=x onerror=alert(1)>"  # data, as data

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from helpers import ScriptedServer, tool, user
+from helpers import ScriptedServer, concurrently, tool, user
 from proxy_env import (
     ADMIN_KEY,
     AGENT_KEY,
@@ -256,22 +255,8 @@ def test_sixteen_concurrent_requests_with_one_key_make_one_upstream_call(
         px: RunningProxy) -> None:
     body = {"model": "gpt-4o-mini", "messages": user("SLEEP 0.5\nSAY once only")}
     before = px.upstream_stats()["chat_requests"]
-    results: list[httpx.Response] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(16)
-
-    def call() -> None:
-        barrier.wait()
-        r = px.http("POST", "/v1/chat/completions", AGENT_KEY, json=body,
-                    headers={"Idempotency-Key": "order-16"})
-        with lock:
-            results.append(r)
-
-    threads = [threading.Thread(target=call) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = concurrently(lambda: px.http("POST", "/v1/chat/completions", AGENT_KEY,
+                                           json=body, headers={"Idempotency-Key": "order-16"}))
     assert px.upstream_stats()["chat_requests"] - before == 1
     ok = [r for r in results if r.status_code == 200]
     busy = [r for r in results if r.status_code == 409]

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ScriptedServer, user
+from helpers import ScriptedServer, concurrently, user
 from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, DEV_KEY, start_proxy
 
 from authority_sdk.audit import verify
@@ -60,21 +60,10 @@ def test_two_workers_share_idempotency_kill_switch_approvals_and_metrics(
         _wait_until(lambda: px.process.output().count("Application startup complete") >= 2)
         before = px.upstream_stats()["chat_requests"]
         body = {"model": "gpt-4o-mini", "messages": user("SLEEP 0.3\nSAY shared")}
-        results: list[httpx.Response] = []
-        lock = threading.Lock()
-
-        def call() -> None:
-            # A fresh connection each time, so the kernel spreads them over both workers.
-            r = px.http("POST", "/v1/chat/completions", AGENT_KEY, json=body,
-                        headers={"Idempotency-Key": "two-workers"})
-            with lock:
-                results.append(r)
-
-        threads = [threading.Thread(target=call) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # A fresh connection each time, so the kernel spreads them over both workers.
+        results = concurrently(lambda: px.http("POST", "/v1/chat/completions", AGENT_KEY,
+                                               json=body,
+                                               headers={"Idempotency-Key": "two-workers"}))
         assert px.upstream_stats()["chat_requests"] - before == 1
         assert {r.status_code for r in results} <= {200, 409}
         assert len({r.json()["authority"]["request_id"] for r in results

@@ -17,7 +17,17 @@ import schemathesis
 from helpers import ScriptedServer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
-from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, DEV_KEY, RunningProxy, sha, start_proxy
+from proxy_env import (
+    ADMIN_KEY,
+    AGENT_KEY,
+    APPROVER_KEY,
+    DEV_APPROVER,
+    DEV_KEY,
+    PROD_ADMIN,
+    SCOPED_KEYS,
+    RunningProxy,
+    start_proxy,
+)
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -29,32 +39,19 @@ from schemathesis.specs.openapi.checks import (
 
 pytestmark = pytest.mark.slow
 
-DEV_APPROVER = "sk-st-dev-approver-0123"
-PROD_ADMIN = "sk-st-prod-admin-0123"
 ROLES: dict[str, str | None] = {
     "agent": AGENT_KEY, "dev-agent": DEV_KEY, "approver": APPROVER_KEY,
     "dev-approver": DEV_APPROVER, "admin": ADMIN_KEY, "prod-admin": PROD_ADMIN,
     "no-key": None}
 EXAMPLES = 12
 
-KEYS = [
-    {"name": "support-agent", "secret_env": "PX_AGENT_KEY", "environment": "prod",
-     "roles": ["agent"]},
-    {"name": "dev-agent", "secret_env": "PX_DEV_KEY", "environment": "dev"},
-    {"name": "approver", "secret_sha256": sha(APPROVER_KEY), "roles": ["approver"]},
-    {"name": "ops-admin", "secret_sha256": sha(ADMIN_KEY), "roles": ["admin"]},
-    {"name": "dev-approver", "secret_sha256": sha(DEV_APPROVER), "environment": "dev",
-     "roles": ["approver"]},
-    {"name": "prod-admin", "secret_sha256": sha(PROD_ADMIN), "environment": "prod",
-     "roles": ["admin"]},
-]
 
 
 @pytest.fixture(scope="module")
 def px(upstream: ScriptedServer, tmp_path_factory: pytest.TempPathFactory
        ) -> Iterator[RunningProxy]:
     with start_proxy(upstream, tmp_path_factory.mktemp("schemathesis"),
-                     overrides={"keys": KEYS}) as rp:
+                     overrides={"keys": SCOPED_KEYS}) as rp:
         yield rp
 
 

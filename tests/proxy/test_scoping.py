@@ -18,9 +18,12 @@ from proxy_env import (
     ADMIN_KEY,
     AGENT_KEY,
     APPROVER_KEY,
+    DEV_ADMIN,
+    DEV_APPROVER,
     DEV_KEY,
+    PROD_ADMIN,
+    SCOPED_KEYS,
     RunningProxy,
-    sha,
     start_proxy,
 )
 from typer.testing import CliRunner
@@ -29,24 +32,8 @@ from authority_sdk.cli import control_cmd
 from authority_sdk.policy import load_policy
 from proxy.auth import KeyRing
 
-DEV_APPROVER = "sk-dev-approver-0123456789"
-PROD_ADMIN = "sk-prod-admin-0123456789"
-DEV_ADMIN = "sk-dev-admin-0123456789"
 TOOLS = [tool("send_note", {"text": {"type": "string"}})]
 
-SCOPED_KEYS = [
-    {"name": "support-agent", "secret_env": "PX_AGENT_KEY", "environment": "prod",
-     "roles": ["agent"]},
-    {"name": "dev-agent", "secret_env": "PX_DEV_KEY", "environment": "dev"},
-    {"name": "approver", "secret_sha256": sha(APPROVER_KEY), "roles": ["approver"]},
-    {"name": "ops-admin", "secret_sha256": sha(ADMIN_KEY), "roles": ["admin"]},
-    {"name": "dev-approver", "secret_sha256": sha(DEV_APPROVER), "environment": "dev",
-     "roles": ["approver"]},
-    {"name": "prod-admin", "secret_sha256": sha(PROD_ADMIN), "environment": "prod",
-     "roles": ["admin"]},
-    {"name": "dev-admin", "secret_sha256": sha(DEV_ADMIN), "environment": "dev",
-     "roles": ["admin", "approver"]},
-]
 # dev asks for approval too (no forced simulation), so both environments have approvals.
 OVERRIDES: dict[str, Any] = {"environments": {"dev": {"force_mode": None}},
                              "keys": SCOPED_KEYS}
