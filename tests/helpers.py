@@ -200,7 +200,58 @@ class AuditSinkBackend:
         pass
 
 
-AUDIT_SINKS: dict[str, Callable[[Path], AuditSinkBackend]] = {"file": AuditSinkBackend}
+class PostgresAuditBackend(AuditSinkBackend):
+    """The audit table in a fresh, migrated schema on the test server; dropped by
+    ``cleanup``."""
+
+    name = "postgres"
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.pg = PostgresBackend(directory)
+        self.dsn = self.pg.dsn
+
+    def open(self, **options: Any) -> Any:
+        from authority_sdk.audit.postgres import PgAuditSink
+
+        options.setdefault("fsync", False)
+        return PgAuditSink(self.dsn, **options)
+
+    def policy_overrides(self) -> dict[str, Any]:
+        return {**self.pg.policy_overrides(), "audit": {"backend": "postgres"}}
+
+    def _sql(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def raw_entries(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(raw) for (raw,) in
+                self._sql("SELECT entry FROM authority_audit ORDER BY seq")]
+
+    def append_raw(self, entry: dict[str, Any]) -> None:
+        import json
+
+        self._sql("INSERT INTO authority_audit (seq, entry) VALUES (%s, %s)",
+                  (entry["seq"], json.dumps(entry, separators=(",", ":"))))
+
+    def drop_last(self, n: int) -> None:
+        self._sql("DELETE FROM authority_audit WHERE seq IN (SELECT seq FROM authority_audit "
+                  "ORDER BY seq DESC LIMIT %s)", (n,))
+
+    def delete_all(self) -> None:
+        self._sql("DELETE FROM authority_audit")
+
+    def cleanup(self) -> None:
+        self.pg.cleanup()
+
+
+AUDIT_SINKS: dict[str, Callable[[Path], AuditSinkBackend]] = {
+    "file": AuditSinkBackend, "postgres": PostgresAuditBackend}
 
 
 # -- state backends: every store test runs on each -----------------------------------------

@@ -84,6 +84,14 @@ CREATE TABLE authority_audit_head (
     hash text NOT NULL
 );
 """),
+    # The audit chain of every replica in one table (audit.backend: postgres): appends are
+    # serialised by an advisory lock in the appending transaction.
+    (2, """
+CREATE TABLE authority_audit (
+    seq bigint PRIMARY KEY,
+    entry text NOT NULL
+);
+"""),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
