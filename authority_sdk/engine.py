@@ -476,7 +476,7 @@ class Engine:
             "idempotency": ({"key": ctx.idem_key, "replayed": False} if ctx.idem_key
                             else None),
             "actions": [o.to_dict() for o in outcomes],
-            "followup_messages": followups,
+            ctx.fmt.followups_field: followups,
         }
         if ctx.takeover_answer is not None:
             authority["recovered_from"] = ctx.claim.record.get("takeover_of") if ctx.claim \
@@ -638,6 +638,8 @@ def _mark_replayed(body: bytes, original_id: Any, stream: bool) -> bytes:
             if event.startswith(b"data: {") and b'"authority"' in event:
                 chunk = json.loads(event[6:])
                 auth = chunk.get("authority")
+                if auth is None and isinstance(chunk.get("response"), dict):
+                    auth = chunk["response"].get("authority")  # Responses: the final event
                 if isinstance(auth, dict):
                     auth["idempotency"] = {**(auth.get("idempotency") or {}), "replayed": True}
                     auth["original_request_id"] = original_id

@@ -1,4 +1,4 @@
-"""A scripted local model that answers like the OpenAI chat-completions API.
+"""A scripted local model that answers like the OpenAI chat-completions and Responses APIs.
 
 The demo and the tests replace the LLM with it: no API key, no network. What it
 answers is scripted by directives in the last user message, one per line:
@@ -14,10 +14,16 @@ answers is scripted by directives in the last user message, one per line:
                                          tool_calls_object (tool_calls as an object),
                                          no_choices (no "choices" at all)
     FUNCTION_CALL <name> <json>          answer with a legacy ``function_call``
+    CUSTOM <name> <text>                 (Responses) a custom tool call with this input
+    REASON <text>                        (Responses) a reasoning item before the rest
+    ITEM <json>                          (Responses) this output item, as it is
 
 ``{nonce}`` anywhere in a CALL's arguments becomes a fresh random word in every
 answer, as a model words the same action differently each time it is asked.
 With ``n`` > 1 the same answer comes back in every choice.
+
+``POST /v1/responses`` speaks the Responses API with the same directives (read
+from ``input``: the string, or the last user message item), JSON or SSE events.
 
 Anything else gets a short friendly answer. When the conversation ends with
 ``tool`` messages (an agent loop sending results back), it answers in words with
@@ -52,7 +58,8 @@ MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano"]
 def parse_script(text: str) -> dict[str, Any]:
     script: dict[str, Any] = {"calls": [], "say": [], "sleep": 0.0, "fail": None,
                               "garbage": False, "completion_tokens": None, "shape": None,
-                              "function_call": None}
+                              "function_call": None, "custom": [], "reason": None,
+                              "items": []}
     for raw in text.splitlines():
         line = raw.strip()
         word, _, rest = line.partition(" ")
@@ -71,6 +78,13 @@ def parse_script(text: str) -> dict[str, Any]:
             script["completion_tokens"] = int(rest)
         elif word == "SHAPE":
             script["shape"] = rest.strip()
+        elif word == "CUSTOM":
+            name, _, text = rest.strip().partition(" ")
+            script["custom"].append((name, text))
+        elif word == "REASON":
+            script["reason"] = rest
+        elif word == "ITEM":
+            script["items"].append(json.loads(rest))
         elif word == "FUNCTION_CALL":
             name, _, args = rest.strip().partition(" ")
             script["function_call"] = (name, args.strip() or "{}")
@@ -200,6 +214,32 @@ class ScriptedModel:
                      for i in range(len(items))],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
+    async def responses(self, request: Request) -> Response:
+        body = await request.json()
+        with self._lock:
+            self.chat_requests += 1
+            self.last_request = {"headers": dict(request.headers), "body": body}
+        items = body.get("input")
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else items or []
+        outputs = [{"role": "tool", "content": i.get("output")} for i in items
+                   if i.get("type") in ("function_call_output", "custom_tool_call_output")]
+        summary = summarise_tool_results(outputs) if items and items[-1].get("type") in (
+            "function_call_output", "custom_tool_call_output") else None
+        script = parse_script("SAY " + summary if summary else _last_user_text(
+            [{"role": i.get("role"), "content": _item_text(i.get("content"))} for i in items
+             if i.get("role") == "user"]))
+        if script["sleep"]:
+            await asyncio.sleep(script["sleep"])
+        if script["fail"]:
+            return JSONResponse({"error": {"message": "scripted failure", "type": "server_error",
+                                           "code": None}}, status_code=script["fail"])
+        if script["garbage"]:
+            return Response(b"<html>not json", media_type="application/json")
+        answer = _response_answer(body, script)
+        if body.get("stream"):
+            return StreamingResponse(_events(answer), media_type="text/event-stream")
+        return JSONResponse(answer)
+
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "scripted"} for m in MODELS]})
@@ -241,12 +281,112 @@ async def _chunks(cid: str, created: int, model: str, content: str,
     yield b"data: [DONE]\n\n"
 
 
+def _item_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _response_answer(body: dict[str, Any], script: dict[str, Any]) -> dict[str, Any]:
+    from .formats.responses import Responses
+    from .tokens import default_counter
+
+    model = body.get("model", "gpt-4o-mini")
+    rid = "resp_" + uuid.uuid4().hex[:24]
+    output: list[dict[str, Any]] = []
+    if script["reason"] is not None:
+        output.append({"type": "reasoning", "id": "rs_" + uuid.uuid4().hex[:16],
+                       "summary": [{"type": "summary_text", "text": script["reason"]}]})
+    content = " ".join(script["say"])
+    if not content and not (script["calls"] or script["custom"] or script["items"]):
+        content = "Hello from the scripted model."
+    if content:
+        output.append({"type": "message", "id": "msg_" + uuid.uuid4().hex[:16],
+                       "role": "assistant", "status": "completed", "content": [
+                           {"type": "output_text", "text": content, "annotations": []}]})
+    for name, args in script["calls"]:
+        output.append({"type": "function_call", "id": "fc_" + uuid.uuid4().hex[:16],
+                       "call_id": "call_" + uuid.uuid4().hex[:12], "name": name,
+                       "arguments": args.replace("{nonce}", uuid.uuid4().hex[:8]),
+                       "status": "completed"})
+    for name, text in script["custom"]:
+        output.append({"type": "custom_tool_call", "id": "ctc_" + uuid.uuid4().hex[:16],
+                       "call_id": "call_" + uuid.uuid4().hex[:12], "name": name,
+                       "input": text})
+    output.extend(script["items"])
+    try:
+        prompt = default_counter.count_request(
+            model, Responses().from_data(body).count_body()).tokens
+    except Exception:  # a request the gateway would refuse: a rough count will do
+        prompt = len(json.dumps(body.get("input"))) // 4
+    completion = script["completion_tokens"] or max(1, len(json.dumps(output)) // 16)
+    return {"id": rid, "object": "response", "created_at": int(time.time()),
+            "status": "completed", "model": model, "output": output,
+            "parallel_tool_calls": True, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [], "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": completion,
+                      "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": prompt + completion}}
+
+
+async def _events(answer: dict[str, Any]) -> AsyncIterator[bytes]:
+    """A Responses stream as OpenAI sends it: text and arguments in small deltas."""
+    n = 0
+
+    def ev(obj: dict[str, Any]) -> bytes:
+        nonlocal n
+        obj["sequence_number"] = n
+        n += 1
+        return (f"event: {obj['type']}\n").encode() + b"data: " + json.dumps(obj).encode() \
+            + b"\n\n"
+
+    start = {**answer, "status": "in_progress", "output": [], "usage": None}
+    yield ev({"type": "response.created", "response": start})
+    yield ev({"type": "response.in_progress", "response": start})
+    for i, item in enumerate(answer["output"]):
+        kind = item.get("type")
+        base = {"item_id": item.get("id"), "output_index": i}
+        if kind == "message":
+            yield ev({"type": "response.output_item.added", "output_index": i,
+                      "item": {**item, "content": [], "status": "in_progress"}})
+            part = {"type": "output_text", "text": "", "annotations": []}
+            yield ev({"type": "response.content_part.added", **base, "content_index": 0,
+                      "part": part})
+            text = item["content"][0]["text"]
+            words = text.split(" ")
+            for j, w in enumerate(words):
+                yield ev({"type": "response.output_text.delta", **base, "content_index": 0,
+                          "delta": w if j == 0 else " " + w, "logprobs": []})
+                await asyncio.sleep(0)
+            yield ev({"type": "response.output_text.done", **base, "content_index": 0,
+                      "text": text, "logprobs": []})
+            yield ev({"type": "response.content_part.done", **base, "content_index": 0,
+                      "part": item["content"][0]})
+        elif kind == "function_call":
+            yield ev({"type": "response.output_item.added", "output_index": i,
+                      "item": {**item, "arguments": "", "status": "in_progress"}})
+            args = item["arguments"]
+            for j in range(0, len(args), 5):
+                yield ev({"type": "response.function_call_arguments.delta", **base,
+                          "delta": args[j:j + 5]})
+            yield ev({"type": "response.function_call_arguments.done", **base,
+                      "arguments": args})
+        else:
+            yield ev({"type": "response.output_item.added", "output_index": i, "item": item})
+        yield ev({"type": "response.output_item.done", "output_index": i, "item": item})
+    yield ev({"type": "response.completed", "response": answer})
+
+
 def build_app(model: ScriptedModel | None = None) -> Starlette:
     m = model or ScriptedModel()
     app = Starlette(routes=[
         Route("/v1/chat/completions", m.chat, methods=["POST"]),
         Route("/v1/models", m.models, methods=["GET"]),
         Route("/v1/embeddings", m.embeddings, methods=["POST"]),
+        Route("/v1/responses", m.responses, methods=["POST"]),
         Route("/_stats", m.stats, methods=["GET"]),
     ])
     app.state.model = m

@@ -306,6 +306,11 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     async def embeddings(request: Request, ident: Agent) -> Response:
         return await chat_completions(request, ident)
 
+    @app.post("/v1/responses", tags=["openai"], responses=_CHAT_ERRORS,
+              summary="The Responses API (streaming or not), gated like chat completions")
+    async def responses(request: Request, ident: Agent) -> Response:
+        return await chat_completions(request, ident)
+
     @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_ERRORS,
              summary="The models the caller's environment allows")
     async def list_models(ident: Agent) -> dict[str, Any]:

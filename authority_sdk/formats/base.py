@@ -61,6 +61,7 @@ class Call:
     name: str
     arguments: str  # JSON text as the model wrote it (custom tools: {"input": text})
     problem: str | None = None  # a shape the gateway cannot read: denied as invalid
+    problem_code: str | None = None  # the denial's code (default: invalid_arguments)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class StreamAssembler(Protocol):
 class WireFormat(Protocol):
     name: str
     path: str  # the API path it serves, e.g. "/chat/completions"
+    followups_field: str  # where ``authority`` carries what an aware app sends next
 
     def parse(self, body: bytes) -> ParsedRequest:
         """Strictly parse and validate a request; ``InvalidRequest`` on anything wrong."""

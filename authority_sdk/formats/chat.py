@@ -22,7 +22,7 @@ from ..records import ActionOutcome, ActionStatus
 from .base import Answer, Call, ParsedRequest
 from .sse import sse
 
-__all__ = ["ChatCompletions", "summary_line"]
+__all__ = ["ChatCompletions", "followup_payload", "summary_line"]
 
 MAX_MODEL_CHARS = 256
 MAX_NAME_CHARS = 256
@@ -164,6 +164,7 @@ def _read_function_call(choice: int, position: int, raw: Any) -> Call:
 class ChatCompletions:
     name = "chat.completions"
     path = "/chat/completions"
+    followups_field = "followup_messages"
 
     # -- requests ---------------------------------------------------------------------
 
@@ -320,7 +321,7 @@ class ChatCompletions:
         for o in mine:
             if o.status == ActionStatus.ALLOWED:
                 continue
-            content = json.dumps(_followup_payload(o, redact_names), default=str)
+            content = json.dumps(followup_payload(o, redact_names), default=str)
             if o.call_kind == "function_call":
                 msgs.append({"role": "function", "name": o.action_type, "content": content})
             else:
@@ -357,7 +358,7 @@ class ChatCompletions:
         yield b"data: [DONE]\n\n"
 
 
-def _followup_payload(o: ActionOutcome, redact_names: list[str]) -> dict[str, Any]:
+def followup_payload(o: ActionOutcome, redact_names: list[str]) -> dict[str, Any]:
     payload: dict[str, Any] = {"status": o.status}
     if o.status == ActionStatus.EXECUTED:
         payload["result"] = o.result

@@ -51,6 +51,7 @@ def _inputs(value: Any) -> list[str | list[int]]:
 class Embeddings:
     name = "embeddings"
     path = "/embeddings"
+    followups_field = "followup_messages"
 
     def parse(self, body: bytes) -> ParsedRequest:
         try:
