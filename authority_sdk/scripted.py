@@ -365,7 +365,7 @@ async def _events(answer: dict[str, Any]) -> AsyncIterator[bytes]:
                       "text": text, "logprobs": []})
             yield ev({"type": "response.content_part.done", **base, "content_index": 0,
                       "part": item["content"][0]})
-        elif kind == "function_call":
+        elif kind == "function_call" and isinstance(item.get("arguments"), str):
             yield ev({"type": "response.output_item.added", "output_index": i,
                       "item": {**item, "arguments": "", "status": "in_progress"}})
             args = item["arguments"]
