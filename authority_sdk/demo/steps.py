@@ -25,12 +25,13 @@ __all__ = ["Step", "Walkthrough"]
 
 MODEL = "gpt-4o-mini"
 
-REFUND_TOOL = {"type": "function", "function": {
+REFUND_FUNCTION: dict[str, Any] = {
     "name": "issue_refund",
     "description": "Refund part or all of an order.",
     "parameters": {"type": "object", "properties": {
         "order_id": {"type": "string"}, "amount": {"type": "number"}},
-        "required": ["order_id", "amount"]}}}
+        "required": ["order_id", "amount"]}}
+REFUND_TOOL = {"type": "function", "function": REFUND_FUNCTION}
 
 
 @dataclass
@@ -350,7 +351,7 @@ class Walkthrough:
                           for o, a in (("A-1008", 20), ("A-1009", 300)))
         r = self.http.post(f"{self.proxy}/v1/responses", json={
             "model": MODEL, "input": f"Refund both orders.\n{calls}",
-            "tools": [{"type": "function", **REFUND_TOOL["function"]}]},
+            "tools": [{"type": "function", **REFUND_FUNCTION}]},
             headers={"Authorization": f"Bearer {self.keys.agent.secret}"})
         if r.status_code != 200:
             raise AssertionError(f"HTTP {r.status_code} {_error_code(r)}: {_error_message(r)}")
