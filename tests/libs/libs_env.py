@@ -31,8 +31,8 @@ from authority_sdk import (
     gated_async_http_client,
     gated_http_client,
 )
+from authority_sdk.demo.processes import ProxyProcess
 from authority_sdk.engine import Gateway
-from proxy.server import ProxyProcess
 
 OPENAI_MAJOR = int(openai.__version__.split(".")[0])
 
