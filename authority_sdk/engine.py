@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import admission, idempotency
+from . import admission, idempotency, served
 from .actions import AuditQueue, GateInput, gate_d, kill_engaged
 from .audit import AuditLog
 from .costs import CostPlan, plan_d, release_d, settle_d
@@ -237,12 +237,14 @@ class Engine:
                 raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}",
                                         decided_by=f"kill_switch:{kill['scope']}")
             admission.check_model(self.policy, ctx.environment, ctx.model)
+            yield from fmt.prepare_d(parsed, caller=ctx.caller.name,
+                                     environment=ctx.environment)
             key_cfg = self._keys.get(ctx.caller.name)
             ctx.plan = yield from plan_d(self.policy, ctx.environment,
                                          key_cfg.budget if key_cfg else None, ctx.caller.name,
                                          parsed, prices=self.prices, counter=self.counter)
-            ctx.upstream_body = fmt.upstream_body(parsed, req.body,
-                                                  changed=ctx.plan.injected_limit)
+            ctx.upstream_body = fmt.upstream_body(
+                parsed, req.body, changed=ctx.plan.injected_limit or parsed.rewritten)
             return ctx
         except AuthorityError as exc:
             return (yield from self._deny_early_d(ctx, exc))
@@ -486,6 +488,11 @@ class Engine:
                 "the audit log could not be written after an action took effect: its entries "
                 "are kept in the state store and written as soon as the log is writable; the "
                 "gateway takes no new request until then"]
+        with contextlib.suppress(AuthorityError):
+            # Without its record a continuation is refused as unknown: failing closed.
+            yield from ctx.fmt.record_d(answer, authority, caller=ctx.caller.name,
+                                        environment=ctx.environment,
+                                        ttl_s=self.policy.defaults.served_response_ttl_s)
         return authority
 
     def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
@@ -518,6 +525,21 @@ class Engine:
                 exc = inner
         body = error_response(exc, request_id=ctx.request_id).body
         return b"data: " + body + b"\n\n"
+
+    # -- stored responses (GET /v1/responses/{id}) ----------------------------------------
+
+    def stored_response(self, req: GatewayRequest) -> GatewayResponse:
+        return run(self._stored_d(req), self.runtime)
+
+    async def astored_response(self, req: GatewayRequest) -> GatewayResponse:
+        return await arun(self._stored_d(req), self.runtime)
+
+    def _stored_d(self, req: GatewayRequest) -> Decision[GatewayResponse]:
+        rid = served.response_id_of(req.path)
+        if rid is None:
+            return error_response(InvalidRequest("not a stored response's path"))
+        return (yield from served.stored_response_d(rid, caller=req.caller.name,
+                                                    environment=req.caller.environment))
 
     # -- drivers -----------------------------------------------------------------------
 

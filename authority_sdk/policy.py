@@ -129,6 +129,9 @@ class Defaults(_Strict):
     max_pending_approvals: int = Field(
         1000, ge=1, description="A new approval beyond this many pending is refused "
         "(approval_queue_full)")
+    served_response_ttl_s: float = Field(
+        30 * 86400.0, gt=0, description="How long the gateway keeps the record of a response "
+        "it served (Responses API): a previous_response_id older than this is unknown")
 
 
 class Ceilings(_Strict):

@@ -131,6 +131,7 @@ class ScriptedModel:
         self.chat_requests = 0
         self.last_request: dict[str, Any] | None = None
         self._lock = threading.Lock()
+        self.served: dict[str, dict[str, Any]] = {}  # Responses API: what it stored
 
     def _usage(self, body: dict[str, Any], content: str, calls: list[tuple[str, str]],
                override: int | None) -> dict[str, int]:
@@ -221,6 +222,11 @@ class ScriptedModel:
             self.last_request = {"headers": dict(request.headers), "body": body}
         items = body.get("input")
         items = [{"role": "user", "content": items}] if isinstance(items, str) else items or []
+        refusal = self._pairing_error(body.get("previous_response_id"), items)
+        if refusal is not None:
+            status, message = refusal
+            return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
+                                           "param": "input", "code": None}}, status_code=status)
         outputs = [{"role": "tool", "content": i.get("output")} for i in items
                    if i.get("type") in ("function_call_output", "custom_tool_call_output")]
         summary = summarise_tool_results(outputs) if items and items[-1].get("type") in (
@@ -236,9 +242,41 @@ class ScriptedModel:
         if script["garbage"]:
             return Response(b"<html>not json", media_type="application/json")
         answer = _response_answer(body, script)
+        with self._lock:
+            self.served[answer["id"]] = {"input": items, "output": answer["output"]}
         if body.get("stream"):
             return StreamingResponse(_events(answer), media_type="text/event-stream")
         return JSONResponse(answer)
+
+    def _pairing_error(self, previous: Any, items: list[Any]) -> tuple[int, str] | None:
+        """The rules OpenAI enforces on a turn, as it words them: every call answered by
+        its output, every output answering a call, no item sent twice, a reasoning item
+        followed by another."""
+        history: list[Any] = []
+        if previous is not None:
+            with self._lock:
+                stored = self.served.get(previous)
+            if stored is None:
+                return 404, f"Previous response with id '{previous}' not found."
+            history = [*stored["input"], *stored["output"]]
+        known = {i.get("id") for i in history if isinstance(i, dict) and i.get("id")}
+        for i in items:
+            if isinstance(i, dict) and i.get("id") and i["id"] in known:
+                return 400, f"Duplicate item found with id {i['id']}."
+        turn = [*history, *items]
+        calls = {i.get("call_id") for i in turn if isinstance(i, dict)
+                 and i.get("type") in ("function_call", "custom_tool_call")}
+        answered = {i.get("call_id") for i in turn if isinstance(i, dict)
+                    and i.get("type") in ("function_call_output", "custom_tool_call_output")}
+        for cid in sorted(map(str, calls - answered)):
+            return 400, f"No tool output found for function call {cid}."
+        for cid in sorted(map(str, answered - calls)):
+            return 400, f"No tool call found for function call output with call_id {cid}."
+        for n, i in enumerate(items):
+            if isinstance(i, dict) and i.get("type") == "reasoning" and n + 1 == len(items):
+                return 400, (f"Item '{i.get('id')}' of type 'reasoning' was provided without "
+                             "its required following item.")
+        return None
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [

@@ -311,6 +311,14 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     async def responses(request: Request, ident: Agent) -> Response:
         return await chat_completions(request, ident)
 
+    @app.get("/v1/responses/{response_id}", tags=["openai"], responses=_ERRORS,
+             summary="A response this gateway served to this key's environment, as the app "
+             "got it (withheld calls still withheld)")
+    async def stored_response(response_id: Annotated[str, PathParam(max_length=_MAX_ID)],
+                              request: Request, ident: Agent) -> Response:
+        return _to_response(await gw.astored_response(GatewayRequest(
+            ident.caller, b"", {}, path=request.url.path, method="GET")))
+
     @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_ERRORS,
              summary="The models the caller's environment allows")
     async def list_models(ident: Agent) -> dict[str, Any]:

@@ -210,7 +210,10 @@ def _check(outcomes: dict[str, str]) -> None:
     # the Responses API is gated like chat (the dummy model is not allowed)
     assert outcomes["responses.create"].startswith("gated:")
     assert outcomes["embeddings.create"].startswith("gated:")
-    assert "responses.retrieve" in refused  # stored model output is not passed through
+    # stored model output is not passed through: a response the gateway served comes from
+    # its own record (none here), anything else is refused
+    assert outcomes["responses.retrieve"] == "gated:response_not_found"
+    assert "responses.input_items.list" in refused
     assert "chat.completions.retrieve" in refused
     assert "responses.connect" in refused or OPENAI_MAJOR < 3
 

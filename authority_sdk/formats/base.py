@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from ..effects import Decision
     from ..records import ActionOutcome
 
-__all__ = ["Answer", "Call", "ParsedRequest", "StreamAssembler", "WireFormat"]
+__all__ = ["Answer", "Call", "ParsedRequest", "Stateless", "StreamAssembler", "WireFormat"]
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ParsedRequest:
     prompt_tools: list[Any] | None = None
     client_wants_usage: bool = False
     has_output: bool = True  # False: priced by its input alone (embeddings)
+    # Tokens of a server-side history the request continues (billed again, not in the body).
+    history_tokens: int = 0
+    rewritten: bool = False  # the gateway changed ``data``: send it re-serialised
 
     def count_body(self) -> dict[str, Any]:
         """The prompt in the chat shape the token counter reads (messages, tools, a forced
@@ -126,3 +130,26 @@ class WireFormat(Protocol):
     def synthesise_stream(self, body: dict[str, Any]) -> Iterator[bytes]:
         """A finished answer as a stream (a takeover re-gates a stored answer)."""
         ...
+
+    def prepare_d(self, req: ParsedRequest, *, caller: str,
+                  environment: str) -> Decision[None]:
+        """Read the server-side state a request continues, before it is priced (may set
+        ``history_tokens``, or change ``data`` and set ``rewritten``)."""
+        ...
+
+    def record_d(self, answer: Answer, authority: dict[str, Any], *, caller: str,
+                 environment: str, ttl_s: float) -> Decision[None]:
+        """Keep what a later request may continue (after the answer is gated)."""
+        ...
+
+
+class Stateless:
+    """A format with no server-side state: nothing to read before, nothing to record."""
+
+    def prepare_d(self, req: ParsedRequest, *, caller: str,
+                  environment: str) -> Decision[None]:
+        yield from ()
+
+    def record_d(self, answer: Answer, authority: dict[str, Any], *, caller: str,
+                 environment: str, ttl_s: float) -> Decision[None]:
+        yield from ()

@@ -19,7 +19,7 @@ from .. import strictjson
 from ..audit import redact
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome, ActionStatus
-from .base import Answer, Call, ParsedRequest
+from .base import Answer, Call, ParsedRequest, Stateless
 from .sse import sse
 
 __all__ = ["ChatCompletions", "followup_payload", "summary_line"]
@@ -161,7 +161,7 @@ def _read_function_call(choice: int, position: int, raw: Any) -> Call:
     return Call(choice, position, "function_call", None, raw["name"], args)
 
 
-class ChatCompletions:
+class ChatCompletions(Stateless):
     name = "chat.completions"
     path = "/chat/completions"
     followups_field = "followup_messages"

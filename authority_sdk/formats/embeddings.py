@@ -14,7 +14,7 @@ from typing import Any
 from .. import strictjson
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome
-from .base import Answer, ParsedRequest
+from .base import Answer, ParsedRequest, Stateless
 from .chat import MAX_MODEL_CHARS
 
 __all__ = ["Embeddings"]
@@ -48,7 +48,7 @@ def _inputs(value: Any) -> list[str | list[int]]:
     return out
 
 
-class Embeddings:
+class Embeddings(Stateless):
     name = "embeddings"
     path = "/embeddings"
     followups_field = "followup_messages"

@@ -6,9 +6,10 @@ The calls of an answer are its ``output`` items of type ``function_call`` and
 does not know) is a call the gateway cannot gate: it is withheld as denied
 (``unsupported_call_type``). What could offer or produce a call outside the
 request body is refused before the call: hosted and built-in tools, stored
-prompts, ``background``, ``conversation``, ``previous_response_id`` and item
-references (this gateway keeps no record of served responses yet, so it cannot
-vouch for a history it never saw).
+prompts, ``background``, ``conversation`` and item references. A
+``previous_response_id`` is accepted only for a response this gateway served to
+the same key and environment (:mod:`..served`): its history is priced and the
+outputs of its withheld calls are added to the next request.
 
 Withheld items are removed from ``output`` (a ``reasoning`` item left with
 nothing after it goes with them, so the next turn of a stateless client stays
@@ -22,14 +23,17 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import strictjson
+from .. import served, strictjson
 from ..errors import InvalidRequest, RequestDenied, UpstreamError
 from ..records import ActionOutcome, ActionStatus
 from .base import Answer, Call, ParsedRequest
 from .chat import MAX_MODEL_CHARS, MAX_NAME_CHARS, followup_payload, summary_line
 from .sse import sse
+
+if TYPE_CHECKING:
+    from ..effects import Decision
 
 __all__ = ["HOSTED_TOOLS", "Responses", "ResponsesStream"]
 
@@ -49,10 +53,8 @@ _REFUSED_FIELDS = {
                "gateway never sees"),
     "conversation": ("conversation_not_allowed", "a 'conversation' holds items the gateway "
                      "never saw (its items API can add calls)"),
-    "previous_response_id": ("previous_response_unknown", "'previous_response_id' refers to "
-                             "a response this gateway has no record of; send the whole "
-                             "conversation in 'input' instead"),
 }
+_OUTPUT_ITEMS = ("function_call_output", "custom_tool_call_output")
 _PASS_INPUT = frozenset({"message", "function_call", "function_call_output",
                          "custom_tool_call", "custom_tool_call_output", "reasoning"})
 
@@ -292,6 +294,11 @@ class Responses:
             value = data.get(name)
             if value is not None and value is not False:
                 raise _bad(f"'{name}' is not accepted by the gateway: {why}", code=code)
+        prev = data.get("previous_response_id")
+        if prev is not None and (not isinstance(prev, str) or not prev
+                                 or len(prev) > served.MAX_ID_CHARS):
+            raise _bad(f"'previous_response_id' must be a string of 1 to {served.MAX_ID_CHARS} "
+                       "characters")
         messages = _input_messages(data)
         schemas, counted = _tools(data)
         stream = data.get("stream")
@@ -322,6 +329,53 @@ class Responses:
     def upstream_body(self, req: ParsedRequest, original: bytes, changed: bool) -> bytes:
         # The usage always comes in the final event: nothing to ask for.
         return json.dumps(req.data).encode() if changed else original
+
+    # -- server-side history ----------------------------------------------------------
+
+    def prepare_d(self, req: ParsedRequest, *, caller: str,
+                  environment: str) -> Decision[None]:
+        """A continuation (``previous_response_id``) of a response served here, to this key
+        and environment: its context is priced, and the outputs of the calls it withheld
+        are added where the app did not answer them (it never saw those calls, but the
+        provider's stored response still holds them)."""
+        prev = req.data.get("previous_response_id")
+        if prev is None:
+            return
+        record = yield from served.lookup_d(prev, caller=caller, environment=environment)
+        req.history_tokens = int(record.get("context_tokens") or 0)
+        value = req.data["input"]
+        items = [{"role": "user", "content": value}] if isinstance(value, str) else list(value)
+        # Withheld items the provider already holds: an aware app may send them back.
+        stored = set(record.get("withheld_ids") or [])
+        kept = [i for i in items if not (isinstance(i.get("id"), str) and i["id"] in stored
+                                         and i.get("type") not in _OUTPUT_ITEMS)]
+        answered = {i.get("call_id") for i in kept if i.get("type") in _OUTPUT_ITEMS}
+        missing = [copy.deepcopy(o) for o in record.get("outputs") or []
+                   if o.get("call_id") not in answered]
+        if missing or len(kept) != len(items):
+            req.data["input"] = [*missing, *kept]
+            req.prompt_messages = [*req.prompt_messages,
+                                   *(_output_message(o, "a withheld call's output")
+                                     for o in missing)]
+            req.rewritten = True
+
+    def record_d(self, answer: Answer, authority: dict[str, Any], *, caller: str,
+                 environment: str, ttl_s: float) -> Decision[None]:
+        usage = answer.body.get("usage")
+        counts: list[Any] = [usage.get(k) for k in ("input_tokens", "output_tokens")] \
+            if isinstance(usage, dict) else []
+        if len(counts) == 2 and all(type(c) is int and c >= 0 for c in counts):
+            context = int(sum(counts))
+        else:  # no usage to trust: a generous count of what it said
+            context = len(json.dumps(answer.body.get("output"))) // 2
+        followups = authority.get(self.followups_field) or []
+        yield from served.record_d(
+            {**answer.body, "authority": authority}, caller=caller, environment=environment,
+            request_id=authority["request_id"], context_tokens=context,
+            outputs=[f for f in followups if f.get("type") in _OUTPUT_ITEMS],
+            withheld_ids=[f["id"] for f in followups
+                          if f.get("type") not in _OUTPUT_ITEMS and isinstance(f.get("id"), str)],
+            ttl_s=ttl_s)
 
     # -- answers ----------------------------------------------------------------------
 

@@ -112,7 +112,6 @@ def test_item_input_with_calls_and_outputs_is_counted_in_full() -> None:
     ("background", True, "background_not_allowed"),
     ("prompt", {"id": "pmpt_1"}, "prompt_not_allowed"),
     ("conversation", "conv_1", "conversation_not_allowed"),
-    ("previous_response_id", "resp_0", "previous_response_unknown"),
 ])
 def test_fields_that_bring_unseen_calls_are_refused(field: str, value: Any, code: str) -> None:
     exc = refused(input="hi", **{field: value})
@@ -147,6 +146,8 @@ def test_tools_the_gateway_cannot_gate_are_refused(kind: str) -> None:
     ({"input": "hi", "stream": "yes"}, "invalid_request"),
     ({"input": "hi", "instructions": ["x"]}, "invalid_request"),
     ({"input": "hi", "model": ""}, "invalid_request"),
+    ({"input": "hi", "previous_response_id": 5}, "invalid_request"),
+    ({"input": "hi", "previous_response_id": "r" * 300}, "invalid_request"),
 ])
 def test_hostile_requests_get_a_precise_refusal(body: dict[str, Any], code: str) -> None:
     exc = refused(**body)

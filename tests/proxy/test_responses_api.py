@@ -19,7 +19,7 @@ from typing import Any
 import openai
 import pytest
 from helpers import ScriptedServer, audit_entries
-from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, RunningProxy, start_proxy
+from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, HYBRID_KEY, RunningProxy, start_proxy
 
 from authority_sdk import AsyncAuthorityClient, AuthorityClient, authority_of, control
 from authority_sdk.engine import Engine
@@ -322,3 +322,74 @@ def test_async_clients_of_both_doors(proxy: RunningProxy,
         plain, streamed = asyncio.run(go(c))
         assert statuses(plain) == statuses(streamed) == EXPECTED
         assert shape(plain.output)[:2] == shape(streamed.output)[:2]
+
+
+# -- server-side history: previous_response_id and GET /v1/responses/{id} ---------------------
+
+
+def other_client(door: Door) -> openai.OpenAI:
+    """Another key of the same environment."""
+    if door.engine is not None:
+        return AuthorityClient(gateway=door.engine, environment="prod", caller="someone-else",
+                               max_retries=0)
+    return door.proxy.client(HYBRID_KEY)
+
+
+def test_an_unaware_app_continues_a_response_whose_calls_were_withheld(door: Door) -> None:
+    first = door.client.responses.create(model=MODEL, input=MIXED, tools=TOOLS)  # type: ignore[arg-type]
+    [seen] = [o for o in first.output if o.type == "function_call"]
+    # It answers only the call it saw; the model (like OpenAI) refuses a turn that leaves
+    # a call of the stored response unanswered: the gateway adds the other three.
+    nxt = door.client.responses.create(
+        model=MODEL, previous_response_id=first.id, tools=TOOLS,  # type: ignore[arg-type]
+        input=[{"type": "function_call_output", "call_id": seen.call_id, "output": "{}"}])
+    assert nxt.output_text.startswith("I have the results: "), nxt.output_text
+    sent = door.proxy.upstream_stats()["last_request"]["body"]["input"]
+    withheld = [a.tool_call.id for a in authority_of(first).actions if a.status != "allowed"]
+    assert [i["call_id"] for i in sent] == [*withheld, seen.call_id]
+    assert [json.loads(i["output"])["status"] for i in sent[:3]] == [
+        "pending_approval", "denied", "denied"]
+    # the earlier turns are billed again: the estimate counts them
+    usage = first.usage
+    assert usage is not None
+    est = authority_of(nxt).cost.prompt_tokens_estimate  # type: ignore[union-attr]
+    assert est >= usage.input_tokens + usage.output_tokens
+
+
+def test_an_aware_app_continues_with_the_followups_it_was_given(door: Door) -> None:
+    first = door.client.responses.create(model=MODEL, input=MIXED, tools=TOOLS)  # type: ignore[arg-type]
+    [seen] = [o for o in first.output if o.type == "function_call"]
+    items = [*authority_of(first).followup_items,
+             {"type": "function_call_output", "call_id": seen.call_id, "output": "{}"}]
+    nxt = door.client.responses.create(model=MODEL, previous_response_id=first.id,
+                                       tools=TOOLS, input=items)  # type: ignore[arg-type]
+    assert nxt.output_text.startswith("I have the results: ")
+    # the withheld calls the provider already holds are not sent twice
+    sent = door.proxy.upstream_stats()["last_request"]["body"]["input"]
+    assert [i["type"] for i in sent] == ["function_call_output"] * 4
+
+
+def test_a_response_served_elsewhere_or_never_cannot_be_continued(door: Door) -> None:
+    first = door.client.responses.create(model=MODEL, input="SAY hi")
+    before = door.proxy.upstream.chat_requests
+    for client, rid in ((other_client(door), first.id), (door.client, "resp_never_served")):
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.responses.create(model=MODEL, input="again", previous_response_id=rid)
+        assert ei.value.code == "previous_response_unknown"
+    assert door.proxy.upstream.chat_requests == before
+    assert door.audit("request")[-1]["details"]["code"] == "previous_response_unknown"
+
+
+def test_a_served_response_is_retrieved_as_the_app_got_it_by_its_key_only(door: Door) -> None:
+    first = door.client.responses.create(model=MODEL, input=MIXED, tools=TOOLS)  # type: ignore[arg-type]
+    before = door.proxy.upstream.chat_requests
+    got = door.client.responses.retrieve(first.id)
+    assert dump(got)["output"] == dump(first)["output"]  # withheld calls still withheld
+    assert statuses(got) == EXPECTED
+    with pytest.raises(openai.NotFoundError) as ei:
+        other_client(door).responses.retrieve(first.id)
+    assert ei.value.code == "response_not_found"
+    with pytest.raises(openai.NotFoundError) as ei:
+        door.client.responses.input_items.list(first.id)
+    assert ei.value.code == "endpoint_not_allowed"
+    assert door.proxy.upstream.chat_requests == before  # the upstream is never asked
