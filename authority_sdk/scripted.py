@@ -227,10 +227,12 @@ class ScriptedModel:
             status, message = refusal
             return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
                                            "param": "input", "code": None}}, status_code=status)
+        answers = ("function_call_output", "custom_tool_call_output", "shell_call_output",
+                   "apply_patch_call_output")
         outputs = [{"role": "tool", "content": i.get("output")} for i in items
-                   if i.get("type") in ("function_call_output", "custom_tool_call_output")]
+                   if i.get("type") in answers]
         summary = summarise_tool_results(outputs) if items and items[-1].get("type") in (
-            "function_call_output", "custom_tool_call_output") else None
+            answers) else None
         script = parse_script("SAY " + summary if summary else _last_user_text(
             [{"role": i.get("role"), "content": _item_text(i.get("content"))} for i in items
              if i.get("role") == "user"]))
@@ -264,10 +266,11 @@ class ScriptedModel:
             if isinstance(i, dict) and i.get("id") and i["id"] in known:
                 return 400, f"Duplicate item found with id {i['id']}."
         turn = [*history, *items]
+        kinds = ("function_call", "custom_tool_call", "shell_call", "apply_patch_call")
         calls = {i.get("call_id") for i in turn if isinstance(i, dict)
-                 and i.get("type") in ("function_call", "custom_tool_call")}
+                 and i.get("type") in kinds}
         answered = {i.get("call_id") for i in turn if isinstance(i, dict)
-                    and i.get("type") in ("function_call_output", "custom_tool_call_output")}
+                    and i.get("type") in tuple(k + "_output" for k in kinds)}
         for cid in sorted(map(str, calls - answered)):
             return 400, f"No tool output found for function call {cid}."
         for cid in sorted(map(str, answered - calls)):

@@ -42,9 +42,14 @@ __all__ = ["HOSTED_TOOLS", "Responses", "ResponsesStream"]
 HOSTED_TOOLS = frozenset({
     "web_search", "web_search_preview", "web_search_2025_08_26",
     "web_search_preview_2025_03_11", "file_search", "code_interpreter", "image_generation",
-    "mcp", "computer_use_preview", "computer_use", "local_shell", "shell", "apply_patch",
-    "tool_search"})
-_CALL_ITEMS = ("function_call", "custom_tool_call")
+    "mcp", "computer_use_preview", "computer_use", "local_shell", "tool_search"})
+# App-executed built-ins gated as actions named by their call's type, with its arguments
+# (``shell`` only when the app runs it: with a hosted environment it runs at the provider).
+BUILTIN_TOOLS = frozenset({"shell", "apply_patch"})
+# call item type -> (the field holding its arguments, the item that answers it)
+_BUILTIN_CALLS = {"shell_call": ("action", "shell_call_output"),
+                  "apply_patch_call": ("operation", "apply_patch_call_output")}
+_CALL_ITEMS = ("function_call", "custom_tool_call", *_BUILTIN_CALLS)
 # Request fields that bring in calls, tools or history the gateway never saw.
 _REFUSED_FIELDS = {
     "background": ("background_not_allowed", "'background' responses are fetched later "
@@ -54,9 +59,9 @@ _REFUSED_FIELDS = {
     "conversation": ("conversation_not_allowed", "a 'conversation' holds items the gateway "
                      "never saw (its items API can add calls)"),
 }
-_OUTPUT_ITEMS = ("function_call_output", "custom_tool_call_output")
-_PASS_INPUT = frozenset({"message", "function_call", "function_call_output",
-                         "custom_tool_call", "custom_tool_call_output", "reasoning"})
+_OUTPUT_ITEMS = ("function_call_output", "custom_tool_call_output",
+                 *(out for _, out in _BUILTIN_CALLS.values()))
+_PASS_INPUT = frozenset({"message", "reasoning", *_CALL_ITEMS, *_OUTPUT_ITEMS})
 
 
 def _bad(message: str, code: str = "invalid_request") -> InvalidRequest:
@@ -95,10 +100,15 @@ def _text_parts(content: Any, where: str) -> str | list[dict[str, Any]]:
 
 
 def _call_message(item: dict[str, Any], where: str) -> dict[str, Any]:
-    name, call_id = item.get("name"), item.get("call_id")
+    kind = item["type"]
+    name, call_id = item.get("name", kind if kind in _BUILTIN_CALLS else None), \
+        item.get("call_id")
     if not isinstance(name, str) or not isinstance(call_id, str):
         raise _bad(f"{where} needs a string 'name' and 'call_id'")
-    body = item.get("arguments") if item["type"] == "function_call" else item.get("input")
+    if kind in _BUILTIN_CALLS:
+        body: Any = json.dumps(item.get(_BUILTIN_CALLS[kind][0]))
+    else:
+        body = item.get("arguments") if kind == "function_call" else item.get("input")
     if not isinstance(body, str):
         raise _bad(f"{where}: its arguments (or input) must be a string")
     return {"role": "assistant", "content": None, "tool_calls": [{
@@ -109,6 +119,9 @@ def _output_message(item: dict[str, Any], where: str) -> dict[str, Any]:
     call_id, output = item.get("call_id"), item.get("output")
     if not isinstance(call_id, str):
         raise _bad(f"{where} needs a string 'call_id'")
+    if item.get("type") == "shell_call_output":
+        # Its output is a list of {stdout, stderr, outcome}: billed as the text it is.
+        return {"role": "tool", "tool_call_id": call_id, "content": json.dumps(output)}
     if not isinstance(output, str | list):
         raise _bad(f"{where}.output must be a string or a list of parts")
     return {"role": "tool", "tool_call_id": call_id,
@@ -171,6 +184,12 @@ def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] |
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
             raise _bad(f"tools[{i}] must be an object with a string 'type'")
         kind = t["type"]
+        env = t.get("environment")
+        if kind in BUILTIN_TOOLS and (env is None or (isinstance(env, dict)
+                                                       and env.get("type") == "local")):
+            # The model knows these tools already: their definition costs no prompt here,
+            # and their calls are actions named by the call's type.
+            continue
         if kind not in ("function", "custom"):
             raise RequestDenied(
                 f"tools[{i}]: the {kind[:64]!r} tool runs where the gateway cannot gate it "
@@ -232,6 +251,18 @@ def _call_of(position: int, item: dict[str, Any]) -> Call | None:
             return Call(0, position, "function_call", None, name, args,
                         problem="the function call has no string 'call_id'")
         return Call(0, position, "function_call", call_id, name, args)
+    if kind in _BUILTIN_CALLS:
+        field = _BUILTIN_CALLS[kind][0]
+        args = item.get(field)
+        if not isinstance(args, dict) or call_id is None:
+            return Call(0, position, kind, call_id, kind, "",
+                        problem=f"the {kind} needs an object '{field}' and a string call_id")
+        commands = args.get("commands")
+        if kind == "shell_call" and isinstance(commands, list) \
+                and all(isinstance(c, str) for c in commands):
+            # One string to match a rule's glob or regex against, as well as the list.
+            args = {**args, "command": "\n".join(commands)}
+        return Call(0, position, kind, call_id, kind, json.dumps(args))
     if kind == "custom_tool_call":
         name, text = item.get("name"), item.get("input")
         if not isinstance(name, str) or not name or not isinstance(text, str) \
@@ -244,6 +275,20 @@ def _call_of(position: int, item: dict[str, Any]) -> Call | None:
     return Call(0, position, shown, call_id, shown, "",
                 problem=f"output items of type {shown!r} are calls the gateway cannot gate",
                 problem_code="unsupported_call_type")
+
+
+def _output_item(kind: str, call_id: str, text: str, status: str) -> dict[str, Any]:
+    """The item that answers a withheld call of type ``kind`` with the gateway's word."""
+    if kind == "shell_call":
+        ok = status in (ActionStatus.EXECUTED, ActionStatus.SIMULATED)
+        return {"type": "shell_call_output", "call_id": call_id, "output": [{
+            "stdout": text if ok else "", "stderr": "" if ok else text,
+            "outcome": {"type": "exit", "exit_code": 0 if ok else 1}}]}
+    if kind == "apply_patch_call":
+        return {"type": "apply_patch_call_output", "call_id": call_id, "output": text,
+                "status": "completed" if status == ActionStatus.EXECUTED else "failed"}
+    out = "function_call_output" if kind == "function_call" else "custom_tool_call_output"
+    return {"type": out, "call_id": call_id, "output": text}
 
 
 def _summary_item(text: str, rid: Any) -> dict[str, Any]:
@@ -439,10 +484,8 @@ class Responses:
                 items.append(copy.deepcopy(pending_reasoning))
                 pending_reasoning = None
             items.append(copy.deepcopy(item))
-            kind = "function_call_output" if item["type"] == "function_call" \
-                else "custom_tool_call_output"
-            items.append({"type": kind, "call_id": o.tool_call["id"], "output": json.dumps(
-                followup_payload(o, redact_names), default=str)})
+            items.append(_output_item(item["type"], o.tool_call["id"], json.dumps(
+                followup_payload(o, redact_names), default=str), o.status))
         return items
 
     # -- streams ----------------------------------------------------------------------

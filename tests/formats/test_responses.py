@@ -66,10 +66,9 @@ def valid_next_turn(items: list[dict[str, Any]]) -> None:
     """The pairing rules upstream enforces on a stateless turn: every call has its output
     and every output its call; a reasoning item is followed by an item; a call whose
     reasoning item was in the answer still follows it."""
-    calls = [i["call_id"] for i in items if i.get("type") in ("function_call",
-                                                              "custom_tool_call")]
-    outputs = [i["call_id"] for i in items if i.get("type") in ("function_call_output",
-                                                                "custom_tool_call_output")]
+    kinds = ("function_call", "custom_tool_call", "shell_call", "apply_patch_call")
+    calls = [i["call_id"] for i in items if i.get("type") in kinds]
+    outputs = [i["call_id"] for i in items if i.get("type") in [k + "_output" for k in kinds]]
     assert sorted(calls) == sorted(outputs), (calls, outputs)
     for n, item in enumerate(items):
         if item.get("type") == "reasoning":
@@ -118,13 +117,45 @@ def test_fields_that_bring_unseen_calls_are_refused(field: str, value: Any, code
     assert isinstance(exc, InvalidRequest) and exc.code == code and field in exc.message
 
 
-@pytest.mark.parametrize("kind", ["web_search", "file_search", "code_interpreter", "mcp",
-                                  "computer_use_preview", "local_shell", "shell",
-                                  "apply_patch", "image_generation", "something_new"])
-def test_tools_the_gateway_cannot_gate_are_refused(kind: str) -> None:
-    exc = refused(input="hi", tools=[FN, {"type": kind}])
+@pytest.mark.parametrize("tool", [
+    {"type": "web_search"}, {"type": "file_search"}, {"type": "code_interpreter"},
+    {"type": "mcp"}, {"type": "computer_use_preview"}, {"type": "local_shell"},
+    {"type": "image_generation"}, {"type": "something_new"},
+    {"type": "shell", "environment": {"type": "container_auto"}},  # runs at the provider
+], ids=lambda t: t["type"] + ("-hosted" if "environment" in t else ""))
+def test_tools_the_gateway_cannot_gate_are_refused(tool: dict[str, Any]) -> None:
+    exc = refused(input="hi", tools=[FN, tool])
     assert isinstance(exc, RequestDenied) and exc.code == "tool_not_allowed"
     assert exc.status_code == 403
+
+
+def test_app_run_built_ins_are_offered_and_their_calls_are_actions() -> None:
+    req = parse(input="hi", tools=[FN, {"type": "shell"}, {"type": "apply_patch"},
+                                   {"type": "shell", "environment": {"type": "local"}}])
+    assert req.tool_schemas == {"lookup_customer": FN["parameters"]}
+    a = FMT.answer_from(answer(
+        {"type": "shell_call", "id": "sh_1", "call_id": "c1",
+         "action": {"commands": ["ls -la", "rm -rf /"], "timeout_ms": 1000}},
+        {"type": "apply_patch_call", "id": "ap_1", "call_id": "c2",
+         "operation": {"type": "update_file", "path": "a.py", "diff": "-x\n+y"}},
+        {"type": "shell_call", "id": "sh_2", "call_id": "c3", "action": "ls"}))
+    [shell, patch, bad] = a.calls
+    assert (shell.kind, shell.name) == ("shell_call", "shell_call")
+    assert json.loads(shell.arguments)["command"] == "ls -la\nrm -rf /"  # for a rule's glob
+    assert (patch.name, json.loads(patch.arguments)["path"]) == ("apply_patch_call", "a.py")
+    assert bad.problem and bad.problem_code is None
+    outs = _gated(a, ["denied", "pending_approval", "denied"])
+    followups = FMT.followups(a, outs, [])
+    assert [f["type"] for f in followups] == ["shell_call", "shell_call_output",
+                                              "apply_patch_call", "apply_patch_call_output",
+                                              "shell_call", "shell_call_output"]
+    assert followups[1]["output"][0]["outcome"] == {"type": "exit", "exit_code": 1}
+    assert json.loads(followups[1]["output"][0]["stderr"])["status"] == "denied"
+    assert followups[3]["status"] == "failed"
+    # the follow-ups are valid input of the next turn
+    nxt = parse(input=[{"role": "user", "content": "go"}, *followups])
+    assert len(nxt.prompt_messages) == 7
+    valid_next_turn(followups)
 
 
 @pytest.mark.parametrize(("body", "code"), [

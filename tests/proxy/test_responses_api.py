@@ -36,8 +36,13 @@ TOOLS = [fn("lookup_customer"), fn("send_note"), fn("delete_account"), fn("tag_t
          fn("wipe")]
 MIXED = ('SAY On it\nCALL lookup_customer {"id": 1}\nCALL send_note {"text": "x"}\n'
          'CALL delete_account {"id": 2}\nCALL wipe {"x": 1}')
-OVERRIDES = {"actions": {"lookup_customer": {"mode": "auto_execute"},
-                         "tag_ticket": {"executor": "dry", "mode": "auto_execute"}}}
+OVERRIDES = {"actions": {
+    "lookup_customer": {"mode": "auto_execute"},
+    "tag_ticket": {"executor": "dry", "mode": "auto_execute"},
+    # built-ins the app runs, named by their call's type, with rules on their arguments
+    "apply_patch_call": {"mode": "require_human_approval"},
+    "shell_call": {"mode": "deny", "rules": [
+        {"if": {"command": {"regex": "^(ls|cat) [^;&|`$]*$"}}, "mode": "auto_execute"}]}}}
 
 
 class Door:
@@ -211,16 +216,18 @@ def test_an_approved_call_runs_its_executor(door: Door) -> None:
       "pending_safety_checks": [], "status": "completed"}, "unsupported_call_type"),
     ({"type": "mcp_approval_request", "id": "mr_1", "name": "drop", "arguments": "{}",
       "server_label": "db"}, "unsupported_call_type"),
-    ({"type": "shell_call", "id": "sh_1", "call_id": "c8",
-      "action": {"commands": ["rm -rf /"]}}, "unsupported_call_type"),
+    ({"type": "local_shell_call", "id": "sh_1", "call_id": "c8",
+      "action": {"type": "exec", "command": ["rm", "-rf", "/"]}}, "unsupported_call_type"),
+    ({"type": "shell_call", "id": "sh_2", "call_id": "c5", "action": "rm -rf /"},
+     "invalid_arguments"),
     ({"type": "function_call", "id": "fc_x", "call_id": "c7", "name": "lookup_customer",
       "arguments": {"id": 1}}, "invalid_arguments"),
     ({"type": "function_call", "id": "fc_y", "name": "lookup_customer", "arguments": "{}"},
      "invalid_arguments"),
     ({"type": "function_call", "id": "fc_z", "call_id": "c6", "name": "lookup_customer",
       "arguments": "{not json"}, "invalid_arguments"),
-], ids=["hosted", "computer", "mcp-approval", "shell", "args-object", "no-call-id",
-        "args-not-json"])
+], ids=["hosted", "computer", "mcp-approval", "local-shell", "shell-no-action", "args-object",
+        "no-call-id", "args-not-json"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_items_the_gateway_cannot_gate_are_denied_and_withheld(
         door: Door, item: dict[str, Any], code: str, stream: bool) -> None:
@@ -393,3 +400,35 @@ def test_a_served_response_is_retrieved_as_the_app_got_it_by_its_key_only(door: 
         door.client.responses.input_items.list(first.id)
     assert ei.value.code == "endpoint_not_allowed"
     assert door.proxy.upstream.chat_requests == before  # the upstream is never asked
+
+
+def test_app_run_built_ins_are_gated_by_their_rules(door: Door) -> None:
+    def shell(cid: str, *commands: str) -> str:
+        return "ITEM " + json.dumps({"type": "shell_call", "id": "sh_" + cid, "call_id": cid,
+                                     "action": {"commands": list(commands)}})
+
+    patch = "ITEM " + json.dumps({"type": "apply_patch_call", "id": "ap_1", "call_id": "p1",
+                                  "operation": {"type": "update_file", "path": "app.py",
+                                                "diff": "-a\n+b"}})
+    script = "\n".join([shell("s1", "ls -la"), shell("s2", "rm -rf /"), patch])
+    tools: Any = [{"type": "shell"}, {"type": "apply_patch"}]
+    r = door.client.responses.create(model=MODEL, input=script, tools=tools)
+    assert [(a.action_type, a.status, a.code) for a in authority_of(r).actions] == [
+        ("shell_call", "allowed", None), ("shell_call", "denied", "denied_by_policy"),
+        ("apply_patch_call", "pending_approval", None)]
+    assert [(o.type, getattr(o, "call_id", None)) for o in r.output][:1] == [
+        ("shell_call", "s1")]
+    # the next stateless turn: the answer, the follow-ups, the app's output for ls
+    items = [{"role": "user", "content": script}, *(dump(o) for o in r.output),
+             *authority_of(r).followup_items,
+             {"type": "shell_call_output", "call_id": "s1", "output": [
+                 {"stdout": "a.py", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]}]
+    nxt = door.client.responses.create(model=MODEL, input=items, tools=tools)
+    assert nxt.output_text.startswith("I have the results: "), nxt.output_text
+
+
+def test_a_shell_tool_in_a_hosted_environment_is_refused(door: Door) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as ei:
+        door.client.responses.create(model=MODEL, input="hi", tools=[  # type: ignore[list-item]
+            {"type": "shell", "environment": {"type": "container_auto"}}])
+    assert ei.value.code == "tool_not_allowed"
