@@ -237,6 +237,7 @@ class Engine:
                 raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}",
                                         decided_by=f"kill_switch:{kill['scope']}")
             admission.check_model(self.policy, ctx.environment, ctx.model)
+            admission.check_hosted_tools(self.policy, ctx.environment, parsed.hosted_tools)
             yield from fmt.prepare_d(parsed, caller=ctx.caller.name,
                                      environment=ctx.environment)
             key_cfg = self._keys.get(ctx.caller.name)
@@ -387,7 +388,7 @@ class Engine:
                 f"the upstream refused the request ({status})", code="upstream_rejected"),
                 upstream=(status, body)))
         try:
-            answer = ctx.fmt.read_answer(body)
+            answer = ctx.fmt.read_answer(body, ctx.parsed)
         except UpstreamError as exc:
             return (yield from self.fail_d(ctx, exc))
         return (yield from self.respond_d(ctx, answer))
@@ -612,7 +613,7 @@ class Engine:
     def _regate_d(self, ctx: CallContext) -> Decision[GatewayResponse]:
         assert ctx.fmt is not None
         try:
-            answer = ctx.fmt.answer_from(ctx.takeover_answer)  # type: ignore[attr-defined]
+            answer = ctx.fmt.answer_from(ctx.takeover_answer, ctx.parsed)
         except UpstreamError as exc:
             return (yield from self.fail_d(ctx, exc))
         return (yield from self.respond_d(ctx, answer))

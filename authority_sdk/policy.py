@@ -143,8 +143,15 @@ class Budget(_Strict):
     period: Literal["hour", "day", "month"] = "day"
 
 
+HostedTool = Literal["web_search", "file_search", "code_interpreter", "image_generation"]
+
+
 class Environment(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"])
+    hosted_tools: list[HostedTool] = Field(
+        default_factory=list, description="Responses API tools the provider runs itself "
+        "(their calls happen before the gateway sees them) that requests may offer here; "
+        "any other is refused (tool_not_allowed)")
     actions: list[str] | None = None  # allowlist of action types; None: any the policy defines
     force_mode: Mode | None = None
     default_mode: Mode | None = None

@@ -40,6 +40,7 @@ class ParsedRequest:
     has_output: bool = True  # False: priced by its input alone (embeddings)
     # Tokens of a server-side history the request continues (billed again, not in the body).
     history_tokens: int = 0
+    hosted_tools: list[str] = field(default_factory=list)  # provider-run tools it offers
     rewritten: bool = False  # the gateway changed ``data``: send it re-serialised
 
     def count_body(self) -> dict[str, Any]:
@@ -109,9 +110,13 @@ class WireFormat(Protocol):
         something: an output limit it chose, usage it needs from a stream)."""
         ...
 
-    def read_answer(self, body: bytes) -> Answer:
-        """Parse and validate an upstream answer; ``UpstreamError`` with code
+    def read_answer(self, body: bytes, req: ParsedRequest | None = None) -> Answer:
+        """Parse and validate an upstream answer (to ``req``); ``UpstreamError`` with code
         ``upstream_malformed_response`` when gating cannot read it."""
+        ...
+
+    def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
+        """The same, from an already parsed body (a stored answer re-gated)."""
         ...
 
     def rewrite(self, answer: Answer, outcomes: list[ActionOutcome], *,

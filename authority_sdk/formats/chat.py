@@ -231,14 +231,14 @@ class ChatCompletions(Stateless):
 
     # -- answers ----------------------------------------------------------------------
 
-    def read_answer(self, body: bytes) -> Answer:
+    def read_answer(self, body: bytes, req: ParsedRequest | None = None) -> Answer:
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
             raise _malformed("not JSON") from None
-        return self.answer_from(data)
+        return self.answer_from(data, req)
 
-    def answer_from(self, data: Any) -> Answer:
+    def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
         if not isinstance(data, dict):
             raise _malformed("not a JSON object")
         choices = data.get("choices")

@@ -75,14 +75,14 @@ class Embeddings(Stateless):
     def upstream_body(self, req: ParsedRequest, original: bytes, changed: bool) -> bytes:
         return json.dumps(req.data).encode() if changed else original
 
-    def read_answer(self, body: bytes) -> Answer:
+    def read_answer(self, body: bytes, req: ParsedRequest | None = None) -> Answer:
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
             raise self._malformed("not JSON") from None
-        return self.answer_from(data)
+        return self.answer_from(data, req)
 
-    def answer_from(self, data: Any) -> Answer:
+    def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise self._malformed("'data' is missing or not a list")
         usage = data.get("usage")

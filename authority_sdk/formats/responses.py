@@ -35,14 +35,19 @@ from .sse import sse
 if TYPE_CHECKING:
     from ..effects import Decision
 
-__all__ = ["HOSTED_TOOLS", "Responses", "ResponsesStream"]
+__all__ = ["BUILTIN_TOOLS", "HOSTED_TOOLS", "Responses", "ResponsesStream"]
 
-# Tools the provider runs before the gateway sees their result, or built-ins whose calls
-# this gateway does not gate yet: offering one is refused.
-HOSTED_TOOLS = frozenset({
-    "web_search", "web_search_preview", "web_search_2025_08_26",
-    "web_search_preview_2025_03_11", "file_search", "code_interpreter", "image_generation",
-    "mcp", "computer_use_preview", "computer_use", "local_shell", "tool_search"})
+# Tools the provider runs before anyone sees their calls: offered only where the policy
+# allows them (environments.<env>.hosted_tools, by family); their result items are then
+# part of the answer, not calls to gate. tool type -> family -> its result item type.
+HOSTED_TOOLS = {"web_search": "web_search", "web_search_preview": "web_search",
+                "web_search_2025_08_26": "web_search",
+                "web_search_preview_2025_03_11": "web_search",
+                "file_search": "file_search", "code_interpreter": "code_interpreter",
+                "image_generation": "image_generation"}
+_HOSTED_ITEMS = {"web_search_call": "web_search", "file_search_call": "file_search",
+                 "code_interpreter_call": "code_interpreter",
+                 "image_generation_call": "image_generation"}
 # App-executed built-ins gated as actions named by their call's type, with its arguments
 # (``shell`` only when the app runs it: with a hosted environment it runs at the provider).
 BUILTIN_TOOLS = frozenset({"shell", "apply_patch"})
@@ -170,20 +175,29 @@ def _input_messages(data: dict[str, Any]) -> list[Any]:
     return messages
 
 
-def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] | None]:
-    """Tool name -> declared schema, and the tools in the chat shape for counting."""
+def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] | None,
+                                         list[str]]:
+    """Tool name -> declared schema, the tools in the chat shape for counting, and the
+    hosted tool families offered."""
     tools = data.get("tools")
     if tools is None:
-        return {}, None
+        return {}, None, []
     if not isinstance(tools, list):
         raise _bad("'tools' must be a list")
     schemas: dict[str, dict[str, Any]] = {}
     counted: list[Any] = []
     names: set[str] = set()
+    hosted: list[str] = []
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
             raise _bad(f"tools[{i}] must be an object with a string 'type'")
         kind = t["type"]
+        if kind in HOSTED_TOOLS:
+            # Billed by the provider as it runs them; admitted per environment.
+            hosted.append(HOSTED_TOOLS[kind])
+            counted.append({"type": "function", "function": {
+                "name": kind, "description": json.dumps(t)}})
+            continue
         env = t.get("environment")
         if kind in BUILTIN_TOOLS and (env is None or (isinstance(env, dict)
                                                        and env.get("type") == "local")):
@@ -212,7 +226,7 @@ def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] |
         elif kind == "custom" and t.get("format") is not None:
             fn["description"] += " " + json.dumps(t["format"])
         counted.append({"type": "function", "function": fn})
-    return schemas, counted or None
+    return schemas, counted or None, sorted(set(hosted))
 
 
 class ResponsesRequest(ParsedRequest):
@@ -228,10 +242,12 @@ class ResponsesRequest(ParsedRequest):
         return body
 
 
-def _call_of(position: int, item: dict[str, Any]) -> Call | None:
+def _call_of(position: int, item: dict[str, Any], hosted: list[str]) -> Call | None:
     kind = item.get("type")
     if kind in ("message", "reasoning"):
         return None
+    if _HOSTED_ITEMS.get(str(kind)) in hosted:
+        return None  # it ran at the provider, as the policy let the request offer it
     call_id = item.get("call_id") if isinstance(item.get("call_id"), str) else None
     if kind == "function_call":
         name, args = item.get("name"), item.get("arguments")
@@ -345,7 +361,7 @@ class Responses:
             raise _bad(f"'previous_response_id' must be a string of 1 to {served.MAX_ID_CHARS} "
                        "characters")
         messages = _input_messages(data)
-        schemas, counted = _tools(data)
+        schemas, counted, hosted = _tools(data)
         stream = data.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise _bad("'stream' must be true or false")
@@ -357,7 +373,8 @@ class Responses:
         if choice is not None and not isinstance(choice, str | dict):
             raise _bad("'tool_choice' must be a string or an object")
         if isinstance(choice, dict) and choice.get("type") not in (
-                "function", "custom", "allowed_tools"):
+                "function", "custom", "allowed_tools") and HOSTED_TOOLS.get(
+                str(choice.get("type"))) not in hosted:
             raise RequestDenied("'tool_choice' forces a tool the gateway cannot gate",
                                 code="tool_not_allowed", decided_by="tools")
         text = data.get("text")
@@ -369,7 +386,7 @@ class Responses:
             data=data, model=model, stream=bool(stream), n=1, explicit_limit=limit,
             limit_field="max_output_tokens", tool_schemas=schemas,
             structured_output=structured, prompt_messages=messages, prompt_tools=counted,
-            client_wants_usage=True)
+            client_wants_usage=True, hosted_tools=hosted)
 
     def upstream_body(self, req: ParsedRequest, original: bytes, changed: bool) -> bytes:
         # The usage always comes in the final event: nothing to ask for.
@@ -424,14 +441,14 @@ class Responses:
 
     # -- answers ----------------------------------------------------------------------
 
-    def read_answer(self, body: bytes) -> Answer:
+    def read_answer(self, body: bytes, req: ParsedRequest | None = None) -> Answer:
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
             raise _malformed("not JSON") from None
-        return self.answer_from(data)
+        return self.answer_from(data, req)
 
-    def answer_from(self, data: Any) -> Answer:
+    def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
         if not isinstance(data, dict):
             raise _malformed("not a JSON object")
         output = data.get("output")
@@ -443,7 +460,7 @@ class Responses:
                 raise _malformed(f"output[{pos}] is not an object with a string 'type'")
             if item["type"] == "message" and not isinstance(item.get("content"), list):
                 raise _malformed(f"output[{pos}].content is not a list")
-            call = _call_of(pos, item)
+            call = _call_of(pos, item, req.hosted_tools if req is not None else [])
             if call is not None:
                 calls.append(call)
         return Answer(data, calls, _chat_usage(data.get("usage")))
@@ -641,7 +658,7 @@ class ResponsesStream:
     def answer(self) -> Answer:
         if self.final is None:
             raise _malformed("the stream ended before 'response.completed'")
-        answer = self.fmt.answer_from(self.final)
+        answer = self.fmt.answer_from(self.final, self.req)
         passed = len(self.kinds) if self.hold_from is None else self.hold_from
         output = answer.body["output"]
         if len(output) < passed or any(output[i].get("type") != "message"

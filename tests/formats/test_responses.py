@@ -117,10 +117,22 @@ def test_fields_that_bring_unseen_calls_are_refused(field: str, value: Any, code
     assert isinstance(exc, InvalidRequest) and exc.code == code and field in exc.message
 
 
+@pytest.mark.parametrize(("kind", "family"), [
+    ("web_search", "web_search"), ("web_search_preview", "web_search"),
+    ("file_search", "file_search"), ("code_interpreter", "code_interpreter"),
+    ("image_generation", "image_generation")])
+def test_hosted_tools_are_named_for_the_policy_to_admit(kind: str, family: str) -> None:
+    req = parse(input="hi", tools=[FN, {"type": kind}], tool_choice={"type": kind})
+    assert req.hosted_tools == [family]
+    # their result items are part of the answer when offered, a call to deny when not
+    item = {"type": f"{family}_call", "id": "h1", "status": "completed"}
+    assert FMT.answer_from(answer(item), req).calls == []
+    assert FMT.answer_from(answer(item)).calls[0].problem_code == "unsupported_call_type"
+
+
 @pytest.mark.parametrize("tool", [
-    {"type": "web_search"}, {"type": "file_search"}, {"type": "code_interpreter"},
     {"type": "mcp"}, {"type": "computer_use_preview"}, {"type": "local_shell"},
-    {"type": "image_generation"}, {"type": "something_new"},
+    {"type": "something_new"},
     {"type": "shell", "environment": {"type": "container_auto"}},  # runs at the provider
 ], ids=lambda t: t["type"] + ("-hosted" if "environment" in t else ""))
 def test_tools_the_gateway_cannot_gate_are_refused(tool: dict[str, Any]) -> None:

@@ -19,7 +19,15 @@ from typing import Any
 import openai
 import pytest
 from helpers import ScriptedServer, audit_entries
-from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, HYBRID_KEY, RunningProxy, start_proxy
+from proxy_env import (
+    ADMIN_KEY,
+    AGENT_KEY,
+    APPROVER_KEY,
+    DEV_KEY,
+    HYBRID_KEY,
+    RunningProxy,
+    start_proxy,
+)
 
 from authority_sdk import AsyncAuthorityClient, AuthorityClient, authority_of, control
 from authority_sdk.engine import Engine
@@ -36,7 +44,7 @@ TOOLS = [fn("lookup_customer"), fn("send_note"), fn("delete_account"), fn("tag_t
          fn("wipe")]
 MIXED = ('SAY On it\nCALL lookup_customer {"id": 1}\nCALL send_note {"text": "x"}\n'
          'CALL delete_account {"id": 2}\nCALL wipe {"x": 1}')
-OVERRIDES = {"actions": {
+OVERRIDES = {"environments": {"dev": {"hosted_tools": ["web_search"]}}, "actions": {
     "lookup_customer": {"mode": "auto_execute"},
     "tag_ticket": {"executor": "dry", "mode": "auto_execute"},
     # built-ins the app runs, named by their call's type, with rules on their arguments
@@ -432,3 +440,22 @@ def test_a_shell_tool_in_a_hosted_environment_is_refused(door: Door) -> None:
         door.client.responses.create(model=MODEL, input="hi", tools=[  # type: ignore[list-item]
             {"type": "shell", "environment": {"type": "container_auto"}}])
     assert ei.value.code == "tool_not_allowed"
+
+
+def test_hosted_tools_only_where_the_policy_admits_them(door: Door) -> None:
+    search: Any = [{"type": "web_search"}]
+    with pytest.raises(openai.PermissionDeniedError) as ei:
+        door.client.responses.create(model=MODEL, input="hi", tools=search)
+    assert ei.value.code == "tool_not_allowed"
+    assert door.audit("request")[-1]["details"]["code"] == "tool_not_allowed"
+    dev = door.proxy.client(DEV_KEY) if door.engine is None else AuthorityClient(
+        gateway=door.engine, environment="dev", caller="dev-agent", max_retries=0)
+    item = {"type": "web_search_call", "id": "ws_1", "status": "completed",
+            "action": {"type": "search", "query": "weather"}}
+    for stream in (False, True):
+        got = dev.responses.create(model=MODEL, tools=search, stream=stream,
+                                   input="SAY sunny\nITEM " + json.dumps(item))
+        r = list(got)[-1].response if stream else got
+        # it ran at the provider, as the policy allows here: part of the answer, no action
+        assert [o.type for o in r.output] == ["message", "web_search_call"]
+        assert authority_of(r).actions == []
