@@ -361,10 +361,16 @@ def _response_answer(body: dict[str, Any], script: dict[str, Any]) -> dict[str, 
     except Exception:  # a request the gateway would refuse: a rough count will do
         prompt = len(json.dumps(body.get("input"))) // 4
     completion = script["completion_tokens"] or max(1, len(json.dumps(output)) // 16)
+    cap = body.get("max_output_tokens")
+    cut = isinstance(cap, int) and completion > cap
+    if cut:
+        completion = cap
     return {"id": rid, "object": "response", "created_at": int(time.time()),
-            "status": "completed", "model": model, "output": output,
+            "status": "incomplete" if cut else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "model": model, "output": output,
             "parallel_tool_calls": True, "tool_choice": body.get("tool_choice", "auto"),
-            "tools": body.get("tools") or [], "error": None, "incomplete_details": None,
+            "tools": body.get("tools") or [], "error": None,
             "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"),
             "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
@@ -418,7 +424,8 @@ async def _events(answer: dict[str, Any]) -> AsyncIterator[bytes]:
         else:
             yield ev({"type": "response.output_item.added", "output_index": i, "item": item})
         yield ev({"type": "response.output_item.done", "output_index": i, "item": item})
-    yield ev({"type": "response.completed", "response": answer})
+    yield ev({"type": "response.incomplete" if answer["status"] == "incomplete"
+              else "response.completed", "response": answer})
 
 
 def build_app(model: ScriptedModel | None = None) -> Starlette:

@@ -459,3 +459,34 @@ def test_hosted_tools_only_where_the_policy_admits_them(door: Door) -> None:
         # it ran at the provider, as the policy allows here: part of the answer, no action
         assert [o.type for o in r.output] == ["message", "web_search_call"]
         assert authority_of(r).actions == []
+
+
+@pytest.mark.parametrize("aware", [False, True], ids=["unaware", "aware"])
+def test_a_call_withheld_after_reasoning_leaves_a_valid_next_turn(door: Door,
+                                                                 aware: bool) -> None:
+    # The model (like OpenAI) refuses a reasoning item with nothing after it, and a call
+    # without its output: the next stateless turn must pass both rules.
+    items: list[Any] = [{"role": "user", "content": 'REASON hm\nCALL delete_account {"id": 1}'}]
+    for stream in (False, True):
+        got = door.client.responses.create(model=MODEL, input=items, tools=TOOLS,  # type: ignore[arg-type]
+                                           text={"format": {"type": "json_object"}},
+                                           stream=stream)
+        r = list(got)[-1].response if stream else got
+        assert r.output == []  # the reasoning item went with the call it led to
+        follow = authority_of(r).followup_items
+        assert [f["type"] for f in follow] == ["reasoning", "function_call",
+                                               "function_call_output"]
+    nxt = door.client.responses.create(model=MODEL, tools=TOOLS, input=[  # type: ignore[arg-type]
+        *items, *(dump(o) for o in r.output), *(follow if aware else [])])
+    assert nxt.status == "completed"
+
+
+def test_an_answer_cut_at_max_output_tokens_streams_as_incomplete(door: Door) -> None:
+    script = 'CALL lookup_customer {"id": 1}\nCOMPLETION_TOKENS 500'
+    plain = door.client.responses.create(model=MODEL, input=script, tools=TOOLS,  # type: ignore[arg-type]
+                                         max_output_tokens=100)
+    events = list(door.client.responses.create(model=MODEL, input=script, tools=TOOLS,  # type: ignore[arg-type]
+                                               max_output_tokens=100, stream=True))
+    assert plain.status == "incomplete" and events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
+    assert statuses(events[-1].response) == statuses(plain)
