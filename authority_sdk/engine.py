@@ -491,7 +491,7 @@ class Engine:
                 "gateway takes no new request until then"]
         with contextlib.suppress(AuthorityError):
             # Without its record a continuation is refused as unknown: failing closed.
-            yield from ctx.fmt.record_d(answer, authority, caller=ctx.caller.name,
+            yield from ctx.fmt.record_d(ctx.parsed, answer, authority, caller=ctx.caller.name,
                                         environment=ctx.environment,
                                         ttl_s=self.policy.defaults.served_response_ttl_s)
         return authority
@@ -536,10 +536,11 @@ class Engine:
         return await arun(self._stored_d(req), self.runtime)
 
     def _stored_d(self, req: GatewayRequest) -> Decision[GatewayResponse]:
-        rid = served.response_id_of(req.path)
-        if rid is None:
+        found = served.stored_path(req.path)
+        if found is None:
             return error_response(InvalidRequest("not a stored response's path"))
-        return (yield from served.stored_response_d(rid, caller=req.caller.name,
+        rid, what = found
+        return (yield from served.stored_response_d(rid, what, caller=req.caller.name,
                                                     environment=req.caller.environment))
 
     # -- drivers -----------------------------------------------------------------------

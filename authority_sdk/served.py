@@ -25,17 +25,20 @@ from .effects import Decision, S
 from .errors import InvalidRequest, NotFound
 from .wire import GatewayResponse, error_response
 
-__all__ = ["MAX_ID_CHARS", "lookup_d", "record_d", "response_id_of", "stored_response_d"]
+__all__ = ["MAX_ID_CHARS", "lookup_d", "record_d", "stored_path", "stored_response_d"]
 
 MAX_ID_CHARS = 256
 _PREFIX = "served:"
-_STORED_PATH = re.compile(r"/responses/([A-Za-z0-9_.-]{1,256})/?$")  # MAX_ID_CHARS
+_STORED_PATH = re.compile(r"/responses/([A-Za-z0-9_.-]{1,256})(/input_items)?/?$")
 
 
-def response_id_of(path: str) -> str | None:
-    """The id in ``GET /v1/responses/{id}`` (not its ``input_items``, ``cancel``…)."""
+def stored_path(path: str) -> tuple[str, str] | None:
+    """``GET /v1/responses/{id}`` or its ``input_items``: (the id, "response" or
+    "input_items"); None for any other path (``cancel``, ``compact``…)."""
     m = _STORED_PATH.search(path)
-    return m.group(1) if m else None
+    if m is None:
+        return None
+    return m.group(1), "input_items" if m.group(2) else "response"
 
 
 def _key(response_id: str) -> str:
@@ -44,14 +47,14 @@ def _key(response_id: str) -> str:
 
 def record_d(body: dict[str, Any], *, caller: str, environment: str, request_id: str,
              context_tokens: int, outputs: list[dict[str, Any]], withheld_ids: list[str],
-             ttl_s: float) -> Decision[None]:
+             input_items: list[Any], ttl_s: float) -> Decision[None]:
     rid = body.get("id")
     if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_CHARS:
         return  # nothing a later request could name
     yield S.idem_put(_key(rid), {
         "kind": "served_response", "caller": caller, "environment": environment,
         "request_id": request_id, "context_tokens": context_tokens, "outputs": outputs,
-        "withheld_ids": withheld_ids, "body": body}, ttl_s=ttl_s)
+        "withheld_ids": withheld_ids, "input": input_items, "body": body}, ttl_s=ttl_s)
 
 
 def _find_d(response_id: str, caller: str, environment: str) -> Decision[dict[str, Any] | None]:
@@ -76,13 +79,21 @@ def lookup_d(response_id: str, *, caller: str, environment: str) -> Decision[dic
     return record
 
 
-def stored_response_d(response_id: str, *, caller: str,
+def stored_response_d(response_id: str, what: str, *, caller: str,
                       environment: str) -> Decision[GatewayResponse]:
-    """``GET /v1/responses/{id}``: the answer as the app got it, to the key that got it."""
+    """``GET /v1/responses/{id}`` (the answer as the app got it) or its ``input_items``
+    (the input as the gateway sent it, newest first), to the key that got it."""
     record = yield from _find_d(response_id, caller, environment)
     if record is None:
         return error_response(NotFound(
             f"no response {response_id[:80]!r} was served by this gateway to this key and "
             "environment", code="response_not_found"))
+    body: Any = record["body"]
+    if what == "input_items":
+        items = [{**i, "id": i.get("id") or f"item_{n}"} if isinstance(i, dict) else i
+                 for n, i in enumerate(record.get("input") or [])][::-1]
+        ids = [i.get("id") for i in items if isinstance(i, dict)]
+        body = {"object": "list", "data": items, "first_id": ids[0] if ids else None,
+                "last_id": ids[-1] if ids else None, "has_more": False}
     return GatewayResponse(200, {"content-type": "application/json"},
-                           json.dumps(record["body"]).encode(), decision="allow")
+                           json.dumps(body).encode(), decision="allow")

@@ -44,10 +44,10 @@ def route(method: str, path: str) -> Route:
         return "chat"
     if method == "GET" and path.endswith("/models"):
         return "models"
-    if method == "GET" and served.response_id_of(path) is not None:
+    if method == "GET" and served.stored_path(path) is not None:
         return "stored"  # a response this gateway served, from its own record
-    # Everything else, GETs included: stored completions, a response's input items, files,
-    # batches and conversations hand back model output the gateway never saw.
+    # Everything else, GETs included: stored completions, files, batches and conversations
+    # hand back model output the gateway never saw.
     return "refuse"
 
 

@@ -319,6 +319,12 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         return _to_response(await gw.astored_response(GatewayRequest(
             ident.caller, b"", {}, path=request.url.path, method="GET")))
 
+    @app.get("/v1/responses/{response_id}/input_items", tags=["openai"], responses=_ERRORS,
+             summary="The input of a response this gateway served to this key's environment")
+    async def stored_input_items(response_id: Annotated[str, PathParam(max_length=_MAX_ID)],
+                                 request: Request, ident: Agent) -> Response:
+        return await stored_response(response_id, request, ident)
+
     @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_ERRORS,
              summary="The models the caller's environment allows")
     async def list_models(ident: Agent) -> dict[str, Any]:

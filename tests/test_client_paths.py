@@ -213,7 +213,8 @@ def _check(outcomes: dict[str, str]) -> None:
     # stored model output is not passed through: a response the gateway served comes from
     # its own record (none here), anything else is refused
     assert outcomes["responses.retrieve"] == "gated:response_not_found"
-    assert "responses.input_items.list" in refused
+    assert outcomes["responses.input_items.list"] == "gated:response_not_found"
+    assert "responses.cancel" in refused and "responses.delete" in refused
     assert "chat.completions.retrieve" in refused
     assert "responses.connect" in refused or OPENAI_MAJOR < 3
 

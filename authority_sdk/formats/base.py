@@ -142,8 +142,8 @@ class WireFormat(Protocol):
         ``history_tokens``, or change ``data`` and set ``rewritten``)."""
         ...
 
-    def record_d(self, answer: Answer, authority: dict[str, Any], *, caller: str,
-                 environment: str, ttl_s: float) -> Decision[None]:
+    def record_d(self, req: ParsedRequest, answer: Answer, authority: dict[str, Any], *,
+                 caller: str, environment: str, ttl_s: float) -> Decision[None]:
         """Keep what a later request may continue (after the answer is gated)."""
         ...
 
@@ -155,6 +155,6 @@ class Stateless:
                   environment: str) -> Decision[None]:
         yield from ()
 
-    def record_d(self, answer: Answer, authority: dict[str, Any], *, caller: str,
-                 environment: str, ttl_s: float) -> Decision[None]:
+    def record_d(self, req: ParsedRequest, answer: Answer, authority: dict[str, Any], *,
+                 caller: str, environment: str, ttl_s: float) -> Decision[None]:
         yield from ()

@@ -307,6 +307,14 @@ def _output_item(kind: str, call_id: str, text: str, status: str) -> dict[str, A
     return {"type": out, "call_id": call_id, "output": text}
 
 
+def _as_items(value: Any) -> list[Any]:
+    """A request's ``input`` as the items ``input_items`` lists."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": value}]}]
+    return list(value) if isinstance(value, list) else []
+
+
 def _summary_item(text: str, rid: Any) -> dict[str, Any]:
     return {"type": "message", "id": f"msg_authority_{rid}", "role": "assistant",
             "status": "completed",
@@ -421,8 +429,8 @@ class Responses:
                                      for o in missing)]
             req.rewritten = True
 
-    def record_d(self, answer: Answer, authority: dict[str, Any], *, caller: str,
-                 environment: str, ttl_s: float) -> Decision[None]:
+    def record_d(self, req: ParsedRequest, answer: Answer, authority: dict[str, Any], *,
+                 caller: str, environment: str, ttl_s: float) -> Decision[None]:
         usage = answer.body.get("usage")
         counts: list[Any] = [usage.get(k) for k in ("input_tokens", "output_tokens")] \
             if isinstance(usage, dict) else []
@@ -434,6 +442,7 @@ class Responses:
         yield from served.record_d(
             {**answer.body, "authority": authority}, caller=caller, environment=environment,
             request_id=authority["request_id"], context_tokens=context,
+            input_items=_as_items(req.data.get("input")),
             outputs=[f for f in followups if f.get("type") in _OUTPUT_ITEMS],
             withheld_ids=[f["id"] for f in followups
                           if f.get("type") not in _OUTPUT_ITEMS and isinstance(f.get("id"), str)],

@@ -49,7 +49,6 @@ ENDPOINTS: list[tuple[str, Callable[[openai.OpenAI], Any]]] = [
     ("responses cancel", lambda c: c.responses.cancel("resp_123")),
     ("responses delete", lambda c: c.responses.delete("resp_123")),
     ("conversations", lambda c: c.conversations.create()),
-    ("stored response items", lambda c: c.responses.input_items.list("resp_123")),
     ("stored completions", lambda c: c.chat.completions.list()),
     ("model by id", lambda c: c.models.retrieve("gpt-4o-mini")),
     ("files", lambda c: c.files.list()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -404,10 +405,29 @@ def test_a_served_response_is_retrieved_as_the_app_got_it_by_its_key_only(door: 
     with pytest.raises(openai.NotFoundError) as ei:
         other_client(door).responses.retrieve(first.id)
     assert ei.value.code == "response_not_found"
+    items = door.client.responses.input_items.list(first.id)
+    assert [dump(i)["content"][0]["text"] for i in items.data] == [MIXED]
+    for client, rid in ((other_client(door), first.id), (door.client, "resp_never_served")):
+        with pytest.raises(openai.NotFoundError) as ei:
+            client.responses.input_items.list(rid)
+        assert ei.value.code == "response_not_found"
     with pytest.raises(openai.NotFoundError) as ei:
-        door.client.responses.input_items.list(first.id)
+        door.client.responses.cancel(first.id)
     assert ei.value.code == "endpoint_not_allowed"
     assert door.proxy.upstream.chat_requests == before  # the upstream is never asked
+
+
+def test_a_served_record_expires(write_policy: Callable[..., Path],
+                                 gateways: list[Any]) -> None:
+    path = write_policy({"defaults": {"served_response_ttl_s": 1}})
+    c = AuthorityClient(policy=str(path), environment="prod", max_retries=0)
+    gateways.append(c.gateway)
+    first = c.responses.create(model=MODEL, input="SAY one")
+    c.responses.create(model=MODEL, input="SAY two", previous_response_id=first.id)
+    time.sleep(1.5)
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.responses.create(model=MODEL, input="SAY three", previous_response_id=first.id)
+    assert ei.value.code == "previous_response_unknown"
 
 
 def test_app_run_built_ins_are_gated_by_their_rules(door: Door) -> None:
