@@ -204,29 +204,52 @@ def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] |
             # The model knows these tools already: their definition costs no prompt here,
             # and their calls are actions named by the call's type.
             continue
-        if kind not in ("function", "custom"):
-            raise RequestDenied(
-                f"tools[{i}]: the {kind[:64]!r} tool runs where the gateway cannot gate it "
-                "(at the provider, or as a built-in it does not handle yet); offer function "
-                "or custom tools instead", code="tool_not_allowed", decided_by="tools")
-        name = t.get("name")
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
-            raise _bad(f"tools[{i}].name must be a string of 1 to {MAX_NAME_CHARS} characters")
-        if name in names:
-            raise _bad(f"tools[{i}]: the tool name {name!r} is declared twice")
-        names.add(name)
-        params = t.get("parameters")
-        if kind == "function" and params is not None:
-            if not isinstance(params, dict):
-                raise _bad(f"tools[{i}].parameters must be a JSON schema object")
-            schemas[name] = params
-        fn = {"name": name, "description": t.get("description") or ""}
-        if kind == "function" and params is not None:
-            fn["parameters"] = params
-        elif kind == "custom" and t.get("format") is not None:
-            fn["description"] += " " + json.dumps(t["format"])
-        counted.append({"type": "function", "function": fn})
+        if kind == "namespace":
+            ns, inner = t.get("name"), t.get("tools")
+            if not isinstance(ns, str) or not ns or not isinstance(inner, list):
+                raise _bad(f"tools[{i}]: a namespace needs a string 'name' and a list 'tools'")
+            for j, sub in enumerate(inner):
+                _declare(f"tools[{i}].tools[{j}]", sub, ns, schemas, counted, names)
+            continue
+        _declare(f"tools[{i}]", t, None, schemas, counted, names)
     return schemas, counted or None, sorted(set(hosted))
+
+
+def _declare(where: str, t: Any, namespace: str | None, schemas: dict[str, dict[str, Any]],
+             counted: list[Any], names: set[str]) -> None:
+    """One function or custom tool; in a namespace its action name is ``namespace.name``."""
+    kind = t.get("type") if isinstance(t, dict) else None
+    if not isinstance(kind, str):
+        raise _bad(f"{where} must be an object with a string 'type'")
+    if kind not in ("function", "custom"):
+        raise RequestDenied(
+            f"{where}: the {kind[:64]!r} tool runs where the gateway cannot gate it (at the "
+            "provider, or as a built-in it does not handle yet); offer function or custom "
+            "tools instead", code="tool_not_allowed", decided_by="tools")
+    callers = t.get("allowed_callers")
+    if callers is not None and callers != ["direct"]:
+        # A program the provider runs would call it: calls the app never sees first.
+        raise RequestDenied(f"{where}: 'allowed_callers' other than ['direct'] lets a program "
+                            "at the provider call the tool", code="tool_not_allowed",
+                            decided_by="tools")
+    name = t.get("name")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+        raise _bad(f"{where}.name must be a string of 1 to {MAX_NAME_CHARS} characters")
+    full = f"{namespace}.{name}" if namespace else name
+    if full in names:
+        raise _bad(f"{where}: the tool name {full!r} is declared twice")
+    names.add(full)
+    params = t.get("parameters")
+    if kind == "function" and params is not None:
+        if not isinstance(params, dict):
+            raise _bad(f"{where}.parameters must be a JSON schema object")
+        schemas[full] = params
+    fn = {"name": full, "description": t.get("description") or ""}
+    if kind == "function" and params is not None:
+        fn["parameters"] = params
+    elif kind == "custom" and t.get("format") is not None:
+        fn["description"] += " " + json.dumps(t["format"])
+    counted.append({"type": "function", "function": fn})
 
 
 class ResponsesRequest(ParsedRequest):
@@ -266,6 +289,12 @@ def _call_of(position: int, item: dict[str, Any], hosted: list[str]) -> Call | N
         if call_id is None:
             return Call(0, position, "function_call", None, name, args,
                         problem="the function call has no string 'call_id'")
+        caller = item.get("caller")
+        if caller is not None and not (isinstance(caller, dict)
+                                       and caller.get("type") == "direct"):
+            return Call(0, position, "function_call", call_id, name, args,
+                        problem="a call made by a program at the provider, not by the model",
+                        problem_code="unsupported_call_type")
         return Call(0, position, "function_call", call_id, name, args)
     if kind in _BUILTIN_CALLS:
         field = _BUILTIN_CALLS[kind][0]

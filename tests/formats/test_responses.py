@@ -399,3 +399,27 @@ def test_a_stream_without_its_completed_event_or_that_failed_is_an_error() -> No
     with pytest.raises(UpstreamError, match="boom"):
         stream.feed(json.dumps({"type": "response.failed", "response": {
             "error": {"message": "boom"}}}))
+
+
+def test_namespaced_tools_are_actions_of_their_own_name() -> None:
+    req = parse(input="hi", tools=[FN, {"type": "namespace", "name": "crm", "description": "",
+                                        "tools": [FN, {"type": "custom", "name": "note"}]}])
+    assert set(req.tool_schemas) == {"lookup_customer", "crm.lookup_customer"}
+    a = FMT.answer_from(answer(fc("lookup_customer", "{}", "c1", namespace="crm"),
+                               fc("lookup_customer", "{}", "c2")))
+    assert [c.name for c in a.calls] == ["crm.lookup_customer", "lookup_customer"]
+    with pytest.raises(RequestDenied):
+        parse(input="hi", tools=[{"type": "namespace", "name": "x", "description": "",
+                                  "tools": [{"type": "web_search"}]}])
+
+
+def test_calls_a_program_makes_at_the_provider_are_refused() -> None:
+    exc = refused(input="hi", tools=[{**FN, "allowed_callers": ["direct", "programmatic"]}])
+    assert exc.code == "tool_not_allowed"
+    a = FMT.answer_from(answer(fc("lookup_customer", "{}", "c1",
+                                  caller={"type": "program", "caller_id": "p1"}),
+                               fc("lookup_customer", "{}", "c2", caller={"type": "direct"}),
+                               {"type": "program", "id": "pg_1", "call_id": "p1",
+                                "code": "await lookup_customer()"}))
+    assert [c.problem_code for c in a.calls] == ["unsupported_call_type", None,
+                                                 "unsupported_call_type"]
