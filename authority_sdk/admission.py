@@ -13,7 +13,7 @@ import fnmatch
 from .errors import ModelNotAllowed, RequestDenied
 from .policy import Policy
 
-__all__ = ["check_hosted_tools", "check_model", "matching_glob"]
+__all__ = ["check_hosted_tools", "check_mcp_servers", "check_model", "matching_glob"]
 
 
 def matching_glob(policy: Policy, environment: str, model: str) -> str | None:
@@ -47,3 +47,14 @@ def check_hosted_tools(policy: Policy, environment: str, offered: list[str]) -> 
                 f"environment {environment!r} does not allow it (allowed: "
                 f"{', '.join(allowed) or 'none'})", code="tool_not_allowed",
                 decided_by=f"environments.{environment}.hosted_tools")
+
+
+def check_mcp_servers(policy: Policy, environment: str, servers: dict[str, str]) -> None:
+    """A remote MCP server (by URL, connector or tunnel) only where the policy lists it."""
+    allowed = policy.environments[environment].mcp_servers
+    for label, server in servers.items():
+        if not any(fnmatch.fnmatchcase(server, glob) for glob in allowed):
+            raise RequestDenied(
+                f"the MCP server {label!r} ({server[:200]}) is not allowed in environment "
+                f"{environment!r}", code="tool_not_allowed",
+                decided_by=f"environments.{environment}.mcp_servers")

@@ -238,6 +238,7 @@ class Engine:
                                         decided_by=f"kill_switch:{kill['scope']}")
             admission.check_model(self.policy, ctx.environment, ctx.model)
             admission.check_hosted_tools(self.policy, ctx.environment, parsed.hosted_tools)
+            admission.check_mcp_servers(self.policy, ctx.environment, parsed.mcp_servers)
             yield from fmt.prepare_d(parsed, caller=ctx.caller.name,
                                      environment=ctx.environment)
             key_cfg = self._keys.get(ctx.caller.name)

@@ -152,6 +152,11 @@ class Environment(_Strict):
         default_factory=list, description="Responses API tools the provider runs itself "
         "(their calls happen before the gateway sees them) that requests may offer here; "
         "any other is refused (tool_not_allowed)")
+    mcp_servers: list[str] = Field(
+        default_factory=list, description="Remote MCP servers requests may offer here: globs "
+        "of a server_url, or 'connector:<id>' / 'tunnel:<id>'. Their calls come back for "
+        "approval (the gateway forces require_approval) as actions named "
+        "mcp.<server_label>.<tool>")
     actions: list[str] | None = None  # allowlist of action types; None: any the policy defines
     force_mode: Mode | None = None
     default_mode: Mode | None = None

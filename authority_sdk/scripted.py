@@ -244,6 +244,18 @@ class ScriptedModel:
         if script["garbage"]:
             return Response(b"<html>not json", media_type="application/json")
         answer = _response_answer(body, script)
+        # An approved MCP call runs at the provider: its result is part of this answer.
+        with self._lock:
+            prev = self.served.get(body.get("previous_response_id") or "") or {}
+        asked = {i.get("id"): i for i in [*prev.get("output", []), *items]
+                 if isinstance(i, dict) and i.get("type") == "mcp_approval_request"}
+        answer["output"][:0] = [
+            {"type": "mcp_call", "id": "mcp_" + uuid.uuid4().hex[:12],
+             "server_label": asked[i["approval_request_id"]].get("server_label"),
+             "name": asked[i["approval_request_id"]].get("name"), "arguments": "{}",
+             "output": "done", "approval_request_id": i["approval_request_id"]}
+            for i in items if isinstance(i, dict) and i.get("type") == "mcp_approval_response"
+            and i.get("approve") is True and i.get("approval_request_id") in asked]
         with self._lock:
             self.served[answer["id"]] = {"input": items, "output": answer["output"]}
         if body.get("stream"):
@@ -275,6 +287,12 @@ class ScriptedModel:
             return 400, f"No tool output found for function call {cid}."
         for cid in sorted(map(str, answered - calls)):
             return 400, f"No tool call found for function call output with call_id {cid}."
+        asked = {i.get("id") for i in turn if isinstance(i, dict)
+                 and i.get("type") == "mcp_approval_request"}
+        for i in items:
+            if isinstance(i, dict) and i.get("type") == "mcp_approval_response" \
+                    and i.get("approval_request_id") not in asked:
+                return 400, (f"Approval request {i.get('approval_request_id')} was not found.")
         for n, i in enumerate(items):
             if isinstance(i, dict) and i.get("type") == "reasoning" and n + 1 == len(items):
                 return 400, (f"Item '{i.get('id')}' of type 'reasoning' was provided without "

@@ -47,14 +47,16 @@ def _key(response_id: str) -> str:
 
 def record_d(body: dict[str, Any], *, caller: str, environment: str, request_id: str,
              context_tokens: int, outputs: list[dict[str, Any]], withheld_ids: list[str],
-             input_items: list[Any], ttl_s: float) -> Decision[None]:
+             input_items: list[Any], pending_approvals: list[dict[str, Any]],
+             ttl_s: float) -> Decision[None]:
     rid = body.get("id")
     if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_CHARS:
         return  # nothing a later request could name
     yield S.idem_put(_key(rid), {
         "kind": "served_response", "caller": caller, "environment": environment,
         "request_id": request_id, "context_tokens": context_tokens, "outputs": outputs,
-        "withheld_ids": withheld_ids, "input": input_items, "body": body}, ttl_s=ttl_s)
+        "withheld_ids": withheld_ids, "input": input_items,
+        "pending_approvals": pending_approvals, "body": body}, ttl_s=ttl_s)
 
 
 def _find_d(response_id: str, caller: str, environment: str) -> Decision[dict[str, Any] | None]:

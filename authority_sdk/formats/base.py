@@ -41,6 +41,7 @@ class ParsedRequest:
     # Tokens of a server-side history the request continues (billed again, not in the body).
     history_tokens: int = 0
     hosted_tools: list[str] = field(default_factory=list)  # provider-run tools it offers
+    mcp_servers: dict[str, str] = field(default_factory=dict)  # MCP server label -> server
     rewritten: bool = False  # the gateway changed ``data``: send it re-serialised
 
     def count_body(self) -> dict[str, Any]:

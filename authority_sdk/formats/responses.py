@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .. import served, strictjson
+from .. import approvals, served, strictjson
+from ..effects import S
 from ..errors import InvalidRequest, RequestDenied, UpstreamError
 from ..records import ActionOutcome, ActionStatus
 from .base import Answer, Call, ParsedRequest
@@ -66,7 +68,10 @@ _REFUSED_FIELDS = {
 }
 _OUTPUT_ITEMS = ("function_call_output", "custom_tool_call_output",
                  *(out for _, out in _BUILTIN_CALLS.values()))
-_PASS_INPUT = frozenset({"message", "reasoning", *_CALL_ITEMS, *_OUTPUT_ITEMS})
+# MCP items: what the provider ran (content) and the approvals the gateway decides.
+_MCP_CONTENT = frozenset({"mcp_call", "mcp_list_tools"})
+_PASS_INPUT = frozenset({"message", "reasoning", *_CALL_ITEMS, *_OUTPUT_ITEMS, *_MCP_CONTENT,
+                         "mcp_approval_request", "mcp_approval_response"})
 
 
 def _bad(message: str, code: str = "invalid_request") -> InvalidRequest:
@@ -166,6 +171,13 @@ def _input_messages(data: dict[str, Any]) -> list[Any]:
             messages.append({"role": role, "content": _text_parts(item.get("content"), where)})
         elif kind in _CALL_ITEMS:
             messages.append(_call_message(item, where))
+        elif kind in _MCP_CONTENT or kind.startswith("mcp_approval_"):
+            if kind == "mcp_approval_response" and (
+                    not isinstance(item.get("approval_request_id"), str)
+                    or not isinstance(item.get("approve"), bool)):
+                raise _bad(f"{where} needs a string 'approval_request_id' and a boolean "
+                           "'approve'")
+            messages.append({"role": "assistant", "content": json.dumps(item)})
         elif kind == "reasoning":
             # Its summary (and any encrypted content) is billed as input again.
             messages.append({"role": "assistant", "content": json.dumps(
@@ -175,23 +187,50 @@ def _input_messages(data: dict[str, Any]) -> list[Any]:
     return messages
 
 
+def _mcp_server(where: str, t: dict[str, Any]) -> tuple[str, str]:
+    """(server_label, the server as the policy names it), and every call it may make
+    comes back for approval first: the gateway decides those (it forces
+    ``require_approval: "always"``; ``allowed_tools`` and the rest stay as sent)."""
+    label = t.get("server_label")
+    if not isinstance(label, str) or not label or len(label) > MAX_NAME_CHARS:
+        raise _bad(f"{where}.server_label must be a string of 1 to {MAX_NAME_CHARS} "
+                   "characters")
+    found = [(k, t.get(k)) for k in ("server_url", "connector_id", "tunnel_id")
+             if t.get(k) is not None]
+    if len(found) != 1 or not isinstance(found[0][1], str) or not found[0][1]:
+        raise _bad(f"{where}: an MCP tool needs exactly one of server_url, connector_id or "
+                   "tunnel_id, as a string")
+    key, value = found[0][0], str(found[0][1])
+    t["require_approval"] = "always"
+    return label, value if key == "server_url" else f"{key.split('_')[0]}:{value}"
+
+
 def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] | None,
-                                         list[str]]:
-    """Tool name -> declared schema, the tools in the chat shape for counting, and the
-    hosted tool families offered."""
+                                         list[str], dict[str, str]]:
+    """Tool name -> declared schema, the tools in the chat shape for counting, the hosted
+    tool families offered and the MCP servers (label -> server)."""
     tools = data.get("tools")
     if tools is None:
-        return {}, None, []
+        return {}, None, [], {}
     if not isinstance(tools, list):
         raise _bad("'tools' must be a list")
     schemas: dict[str, dict[str, Any]] = {}
     counted: list[Any] = []
     names: set[str] = set()
     hosted: list[str] = []
+    mcp: dict[str, str] = {}
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
             raise _bad(f"tools[{i}] must be an object with a string 'type'")
         kind = t["type"]
+        if kind == "mcp":
+            label, server = _mcp_server(f"tools[{i}]", t)
+            if label in mcp:
+                raise _bad(f"tools[{i}]: the MCP server label {label!r} is used twice")
+            mcp[label] = server
+            counted.append({"type": "function", "function": {
+                "name": "mcp_" + label, "description": json.dumps(t)}})
+            continue
         if kind in HOSTED_TOOLS:
             # Billed by the provider as it runs them; admitted per environment.
             hosted.append(HOSTED_TOOLS[kind])
@@ -212,7 +251,7 @@ def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] |
                 _declare(f"tools[{i}].tools[{j}]", sub, ns, schemas, counted, names)
             continue
         _declare(f"tools[{i}]", t, None, schemas, counted, names)
-    return schemas, counted or None, sorted(set(hosted))
+    return schemas, counted or None, sorted(set(hosted)), mcp
 
 
 def _declare(where: str, t: Any, namespace: str | None, schemas: dict[str, dict[str, Any]],
@@ -265,12 +304,24 @@ class ResponsesRequest(ParsedRequest):
         return body
 
 
-def _call_of(position: int, item: dict[str, Any], hosted: list[str]) -> Call | None:
+def _call_of(position: int, item: dict[str, Any], hosted: list[str],
+             mcp: dict[str, str]) -> Call | None:
     kind = item.get("type")
     if kind in ("message", "reasoning"):
         return None
     if _HOSTED_ITEMS.get(str(kind)) in hosted:
         return None  # it ran at the provider, as the policy let the request offer it
+    label = item.get("server_label")
+    if kind in _MCP_CONTENT and label in mcp:
+        return None  # a call the gateway approved, or the server's tool list
+    if kind == "mcp_approval_request" and label in mcp:
+        name, args, rid = item.get("name"), item.get("arguments"), item.get("id")
+        if not isinstance(name, str) or not name or not isinstance(args, str) \
+                or not isinstance(rid, str):
+            return Call(0, position, "mcp_approval_request", rid if isinstance(rid, str)
+                        else None, f"mcp.{label}", "", problem="the MCP approval request "
+                        "needs a string id, name and arguments")
+        return Call(0, position, "mcp_approval_request", rid, f"mcp.{label}.{name}", args)
     call_id = item.get("call_id") if isinstance(item.get("call_id"), str) else None
     if kind == "function_call":
         name, args = item.get("name"), item.get("arguments")
@@ -336,6 +387,32 @@ def _output_item(kind: str, call_id: str, text: str, status: str) -> dict[str, A
     return {"type": out, "call_id": call_id, "output": text}
 
 
+def _approval_response(o: ActionOutcome) -> dict[str, Any] | None:
+    """The gateway's answer to an MCP approval request: the policy's decision, or None
+    while a person has yet to decide."""
+    if o.status == ActionStatus.PENDING_APPROVAL:
+        return None
+    ok = o.status == ActionStatus.ALLOWED
+    out: dict[str, Any] = {"type": "mcp_approval_response",
+                           "approval_request_id": o.tool_call["id"], "approve": ok}
+    if not ok:
+        out["reason"] = (o.reason or o.status)[:500]
+    return out
+
+
+def _answered(item: Any) -> str | None:
+    """The call (or approval request) an input item answers, if it answers one."""
+    if not isinstance(item, dict):
+        return None
+    if item.get("type") == "mcp_approval_response":
+        rid = item.get("approval_request_id")
+    elif item.get("type") in _OUTPUT_ITEMS:
+        rid = item.get("call_id")
+    else:
+        return None
+    return rid if isinstance(rid, str) else None
+
+
 def _as_items(value: Any) -> list[Any]:
     """A request's ``input`` as the items ``input_items`` lists."""
     if isinstance(value, str):
@@ -354,7 +431,8 @@ def _withheld_positions(output: list[Any], outcomes: list[ActionOutcome]) -> set
     """The items to remove: every call not allowed, and a reasoning item whose following
     items (up to the next reasoning item) are all removed: upstream refuses a reasoning
     item without its following item."""
-    gone = {o.position for o in outcomes if o.status != ActionStatus.ALLOWED}
+    gone = {o.position for o in outcomes if o.status != ActionStatus.ALLOWED
+            or o.call_kind == "mcp_approval_request"}
     for i, item in enumerate(output):
         if item.get("type") != "reasoning":
             continue
@@ -398,7 +476,7 @@ class Responses:
             raise _bad(f"'previous_response_id' must be a string of 1 to {served.MAX_ID_CHARS} "
                        "characters")
         messages = _input_messages(data)
-        schemas, counted, hosted = _tools(data)
+        schemas, counted, hosted, mcp = _tools(data)
         stream = data.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise _bad("'stream' must be true or false")
@@ -423,7 +501,8 @@ class Responses:
             data=data, model=model, stream=bool(stream), n=1, explicit_limit=limit,
             limit_field="max_output_tokens", tool_schemas=schemas,
             structured_output=structured, prompt_messages=messages, prompt_tools=counted,
-            client_wants_usage=True, hosted_tools=hosted)
+            client_wants_usage=True, hosted_tools=hosted, mcp_servers=mcp,
+            rewritten=bool(mcp))
 
     def upstream_body(self, req: ParsedRequest, original: bytes, changed: bool) -> bytes:
         # The usage always comes in the final event: nothing to ask for.
@@ -448,13 +527,28 @@ class Responses:
         stored = set(record.get("withheld_ids") or [])
         kept = [i for i in items if not (isinstance(i.get("id"), str) and i["id"] in stored
                                          and i.get("type") not in _OUTPUT_ITEMS)]
-        answered = {i.get("call_id") for i in kept if i.get("type") in _OUTPUT_ITEMS}
+        answered = {_answered(i) for i in kept} - {None}
         missing = [copy.deepcopy(o) for o in record.get("outputs") or []
-                   if o.get("call_id") not in answered]
+                   if _answered(o) not in answered]
+        for held in record.get("pending_approvals") or []:
+            # An MCP call held for a person: answered once decided, left open till then.
+            if held["approval_request_id"] in answered:
+                continue
+            approval = yield S.approval_get(held["approval_id"])
+            status = (approval or {}).get("status")
+            if approval is not None and approvals.is_overdue(approval, time.time()):
+                status = "expired"
+            if status in ("approved", "executed"):
+                missing.append({"type": "mcp_approval_response", "approve": True,
+                                "approval_request_id": held["approval_request_id"]})
+            elif status not in ("pending", None):
+                missing.append({"type": "mcp_approval_response", "approve": False,
+                                "approval_request_id": held["approval_request_id"],
+                                "reason": f"the approval is {status}"})
         if missing or len(kept) != len(items):
             req.data["input"] = [*missing, *kept]
             req.prompt_messages = [*req.prompt_messages,
-                                   *(_output_message(o, "a withheld call's output")
+                                   *({"role": "tool", "content": json.dumps(o)}
                                      for o in missing)]
             req.rewritten = True
 
@@ -472,9 +566,15 @@ class Responses:
             {**answer.body, "authority": authority}, caller=caller, environment=environment,
             request_id=authority["request_id"], context_tokens=context,
             input_items=_as_items(req.data.get("input")),
-            outputs=[f for f in followups if f.get("type") in _OUTPUT_ITEMS],
+            outputs=[f for f in followups if _answered(f) is not None],
             withheld_ids=[f["id"] for f in followups
-                          if f.get("type") not in _OUTPUT_ITEMS and isinstance(f.get("id"), str)],
+                          if _answered(f) is None and isinstance(f.get("id"), str)],
+            pending_approvals=[
+                {"approval_request_id": a["tool_call"]["id"], "approval_id": a["approval_id"]}
+                for a in authority.get("actions") or []
+                if a.get("status") == ActionStatus.PENDING_APPROVAL and a.get("approval_id")
+                and (a.get("tool_call") or {}).get("id")
+                and str(a.get("action_type", "")).startswith("mcp.")],
             ttl_s=ttl_s)
 
     # -- answers ----------------------------------------------------------------------
@@ -498,7 +598,8 @@ class Responses:
                 raise _malformed(f"output[{pos}] is not an object with a string 'type'")
             if item["type"] == "message" and not isinstance(item.get("content"), list):
                 raise _malformed(f"output[{pos}].content is not a list")
-            call = _call_of(pos, item, req.hosted_tools if req is not None else [])
+            call = _call_of(pos, item, req.hosted_tools if req is not None else [],
+                            req.mcp_servers if req is not None else {})
             if call is not None:
                 calls.append(call)
         return Answer(data, calls, _chat_usage(data.get("usage")))
@@ -533,6 +634,12 @@ class Responses:
                 pending_reasoning = item
                 continue
             o = by_pos.get(i)
+            if o is not None and o.call_kind == "mcp_approval_request" \
+                    and o.tool_call["id"] is not None:
+                decided = _approval_response(o)
+                if decided is not None:  # pending: answered once a person decides
+                    items += [copy.deepcopy(item), decided]
+                continue
             if o is None or item.get("type") not in _CALL_ITEMS or o.tool_call["id"] is None:
                 continue  # a shape the app never sees and cannot answer
             if pending_reasoning is not None:

@@ -131,7 +131,7 @@ def test_hosted_tools_are_named_for_the_policy_to_admit(kind: str, family: str) 
 
 
 @pytest.mark.parametrize("tool", [
-    {"type": "mcp"}, {"type": "computer_use_preview"}, {"type": "local_shell"},
+    {"type": "computer_use_preview"}, {"type": "local_shell"},
     {"type": "something_new"},
     {"type": "shell", "environment": {"type": "container_auto"}},  # runs at the provider
 ], ids=lambda t: t["type"] + ("-hosted" if "environment" in t else ""))
@@ -423,3 +423,47 @@ def test_calls_a_program_makes_at_the_provider_are_refused() -> None:
                                 "code": "await lookup_customer()"}))
     assert [c.problem_code for c in a.calls] == ["unsupported_call_type", None,
                                                  "unsupported_call_type"]
+
+
+MCP = {"type": "mcp", "server_label": "docs", "server_url": "https://mcp.example.com/sse",
+       "require_approval": "never"}
+
+
+def test_an_mcp_server_is_named_and_every_call_comes_back_for_approval() -> None:
+    req = parse(input="hi", tools=[MCP, {**MCP, "server_label": "crm", "server_url": None,
+                                         "connector_id": "connector_gmail"}])
+    assert req.mcp_servers == {"docs": "https://mcp.example.com/sse",
+                               "crm": "connector:connector_gmail"}
+    assert [t["require_approval"] for t in req.data["tools"]] == ["always", "always"]
+    assert req.rewritten  # sent as the gateway changed it
+    for bad in ({**MCP, "server_url": None}, {**MCP, "tunnel_id": "t1"},
+                {**MCP, "server_label": ""}):
+        assert refused(input="hi", tools=[bad]).code == "invalid_request"
+
+
+def test_mcp_approval_requests_are_actions_the_gateway_answers() -> None:
+    req = parse(input="hi", tools=[MCP])
+
+    def ask(rid: str, name: str, label: str = "docs") -> dict[str, Any]:
+        return {"type": "mcp_approval_request", "id": rid, "name": name, "arguments": "{}",
+                "server_label": label}
+
+    a = FMT.answer_from(answer(
+        {"type": "mcp_list_tools", "id": "l1", "server_label": "docs", "tools": []},
+        ask("a1", "search"), ask("a2", "delete"), ask("a3", "drop"),
+        ask("a4", "x", label="other"),
+        {"type": "mcp_call", "id": "m1", "server_label": "docs", "name": "search",
+         "arguments": "{}", "output": "ok"}), req)
+    assert [(c.name, c.problem_code) for c in a.calls] == [
+        ("mcp.docs.search", None), ("mcp.docs.delete", None), ("mcp.docs.drop", None),
+        ("mcp_approval_request", "unsupported_call_type")]
+    outs = _gated(a, ["allowed", "pending_approval", "denied", "denied"])
+    followups = FMT.followups(a, outs, [])
+    FMT.rewrite(a, outs, summary=None, structured_output=True)
+    # every approval request is the gateway's to answer: none is left for the app
+    assert [i["type"] for i in a.body["output"]] == ["mcp_list_tools", "mcp_call"]
+    assert [(f["type"], f.get("approve")) for f in followups] == [
+        ("mcp_approval_request", None), ("mcp_approval_response", True),
+        ("mcp_approval_request", None), ("mcp_approval_response", False)]
+    # and they are valid input of the next turn
+    assert parse(input=[{"role": "user", "content": "go"}, *followups]).prompt_messages

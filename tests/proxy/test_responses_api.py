@@ -45,7 +45,12 @@ TOOLS = [fn("lookup_customer"), fn("send_note"), fn("delete_account"), fn("tag_t
          fn("wipe")]
 MIXED = ('SAY On it\nCALL lookup_customer {"id": 1}\nCALL send_note {"text": "x"}\n'
          'CALL delete_account {"id": 2}\nCALL wipe {"x": 1}')
-OVERRIDES = {"environments": {"dev": {"hosted_tools": ["web_search"]}}, "actions": {
+OVERRIDES = {"environments": {"dev": {"hosted_tools": ["web_search"]},
+                              "prod": {"mcp_servers": ["https://mcp.example.com/*"]}},
+             "actions": {
+    "mcp.docs.search": {"mode": "auto_execute"},
+    "mcp.docs.delete": {"mode": "require_human_approval"},
+    "mcp.docs.drop": {"mode": "deny"},
     "lookup_customer": {"mode": "auto_execute"},
     "tag_ticket": {"executor": "dry", "mode": "auto_execute"},
     # built-ins the app runs, named by their call's type, with rules on their arguments
@@ -510,3 +515,45 @@ def test_an_answer_cut_at_max_output_tokens_streams_as_incomplete(door: Door) ->
     assert plain.status == "incomplete" and events[-1].type == "response.incomplete"
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
     assert statuses(events[-1].response) == statuses(plain)
+
+
+MCP_TOOL: Any = {"type": "mcp", "server_label": "docs", "require_approval": "never",
+                 "server_url": "https://mcp.example.com/sse"}
+
+
+def test_mcp_calls_are_approved_or_refused_by_the_gateway(door: Door) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as ei:
+        door.client.responses.create(model=MODEL, input="hi", tools=[
+            {**MCP_TOOL, "server_url": "https://mcp.attacker.example/sse"}])
+    assert ei.value.code == "tool_not_allowed"
+
+    def ask(rid: str, name: str) -> str:
+        return "ITEM " + json.dumps({"type": "mcp_approval_request", "id": rid, "name": name,
+                                     "arguments": "{}", "server_label": "docs"})
+
+    rid = f"mcpr_{door.name}"
+    script = "\n".join([ask(rid + "_1", "search"), ask(rid + "_2", "delete"),
+                        ask(rid + "_3", "drop")])
+    first = door.client.responses.create(model=MODEL, input=script, tools=[MCP_TOOL])
+    sent = door.proxy.upstream_stats()["last_request"]["body"]
+    assert sent["tools"][0]["require_approval"] == "always"  # every call asks first
+    info = authority_of(first)
+    assert [(a.action_type, a.status) for a in info.actions] == [
+        ("mcp.docs.search", "allowed"), ("mcp.docs.delete", "pending_approval"),
+        ("mcp.docs.drop", "denied")]
+    assert not [o for o in first.output if o.type == "mcp_approval_request"]
+
+    def go_on() -> tuple[Any, list[dict[str, Any]]]:
+        r = door.client.responses.create(model=MODEL, input="go on", tools=[MCP_TOOL],
+                                         previous_response_id=first.id)
+        body = door.proxy.upstream_stats()["last_request"]["body"]
+        return r, [i for i in body["input"] if i.get("type") == "mcp_approval_response"]
+
+    nxt, answers = go_on()
+    assert [(a["approval_request_id"], a["approve"]) for a in answers] == [
+        (rid + "_1", True), (rid + "_3", False)]  # the held one is not answered yet
+    [ran] = [o for o in nxt.output if o.type == "mcp_call"]  # it ran at the provider
+    assert ran.name == "search" and authority_of(nxt).actions == []
+    door.approve(info.actions[1].approval_id or "")
+    _, answers = go_on()
+    assert (rid + "_2", True) in [(a["approval_request_id"], a["approve"]) for a in answers]
