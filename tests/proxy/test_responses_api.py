@@ -557,3 +557,25 @@ def test_mcp_calls_are_approved_or_refused_by_the_gateway(door: Door) -> None:
     door.approve(info.actions[1].approval_id or "")
     _, answers = go_on()
     assert (rid + "_2", True) in [(a["approval_request_id"], a["approve"]) for a in answers]
+
+
+def test_websocket_mode_is_refused_by_both_doors(proxy: RunningProxy,
+                                                 sdk_engine: tuple[Engine, Path]) -> None:
+    from authority_sdk.errors import EndpointNotAllowed
+
+    before = proxy.upstream.chat_requests
+    # The stock client's WebSocket mode against the proxy: the handshake is refused.
+    stock = proxy.client(AGENT_KEY, websocket_base_url=proxy.url.replace("http", "ws") + "/v1")
+    websockets = pytest.importorskip("websockets")
+    with pytest.raises(websockets.exceptions.InvalidStatus) as ei, \
+            stock.responses.connect() as conn:
+        conn.send({"type": "response.create", "response": {"model": MODEL, "input": "hi"}})
+        conn.recv()
+    assert ei.value.response.status_code == 403  # no WebSocket route: the handshake fails
+    # The SDK refuses before any socket opens.
+    engine, _ = sdk_engine
+    sdk = AuthorityClient(gateway=engine, environment="prod", caller="support-agent",
+                          max_retries=0)
+    with pytest.raises(EndpointNotAllowed, match="WebSocket"), sdk.responses.connect():
+        pass
+    assert proxy.upstream.chat_requests == before
