@@ -20,9 +20,10 @@ pytestmark = [pytest.mark.libs, pytest.mark.parametrize("api", ["chat", "respons
 def _llm(door: Door, api: str, model: str = "gpt-4o-mini", **kw: Any) -> Any:
     lc = need("langchain_openai")
     http, ahttp = door.http_clients()
+    kw.setdefault("http_client", http)
+    kw.setdefault("http_async_client", ahttp)
     return lc.ChatOpenAI(model=model, base_url=door.base_url, api_key=door.api_key,
-                         max_retries=0, use_responses_api=api == "responses", http_client=http,
-                         http_async_client=ahttp, **kw)
+                         max_retries=0, use_responses_api=api == "responses", **kw)
 
 
 class Weather(BaseModel):
@@ -42,7 +43,11 @@ def test_async(door: Door, api: str) -> None:
     import asyncio
 
     async def main() -> str:
-        return str((await _llm(door, api).ainvoke(say("async hello"))).text)
+        # LangChain caches its default async client per base_url, bound to the first event
+        # loop; each asyncio.run here has its own, so the proxy door gets a fresh client.
+        kw = {"http_async_client": openai.DefaultAsyncHttpxClient()} \
+            if door.name == "proxy" else {}
+        return str((await _llm(door, api, **kw).ainvoke(say("async hello"))).text)
 
     assert asyncio.run(main()) == "async hello"
 
