@@ -172,7 +172,8 @@ class NotFound(AuthorityError):
 
 
 # What the gateway serves; the refusal of anything else names it so the caller knows what to do.
-SERVED_ENDPOINTS = "POST /v1/chat/completions and GET /v1/models"
+SERVED_ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings and "
+                    "GET /v1/models")
 
 
 class EndpointNotAllowed(NotFound):
@@ -188,9 +189,8 @@ class EndpointNotAllowed(NotFound):
         return cls(
             f"{method} {path} is not served by the AI Authority Gateway, which cannot vouch "
             f"for what it does not gate. It serves {SERVED_ENDPOINTS}: use chat completions "
-            "(e.g. OpenAIChatCompletionsModel in the Agents SDK, use_responses_api=False in "
-            "LangChain), or call this endpoint without the gateway if your organisation "
-            "allows it.")
+            "or the Responses API with the whole conversation in the request, or call this "
+            "endpoint without the gateway if your organisation allows it.")
 
 
 class IdempotencyInProgress(AuthorityError):

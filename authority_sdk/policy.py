@@ -150,6 +150,9 @@ class Defaults(_Strict):
     max_pending_approvals: int = Field(
         1000, ge=1, description="A new approval beyond this many pending is refused "
         "(approval_queue_full)")
+    served_response_ttl_s: float = Field(
+        30 * 86400.0, gt=0, description="How long the gateway keeps the record of a response "
+        "it served (Responses API): a previous_response_id older than this is unknown")
 
 
 class Ceilings(_Strict):
@@ -161,8 +164,20 @@ class Budget(_Strict):
     period: Literal["hour", "day", "month"] = "day"
 
 
+HostedTool = Literal["web_search", "file_search", "code_interpreter", "image_generation"]
+
+
 class Environment(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"])
+    hosted_tools: list[HostedTool] = Field(
+        default_factory=list, description="Responses API tools the provider runs itself "
+        "(their calls happen before the gateway sees them) that requests may offer here; "
+        "any other is refused (tool_not_allowed)")
+    mcp_servers: list[str] = Field(
+        default_factory=list, description="Remote MCP servers requests may offer here: globs "
+        "of a server_url, or 'connector:<id>' / 'tunnel:<id>'. Their calls come back for "
+        "approval (the gateway forces require_approval) as actions named "
+        "mcp.<server_label>.<tool>")
     actions: list[str] | None = None  # allowlist of action types; None: any the policy defines
     force_mode: Mode | None = None
     default_mode: Mode | None = None

@@ -325,6 +325,25 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     async def embeddings(request: Request, ident: Agent) -> Response:
         return await chat_completions(request, ident)
 
+    @app.post("/v1/responses", tags=["openai"], responses=_CHAT_ERRORS,
+              summary="The Responses API (streaming or not), gated like chat completions")
+    async def responses(request: Request, ident: Agent) -> Response:
+        return await chat_completions(request, ident)
+
+    @app.get("/v1/responses/{response_id}", tags=["openai"], responses=_ERRORS,
+             summary="A response this gateway served to this key's environment, as the app "
+             "got it (withheld calls still withheld)")
+    async def stored_response(response_id: Annotated[str, PathParam(max_length=_MAX_ID)],
+                              request: Request, ident: Agent) -> Response:
+        return _to_response(await gw.astored_response(GatewayRequest(
+            ident.caller, b"", {}, path=request.url.path, method="GET")))
+
+    @app.get("/v1/responses/{response_id}/input_items", tags=["openai"], responses=_ERRORS,
+             summary="The input of a response this gateway served to this key's environment")
+    async def stored_input_items(response_id: Annotated[str, PathParam(max_length=_MAX_ID)],
+                                 request: Request, ident: Agent) -> Response:
+        return await stored_response(response_id, request, ident)
+
     @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_ERRORS,
              summary="The models the caller's environment allows")
     async def list_models(ident: Agent) -> dict[str, Any]:

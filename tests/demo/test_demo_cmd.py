@@ -43,6 +43,7 @@ STORY = [
     ("Kill switch on", "200 engaged"),
     ("while it is on", "403 kill_switch_engaged"),
     ("Kill switch off", "200 released, then 200 allow"),
+    ("Responses API", "executed + pending_approval, 1 webhook call"),
     ("authority audit verify", "exit 0, chain intact"),
 ]
 
@@ -103,7 +104,7 @@ def test_output_shows_what_the_receiver_got_and_where_things_live(
     rel = folder.relative_to(cwd)
     assert f"audit log  {rel}/audit.jsonl" in done.stdout
     assert f"state      {rel}/state/" in done.stdout
-    for order in ("A-1001", "A-1002", "A-1005"):
+    for order in ("A-1001", "A-1002", "A-1005", "A-1008"):
         assert re.search(rf'receiver got POST /refunds \{{"order_id": "{order}"', done.stdout)
     assert "would POST http://127.0.0.1:" in done.stdout  # the dev simulation's description
     assert re.search(r"ok: \d+ entries, head seq \d+", done.stdout)  # audit verify's own words
@@ -132,7 +133,8 @@ def test_audit_log_records_every_decision(demo_run: tuple[Any, Path]) -> None:
             order = e["details"]["arguments"]["order_id"]
             assert order not in actions, f"{order} decided twice"
             actions[order] = e
-    assert set(actions) == {"A-1001", "A-1002", "A-1003", "A-1004", "A-1005", "A-1006"}
+    assert set(actions) == {"A-1001", "A-1002", "A-1003", "A-1004", "A-1005", "A-1006",
+                            "A-1008", "A-1009"}
     assert actions["A-1001"]["details"]["status"] == "executed"
     assert actions["A-1001"]["execution_result"]["result"]["refund_id"]
     assert actions["A-1002"]["details"]["status"] == "pending_approval"
@@ -143,6 +145,8 @@ def test_audit_log_records_every_decision(demo_run: tuple[Any, Path]) -> None:
     assert actions["A-1004"]["environment"] == "dev"
     assert actions["A-1005"]["details"]["status"] == "executed"
     assert actions["A-1006"]["details"]["code"] == "post_cost_ceiling_exceeded"
+    assert actions["A-1008"]["details"]["status"] == "executed"  # through /v1/responses
+    assert actions["A-1009"]["details"]["status"] == "pending_approval"
 
     approvals = [e for e in entries if e["event"] == "approval"]
     assert [(e["approval_status"], e["decision"], e["actor"]) for e in approvals] == [
@@ -164,7 +168,7 @@ def test_each_refund_reached_the_billing_system_once(demo_run: tuple[Any, Path])
     log = (demo_folder(cwd) / "receiver.log").read_text()
     orders = re.findall(r'"order_id": "([A-Z]-\d+)"', "\n".join(
         line.split("->")[0] for line in log.splitlines() if line.startswith("received POST")))
-    assert sorted(orders) == ["A-1001", "A-1002", "A-1005"]
+    assert sorted(orders) == ["A-1001", "A-1002", "A-1005", "A-1008"]
 
 
 def test_demo_policy_points_only_at_loopback(demo_run: tuple[Any, Path]) -> None:
@@ -187,7 +191,7 @@ def test_a_step_that_goes_wrong_fails_the_demo(tmp_path: Path) -> None:
     assert by_n[4] == ("✘", "executed, 1 webhook call (expected pending_approval, 0 webhook "
                             "calls)")
     assert by_n[5][0] == "✘"  # nothing left to approve
-    assert by_n[3][0] == by_n[7][0] == by_n[18][0] == "✔"
+    assert by_n[3][0] == by_n[7][0] == by_n[19][0] == "✔"
     assert "steps did not behave as the policy says" in done.stdout
 
 
@@ -223,7 +227,7 @@ def test_keep_leaves_the_gateway_running_until_interrupted(
         kept: tuple[subprocess.Popen[str], list[str]]) -> None:
     proc, lines = kept
     text = "\n".join(lines)
-    assert "all 18 steps behaved as the policy says" in text, text
+    assert "all 19 steps behaved as the policy says" in text, text
     base_url = re.search(r"^\s+base_url\s+(\S+)$", text, re.M)
     key = re.search(r"^\s+support-agent\s+(\S+)\s+environment prod", text, re.M)
     ops = re.search(r"^\s+ops\s+(\S+)\s+environment", text, re.M)
