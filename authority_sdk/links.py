@@ -19,7 +19,7 @@ import secrets
 import time
 from typing import Any
 
-__all__ = ["confirmation_code", "consume", "lookup", "mint", "token_hash"]
+__all__ = ["confirmation_code", "consume", "lookup", "mint", "token_hash", "well_formed"]
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32): 256 bits
 _PREFIX = "link:"
@@ -48,9 +48,13 @@ def mint(store: Any, *, approval: dict[str, Any], approver: str, channel: str,
     return token
 
 
+def well_formed(token: str) -> bool:
+    return isinstance(token, str) and _TOKEN.fullmatch(token) is not None
+
+
 def lookup(store: Any, token: str, now: float | None = None) -> dict[str, Any] | None:
     """The link's record while it is valid (unused, unexpired), else None."""
-    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+    if not well_formed(token):
         return None
     rec = store.idem_get(_PREFIX + token_hash(token))
     if not isinstance(rec, dict) or rec.get("kind") != "decision_link":
