@@ -320,3 +320,17 @@ def test_email_goes_through_the_policys_smtp_executor(
     assert '"amount": 300' in text and "4111111111111111" not in text
     assert "https://gateway.example.com/authority/decide/" in text
     assert s.outbox() == []
+
+
+def test_expiry_found_by_a_reader_is_notified_once(make: Callable[..., Setup],
+                                                   hook: HttpReceiver) -> None:
+    s = make({"ops": webhook(hook, events=["expired"])})
+    apr = s.hold("grant_access", {"user": "bob"})
+    s.gw.store.approval_transition(apr, "pending", "pending", expires_at=time.time() - 1)
+    assert control.get_approval(s.gw, apr)["status"] == "expired"
+    assert list(control.list_approvals(s.gw))
+    assert [p["event"] for _, p in s.outbox()] == ["expired"]
+    report = Worker(s.gw).tick()
+    assert report["expired"] == [] and len(report["notified"]) == 1
+    [req] = hook.wait_for(1)
+    assert req.json["type"] == "approval.expired"
