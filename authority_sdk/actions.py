@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import dedupe, idempotency, limits, strictjson
+from . import dedupe, idempotency, limits, notifications, strictjson
 from .audit import redact
 from .effects import AuditOp, Decision, S
 from .errors import AuthorityError, AuthorityUnavailable
@@ -341,7 +341,10 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
         o.status, o.approval_id = ActionStatus.PENDING_APPROVAL, approval_id
         o.mode = Mode.REQUIRE_HUMAN_APPROVAL
         queue.effects = True
-        yield S.approval_create(_approval(inp, o, args, held, override))
+        created = _approval(inp, o, args, held, override)
+        yield S.approval_create(created)
+        # In the same step: whoever must hear of it is queued durably (delivered later).
+        yield from notifications.enqueue_d(policy, created, "held")
         return
     if res.dispatch == Dispatch.CLIENT:
         o.status = ActionStatus.ALLOWED

@@ -24,7 +24,7 @@ def is_overdue(approval: dict[str, Any], now: float) -> bool:
 
 
 def settle_expiry(store: ApprovalStore, approval: dict[str, Any],
-                  now: float | None = None) -> dict[str, Any]:
+                  now: float | None = None, policy: Policy | None = None) -> dict[str, Any]:
     """The approval as it stands now: an overdue pending one becomes (and is stored) expired."""
     t = time.time() if now is None else now
     if not is_overdue(approval, t):
@@ -37,13 +37,18 @@ def settle_expiry(store: ApprovalStore, approval: dict[str, Any],
 
         # What a pending approval held against limits over time is free again.
         run_on_store(release_d(moved.get("limit_charges") or []), store)
+        if policy is not None:  # whoever expires it tells the channels (the worker too)
+            from .notifications import enqueue_d
+
+            run_on_store(enqueue_d(policy, moved, "expired"), store)
         return moved
     return store.approval_get(approval["id"]) or approval
 
 
-def get(store: ApprovalStore, approval_id: str) -> dict[str, Any] | None:
+def get(store: ApprovalStore, approval_id: str,
+        policy: Policy | None = None) -> dict[str, Any] | None:
     a = store.approval_get(approval_id)
-    return None if a is None else settle_expiry(store, a)
+    return None if a is None else settle_expiry(store, a, policy=policy)
 
 
 def listing(store: ApprovalStore, status: str | None = None, *, limit: int | None = None,

@@ -36,6 +36,7 @@ from .errors import (
 )
 from .execution import mark_d, run_once_d
 from .limits import release_d
+from .notifications import enqueue_d
 from .paging import Page, check_limit, paginate
 from .render import printable
 
@@ -168,7 +169,7 @@ def list_approvals(gw: Gateway, status: str | None = None, *, limit: int | None 
     one = next(iter(wanted)) if wanted is not None and len(wanted) == 1 else None
     now = time.time()
     # An overdue pending approval is expired (a rule above the store): settled as listed.
-    items = (a for a in (approval_rules.settle_expiry(gw.store, a, now)
+    items = (a for a in (approval_rules.settle_expiry(gw.store, a, now, gw.policy)
                          for a in gw.store.approval_list(one))
              if scope.covers(a.get("environment"))
              and (wanted is None or a.get("status") in wanted))
@@ -178,7 +179,7 @@ def list_approvals(gw: Gateway, status: str | None = None, *, limit: int | None 
 
 
 def _load(gw: Gateway, approval_id: str, scope: Scope = UNSCOPED) -> dict[str, Any]:
-    a = approval_rules.get(gw.store, approval_id)
+    a = approval_rules.get(gw.store, approval_id, gw.policy)
     if a is None or not scope.covers(a.get("environment")):
         raise NotFound(f"no approval {approval_id!r}")
     return a
@@ -229,7 +230,7 @@ def _decide(gw: Gateway, a: dict[str, Any], actor: str, to_status: str,
                                        now=time.time(), decided_by=actor,
                                        decided_at=time.time(), **fields)
     if won is None:
-        _not_pending(gw, approval_rules.get(gw.store, a["id"]) or a, actor)
+        _not_pending(gw, approval_rules.get(gw.store, a["id"], gw.policy) or a, actor)
     return won
 
 
@@ -250,6 +251,7 @@ def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = N
     won = _decide(gw, a, actor, "approved", decision_reason=reason,
                   approved_policy_hash=gw.policy.hash)
     _audit_transition(gw, won, actor, "approved", reason)
+    run(enqueue_d(gw.policy, won, "approved"), gw.runtime)
     if won.get("dispatch") != "gateway" or not won.get("executor"):
         return public_approval(gw, won)  # the app fetches it and runs it itself
     final = run(_execute_approved_d(gw, won, actor), gw.runtime)
@@ -303,6 +305,7 @@ def _execute_approved_d(gw: Gateway, won: dict[str, Any], actor: str) -> Decisio
         execution_result=redact({"status": ex.status, "result": ex.result, "error": ex.error},
                                 gw.policy.redact),
         details={"approval_id": approval_id, "action_key": final.get("action_key")})),))
+    yield from enqueue_d(gw.policy, final, ex.status)
     yield S.journal_update(won["action_key"], ex.status, {"audited": True},
                            ttl_s=None if ex.status == "in_doubt" else gw.idempotency_ttl)
     return final
@@ -314,6 +317,7 @@ def reject(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = No
                   decision_reason=reason)
     _release_claims(gw, won)
     _audit_transition(gw, won, actor, "rejected", reason, decision="deny")
+    run(enqueue_d(gw.policy, won, "rejected"), gw.runtime)
     return public_approval(gw, won)
 
 
@@ -468,6 +472,6 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
         if moved is not None:
             _audit_transition(gw, moved, actor, outcome, reason, result={
                 "status": outcome, "resolved_by": actor})
-        current_apr = moved or approval_rules.get(gw.store, approval_id)
+        current_apr = moved or approval_rules.get(gw.store, approval_id, gw.policy)
         out["approval_status"] = current_apr.get("status") if current_apr else None
     return out

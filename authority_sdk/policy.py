@@ -34,6 +34,7 @@ __all__ = [
     "LogExecutor",
     "Mode",
     "ModelPrice",
+    "NotificationsConfig",
     "Policy",
     "PythonExecutor",
     "Rule",
@@ -359,6 +360,70 @@ class WorkerConfig(_Strict):
         "entries, approval expiry")
 
 
+NotifyEvent = Literal["held", "approved", "rejected", "expired", "executed", "failed"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("held", "approved", "rejected", "expired", "executed",
+                                          "failed")
+
+
+class _Channel(_Strict):
+    """Who is told, about what: filters (``None``: every one) and the events to send."""
+
+    environments: list[str] | None = None
+    actions: list[str] | None = None
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(NOTIFY_EVENTS))
+    approver: str | None = Field(
+        None, description="The approver key this recipient is: its messages carry one-time "
+        "decision links, and a decision taken by link is recorded as this key")
+
+
+class WebhookChannel(_Channel):
+    type: Literal["webhook"]
+    url: str
+    secret_env: str = Field(description="Environment variable holding the HMAC-SHA256 secret")
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class SlackChannel(_Channel):
+    type: Literal["slack"]
+    url_env: str = Field(description="Environment variable holding the incoming-webhook URL "
+                         "(it is a secret: whoever has it posts to the channel)")
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class EmailChannel(_Channel):
+    type: Literal["email"]
+    executor: str = Field(description="An smtp executor of this policy")
+    to: list[str] = Field(min_length=1)
+
+
+ChannelConfig = Annotated[WebhookChannel | SlackChannel | EmailChannel,
+                          Field(discriminator="type")]
+
+
+class NotificationsConfig(_Strict):
+    public_base_url: str | None = Field(
+        None, description="Where people reach the proxy (https://gateway.example.com): links "
+        "are built from it, never from the bind address. Without it, messages carry no link")
+    link_ttl_s: float = Field(1800.0, gt=0, le=7 * 86400)
+    max_attempts: int = Field(8, ge=1, le=100)
+    backoff_s: float = Field(2.0, gt=0, le=3600, description="First retry delay; doubles "
+                             "after each failure, at most 300 s")
+    channels: dict[str, ChannelConfig] = Field(default_factory=dict)
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _absolute_http(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query \
+                or parts.fragment:
+            raise ValueError("public_base_url must be an absolute http(s) URL with no query")
+        return v.rstrip("/")
+
+
 class ProxyConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
 
@@ -378,6 +443,7 @@ class Policy(_Strict):
     redact: list[str] = Field(default_factory=list)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     output_tools: list[str] = Field(default_factory=list, description=(
         "Tools whose call is the model's answer, not an action: names or globs (e.g. "
         "final_result, final_result_*). Libraries ask for structured output this way "
@@ -417,6 +483,7 @@ class Policy(_Strict):
                                 f"{', '.join(clash)}; an output tool has no executor or rules, "
                                 "so a name is one or the other")
         problems.extend(self._audit_path_problems())
+        problems.extend(self._channel_problems())
         names = [k.name for k in self.keys]
         if len(names) != len(set(names)):
             problems.append("keys: key names must be unique")
@@ -449,6 +516,26 @@ class Policy(_Strict):
     def checkpoint_file(self) -> Path | None:
         return self.resolve_path(self.audit.checkpoint_path) if self.audit.checkpoint_path \
             else None
+
+
+    def _channel_problems(self) -> list[str]:
+        out: list[str] = []
+        approvers = {k.name for k in self.keys if "approver" in k.roles}
+        for name, ch in self.notifications.channels.items():
+            where = f"notifications.channels.{name}"
+            for env in ch.environments or []:
+                if env not in self.environments:
+                    out.append(f"{where}.environments: unknown environment {env!r}")
+            for act in ch.actions or []:
+                if act not in self.actions:
+                    out.append(f"{where}.actions: unknown action {act!r}")
+            if ch.approver is not None and ch.approver not in approvers:
+                out.append(f"{where}.approver: {ch.approver!r} is not a key with the approver "
+                           "role")
+            if isinstance(ch, EmailChannel) and not isinstance(
+                    self.executors.get(ch.executor), SmtpExecutor):
+                out.append(f"{where}.executor: {ch.executor!r} is not an smtp executor")
+        return out
 
     def output_tool_pattern(self, name: str) -> str | None:
         """The ``output_tools`` entry that ``name`` matches, if any."""

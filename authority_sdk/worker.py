@@ -12,7 +12,8 @@ once when the holder was a process on this host that is gone (a proxy restarted 
    switch to be released (the next tick after that picks them up);
 3. releases business-key claims whose action never started and whose owner died;
 4. expires pending approvals past their TTL, even when nobody lists them, with an
-   audit entry.
+   audit entry;
+5. delivers the notification outbox (``delivery.py``), retrying with backoff.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def expire_approvals_d(engine: Engine, limit: int = 500) -> Decision[list[str]]:
     """Pending approvals past their TTL become ``expired`` (guarded by the time), audited;
     what they held against limits is given back."""
     from .limits import release_d
+    from .notifications import enqueue_d
 
     now = time.time()
     expired: list[str] = []
@@ -61,6 +63,7 @@ def expire_approvals_d(engine: Engine, limit: int = 500) -> Decision[list[str]]:
             reason="the approval expired before anyone decided it",
             approval_status="expired", actor="worker", policy_hash=engine.policy.hash,
             details={"approval_id": moved["id"], "action_key": moved.get("action_key")})),))
+        yield from enqueue_d(engine.policy, moved, "expired")
         expired.append(moved["id"])
     return expired
 
@@ -109,6 +112,7 @@ class Worker:
     def tick(self) -> dict[str, Any]:
         """One round, if this process holds the lease. Never raises for a storage or log
         failure: the next round tries again (what waits is durable)."""
+        from .delivery import deliver_round
         from .recovery import drain_audit_d, recover_d
 
         eng = self.engine
@@ -125,6 +129,7 @@ class Worker:
             eng.audit_degraded = False
             report["recovered"] = run(recover_d(eng), rt)
             report["expired"] = run(expire_approvals_d(eng), rt)
+            report["notified"] = deliver_round(eng)
         except AuthorityError as exc:
             report["error"] = exc.message
             log.warning("background worker round failed: %s", exc.message)

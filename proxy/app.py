@@ -15,6 +15,7 @@ load scripts from a CDN; ``/openapi.json`` stays for tools.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -47,7 +48,8 @@ from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 
 from .auth import Identity, KeyRing
 from .console import AuditTail, AuditVerify, audit_tail, audit_verify, console_response
-from .guard import IDENTITY, InputGuard, RoleCheck
+from .decide import DECIDE_PATH, decide_get, decide_post
+from .guard import IDENTITY, MANAGEMENT_MAX_BODY, InputGuard, RoleCheck
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .observe import AccessLog, ObservedGateway, current_info
 from .refusals import AUDITED_STATUSES, audit_refusal
@@ -142,9 +144,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+# Long-poll of one approval: bounded, so a waiting client holds a connection at most this long.
+MAX_WAIT_S = 60.0
+POLL_S = 0.25
+
 Agent = Annotated[Identity, Depends(RoleCheck("agent"))]
 Approver = Annotated[Identity, Depends(RoleCheck("approver"))]
 Reader = Annotated[Identity, Depends(RoleCheck("approver", "admin"))]
+AppOrReader = Annotated[Identity, Depends(RoleCheck("agent", "approver", "admin"))]
 Admin = Annotated[Identity, Depends(RoleCheck("admin"))]
 
 
@@ -366,8 +373,24 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
     @app.get("/authority/approvals/{approval_id}", tags=["management"],
              response_model=Approval, responses=_ERRORS)
-    def get_approval(approval_id: ApprovalId, ident: Reader) -> dict[str, Any]:
-        return control.get_approval(gw, approval_id, scope=ident.scope)
+    async def get_approval(approval_id: ApprovalId, ident: AppOrReader, wait: Annotated[
+            float, Query(ge=0, le=MAX_WAIT_S, description="Long-poll: hold the answer up "
+                         f"to this many seconds (at most {MAX_WAIT_S}) while the approval is "
+                         "pending; it returns as soon as it is decided or expires")] = 0
+            ) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            got = await run_in_threadpool(control.get_approval, gw, approval_id,
+                                          scope=ident.scope)
+            if not ident.caller.roles & {"approver", "admin"} \
+                    and got.get("requested_by") != ident.name:
+                # An app's key learns the fate of its own actions only (DESIGN.md §4).
+                raise NotFound(f"no approval {approval_id!r}")
+            left = deadline - asyncio.get_running_loop().time()
+            if got.get("status") != "pending" or left <= 0:
+                return got
+            # Polling the store, not a wake-up: a decision may come from another process.
+            await asyncio.sleep(min(POLL_S, left))
 
     @app.post("/authority/approvals/{approval_id}/approve", tags=["management"],
               response_model=Approval, responses=_ERRORS, dependencies=StrictJson,
@@ -428,6 +451,17 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
              responses=_ERRORS, summary="Check the audit log's hash chain and its head")
     def audit_log_verify(ident: Reader) -> dict[str, Any]:
         return audit_verify(gw, scope=ident.scope)
+
+    # A one-time link is its own credential (no key): GET shows, only the page's POST decides.
+    @app.get(DECIDE_PATH, include_in_schema=False)
+    def decide_page(token: Annotated[str, PathParam(max_length=64)]) -> Response:
+        return decide_get(gw, token)
+
+    @app.post(DECIDE_PATH, include_in_schema=False)
+    async def decide(request: Request,
+                     token: Annotated[str, PathParam(max_length=64)]) -> Response:
+        raw = await _read_body(request, MANAGEMENT_MAX_BODY)
+        return await run_in_threadpool(decide_post, gw, token, request, raw)
 
     @app.get("/authority/ui", include_in_schema=False)
     async def console() -> Response:

@@ -119,7 +119,12 @@ class RouteTable:
             methods = getattr(route, "methods", None) or {"GET"}
             by_method = {m: access for m in methods}
             if getattr(route, "param_convertors", None):
-                self.dynamic.append((regex, by_method))
+                # One path may have a route per method (GET shows, POST decides): one entry.
+                same = next((m for r, m in self.dynamic if r.pattern == regex.pattern), None)
+                if same is not None:
+                    same.update(by_method)
+                else:
+                    self.dynamic.append((regex, by_method))
             else:
                 self.static.setdefault(path, {}).update(by_method)
 

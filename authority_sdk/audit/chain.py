@@ -54,7 +54,8 @@ FIELDS: tuple[str, ...] = (
     "reason", "cost_estimate_usd", "cost_actual_usd", "approval_status", "execution_result",
     "actor", "policy_hash", "prev_hash", "hash",
 )
-EVENTS = frozenset({"request", "action", "approval", "kill_switch", "replay", "recovery"})
+EVENTS = frozenset({"request", "action", "approval", "kill_switch", "replay", "recovery",
+                    "notification"})
 DECISIONS = frozenset({"allow", "deny", "error", None})
 GENESIS_HASH = "0" * 64
 # Entries the chain knew (a synced head, a checkpoint) that are gone: verify fails on them

@@ -471,6 +471,15 @@ def test_dedupe_claim_release_list(store: Any) -> None:
     assert store.dedupe_claim("short", {"action_key": "act3"}, ttl_s=DAY) is None
 
 
+def test_outbox_put_replaces_the_item_with_that_id(store: Any) -> None:
+    # The notification worker re-puts an item with its attempt count and next try time.
+    store.outbox_put("notify", "n1", {"attempts": 0})
+    store.outbox_put("notify", "n2", {"attempts": 0})
+    store.outbox_put("notify", "n1", {"attempts": 1, "next_at": 5.0})
+    assert sorted(store.outbox_list("notify")) == [("n1", {"attempts": 1, "next_at": 5.0}),
+                                                   ("n2", {"attempts": 0})]
+
+
 def test_outbox_oldest_first(store: Any) -> None:
     store.outbox_put("audit", "b", {"n": 1})
     store.outbox_put("audit", "a", {"n": 2})
