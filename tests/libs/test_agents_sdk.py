@@ -4,6 +4,7 @@ and with its default model, ``OpenAIResponsesModel`` (the Responses API)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from typing import Any
 
@@ -169,6 +170,8 @@ def test_a_run_chained_by_previous_response_id(door: Door, status: str) -> None:
     sends only what is new and the previous response's id; the gateway prices the history
     and answers the calls it withheld, so the provider's pairing rules hold."""
     agents = _agents()
+    if "auto_previous_response_id" not in inspect.signature(agents.Runner.run_sync).parameters:
+        pytest.skip("this openai-agents has no auto_previous_response_id")
     ran: list[str] = []
 
     @agents.function_tool
