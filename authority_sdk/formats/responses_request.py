@@ -221,8 +221,10 @@ def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] |
             continue
         if kind == "namespace":
             ns, inner = t.get("name"), t.get("tools")
-            if not isinstance(ns, str) or not ns or not isinstance(inner, list):
-                raise _bad(f"tools[{i}]: a namespace needs a string 'name' and a list 'tools'")
+            if not isinstance(ns, str) or not ns or len(ns) > MAX_NAME_CHARS \
+                    or not isinstance(inner, list):
+                raise _bad(f"tools[{i}]: a namespace needs a 'name' of 1 to {MAX_NAME_CHARS} "
+                           "characters and a list 'tools'")
             for j, sub in enumerate(inner):
                 _declare(f"tools[{i}].tools[{j}]", sub, ns, schemas, counted, names)
             continue

@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from authority_sdk.errors import AuthorityError, InvalidRequest, RequestDenied, UpstreamError
 from authority_sdk.formats import Responses, format_for_path
@@ -467,3 +469,55 @@ def test_mcp_approval_requests_are_actions_the_gateway_answers() -> None:
         ("mcp_approval_request", None), ("mcp_approval_response", False)]
     # and they are valid input of the next turn
     assert parse(input=[{"role": "user", "content": "go"}, *followups]).prompt_messages
+
+
+# -- hostile shapes, at random: a precise refusal, never a crash -------------------------------
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8))
+_KEYS = st.sampled_from(["type", "role", "content", "name", "arguments", "call_id", "id",
+                         "input", "output", "tools", "namespace", "server_label", "server_url",
+                         "action", "operation", "text", "format", "approve",
+                         "approval_request_id", "caller", "environment", "parameters"])
+_TYPES = st.sampled_from(["message", "function_call", "function_call_output", "reasoning",
+                          "custom_tool_call", "shell_call", "apply_patch_call", "mcp",
+                          "mcp_approval_request", "mcp_approval_response", "namespace",
+                          "function", "custom", "web_search", "shell", "output_text",
+                          "input_text", "input_image", "item_reference", "program"])
+_JSON = st.recursive(
+    st.one_of(_SCALARS, _TYPES),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(_KEYS, st.one_of(inner, _TYPES), max_size=5)),
+    max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(input=_JSON, tools=_JSON, extra=st.dictionaries(_KEYS, _JSON, max_size=3))
+def test_any_request_shape_is_parsed_or_refused_precisely(input: Any, tools: Any,
+                                                          extra: dict[str, Any]) -> None:
+    body = {"model": "gpt-4o-mini", "input": input, "tools": tools, **extra}
+    try:
+        req = FMT.from_data(body)
+    except AuthorityError as exc:
+        assert exc.status_code in (400, 403) and exc.code
+        return
+    default_counter.count_request("gpt-4o-mini", req.count_body())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(output=st.lists(_JSON, max_size=5))
+def test_any_answer_shape_is_gated_or_refused_as_malformed(output: list[Any]) -> None:
+    req = parse(input="hi", tools=[{"type": "mcp", "server_label": "docs",
+                                    "server_url": "https://x"}], stream=True)
+    try:
+        a = FMT.answer_from(answer(*output), req)
+    except UpstreamError as exc:
+        assert exc.code == "upstream_malformed_response"
+        return
+    outs = _gated(a, ["denied"] * len(a.calls))
+    FMT.followups(a, outs, [])
+    FMT.rewrite(a, outs, summary=None, structured_output=False)
+    # and the same answer as a stream goes through the assembler the same way
+    stream = FMT.assembler(req)
+    for payload in events(answer(*output)):
+        stream.feed(payload)
+    assert stream.answer().calls == FMT.answer_from(answer(*output), req).calls

@@ -4,6 +4,7 @@ and with its default model, ``OpenAIResponsesModel`` (the Responses API)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from typing import Any
 
@@ -157,3 +158,41 @@ def test_a_run_with_every_kind_of_outcome_ends_sensibly(door: Door) -> None:
     assert [(a["action_type"], a["details"]["status"]) for a in actions] == [
         ("lookup_customer", "allowed"), ("tag_ticket", "executed"),
         ("send_note", "pending_approval")]
+
+
+@pytest.mark.parametrize("status", ["executed", "pending_approval", "denied"])
+def test_a_run_chained_by_previous_response_id(door: Door, status: str) -> None:
+    """The Agents SDK's server-side chaining (``auto_previous_response_id``): each turn
+    sends only what is new and the previous response's id; the gateway prices the history
+    and answers the calls it withheld, so the provider's pairing rules hold."""
+    agents = _agents()
+    if "auto_previous_response_id" not in inspect.signature(agents.Runner.run_sync).parameters:
+        pytest.skip("this openai-agents has no auto_previous_response_id")
+    ran: list[str] = []
+
+    @agents.function_tool
+    def lookup_customer(id: int) -> str:
+        """Look a customer up by id."""
+        ran.append("lookup_customer")
+        return "Ada"
+
+    def make(name: str) -> Any:
+        return agents.FunctionTool(
+            name=name, description=name, params_json_schema={"type": "object"},
+            on_invoke_tool=lambda ctx, args: ran.append(name) or "ran locally",
+            strict_json_schema=False)
+
+    withheld = {"executed": "tag_ticket", "pending_approval": "send_note",
+                "denied": "delete_account"}[status]
+    script = "\n".join([call("lookup_customer", '{"id": 7}'), call(withheld, '{"x": 1}')])
+    result = agents.Runner.run_sync(
+        _agent(door, api="responses", tools=[lookup_customer, make(withheld)]), script,
+        auto_previous_response_id=True)
+    assert ran == ["lookup_customer"]
+    assert result.final_output.startswith("I have the results: ")
+    sent = door.proxy.upstream_stats()["last_request"]["body"]
+    assert sent.get("previous_response_id")  # it was chained, not resent
+    answers = {i["call_id"]: json.loads(i["output"]).get("status", "app")
+               for i in sent["input"] if i.get("type") == "function_call_output"
+               and i["output"].startswith("{")}
+    assert status in answers.values()  # the gateway answered the call it withheld
