@@ -498,3 +498,13 @@ def test_import_local_carries_the_file_chain_into_the_audit_table(
         store.close()
     again = _db(args, {pg.dsn_env: pg.dsn})  # into a table that has entries: nothing
     assert again.exit_code == 0 and '"audit_entries": 0' in again.output
+
+
+def test_an_audit_table_with_no_database_named_is_a_policy_error(tmp_path: Path) -> None:
+    from authority_sdk.errors import PolicyError
+    from authority_sdk.policy import load_policy
+
+    path = tmp_path / "authority.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "audit": {"backend": "postgres"}}))
+    with pytest.raises(PolicyError, match=r"audit\.dsn_env"):
+        load_policy(path)
