@@ -459,6 +459,10 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _cross_references(self) -> Policy:
         problems: list[str] = []
+        if (self.audit.backend == "postgres" and not self.audit.dsn_env
+                and not self.state.dsn_env):
+            problems.append("audit.backend: postgres needs audit.dsn_env, or a postgres state "
+                            "store whose database it shares")
         if self.default_environment not in self.environments:
             problems.append(
                 f"default_environment: {self.default_environment!r} is not in environments"

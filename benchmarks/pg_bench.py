@@ -7,7 +7,8 @@
 1. **The gate per turn**: ``Engine.begin_d`` + ``Engine.complete_d`` around an in-memory
    upstream answer, on the production shape (an Idempotency-Key on every request, a
    budget on the environment: a key claim, a reservation, a settlement, the finished
-   key, the kill switch, two audit entries with fsync). Sync driver on both backends,
+   key, the kill switch, two audit entries with fsync; on PostgreSQL the audit chain is
+   in the database too). Sync driver on both backends,
    the async driver (``arun`` on ``store.aio``) on PostgreSQL; blocks interleaved,
    medians.
 2. **The proxy** (needs ``wrk``): ``authority serve`` on each backend with the same
@@ -94,8 +95,9 @@ def write_policy(folder: Path, backend: str, upstream_url: str) -> Path:
     data["upstream"]["base_url"] = upstream_url
     data["environments"]["prod"]["budget"] = {"usd": 1e9, "period": "day"}
     data["keys"][0]["budget"] = {"usd": 1e9, "period": "hour"}
-    if backend == "postgres":
+    if backend == "postgres":  # all of it shared: state and the audit chain
         data["state"] = {"backend": "postgres", "dsn_env": DSN_ENV}
+        data["audit"] = {"backend": "postgres", "fsync": True}
     path = folder / "policy.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

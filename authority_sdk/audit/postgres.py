@@ -119,6 +119,20 @@ class PgAuditSink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def import_chain(self, entries: Iterable[dict[str, Any]]) -> int:
+        """Carry a file chain over as the table's first entries, unchanged (same seqs,
+        hashes and MACs), so the table's chain continues it and verify spans both. Only
+        into an empty table; returns how many went in (0: the table had entries)."""
+        rows = list(entries)
+
+        def copy(cur: Any) -> list[dict[str, Any]]:
+            if self._seq != 0 or not rows:
+                return []
+            self._insert(cur, rows)
+            return rows
+
+        return len(self._locked(copy))
+
     # -- reading (never writes) -------------------------------------------------------------
 
     def exists(self) -> bool:

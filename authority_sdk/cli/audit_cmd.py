@@ -201,3 +201,37 @@ def _cost(e: dict[str, Any]) -> str:
     if cost is None:
         cost = e.get("cost_estimate_usd")
     return f"{cost:.6f}" if isinstance(cost, int | float) else ""
+
+
+@app.command()
+def export(
+    policy: PolicyOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl: the file sink's format.")] = "jsonl",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write here (default: standard output).", dir_okay=False)] = None,
+) -> None:
+    """Write the policy's audit chain (any sink: a file, the PostgreSQL table) as JSON Lines,
+    byte for byte what the file sink would hold, so `authority audit verify --file` checks it
+    and any JSONL tool reads it."""
+    import json
+    import sys
+
+    if fmt != "jsonl":
+        raise _fail(f"error: --format must be jsonl, not {fmt!r}", 2)
+    sink = _sink(policy_or_exit(policy), None)
+    out = output.open("w", encoding="utf-8", newline="\n") if output else sys.stdout
+    count = 0
+    try:
+        for rec in sink.records():
+            # An item that is not an entry is written as it stands: verify must see it too.
+            line = (json.dumps(rec.entry, separators=(",", ":"), ensure_ascii=False)
+                    if rec.entry is not None else str(rec.raw or ""))
+            out.write(line + "\n")
+            count += 1
+    except (AuthorityError, OSError) as exc:
+        raise _fail(f"error: cannot read {sink.location}: {exc}") from exc
+    finally:
+        if output:
+            out.close()
+    if output:
+        typer.echo(f"exported {count} entries to {output}", err=True)

@@ -64,9 +64,14 @@ def import_local_cmd(
     source: Annotated[Path, typer.Option(
         "--from", help="The diskcache state folder to import (the old policy's state.path).",
         exists=True, file_okay=False)] = Path(".authority/state"),
+    audit_from: Annotated[Path | None, typer.Option(
+        "--audit-from", help="The old JSONL audit log: with audit.backend postgres, its "
+        "entries become the table's first, so one chain spans both.", exists=True,
+        dir_okay=False)] = None,
 ) -> None:
     """Copy open approvals, journal entries, idempotency and dedupe records, counters,
-    parked audit entries, the kill switch and the audit head into the shared store."""
+    parked audit entries, the kill switch and the audit head into the shared store (and,
+    with --audit-from, the file's audit chain into the audit table)."""
     from ..store.disk import DiskStore
     from ..store.importer import import_local
     from ..store.postgres import open_for_policy
@@ -80,7 +85,29 @@ def import_local_cmd(
         finally:
             src.close()
             target.close()
+        if audit_from is not None:
+            counts["audit_entries"] = _import_audit(pol, audit_from)
     except AuthorityError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(json.dumps(counts, sort_keys=True))
+
+
+def _import_audit(pol: Policy, path: Path) -> int:
+    from ..audit import FileSink, open_sink, verify_sink
+    from ..audit.postgres import PgAuditSink
+
+    if pol.audit.backend != "postgres":
+        typer.echo("error: --audit-from needs audit.backend: postgres", err=True)
+        raise typer.Exit(2)
+    old = FileSink(path, fsync=False)
+    result = verify_sink(old)
+    if not result.ok:  # a broken chain is not carried over silently
+        typer.echo(f"error: {path} does not verify: {result.reason}", err=True)
+        raise typer.Exit(1)
+    sink = open_sink(pol)
+    assert isinstance(sink, PgAuditSink)
+    try:
+        return sink.import_chain(r.entry for r in old.records() if r.entry is not None)
+    finally:
+        sink.close()

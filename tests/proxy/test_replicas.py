@@ -1,6 +1,6 @@
 """Several replicas on one PostgreSQL: two real ``authority serve`` processes share one
-state schema (and, on this one host, one audit file under one lock: one chain whose head
-is in the database). Clients spread over both; real receivers count the effects.
+state schema and one audit chain (the table; its head in the database). Clients spread
+over both; real receivers count the effects.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Cluster:
         self.pg = pg
         self.policy = write_proxy_policy(upstream, directory, {
             **overrides, "state": {"backend": "postgres", "dsn_env": pg.dsn_env},
-            "worker": {"interval_s": 0.3}})
+            "audit": {"backend": "postgres"}, "worker": {"interval_s": 0.3}})
         self.env = {**PROXY_ENV, pg.dsn_env: dsn or pg.dsn}
         self.replicas: list[Replica] = []
 
@@ -78,8 +78,9 @@ class Cluster:
             r.proc.stop()
 
     def verify(self) -> None:
-        """`authority audit verify` on the shared chain: the log, and the head both replicas
-        moved forward in the database."""
+        """`authority audit verify` on the one chain all replicas appended to (the table,
+        with the head they moved forward in the database), and the same chain exported
+        as JSON Lines verifying as a file."""
         from typer.testing import CliRunner
 
         from authority_sdk.cli import audit_cmd
@@ -90,11 +91,18 @@ class Cluster:
         finally:
             store.close()
         assert head is not None
-        result = verify(self.directory / "audit.jsonl", head=head)
-        assert result.ok, result.reason
         out = CliRunner().invoke(audit_cmd.app, ["verify", "--policy", str(self.policy)],
                                  env=self.env)
         assert out.exit_code == 0, out.output
+        exported = self.directory / "exported.jsonl"
+        out = CliRunner().invoke(audit_cmd.app, ["export", "--policy", str(self.policy),
+                                                 "--format", "jsonl", "-o", str(exported)],
+                                 env=self.env)
+        assert out.exit_code == 0, out.output
+        result = verify(exported, head=head)
+        assert result.ok, result.reason
+        assert result.last_seq == head[0]
+        assert not (self.directory / "audit.jsonl").exists()  # nothing went to a file
 
 
 @pytest.fixture

@@ -462,3 +462,49 @@ def test_a_long_round_of_recovery_does_not_starve_the_heartbeat(
         assert not owner_alive(store, owner)
     finally:
         store.close()
+
+
+def test_import_local_carries_the_file_chain_into_the_audit_table(
+        tmp_path: Path, pg: PostgresBackend) -> None:
+    from authority_sdk.audit import FileSink, verify_sink
+    from authority_sdk.audit.postgres import PgAuditSink
+
+    disk = DiskStore(tmp_path / "old-state")
+    log = FileSink(tmp_path / "old-audit.jsonl", fsync=False, head=disk)
+    old = [log.append("request", reason=f"r{i}", actor="test") for i in range(5)]
+    log.close()
+    disk.close()
+
+    path = tmp_path / "authority.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "state": {"backend": "postgres", "dsn_env": pg.dsn_env},
+        "audit": {"backend": "postgres"}}))
+    args = ["import-local", "--policy", str(path), "--from", str(tmp_path / "old-state"),
+            "--audit-from", str(tmp_path / "old-audit.jsonl")]
+    out = _db(args, {pg.dsn_env: pg.dsn})
+    assert out.exit_code == 0, out.output
+    assert '"audit_entries": 5' in out.output
+
+    store = pg.open()
+    sink = PgAuditSink(pg.dsn, fsync=False, head=store)
+    try:
+        assert [r.entry for r in sink.records()] == old
+        new = sink.append("request", reason="after the move", actor="test")
+        assert new["seq"] == 6 and new["prev_hash"] == old[-1]["hash"]  # one chain
+        result = verify_sink(sink, store.get_audit_head())
+        assert result.ok and result.last_seq == 6, result.reason
+    finally:
+        sink.close()
+        store.close()
+    again = _db(args, {pg.dsn_env: pg.dsn})  # into a table that has entries: nothing
+    assert again.exit_code == 0 and '"audit_entries": 0' in again.output
+
+
+def test_an_audit_table_with_no_database_named_is_a_policy_error(tmp_path: Path) -> None:
+    from authority_sdk.errors import PolicyError
+    from authority_sdk.policy import load_policy
+
+    path = tmp_path / "authority.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "audit": {"backend": "postgres"}}))
+    with pytest.raises(PolicyError, match=r"audit\.dsn_env"):
+        load_policy(path)
