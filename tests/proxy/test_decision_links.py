@@ -109,8 +109,10 @@ def post(url: str, **form: str) -> httpx.Response:
 
 
 def executions(px: RunningProxy, approval_id: str) -> int:
+    """Executor runs of the approval's action: each is preceded by its "executing" entry.
+    (A losing second approver is audited too: a denial that finds the approval executed.)"""
     return sum(1 for e in px.audit_entries()
-               if e["event"] == "approval" and e["approval_status"] == "executed"
+               if e["event"] == "action" and e["details"].get("status") == "executing"
                and e["details"].get("approval_id") == approval_id)
 
 
