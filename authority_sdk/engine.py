@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import admission, idempotency, served
+from . import admission, idempotency, rate_limits, served
 from .actions import AuditQueue, GateInput, gate_d, kill_engaged
 from .audit import AuditSink, open_sink
 from .costs import CostPlan, plan_d, release_d, settle_d
@@ -44,6 +44,7 @@ from .errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     KillSwitchEngaged,
+    RateLimited,
     UpstreamError,
 )
 from .executors import ExecutorRegistry
@@ -51,6 +52,7 @@ from .formats import format_for_path
 from .formats.base import Answer, ParsedRequest, WireFormat
 from .policy import KeyConfig, Policy, load_policy
 from .pricing import PriceBook, actual_usd
+from .rate_limits import RateHold
 from .store import Store, open_store
 from .tokens import TokenCounter, default_counter
 from .wire import Caller, GatewayRequest, GatewayResponse, canonical_json, error_response
@@ -90,6 +92,7 @@ class CallContext:
     claim: idempotency.Claim | None = None
     lazy_claim: idempotency.LazyClaim | None = None
     plan: CostPlan | None = None
+    rate: RateHold | None = None
     upstream_body: bytes = b""
     done: bool = False
     takeover_answer: Any = None  # a dead attempt's answer, re-gated instead of asked again
@@ -251,6 +254,15 @@ class Engine:
             ctx.plan = yield from plan_d(self.policy, ctx.environment,
                                          key_cfg.budget if key_cfg else None, ctx.caller.name,
                                          parsed, prices=self.prices, counter=self.counter)
+            if key_cfg is not None and key_cfg.rate_limit is not None:
+                try:
+                    ctx.rate = yield from rate_limits.admit_d(
+                        key_cfg.rate_limit, ctx.caller.name, ctx.request_id, ctx.plan,
+                        slot_ttl_s=self.policy.upstream.timeout_s + _LEASE_MARGIN_S)
+                except RateLimited:
+                    yield from release_d(ctx.plan)
+                    ctx.plan = None
+                    raise
             ctx.upstream_body = fmt.upstream_body(
                 parsed, req.body, changed=ctx.plan.injected_limit or parsed.rewritten)
             return ctx
@@ -366,6 +378,7 @@ class Engine:
         if ctx.plan is not None and not ctx.done:
             with contextlib.suppress(AuthorityError):
                 yield from release_d(ctx.plan)
+                yield from rate_limits.release_d(ctx.rate)
         yield from self._abandon_d(ctx)
         ctx.done = True
         status = upstream[0] if upstream else exc.status_code
@@ -431,6 +444,8 @@ class Engine:
         reason = None
         if ctx.plan is not None:
             actual = yield from settle_d(ctx.plan, usage)
+            with contextlib.suppress(AuthorityError):  # a slot left behind ends with its lease
+                yield from rate_limits.settle_d(ctx.rate, usage)
             ceiling = ctx.plan.ceiling_usd
             if ceiling is not None and actual > ceiling:
                 reason = (f"actual cost ${actual:.6f} exceeded the ceiling ${ceiling}; "
@@ -521,6 +536,7 @@ class Engine:
             ctx.done = True
             try:
                 yield from settle_d(ctx.plan, None)
+                yield from rate_limits.settle_d(ctx.rate, None)
                 yield from self._abandon_d(ctx)
                 yield from _append_d((("request", dict(
                     request_id=ctx.request_id, environment=ctx.environment,

@@ -57,6 +57,7 @@ __all__ = [
     "ModelPriceUnknown",
     "NotFound",
     "PolicyError",
+    "RateLimited",
     "RequestDenied",
     "RequestTooLarge",
     "UnpriceableContent",
@@ -139,6 +140,16 @@ class ModelPriceUnknown(RequestDenied):
 
 class BudgetExceeded(RequestDenied):
     default_code = "budget_exceeded"
+
+
+class RateLimited(AuthorityError):
+    """A key's rate limit (requests or tokens a minute, requests in flight). ``details``
+    carries ``retry_after_s`` when waiting helps; the answer's ``Retry-After`` says it."""
+
+    status_code = 429
+    default_code = "rate_limited"
+    error_type = "rate_limit_error"
+    retryable = True
 
 
 class InvalidRequest(AuthorityError):

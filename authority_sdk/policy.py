@@ -328,6 +328,14 @@ ExecutorConfig = Annotated[
 ]
 
 
+class RateLimit(_Strict):
+    """Per key, shared by every process and replica (``rate_limits.py``)."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    concurrent: int | None = Field(None, ge=1, le=1000)
+
+
 class KeyConfig(_Strict):
     name: str
     secret_env: str | None = None
@@ -335,6 +343,7 @@ class KeyConfig(_Strict):
     environment: str | None = None
     roles: list[Role] = Field(default_factory=lambda: list[Role](["agent"]))
     budget: Budget | None = None  # per-key spend limit, on top of the environment's
+    rate_limit: RateLimit | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:

@@ -74,6 +74,9 @@ def error_response(exc: AuthorityError, *, request_id: str | None = None) -> Gat
         headers["x-should-retry"] = "false"
     if request_id:
         headers["x-request-id"] = request_id
+    retry_after = exc.details.get("retry_after_s")
+    if isinstance(retry_after, int):
+        headers["retry-after"] = str(retry_after)
     body = exc.to_body()
     if request_id:
         body["error"].setdefault("authority", {})["request_id"] = request_id
