@@ -53,6 +53,7 @@ class RequestInfo:
     upstream_end: float | None = None
     streamed: bool = False
     finalize_s: float = 0.0
+    trace_id: str | None = None
 
     def overhead_s(self, ended: float) -> float:
         if self.upstream_start is None or self.upstream_end is None:
@@ -81,6 +82,32 @@ def _clean(text: str, limit: int = _MAX_FIELD) -> str:
 
 def current_info() -> RequestInfo | None:
     return _current.get()
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def trace_id_of(scope: Scope) -> str | None:
+    """The W3C trace id of the caller's ``traceparent`` header, when it is well formed
+    (``00-<32 hex>-<16 hex>-<2 hex>``, ids not all zero); anything else is ignored."""
+    for name, value in scope.get("headers") or ():
+        if name != b"traceparent":
+            continue
+        if len(value) != 55:
+            return None
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        parts = text.split("-")
+        if [len(p) for p in parts] != [2, 32, 16, 2] or parts[0] == "ff":
+            return None
+        if not set(text.replace("-", "")) <= _HEX:
+            return None
+        if parts[1] == "0" * 32 or parts[2] == "0" * 16:
+            return None
+        return parts[1]
+    return None
 
 
 class ObservedGateway(Gateway):
@@ -112,8 +139,24 @@ class ObservedGateway(Gateway):
                 info.request_id = fields.get("request_id")
                 info.model = fields.get("model")
                 info.decision = "replay"
-        elif event == "action" and m is not None:
-            m.actions.labels(str(details.get("status") or "unknown")).inc()
+        elif event == "action":
+            if m is not None:
+                m.actions.labels(str(details.get("status") or "unknown")).inc()
+            if log.isEnabledFor(logging.INFO):
+                log.info("action request_id=%s action=%s status=%s decision=%s code=%s",
+                         fields.get("request_id") or "-",
+                         _clean(str(fields.get("action_type") or "-")),
+                         details.get("status") or "-", fields.get("decision") or "-",
+                         details.get("code") or "none",
+                         extra={"fields": {
+                             "kind": "action", "request_id": fields.get("request_id"),
+                             "trace_id": info.trace_id if info is not None else None,
+                             "action_type": fields.get("action_type"),
+                             "action_key": details.get("action_key"),
+                             "status": details.get("status"), "mode": details.get("mode"),
+                             "decision": fields.get("decision"), "code": details.get("code"),
+                             "decided_by": details.get("decided_by"),
+                             "environment": fields.get("environment")}})
         elif event == "approval" and m is not None:
             m.approvals.labels(str(fields.get("approval_status"))).inc()
 
@@ -140,7 +183,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         info = RequestInfo(method=scope["method"], path=scope["path"],
-                           started=time.perf_counter())
+                           started=time.perf_counter(), trace_id=trace_id_of(scope))
         token = _current.set(info)
         done = False
 
@@ -183,10 +226,20 @@ class AccessLog:
             log.exception("metrics failed")
         level = logging.DEBUG if info.path in _QUIET_PATHS else logging.INFO
         if log.isEnabledFor(level):
+            latency_ms = (ended - info.started) * 1000.0
             log.log(level,
                     "request_id=%s key=%s env=%s method=%s path=%s model=%s decision=%s "
                     "code=%s status=%d latency_ms=%.1f",
                     info.request_id or "-", info.key or "-", info.environment or "-",
                     info.method, _clean(info.path), _clean(info.model or "-"), decision, code,
-                    status,
-                    (ended - info.started) * 1000.0)
+                    status, latency_ms,
+                    extra={"fields": {
+                        "kind": "request", "request_id": info.request_id,
+                        "trace_id": info.trace_id, "key": info.key,
+                        "environment": info.environment, "method": info.method,
+                        "path": _clean(info.path, 2000), "route": info.route,
+                        "model": _clean(info.model, 2000) if info.model else None,
+                        "decision": decision, "code": code, "status": status,
+                        "latency_ms": round(latency_ms, 3),
+                        "overhead_ms": round(max(info.overhead_s(ended), 0.0) * 1000.0, 3)
+                        if info.request_id is not None else None}})

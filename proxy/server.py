@@ -28,13 +28,23 @@ log = logging.getLogger("authority.proxy")
 _SHUTDOWN_MARGIN_S = 10.0
 
 
-def log_config(level: str = "info") -> dict[str, Any]:
-    """uvicorn's logging config plus the proxy's access log, applied in every worker."""
+LOG_FORMATS = ("text", "json")
+
+
+def log_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
+    """uvicorn's logging config plus the proxy's access log, applied in every worker.
+    With ``fmt="json"`` every line, uvicorn's own included, is one JSON object."""
     from uvicorn.config import LOGGING_CONFIG
 
     cfg = copy.deepcopy(LOGGING_CONFIG)
-    cfg["formatters"]["authority"] = {
-        "format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"}
+    if fmt == "json":
+        json_formatter = {"()": "proxy.logformat.JsonFormatter"}
+        for name in list(cfg["formatters"]):
+            cfg["formatters"][name] = dict(json_formatter)
+        cfg["formatters"]["authority"] = dict(json_formatter)
+    else:
+        cfg["formatters"]["authority"] = {
+            "format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"}
     cfg["handlers"]["authority"] = {"class": "logging.StreamHandler",
                                     "formatter": "authority", "stream": "ext://sys.stderr"}
     cfg["loggers"]["authority"] = {"handlers": ["authority"], "level": level.upper(),
@@ -43,7 +53,7 @@ def log_config(level: str = "info") -> dict[str, Any]:
 
 
 def run(policy_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8787,
-        workers: int = 1, log_level: str = "info") -> int:
+        workers: int = 1, log_level: str = "info", log_format: str = "text") -> int:
     """Serve until SIGTERM/SIGINT; in-flight requests finish first. Returns the exit code."""
     import uvicorn
 
@@ -51,11 +61,11 @@ def run(policy_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: i
 
     from .app import POLICY_ENV, create_app
 
-    logging.config.dictConfig(log_config(log_level))
+    logging.config.dictConfig(log_config(log_level, log_format))
     path = Path(policy_path).resolve()
     policy = load_policy(path)
     common: dict[str, Any] = {
-        "host": host, "port": port, "log_config": log_config(log_level),
+        "host": host, "port": port, "log_config": log_config(log_level, log_format),
         "log_level": log_level, "access_log": False, "lifespan": "on",
         "timeout_graceful_shutdown": int(policy.upstream.timeout_s + _SHUTDOWN_MARGIN_S),
     }

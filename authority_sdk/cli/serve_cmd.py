@@ -19,11 +19,16 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (state is shared "
                                                      "through the store).")] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="text, or json (one object per line).")
+                          ] = "text",
 ) -> None:
     """Serve /v1/chat/completions, /v1/models and the management API (DESIGN.md §9)."""
     level = log_level.lower()
     if level not in _LEVELS:
         typer.echo(f"error: --log-level must be one of {', '.join(_LEVELS)}", err=True)
+        raise typer.Exit(2)
+    if log_format not in ("text", "json"):
+        typer.echo("error: --log-format must be text or json", err=True)
         raise typer.Exit(2)
     from ..policy import default_policy_path
 
@@ -32,7 +37,8 @@ def serve(
     from proxy.server import run
 
     try:
-        code = run(path, host=host, port=port, workers=workers, log_level=level)
+        code = run(path, host=host, port=port, workers=workers, log_level=level,
+                   log_format=log_format)
     except AuthorityError as exc:  # e.g. the state store cannot be opened: fail closed, clearly
         typer.echo(f"error: {exc.message} [{exc.code}]", err=True)
         raise typer.Exit(1) from exc

@@ -117,11 +117,12 @@ class ProxyProcess:
     def __init__(self, policy_path: str | os.PathLike[str], *, port: int | None = None,
                  workers: int = 1, env: dict[str, str] | None = None,
                  log_path: str | os.PathLike[str] | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", extra_args: list[str] | None = None) -> None:
         self.policy_path = str(policy_path)
         self.host = host
         self.port = port or free_port()
         self.workers = workers
+        self.extra_args = list(extra_args or [])
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else Path(
             tempfile.mkstemp(prefix="authority-proxy-", suffix=".log")[1])
@@ -135,7 +136,7 @@ class ProxyProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "authority_sdk.cli", "serve",
                 "--policy", self.policy_path, "--host", self.host, "--port", str(self.port),
-                "--workers", str(self.workers)]
+                "--workers", str(self.workers), *self.extra_args]
 
     def start(self, timeout_s: float = 60.0) -> ProxyProcess:
         import httpx

@@ -119,10 +119,11 @@ class RunningProxy:
 
 @contextmanager
 def start_proxy(upstream: ScriptedServer, directory: Path, *, workers: int = 1,
-                overrides: dict[str, Any] | None = None) -> Iterator[RunningProxy]:
+                overrides: dict[str, Any] | None = None,
+                serve_args: list[str] | None = None) -> Iterator[RunningProxy]:
     policy = write_proxy_policy(upstream, directory, overrides)
     proc = ProxyProcess(policy, workers=workers, env=PROXY_ENV,
-                        log_path=directory / "proxy.log")
+                        log_path=directory / "proxy.log", extra_args=serve_args)
     proc.start()
     try:
         yield RunningProxy(proc, policy, directory, upstream)
