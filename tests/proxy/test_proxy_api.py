@@ -367,8 +367,10 @@ def test_healthz_metrics_and_one_log_line_per_request(px: RunningProxy) -> None:
     cost = [line for line in text.splitlines()
             if line.startswith('authority_cost_usd_total{environment="prod"}')]
     assert cost and float(cost[0].split()[-1]) > 0
-    lines = [line for line in px.process.output().splitlines() if f"request_id={rid}" in line]
+    mine = [line for line in px.process.output().splitlines() if f"request_id={rid}" in line]
+    lines = [line for line in mine if " method=" in line]  # the request's line
     assert len(lines) == 1
+    assert len(mine) - 1 == len(authority(resp)["actions"])  # and one line per action
     assert "key=support-agent" in lines[0] and "model=gpt-4o-mini" in lines[0]
     assert "decision=allow" in lines[0] and "status=200" in lines[0]
     assert "latency_ms=" in lines[0]
