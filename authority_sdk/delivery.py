@@ -22,7 +22,7 @@ import httpx
 from . import links
 from .audit import redact
 from .errors import AuthorityError
-from .notifications import OUTBOX_KIND
+from .notifications import CALLBACK_PREFIX, OUTBOX_KIND
 from .notify_messages import (
     SIGNATURE_HEADER,
     email_text,
@@ -111,16 +111,26 @@ def _link(eng: Engine, ch: ChannelConfig, p: dict[str, Any],
     return f"{cfg.public_base_url}/authority/decide/{token}"
 
 
+def _channel(eng: Engine, name: str) -> ChannelConfig | None:
+    if name.startswith(CALLBACK_PREFIX):
+        key = next((k for k in eng.policy.keys if k.name == name[len(CALLBACK_PREFIX):]), None)
+        cb = key.callback if key is not None else None
+        # A key's callback is a webhook with no approver: it never carries a decision link.
+        return None if cb is None else WebhookChannel(
+            type="webhook", url=cb.url, secret_env=cb.secret_env, timeout_s=cb.timeout_s,
+            events=cb.events)
+    return eng.policy.notifications.channels.get(name)
+
+
 def deliver_round(eng: Engine, *, now: float | None = None, limit: int = 100) -> list[str]:
     """Send every due item (at most ``limit``); returns the ids delivered."""
-    cfg = eng.policy.notifications
     t = time.time() if now is None else now
     sent: list[str] = []
     for item_id, p in eng.store.outbox_list(OUTBOX_KIND, limit=limit):
         next_at = p.get("next_at")
         if isinstance(next_at, int | float) and next_at > t:
             continue
-        ch = cfg.channels.get(str(p.get("channel")))
+        ch = _channel(eng, str(p.get("channel")))
         approval = eng.store.approval_get(str(p.get("approval_id")))
         if ch is None or approval is None:
             eng.store.outbox_delete(OUTBOX_KIND, item_id)

@@ -47,6 +47,9 @@ __all__ = [
 
 Mode = Literal["auto_execute", "require_human_approval", "simulation_only", "deny"]
 Role = Literal["agent", "approver", "admin"]
+NotifyEvent = Literal["held", "approved", "rejected", "expired", "executed", "failed"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("held", "approved", "rejected", "expired", "executed",
+                                          "failed")
 MODES: tuple[str, ...] = ("auto_execute", "require_human_approval", "simulation_only", "deny")
 # Matchers on one argument's value.
 VALUE_MATCHERS: tuple[str, ...] = ("eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "glob",
@@ -292,6 +295,17 @@ ExecutorConfig = Annotated[
 ]
 
 
+class KeyCallback(_Strict):
+    """Where an app learns the fate of the actions its key's requests had held: a signed
+    webhook (the same signature as a webhook channel), never with a decision link."""
+
+    url: str
+    secret_env: str
+    timeout_s: float = Field(10.0, gt=0)
+    events: list[NotifyEvent] = Field(default_factory=lambda: list[NotifyEvent](
+        ["approved", "rejected", "expired", "executed", "failed"]))
+
+
 class KeyConfig(_Strict):
     name: str
     secret_env: str | None = None
@@ -299,6 +313,7 @@ class KeyConfig(_Strict):
     environment: str | None = None
     roles: list[Role] = Field(default_factory=lambda: list[Role](["agent"]))
     budget: Budget | None = None  # per-key spend limit, on top of the environment's
+    callback: KeyCallback | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
@@ -324,9 +339,6 @@ class WorkerConfig(_Strict):
         "entries, approval expiry")
 
 
-NotifyEvent = Literal["held", "approved", "rejected", "expired", "executed", "failed"]
-NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("held", "approved", "rejected", "expired", "executed",
-                                          "failed")
 
 
 class _Channel(_Strict):

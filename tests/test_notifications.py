@@ -334,3 +334,23 @@ def test_expiry_found_by_a_reader_is_notified_once(make: Callable[..., Setup],
     assert report["expired"] == [] and len(report["notified"]) == 1
     [req] = hook.wait_for(1)
     assert req.json["type"] == "approval.expired"
+
+
+def test_an_apps_key_gets_a_signed_callback_of_its_own_actions_outcomes(
+        write_policy: Callable[..., Path], rx: HttpReceiver, hook: HttpReceiver,
+        gateways: list[Gateway], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SECRET", SECRET)
+    monkeypatch.setenv("APP_SECRET", "whsec-app")
+    data = base_policy(rx, {"ops": webhook(hook, events=["held"])})
+    data["keys"].append({"name": "support-bot", "secret_sha256": "ab" * 32,
+                         "callback": {"url": hook.url("/app"), "secret_env": "APP_SECRET"}})
+    s = Setup(write_policy(data), gateways)
+    apr = s.hold("issue_refund", {"amount": 300})
+    control.approve(s.gw, apr, actor="ops-alice")
+    Worker(s.gw).tick()
+    got = hook.wait_for(3)
+    app = [r for r in got if r.path == "/app"]
+    assert sorted(r.json["type"] for r in app) == ["approval.approved", "approval.executed"]
+    assert all(receiver_verifies(r, "whsec-app") and r.json["decide_url"] is None for r in app)
+    [ops] = [r for r in got if r.path == "/hook"]
+    assert ops.json["type"] == "approval.held" and receiver_verifies(ops)
