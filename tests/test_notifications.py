@@ -354,3 +354,30 @@ def test_an_apps_key_gets_a_signed_callback_of_its_own_actions_outcomes(
     assert all(receiver_verifies(r, "whsec-app") and r.json["decide_url"] is None for r in app)
     [ops] = [r for r in got if r.path == "/hook"]
     assert ops.json["type"] == "approval.held" and receiver_verifies(ops)
+
+
+def test_a_round_stops_when_the_lease_is_lost_and_a_bug_is_a_failed_attempt(
+        make: Callable[..., Setup], hook: HttpReceiver,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s = make({"ops": webhook(hook)})
+    s.hold("grant_access", {"user": "bob"})
+    asked: list[float] = []
+
+    def lost(ttl_s: float) -> bool:
+        asked.append(ttl_s)
+        return False
+
+    assert deliver_round(s.gw, keep_lease=lost) == []
+    assert hook.requests == [] and len(s.outbox()) == 1 and asked == [15.0]  # 5 s + margin
+
+    import authority_sdk.delivery as delivery
+
+    def broken(*_: Any) -> bytes:
+        raise KeyError("oops")
+
+    monkeypatch.setattr(delivery, "webhook_body", broken)
+    report = Worker(s.gw).tick()
+    assert report["leader"] is True and report["notified"] == [] and "error" not in report
+    [entry] = s.notification_audit()
+    assert entry["decision"] == "error" and "cannot build or send: KeyError" in entry["reason"]
+    assert s.outbox()[0][1]["attempts"] == 1
