@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	sh benchmarks/ensure_wrk.sh
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/pg_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OA2_VENV) $(LIBS3_VENV) .authority .pytest_cache .mypy_cache .ruff_cache

@@ -239,7 +239,7 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
          tally: limits.LimitTally) -> Decision[None]:
     policy = inp.policy
     if call.problem:
-        _deny(o, "invalid_arguments", call.problem, "validation")
+        _deny(o, call.problem_code or "invalid_arguments", call.problem, "validation")
         return
     try:
         strictjson.loads(call.arguments)

@@ -22,10 +22,10 @@ gets only how many there are.
 
 from __future__ import annotations
 
-import os
+import json
 from typing import TYPE_CHECKING, Any
 
-from .audit import _line_start, _reverse_lines, redact, verify
+from .audit import redact, verify_sink
 from .control import UNSCOPED, Scope
 from .errors import AuthorityUnavailable, InvalidRequest
 from .paging import check_limit, decode_cursor, encode_cursor
@@ -67,94 +67,62 @@ def _shape_ok(entry: Any) -> bool:
     return details is None or isinstance(details, dict)
 
 
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    import json
-
-    try:
-        entry = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return entry if _shape_ok(entry) else None
-
-
-def _invalid(raw: bytes, offset: int, length: int | None = None) -> dict[str, Any]:
-    length = len(raw) if length is None else length
-    text = raw[:_INVALID_TEXT].decode("utf-8", "replace")
-    if length > _INVALID_TEXT:
-        text += f"…[+{length - _INVALID_TEXT} bytes]"
-    return {"invalid_line": text, "offset": offset}
-
-
-def _start(read: Any, size: int, cursor: str | None) -> tuple[int, dict[str, Any] | None]:
-    """Where the page ends (exclusive) and, on a first page, the torn last line if any."""
-    if cursor is not None:
-        offset, _ = decode_cursor("audit", cursor)
-        end = int(offset)
-        if end != offset or not 0 <= end <= size or (end and read(end - 1, 1) != b"\n"):
-            raise InvalidRequest("invalid cursor for the audit log (pass back the "
-                                 "next_cursor of a page unchanged)")
-        return end, None
-    if size and read(size - 1, 1) != b"\n":
-        end = _line_start(read, size)
-        return end, _invalid(read(end, min(size - end, _INVALID_TEXT)), end, size - end)
-    return size, None
-
-
 def audit_page(gw: Gateway, *, limit: int | None = None, cursor: str | None = None,
                scope: Scope = UNSCOPED) -> dict[str, Any]:
     """``{"object": "list", "data": [...oldest first], "next_cursor"}``: the newest entries
     before ``cursor`` (the end of the log when None) that ``scope`` may read."""
     n = check_limit(limit, default=DEFAULT_LIMIT, maximum=MAX_LIMIT)
-    path = gw.audit.path
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by the with below, after the error check
-    except FileNotFoundError:
-        if cursor is not None:
-            decode_cursor("audit", cursor)
-        return {"object": "list", "data": [], "next_cursor": None}
-    except OSError as exc:
-        raise AuthorityUnavailable(
-            f"audit log unreadable: {path}: {exc.strerror or exc}") from exc
+    before: int | None = None
+    if cursor is not None:
+        position, _ = decode_cursor("audit", cursor)
+        before = int(position)
+        if before != position or before < 0:
+            raise _bad_cursor()
     out: list[dict[str, Any]] = []
-    next_offset: int | None = None
-    with f:
-        def read(offset: int, size: int) -> bytes:
-            f.seek(offset)
-            data: bytes = f.read(size)
-            return data
-
-        size = f.seek(0, os.SEEK_END)
-        end, torn = _start(read, size, cursor)
-        if torn is not None and scope.unscoped:
-            out.append(torn)
-        scanned = shown = 0
-        for off, raw in _reverse_lines(read, end):
+    next_position: int | None = None
+    scanned = shown = 0
+    last_scanned: int | None = None
+    try:
+        for rec in gw.audit.records_before(before):
             if len(out) >= n or (out and shown >= PAGE_BYTES) or scanned >= SCAN_BYTES:
-                next_offset = off + len(raw) + 1
+                # The next page: the records before the last one this page looked at.
+                next_position = last_scanned
                 break
-            scanned += len(raw) + 1
-            entry = _parse(raw)
+            last_scanned = rec.position
+            scanned += rec.size
+            entry = rec.entry if rec.entry is not None and _shape_ok(rec.entry) else None
             if entry is None:
                 if scope.unscoped:
-                    out.append(_invalid(raw, off))
-                    shown += min(len(raw), _INVALID_TEXT)
+                    raw = rec.raw if rec.entry is None else json.dumps(
+                        rec.entry, ensure_ascii=False, default=str)
+                    out.append({"invalid_line": raw, "offset": rec.position})
+                    shown += min(rec.size, _INVALID_TEXT)
                 continue
             if not scope.covers(entry.get("environment")):
                 continue
             out.append(entry)
-            shown += len(raw)
+            shown += rec.size
+    except ValueError as exc:
+        raise _bad_cursor() from exc
+    except OSError as exc:
+        raise AuthorityUnavailable(
+            f"audit log unreadable: {gw.audit.location}: {exc.strerror or exc}") from exc
     out.reverse()
     data = [printable(clip_strings(redact(e, gw.policy.redact), MAX_STRING)) for e in out]
-    nxt = encode_cursor("audit", (next_offset, "")) if next_offset else None
+    nxt = encode_cursor("audit", (next_position, "")) if next_position else None
     return {"object": "list", "data": data, "next_cursor": nxt}
+
+
+def _bad_cursor() -> InvalidRequest:
+    return InvalidRequest("invalid cursor for the audit log (pass back the next_cursor of a "
+                          "page unchanged)")
 
 
 def audit_verdict(gw: Gateway, *, scope: Scope = UNSCOPED) -> dict[str, Any]:
     """The whole chain's verdict, checked against the head the state store keeps."""
-    path = gw.audit.path
-    # The head is read before the file: every entry it names is then already written.
+    # The head is read before the log: every entry it names is then already written.
     head = gw.store.get_audit_head()
-    result = verify(path, head)
+    result = verify_sink(gw.audit, head)
     warnings = list(result.warnings)
     if head is not None and result.ok and result.last_seq > head[0]:
         # On a live gateway, appends made while the file was being read land past the
@@ -173,4 +141,6 @@ def audit_verdict(gw: Gateway, *, scope: Scope = UNSCOPED) -> dict[str, Any]:
     return dict(printable(clip_strings({
         "ok": result.ok, "entries": result.entries, "first_bad_line": result.first_bad_line,
         "reason": result.reason, "last_seq": result.last_seq, "last_hash": result.last_hash,
-        "head_checked": head is not None, "warnings": warnings}, MAX_STRING)))
+        "head_checked": head is not None, "kind": result.kind,
+        "checkpoint_checked": gw.audit.checkpoints is not None, "warnings": warnings},
+        MAX_STRING)))

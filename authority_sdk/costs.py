@@ -99,6 +99,7 @@ def plan_d(
     n = req.n
     counted = counter.count_request(model, req.count_body())
     prompt, unseen = _bound_unseen(model, pricing, counted)
+    prompt += req.history_tokens  # earlier turns the provider keeps and bills again
     modal: dict[str, int] = {}
     if counted.image_tokens or counted.audio_tokens or unseen:
         modal = {"image_tokens": counted.image_tokens, "audio_tokens": counted.audio_tokens,

@@ -8,7 +8,8 @@ thrown into it). Two drivers run the same decisions:
 - :func:`run` (the SDK's transport, the CLI): performs each effect in turn;
 - :func:`arun` (the proxy): awaits each one, so its event loop never waits on
   a database or an executor; a local backend runs its calls inline
-  (``store.aio``), where that measures faster than a thread hop.
+  (``store.aio``), where that measures faster than a thread hop. Audit appends are
+  group-committed off the loop (``group_commit.py``): concurrent requests share a sync.
 
 The record comes before the effect by construction: a driver performs effects
 in exactly the order a decision yields them, and a decision yields the audit
@@ -80,6 +81,19 @@ class Runtime:
         self.audit = audit
         self.executors = executors
         self.on_audit: Any = None  # called with the entries after each append
+        self._group: Any = None
+
+    def _group_commit(self) -> Any:
+        # One per event loop: its futures belong to the loop (an SDK app may run several).
+        import asyncio
+
+        from .group_commit import GroupCommit
+
+        loop = asyncio.get_running_loop()
+        group = self._group
+        if group is None or group.loop is not loop or group.sink is not self.audit:
+            self._group = GroupCommit(self.audit, loop)
+        return self._group
 
     def perform(self, effect: Effect) -> Any:
         if type(effect) is StoreOp:
@@ -98,8 +112,7 @@ class Runtime:
             return await getattr(self.store.aio, effect.method)(*effect.args, **effect.kwargs)
         if type(effect) is AuditOp:
             aio = getattr(self.audit, "aio", None)
-            entries = (await aio.append_many(list(effect.items)) if aio is not None
-                       else self.audit.append_many(list(effect.items)))
+            entries = await (aio or self._group_commit()).append_many(list(effect.items))
             if self.on_audit is not None:
                 self.on_audit(effect.items)
             return entries

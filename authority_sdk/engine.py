@@ -26,14 +26,15 @@ import json
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import admission, idempotency
+from . import admission, idempotency, served
 from .actions import AuditQueue, GateInput, gate_d, kill_engaged
-from .audit import AuditLog
+from .audit import AuditSink, open_sink
 from .costs import CostPlan, plan_d, release_d, settle_d
 from .effects import AuditOp, Decision, Runtime, S, arun, run
 from .errors import (
@@ -119,7 +120,7 @@ class Engine:
     """Policy + state + audit + executors. One per process is plenty; it is thread-safe."""
 
     def __init__(self, policy: Policy | str | Path | None = None, *, store: Store | None = None,
-                 audit: AuditLog | None = None, executors: ExecutorRegistry | None = None,
+                 audit: AuditSink | None = None, executors: ExecutorRegistry | None = None,
                  counter: TokenCounter | None = None) -> None:
         self.policy = load_policy(policy) if not isinstance(policy, Policy) else policy
         self._store = store
@@ -145,13 +146,16 @@ class Engine:
         return self._store
 
     @property
-    def audit(self) -> AuditLog:
+    def audit(self) -> AuditSink:
         if self._audit is None:
             store = self.store
             with self._lock:
                 if self._audit is None:
-                    log = AuditLog(self.policy.audit_path, fsync=self.policy.audit.fsync,
-                                   head=store, redact=self.policy.redact)
+                    log = open_sink(self.policy, head=store)
+                    if log.checkpoints is not None:
+                        # An SDK process rarely closes its engine: its last checkpoint is
+                        # still written when the engine goes or the interpreter exits.
+                        weakref.finalize(self, log.close)
                     # Open (and recover a torn line) before the first call is let through:
                     # an unwritable log must stop requests before they reach the upstream.
                     log.open()
@@ -177,6 +181,8 @@ class Engine:
     def close(self) -> None:
         if self._executors is not None:
             self._executors.close()
+        if self._audit is not None:
+            self._audit.close()  # a last checkpoint covers everything this process wrote
         if self._store is not None:
             self._store.close()
 
@@ -237,12 +243,16 @@ class Engine:
                 raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}",
                                         decided_by=f"kill_switch:{kill['scope']}")
             admission.check_model(self.policy, ctx.environment, ctx.model)
+            admission.check_hosted_tools(self.policy, ctx.environment, parsed.hosted_tools)
+            admission.check_mcp_servers(self.policy, ctx.environment, parsed.mcp_servers)
+            yield from fmt.prepare_d(parsed, caller=ctx.caller.name,
+                                     environment=ctx.environment)
             key_cfg = self._keys.get(ctx.caller.name)
             ctx.plan = yield from plan_d(self.policy, ctx.environment,
                                          key_cfg.budget if key_cfg else None, ctx.caller.name,
                                          parsed, prices=self.prices, counter=self.counter)
-            ctx.upstream_body = fmt.upstream_body(parsed, req.body,
-                                                  changed=ctx.plan.injected_limit)
+            ctx.upstream_body = fmt.upstream_body(
+                parsed, req.body, changed=ctx.plan.injected_limit or parsed.rewritten)
             return ctx
         except AuthorityError as exc:
             return (yield from self._deny_early_d(ctx, exc))
@@ -385,7 +395,7 @@ class Engine:
                 f"the upstream refused the request ({status})", code="upstream_rejected"),
                 upstream=(status, body)))
         try:
-            answer = ctx.fmt.read_answer(body)
+            answer = ctx.fmt.read_answer(body, ctx.parsed)
         except UpstreamError as exc:
             return (yield from self.fail_d(ctx, exc))
         return (yield from self.respond_d(ctx, answer))
@@ -476,7 +486,7 @@ class Engine:
             "idempotency": ({"key": ctx.idem_key, "replayed": False} if ctx.idem_key
                             else None),
             "actions": [o.to_dict() for o in outcomes],
-            "followup_messages": followups,
+            ctx.fmt.followups_field: followups,
         }
         if ctx.takeover_answer is not None:
             authority["recovered_from"] = ctx.claim.record.get("takeover_of") if ctx.claim \
@@ -486,6 +496,11 @@ class Engine:
                 "the audit log could not be written after an action took effect: its entries "
                 "are kept in the state store and written as soon as the log is writable; the "
                 "gateway takes no new request until then"]
+        with contextlib.suppress(AuthorityError):
+            # Without its record a continuation is refused as unknown: failing closed.
+            yield from ctx.fmt.record_d(ctx.parsed, answer, authority, caller=ctx.caller.name,
+                                        environment=ctx.environment,
+                                        ttl_s=self.policy.defaults.served_response_ttl_s)
         return authority
 
     def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
@@ -518,6 +533,22 @@ class Engine:
                 exc = inner
         body = error_response(exc, request_id=ctx.request_id).body
         return b"data: " + body + b"\n\n"
+
+    # -- stored responses (GET /v1/responses/{id}) ----------------------------------------
+
+    def stored_response(self, req: GatewayRequest) -> GatewayResponse:
+        return run(self._stored_d(req), self.runtime)
+
+    async def astored_response(self, req: GatewayRequest) -> GatewayResponse:
+        return await arun(self._stored_d(req), self.runtime)
+
+    def _stored_d(self, req: GatewayRequest) -> Decision[GatewayResponse]:
+        found = served.stored_path(req.path)
+        if found is None:
+            return error_response(InvalidRequest("not a stored response's path"))
+        rid, what = found
+        return (yield from served.stored_response_d(rid, what, caller=req.caller.name,
+                                                    environment=req.caller.environment))
 
     # -- drivers -----------------------------------------------------------------------
 
@@ -590,7 +621,7 @@ class Engine:
     def _regate_d(self, ctx: CallContext) -> Decision[GatewayResponse]:
         assert ctx.fmt is not None
         try:
-            answer = ctx.fmt.answer_from(ctx.takeover_answer)  # type: ignore[attr-defined]
+            answer = ctx.fmt.answer_from(ctx.takeover_answer, ctx.parsed)
         except UpstreamError as exc:
             return (yield from self.fail_d(ctx, exc))
         return (yield from self.respond_d(ctx, answer))
@@ -638,6 +669,8 @@ def _mark_replayed(body: bytes, original_id: Any, stream: bool) -> bytes:
             if event.startswith(b"data: {") and b'"authority"' in event:
                 chunk = json.loads(event[6:])
                 auth = chunk.get("authority")
+                if auth is None and isinstance(chunk.get("response"), dict):
+                    auth = chunk["response"].get("authority")  # Responses: the final event
                 if isinstance(auth, dict):
                     auth["idempotency"] = {**(auth.get("idempotency") or {}), "replayed": True}
                     auth["original_request_id"] = original_id

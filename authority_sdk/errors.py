@@ -24,6 +24,7 @@ matching ``openai`` error class.
     ├── IdempotencyKeyReused (422)       idempotency_key_reused
     ├── ApprovalError (409)              approval_not_pending … (see ApprovalError.code)
     ├── ExecutionError (409)             execution_not_in_doubt
+    ├── AuditIntegrityError (409)        audit_chain_broken (acknowledging a loss on a broken chain)
     ├── UpstreamError (502)              upstream_error
     │   └── UpstreamTimeout (504)        upstream_timeout
     └── AuthorityUnavailable (503)       authority_unavailable (state or audit unwritable)
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ApprovalError",
+    "AuditIntegrityError",
     "AuthenticationFailed",
     "AuthorityError",
     "AuthorityUnavailable",
@@ -170,7 +172,8 @@ class NotFound(AuthorityError):
 
 
 # What the gateway serves; the refusal of anything else names it so the caller knows what to do.
-SERVED_ENDPOINTS = "POST /v1/chat/completions and GET /v1/models"
+SERVED_ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings and "
+                    "GET /v1/models")
 
 
 class EndpointNotAllowed(NotFound):
@@ -186,9 +189,8 @@ class EndpointNotAllowed(NotFound):
         return cls(
             f"{method} {path} is not served by the AI Authority Gateway, which cannot vouch "
             f"for what it does not gate. It serves {SERVED_ENDPOINTS}: use chat completions "
-            "(e.g. OpenAIChatCompletionsModel in the Agents SDK, use_responses_api=False in "
-            "LangChain), or call this endpoint without the gateway if your organisation "
-            "allows it.")
+            "or the Responses API with the whole conversation in the request, or call this "
+            "endpoint without the gateway if your organisation allows it.")
 
 
 class IdempotencyInProgress(AuthorityError):
@@ -218,6 +220,15 @@ class ExecutionError(AuthorityError):
     status_code = 409
     default_code = "execution_not_in_doubt"
     error_type = "execution_error"
+
+
+class AuditIntegrityError(AuthorityError):
+    """The audit chain fails verification for a reason no acknowledgement can settle
+    (tampering, not a recorded loss)."""
+
+    status_code = 409
+    default_code = "audit_chain_broken"
+    error_type = "audit_error"
 
 
 class UpstreamError(AuthorityError):

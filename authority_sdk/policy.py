@@ -118,6 +118,27 @@ class AuditConfig(_Strict):
     fsync: bool = True
     dsn_env: str | None = Field(
         None, description="postgres: the DSN's variable (default: the state store's)")
+    hmac_key_env: str | None = Field(
+        None, description="The environment variable holding the key that MACs every entry and "
+        "signs checkpoints (at least 16 bytes)")
+    hmac_key_file: str | None = Field(
+        None, description="A file holding that key instead; it must lie outside the state folder "
+        "and the audit log's folder")
+    checkpoint_path: str | None = Field(
+        None, description="Signed checkpoints (the chain's seq and hash) go to this file, in a "
+        "directory outside the state folder and the audit log's folder; verify compares the log "
+        "against it, so deleting the log and the state store together is caught. Needs a key")
+    checkpoint_every: int = Field(
+        1000, ge=1, description="Write a checkpoint every this many entries (and at shutdown)")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> AuditConfig:
+        if self.hmac_key_env and self.hmac_key_file:
+            raise ValueError("give hmac_key_env or hmac_key_file, not both")
+        if self.checkpoint_path and not (self.hmac_key_env or self.hmac_key_file):
+            raise ValueError("checkpoint_path needs hmac_key_env or hmac_key_file: an unsigned "
+                             "checkpoint can be rewritten along with the log")
+        return self
 
 
 class Defaults(_Strict):
@@ -133,6 +154,9 @@ class Defaults(_Strict):
     max_pending_approvals: int = Field(
         1000, ge=1, description="A new approval beyond this many pending is refused "
         "(approval_queue_full)")
+    served_response_ttl_s: float = Field(
+        30 * 86400.0, gt=0, description="How long the gateway keeps the record of a response "
+        "it served (Responses API): a previous_response_id older than this is unknown")
 
 
 class Ceilings(_Strict):
@@ -144,8 +168,20 @@ class Budget(_Strict):
     period: Literal["hour", "day", "month"] = "day"
 
 
+HostedTool = Literal["web_search", "file_search", "code_interpreter", "image_generation"]
+
+
 class Environment(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"])
+    hosted_tools: list[HostedTool] = Field(
+        default_factory=list, description="Responses API tools the provider runs itself "
+        "(their calls happen before the gateway sees them) that requests may offer here; "
+        "any other is refused (tool_not_allowed)")
+    mcp_servers: list[str] = Field(
+        default_factory=list, description="Remote MCP servers requests may offer here: globs "
+        "of a server_url, or 'connector:<id>' / 'tunnel:<id>'. Their calls come back for "
+        "approval (the gateway forces require_approval) as actions named "
+        "mcp.<server_label>.<tool>")
     actions: list[str] | None = None  # allowlist of action types; None: any the policy defines
     force_mode: Mode | None = None
     default_mode: Mode | None = None
@@ -435,6 +471,10 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _cross_references(self) -> Policy:
         problems: list[str] = []
+        if (self.audit.backend == "postgres" and not self.audit.dsn_env
+                and not self.state.dsn_env):
+            problems.append("audit.backend: postgres needs audit.dsn_env, or a postgres state "
+                            "store whose database it shares")
         if self.default_environment not in self.environments:
             problems.append(
                 f"default_environment: {self.default_environment!r} is not in environments"
@@ -458,6 +498,7 @@ class Policy(_Strict):
                 problems.append(f"output_tools.{i}: {pattern!r} matches the defined action(s) "
                                 f"{', '.join(clash)}; an output tool has no executor or rules, "
                                 "so a name is one or the other")
+        problems.extend(self._audit_path_problems())
         problems.extend(self._channel_problems())
         names = [k.name for k in self.keys]
         if len(names) != len(set(names)):
@@ -465,6 +506,33 @@ class Policy(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _audit_path_problems(self) -> list[str]:
+        """The key and the checkpoint must survive whoever can write the state and the log:
+        a key beside the log lets a forger sign, a checkpoint beside it goes with it."""
+        writable = []
+        if self.state.backend == "diskcache":
+            writable.append(("the state folder", self.state_path.resolve()))
+        if self.audit.backend == "file":
+            writable.append(("the audit log's folder", self.audit_path.resolve().parent))
+        out = []
+        for field in ("hmac_key_file", "checkpoint_path"):
+            value = getattr(self.audit, field)
+            if not value:
+                continue
+            where = self.resolve_path(value).resolve()
+            for label, folder in writable:
+                if where == folder or folder in where.parents:
+                    out.append(f"audit.{field}: {value!r} is inside {label} ({folder}); "
+                               "keep it in a directory the gateway's state does not share")
+                    break
+        return out
+
+    @property
+    def checkpoint_file(self) -> Path | None:
+        return self.resolve_path(self.audit.checkpoint_path) if self.audit.checkpoint_path \
+            else None
+
 
     def _channel_problems(self) -> list[str]:
         out: list[str] = []

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from functools import cache
 from typing import Any, Literal
 
+from . import served
 from .engine import CallContext, Gateway, UpstreamReply
 from .errors import AuthorityError, EndpointNotAllowed, upstream_error
 from .formats import format_for_path
@@ -32,7 +33,7 @@ HTTP_LIBRARIES = ("httpx", "httpx2")
 # openai's own retry loop sends one key for all attempts of a call under this header
 # (AuthorityClient names it), so the gateway replays a retry instead of running it again.
 RETRY_KEY_HEADER = "X-Authority-Retry-Key"
-Route = Literal["chat", "models", "refuse"]
+Route = Literal["chat", "models", "stored", "refuse"]
 
 
 def route(method: str, path: str) -> Route:
@@ -43,8 +44,10 @@ def route(method: str, path: str) -> Route:
         return "chat"
     if method == "GET" and path.endswith("/models"):
         return "models"
-    # Everything else, GETs included: stored responses and completions, files, batches and
-    # conversations hand back model output the gateway never saw.
+    if method == "GET" and served.stored_path(path) is not None:
+        return "stored"  # a response this gateway served, from its own record
+    # Everything else, GETs included: stored completions, files, batches and conversations
+    # hand back model output the gateway never saw.
     return "refuse"
 
 
@@ -195,6 +198,9 @@ class _SyncGate:
         if what == "models":
             return self._models(request)
         request.read()
+        if what == "stored":
+            return http.to_response(self.gateway.stored_response(
+                http.gateway_request(request, self.caller)), request)
 
         def send(ctx: CallContext) -> UpstreamReply:
             try:
@@ -251,6 +257,9 @@ class _AsyncGate:
         if what == "models":
             return await self._models(request)
         await request.aread()
+        if what == "stored":
+            return http.to_response(await self.gateway.astored_response(
+                http.gateway_request(request, self.caller)), request)
 
         async def send(ctx: CallContext) -> UpstreamReply:
             try:

@@ -61,17 +61,22 @@ class AuthorityInfo(_Open):
     cost: CostInfo | None = None
     idempotency: IdempotencyInfo | None = None
     actions: list[ActionInfo] = []
-    followup_messages: list[dict[str, Any]] = []
+    followup_messages: list[dict[str, Any]] = []  # chat completions
+    followup_items: list[dict[str, Any]] = []  # the Responses API
 
     def by_status(self, status: ActionStatus) -> list[ActionInfo]:
         return [a for a in self.actions if a.status == status]
 
 
 def authority_of(obj: Any) -> AuthorityInfo:
-    """The typed ``authority`` field of a ChatCompletion, a final stream chunk, or a dict."""
+    """The typed ``authority`` field of a ChatCompletion, a Response, a final stream chunk
+    (or a ``response.completed`` event), or a dict."""
     raw = obj.get("authority") if isinstance(obj, dict) else getattr(obj, "authority", None)
     if raw is None and hasattr(obj, "model_extra"):
         raw = (obj.model_extra or {}).get("authority")
+    if raw is None and getattr(obj, "type", None) in ("response.completed",
+                                                      "response.incomplete"):
+        return authority_of(obj.response)
     if raw is None:
         raise ValueError("this object carries no 'authority' field (not from the gateway?)")
     return AuthorityInfo.model_validate(raw)

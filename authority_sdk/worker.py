@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from .effects import AuditOp, Decision, S, run
 from .errors import AuthorityError
-from .liveness import local_owner_state, process_owner
+from .liveness import local_owner_state, process_owner, replica_lease_name
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["LEASE_NAME", "Worker", "expire_approvals_d"]
+__all__ = ["LEASE_NAME", "Worker", "expire_approvals_d", "replica_lease_s"]
 
 log = logging.getLogger("authority.worker")
 
@@ -91,14 +91,23 @@ def _release_if_holder_died(eng: Engine) -> None:
         eng.store.lease_release(LEASE_NAME, current["holder"])
 
 
+def replica_lease_s(interval_s: float) -> float:
+    """How long a heartbeat keeps a replica alive: a few rounds, so one slow round (or a
+    database hiccup) does not hand its live claims to another replica."""
+    return max(interval_s * 3, 5.0)
+
+
 class Worker:
     def __init__(self, engine: Engine, *, interval_s: float = DEFAULT_INTERVAL_S,
-                 holder: str | None = None) -> None:
+                 holder: str | None = None, replica: str | None = None) -> None:
         self.engine = engine
         self.interval_s = interval_s
         self.holder = holder or _holder_name()
+        # On a shared store: this replica's heartbeat, which keeps its claims its own.
+        self.replica = replica
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beater: threading.Thread | None = None
 
     def tick(self) -> dict[str, Any]:
         """One round, if this process holds the lease. Never raises for a storage or log
@@ -132,6 +141,24 @@ class Worker:
         return self.engine.store.lease_acquire(
             LEASE_NAME, self.holder, ttl_s=max(ttl_s, self.interval_s * 5, 10.0))
 
+    def beat(self) -> bool:
+        """Prove this replica alive (a lease that runs out — a replica killed or cut off —
+        frees its claims to the others). Its own thread, so a long round of recovery
+        cannot starve it and hand live claims away."""
+        if self.replica is None:
+            return False
+        try:
+            return self.engine.store.lease_acquire(
+                replica_lease_name(self.replica), self.replica,
+                ttl_s=replica_lease_s(self.interval_s))
+        except AuthorityError as exc:
+            log.warning("replica heartbeat failed: %s", exc.message)
+            return False
+
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
     def run_forever(self) -> None:
         while not self._stop.is_set():
             self.tick()
@@ -141,11 +168,21 @@ class Worker:
         self._thread = threading.Thread(target=self.run_forever, name="authority-worker",
                                         daemon=True)
         self._thread.start()
+        if self.replica is not None:
+            self.beat()
+            self._beater = threading.Thread(target=self._beat_forever, daemon=True,
+                                            name="authority-heartbeat")
+            self._beater.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._beater is not None:
+            self._beater.join(timeout=30)
         with contextlib.suppress(AuthorityError):
             self.engine.store.lease_release(LEASE_NAME, self.holder)
+            if self.replica is not None:  # a clean stop: its claims are settled
+                self.engine.store.lease_release(replica_lease_name(self.replica),
+                                                self.replica)

@@ -15,6 +15,11 @@ from typing import Any
 import aiohttp
 import uvicorn
 
+# At module level: with postponed annotations FastAPI resolves ``request: Request`` in the
+# module's globals (imported inside the factory it became a required query field: 422).
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
 _session: aiohttp.ClientSession | None = None
 _target = ""
 _HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
@@ -51,9 +56,6 @@ async def raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def fastapi_app() -> Any:
-    from fastapi import FastAPI, Request
-    from fastapi.responses import Response
-
     app = FastAPI()
 
     @app.post("/v1/chat/completions")

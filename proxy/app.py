@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -66,6 +68,9 @@ from .schemas import (
     ResolveBody,
 )
 from .upstream import Upstream
+
+# Names this machine in replica names (default: the host name), e.g. the pod's name.
+REPLICA_ENV = "AUTHORITY_REPLICA"
 
 __all__ = ["POLICY_ENV", "create_app", "create_app_from_env"]
 
@@ -178,6 +183,22 @@ def _warm_up(gw: ObservedGateway) -> None:
         log.debug("warm-up failed", exc_info=True)
 
 
+def _join_replicas(gw: ObservedGateway) -> str | None:
+    """On a store shared by several replicas, name this process's replica (its claims
+    carry the name) and send its first heartbeat before it takes a request."""
+    from authority_sdk.liveness import HOST, replica_lease_name, set_replica
+    from authority_sdk.worker import replica_lease_s
+
+    store = gw.store
+    if not getattr(store, "shared", False):
+        return None
+    name = f"{os.environ.get(REPLICA_ENV) or HOST}:{os.getpid()}:{secrets.token_hex(3)}"
+    set_replica(name)
+    store.lease_acquire(replica_lease_name(name), name,
+                        ttl_s=replica_lease_s(gw.policy.worker.interval_s))
+    return name
+
+
 def create_app(policy: Policy | str | Path) -> FastAPI:
     """The proxy as an ASGI app. ``app.state.gateway`` is its engine."""
     pol = load_policy(policy)
@@ -193,8 +214,9 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         await run_in_threadpool(lambda: gw.audit)
         from authority_sdk.worker import Worker
 
+        replica = await run_in_threadpool(_join_replicas, gw)
         # The first round (recovery of what a crash left) before the first caller is served.
-        worker = Worker(gw, interval_s=pol.worker.interval_s)
+        worker = Worker(gw, interval_s=pol.worker.interval_s, replica=replica)
         await run_in_threadpool(worker.tick)
         worker.start()
         # Before the first caller, not beside it: a warm-up thread parsing the price map holds
@@ -206,6 +228,10 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         finally:
             await run_in_threadpool(worker.stop)
             await state["upstream"].aclose()
+            # A network store's async pool lives on this loop: close it here, awaited.
+            aclose = getattr(gw.store.aio, "aclose", None)
+            if aclose is not None:
+                await aclose()
             gw.close()
 
     app = FastAPI(
@@ -305,6 +331,25 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
               summary="Embeddings: model allowlist, cost of the input, budgets and audit")
     async def embeddings(request: Request, ident: Agent) -> Response:
         return await chat_completions(request, ident)
+
+    @app.post("/v1/responses", tags=["openai"], responses=_CHAT_ERRORS,
+              summary="The Responses API (streaming or not), gated like chat completions")
+    async def responses(request: Request, ident: Agent) -> Response:
+        return await chat_completions(request, ident)
+
+    @app.get("/v1/responses/{response_id}", tags=["openai"], responses=_ERRORS,
+             summary="A response this gateway served to this key's environment, as the app "
+             "got it (withheld calls still withheld)")
+    async def stored_response(response_id: Annotated[str, PathParam(max_length=_MAX_ID)],
+                              request: Request, ident: Agent) -> Response:
+        return _to_response(await gw.astored_response(GatewayRequest(
+            ident.caller, b"", {}, path=request.url.path, method="GET")))
+
+    @app.get("/v1/responses/{response_id}/input_items", tags=["openai"], responses=_ERRORS,
+             summary="The input of a response this gateway served to this key's environment")
+    async def stored_input_items(response_id: Annotated[str, PathParam(max_length=_MAX_ID)],
+                                 request: Request, ident: Agent) -> Response:
+        return await stored_response(response_id, request, ident)
 
     @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_ERRORS,
              summary="The models the caller's environment allows")

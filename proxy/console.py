@@ -64,6 +64,8 @@ class AuditEntry(BaseModel):
     policy_hash: str | None = None
     prev_hash: str | None = None
     hash: str | None = None
+    mac: str | None = Field(None, description="HMAC of hash under the audit key, when one is "
+                            "configured")
     details: dict[str, Any] | None = None
     invalid_line: str | None = None
     offset: int | None = None
@@ -87,6 +89,12 @@ class AuditVerify(BaseModel):
     last_hash: str
     head_checked: bool = Field(description="Whether the head kept in the state store was "
                                            "checked, which catches entries cut off the end.")
+    kind: Literal["tampered", "lost", "unreadable"] | None = Field(
+        None, description="When not ok: tampered (broken chain, bad MAC, disagrees with the "
+        "head or checkpoint), lost (a recorded loss no one has acknowledged: `authority audit "
+        "acknowledge`), unreadable.")
+    checkpoint_checked: bool = Field(False, description="Whether a signed checkpoint kept "
+                                     "outside the state folder was checked.")
     warnings: list[str] = Field(default_factory=list)
 
 

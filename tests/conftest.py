@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import STORE_BACKENDS, ScriptedServer, StoreBackend, write_policy_file
+from helpers import (
+    AUDIT_SINKS,
+    STORE_BACKENDS,
+    AuditSinkBackend,
+    ScriptedServer,
+    StoreBackend,
+    write_policy_file,
+)
 
 
 @pytest.fixture(scope="session")
@@ -84,5 +91,13 @@ def gateways() -> Iterator[list[Any]]:
 @pytest.fixture(params=sorted(STORE_BACKENDS))
 def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBackend]:
     backend = STORE_BACKENDS[request.param](tmp_path)
+    yield backend
+    backend.cleanup()
+
+
+@pytest.fixture(params=sorted(AUDIT_SINKS))
+def audit_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AuditSinkBackend]:
+    """Each audit sink of ``AUDIT_SINKS`` (tests/helpers.py): the audit contract runs on all."""
+    backend = AUDIT_SINKS[request.param](tmp_path)
     yield backend
     backend.cleanup()

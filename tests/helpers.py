@@ -5,8 +5,10 @@ name clash."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +22,10 @@ from authority_sdk.scripted import ScriptedModel, build_app
 
 T = TypeVar("T")
 
-__all__ = ["BASE_POLICY", "STORE_BACKENDS", "ScriptedServer", "StoreBackend", "audit_entries",
-           "concurrently", "deep_merge", "free_port", "tool", "user", "write_policy_file"]
+__all__ = ["AUDIT_SINKS", "BASE_POLICY", "PG_DSN", "STORE_BACKENDS", "AuditSinkBackend",
+           "PostgresBackend", "ScriptedServer", "StoreBackend", "audit_entries", "concurrently",
+           "deep_merge", "free_port", "pg_dsn", "postgres_unavailable", "requires_postgres",
+           "tool", "user", "write_policy_file"]
 
 
 class ScriptedServer:
@@ -146,6 +150,110 @@ def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
+# -- audit sinks: every audit contract test runs on each -----------------------------------
+
+
+class AuditSinkBackend:
+    """One audit sink under test. ``open()`` gives a new writer/reader on the same log (also
+    usable in a forked child); the other methods reach past the sink into its storage, as an
+    attacker or a failing disk would."""
+
+    name = "file"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "audit" / "audit.jsonl"
+
+    def open(self, **options: Any) -> Any:
+        """The sink, built with the keywords every sink takes (``audit.registry.sink_options``
+        plus the head): ``head``, ``key``, ``checkpoints``, ``checkpoint_every``, ``redact``,
+        ``fsync``."""
+        from authority_sdk.audit import FileSink
+
+        options.setdefault("fsync", False)
+        return FileSink(self.path, **options)
+
+    def policy_overrides(self) -> dict[str, Any]:
+        return {"audit": {"backend": "file", "path": str(self.path)}}
+
+    def raw_entries(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(line) for line in self.path.read_bytes().split(b"\n") if line]
+
+    def append_raw(self, entry: dict[str, Any]) -> None:
+        """Store an entry as given, bypassing the sink (a forgery)."""
+        import json
+
+        with self.path.open("ab") as f:
+            f.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+
+    def drop_last(self, n: int) -> None:
+        """Lose the last ``n`` stored entries (a cut tail, a restored old backup)."""
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        self.path.write_bytes(b"".join(lines[:-n]))
+
+    def delete_all(self) -> None:
+        self.path.unlink()
+
+    def cleanup(self) -> None:
+        pass
+
+
+class PostgresAuditBackend(AuditSinkBackend):
+    """The audit table in a fresh, migrated schema on the test server; dropped by
+    ``cleanup``."""
+
+    name = "postgres"
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.pg = PostgresBackend(directory)
+        self.dsn = self.pg.dsn
+
+    def open(self, **options: Any) -> Any:
+        from authority_sdk.audit.postgres import PgAuditSink
+
+        options.setdefault("fsync", False)
+        return PgAuditSink(self.dsn, **options)
+
+    def policy_overrides(self) -> dict[str, Any]:
+        return {**self.pg.policy_overrides(), "audit": {"backend": "postgres"}}
+
+    def _sql(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def raw_entries(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(raw) for (raw,) in
+                self._sql("SELECT entry FROM authority_audit ORDER BY seq")]
+
+    def append_raw(self, entry: dict[str, Any]) -> None:
+        import json
+
+        self._sql("INSERT INTO authority_audit (seq, entry) VALUES (%s, %s)",
+                  (entry["seq"], json.dumps(entry, separators=(",", ":"))))
+
+    def drop_last(self, n: int) -> None:
+        self._sql("DELETE FROM authority_audit WHERE seq IN (SELECT seq FROM authority_audit "
+                  "ORDER BY seq DESC LIMIT %s)", (n,))
+
+    def delete_all(self) -> None:
+        self._sql("DELETE FROM authority_audit")
+
+    def cleanup(self) -> None:
+        self.pg.cleanup()
+
+
+AUDIT_SINKS: dict[str, Callable[[Path], AuditSinkBackend]] = {
+    "file": AuditSinkBackend, "postgres": PostgresAuditBackend}
+
+
 # -- state backends: every store test runs on each -----------------------------------------
 
 
@@ -170,4 +278,84 @@ class StoreBackend:
         pass
 
 
-STORE_BACKENDS: dict[str, Callable[[Path], StoreBackend]] = {"diskcache": StoreBackend}
+# PostgreSQL for the store tests: AUTHORITY_TEST_PG_DSN, else the project machines' server
+# (127.0.0.1:5432, trust auth). Each test gets a schema of its own, dropped after it.
+PG_DSN = os.environ.get("AUTHORITY_TEST_PG_DSN",
+                        "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_unavailable() -> str | None:
+    """Why the PostgreSQL tests cannot run here (``None``: they can)."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install -e '.[postgres]')"
+    try:
+        with psycopg.connect(PG_DSN, connect_timeout=3):
+            return None
+    except psycopg.Error as exc:
+        return f"no PostgreSQL at {PG_DSN}: {str(exc).strip().splitlines()[0]}"
+
+
+def requires_postgres() -> Any:
+    """Mark a test module as needing PostgreSQL: skipped with the reason on a laptop without
+    one, never in CI (there the test fails instead, so a missing server cannot pass)."""
+    import pytest
+
+    reason = None if os.environ.get("CI") else postgres_unavailable()
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
+def pg_dsn(schema: str) -> str:
+    """The test server's DSN with ``search_path`` set to ``schema``."""
+    sep = "&" if "?" in PG_DSN else "?"
+    return f"{PG_DSN}{sep}options=-csearch_path%3D{schema}"
+
+
+class PostgresBackend(StoreBackend):
+    """A fresh, migrated schema on the test server; dropped by ``cleanup``."""
+
+    name = "postgres"
+
+    def __init__(self, directory: Path) -> None:
+        import pytest
+
+        reason = postgres_unavailable()
+        if reason is not None:
+            if os.environ.get("CI"):
+                raise RuntimeError(f"PostgreSQL tests cannot run in CI: {reason}")
+            pytest.skip(reason)
+        import psycopg
+
+        from authority_sdk.store.pg_schema import migrate
+
+        super().__init__(directory)
+        self.schema = f"t_{uuid.uuid4().hex[:16]}"
+        self.dsn = pg_dsn(self.schema)
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {self.schema}")
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            migrate(conn)
+
+    def open(self) -> Any:
+        from authority_sdk.store.postgres import PgStore
+
+        return PgStore(self.dsn)
+
+    def policy_overrides(self) -> dict[str, Any]:
+        os.environ[self.dsn_env] = self.dsn
+        return {"state": {"backend": "postgres", "dsn_env": self.dsn_env}}
+
+    @property
+    def dsn_env(self) -> str:
+        return f"AUTHORITY_TEST_DSN_{self.schema.upper()}"
+
+    def cleanup(self) -> None:
+        import psycopg
+
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+
+STORE_BACKENDS: dict[str, Callable[[Path], StoreBackend]] = {
+    "diskcache": StoreBackend, "postgres": PostgresBackend}

@@ -90,3 +90,13 @@ def record_then_break_audit(arguments: dict[str, Any], *, action_key: str,
         log.rename(log.with_name(log.name + ".aside"))
         log.mkdir()
     return result
+
+
+def record_then_hang(arguments: dict[str, Any], *, action_key: str,
+                     action_type: str) -> dict[str, Any]:
+    """``record``, then hang: a kill -9 lands after the effect and before its outcome."""
+    import time
+
+    out = record(arguments, action_key=action_key, action_type=action_type)
+    time.sleep(120)
+    return out

@@ -34,10 +34,19 @@
   ``tls=(certfile, keyfile)`` offers STARTTLS and requires it before MAIL.
   ``self_signed_cert(directory) -> (certfile, keyfile)`` makes a certificate
   for 127.0.0.1 with the ``openssl`` command (trust it via ``SSL_CERT_FILE``).
+
+``TcpRelay(host, port)`` — forwards a free loopback port to a real server (PostgreSQL),
+so a test can cut the network between the gateway and its database::
+
+    with TcpRelay("127.0.0.1", 5432) as relay:
+        relay.port         # connect here instead
+        relay.cut()        # close every connection and refuse new ones
+        relay.restore()    # accept again
 """
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import json as jsonlib
@@ -54,8 +63,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["HttpReceiver", "ReceivedMail", "RecordedRequest", "SmtpSink", "free_port",
-           "self_signed_cert"]
+__all__ = ["HttpReceiver", "ReceivedMail", "RecordedRequest", "SmtpSink", "TcpRelay",
+           "free_port", "self_signed_cert"]
 
 
 def free_port() -> int:
@@ -312,4 +321,70 @@ class SmtpSink:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self.close()
+
+
+class TcpRelay:
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._open.clear()
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()
+
+    def __enter__(self) -> TcpRelay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.close()

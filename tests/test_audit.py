@@ -21,6 +21,7 @@ from authority_sdk.audit import (
     REDACTED,
     AuditHead,
     AuditLog,
+    acknowledge,
     entry_hash,
     redact,
     tail,
@@ -270,21 +271,56 @@ def test_missing_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the head
 
 
-def test_reopened_log_after_truncation_records_a_head_mismatch(tmp_path: Path) -> None:
+def test_reopened_log_after_truncation_records_exactly_the_lost_range(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     head = FileHead(tmp_path / "head.json")
     written = fill(path, 10, head=head)
     _rewrite(path, lines_of(path)[:7])
-    entry = AuditLog(path, fsync=False, head=head).append("request", request_id="after")
+    log = AuditLog(path, fsync=False, head=head)
+    entry = log.append("request", request_id="after")
     recovery = json.loads(lines_of(path)[7])
     assert recovery["event"] == "recovery"
-    assert recovery["details"] == {"problem": "head_mismatch", "store_seq": 10,
-                                   "store_hash": written[-1]["hash"], "log_seq": 7,
+    assert recovery["details"] == {"problem": "lost_entries", "lost": [8, 10],
+                                   "known_from": "the state store's head",
+                                   "known_hash": written[-1]["hash"], "log_seq": 7,
                                    "log_hash": written[6]["hash"]}
-    assert entry["seq"] == 9
+    # The seq moves on past what was lost, so the forward-only head can follow.
+    assert (recovery["seq"], recovery["prev_hash"]) == (11, written[6]["hash"])
+    assert entry["seq"] == 12 and head.get_audit_head() == (12, entry["hash"])
     result = verify(path, head.get_audit_head())
-    assert result.ok
-    assert any("recovery" in w for w in result.warnings)
+    assert (result.ok, result.kind, result.first_bad_line) == (False, "lost", 8)
+    assert "entries 8..10 lost" in (result.reason or "")
+
+    losses, ack = acknowledge(log, head, by="alice", reason="disk replaced; see INC-7")
+    assert [loss.lost for loss in losses] == [(8, 10)]
+    assert ack is not None and ack["actor"] == "alice"
+    assert ack["details"]["acknowledges"] == [11]
+    result = verify(path, head.get_audit_head())
+    assert result.ok, result.reason
+    assert any("acknowledged by alice" in w for w in result.warnings)
+    assert acknowledge(log, head, by="alice", reason="again") == ([], None)
+
+
+def test_rewritten_log_behind_the_head_is_recorded_and_fails_until_acknowledged(
+        tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    head = FileHead(tmp_path / "head.json")
+    fill(path, 4, head=head)
+    stored = head.get_audit_head()
+    path.unlink()
+    fill(path, 6)  # a different, self-consistent chain, longer than the head
+    assert verify(path).ok
+    result = verify(path, stored)
+    assert (result.ok, result.kind) == (False, "tampered")
+    assert "rewritten" in (result.reason or "")
+    log = AuditLog(path, fsync=False, head=head)
+    log.open()
+    recovery = json.loads(lines_of(path)[-1])
+    assert recovery["details"]["problem"] == "rewritten"
+    assert recovery["details"]["known_seq"] == 4
+    assert verify(path, head.get_audit_head()).kind == "lost"
+    acknowledge(log, head, by="bob", reason="restored from backup")
+    assert verify(path, head.get_audit_head()).ok
 
 
 def test_log_one_entry_ahead_of_head_is_a_crash_window_not_tampering(tmp_path: Path) -> None:
@@ -460,11 +496,17 @@ def test_unwritable_path_raises_authority_unavailable(tmp_path: Path) -> None:
 def test_log_removed_while_open_is_recreated(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     log = AuditLog(path, fsync=False)
+    first = log.append("request")
     log.append("request")
     path.unlink()
     entry = log.append("request")
-    assert entry["seq"] == 1 and entry["prev_hash"] == GENESIS_HASH
-    assert verify(path).entries == 1
+    # The process knows what it wrote: the new file starts by recording the two lost entries.
+    recovery = json.loads(lines_of(path)[0])
+    assert recovery["details"]["lost"] == [1, 2] and recovery["seq"] == 3
+    assert recovery["prev_hash"] == GENESIS_HASH != first["hash"]
+    assert entry["seq"] == 4
+    result = verify(path)
+    assert (result.ok, result.kind, result.last_seq) == (False, "lost", 4)
 
 
 def test_head_store_failure_raises_authority_unavailable(tmp_path: Path) -> None:
@@ -566,7 +608,7 @@ def test_cli_verify_with_policy_uses_the_store_head(tmp_path: Path) -> None:
         store.close()
     ok = runner.invoke(audit_app, ["verify", "--policy", str(policy_file)])
     assert ok.exit_code == 0, ok.output
-    assert "ok: 6 entries" in ok.stdout and "head checked" in ok.stdout
+    assert "ok: 6 entries" in ok.stdout and "checked: head" in ok.stdout
 
     _rewrite(policy.audit_path, lines_of(policy.audit_path)[:4])
     cut = runner.invoke(audit_app, ["verify", "--policy", str(policy_file)])
@@ -574,7 +616,7 @@ def test_cli_verify_with_policy_uses_the_store_head(tmp_path: Path) -> None:
     assert "truncated" in cut.stderr
     # Naming the file alone cannot know the head, and says so.
     alone = runner.invoke(audit_app, ["verify", "--file", str(policy.audit_path)])
-    assert alone.exit_code == 0 and "head check skipped" in alone.stderr
+    assert alone.exit_code == 0 and "head, key and checkpoint not checked" in alone.stderr
 
 
 def test_cli_tail(tmp_path: Path) -> None:
@@ -589,3 +631,20 @@ def test_cli_tail(tmp_path: Path) -> None:
     assert "req_29" in table.stdout and "req_25" not in table.stdout
     missing = runner.invoke(audit_app, ["tail", "--file", str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 1
+
+
+def test_a_cut_tail_ending_in_a_torn_line_records_both_and_the_chain_holds(
+        tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    head = FileHead(tmp_path / "head.json")
+    written = fill(path, 8, head=head)
+    _rewrite(path, lines_of(path)[:5])
+    with open(path, "ab") as f:
+        f.write(b'{"ts":"2030-01-01T00:00:00.000Z","seq":6,"ev')
+    AuditLog(path, fsync=False, head=head).append("request", request_id="after")
+    entries = [json.loads(x) for x in lines_of(path)]
+    assert [(e["seq"], (e.get("details") or {}).get("problem")) for e in entries[5:]] == [
+        (9, "lost_entries"), (10, "torn_line"), (11, None)]
+    assert entries[5]["prev_hash"] == written[4]["hash"]
+    result = verify(path, head.get_audit_head())
+    assert (result.ok, result.kind, result.first_bad_line) == (False, "lost", 6)

@@ -341,27 +341,19 @@ def test_connection_refused_is_502_and_budget_released(write_policy: Callable[..
     assert _spent(policy) == 0.0
 
 
-def test_unwritable_audit_log_fails_closed(write_policy: Callable[..., Path], tmp_path: Path,
-                                           upstream: ScriptedServer) -> None:
+@pytest.mark.parametrize("broken", ["audit", "state"])
+def test_unwritable_audit_log_or_store_fails_closed(broken: str, write_policy: Callable[..., Path],
+                                                    tmp_path: Path,
+                                                    upstream: ScriptedServer) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    c = client(write_policy({"audit": {"path": str(blocker / "audit.jsonl")}}))
+    where = {"audit": {"path": str(blocker / "audit.jsonl")},
+             "state": {"path": str(blocker / "state")}}[broken]
+    c = client(write_policy({broken: where}))
     before = upstream.chat_requests
     with pytest.raises(openai.APIStatusError) as ei:
         c.chat.completions.create(model="gpt-4o-mini", messages=user("CALL send_note {}"),
                                   tools=[tool("send_note")])
-    assert ei.value.status_code == 503 and ei.value.code == "authority_unavailable"
-    assert upstream.chat_requests == before
-
-
-def test_unreadable_store_fails_closed(write_policy: Callable[..., Path], tmp_path: Path,
-                                       upstream: ScriptedServer) -> None:
-    blocker = tmp_path / "file-not-dir"
-    blocker.write_text("x")
-    c = client(write_policy({"state": {"path": str(blocker / "state")}}))
-    before = upstream.chat_requests
-    with pytest.raises(openai.APIStatusError) as ei:
-        c.chat.completions.create(model="gpt-4o-mini", messages=user("hi"))
     assert ei.value.status_code == 503 and ei.value.code == "authority_unavailable"
     assert upstream.chat_requests == before
 

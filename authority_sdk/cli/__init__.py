@@ -23,6 +23,9 @@ def _register() -> None:
     app.command("budget")(control_cmd.budget)
     from . import actions_cmd
     app.add_typer(actions_cmd.actions_app, name="actions")
+    from . import db_cmd
+    app.add_typer(db_cmd.app, name="db",
+                  help="The shared PostgreSQL state store: migrate its schema, import local state.")
     from . import demo_cmd
     app.command("demo")(demo_cmd.demo)
 

@@ -1,4 +1,9 @@
-"""``authority audit tail|verify``."""
+"""``authority audit tail|verify|acknowledge``.
+
+``verify`` exits 0 when the chain is intact, 1 when it is broken (edited, forged, cut,
+or the log deleted, as the head or the checkpoint show) or cannot be read, and 3 when
+the chain is intact but records lost entries no one has acknowledged yet.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,18 @@ from typing import Annotated, Any
 
 import typer
 
+from ..audit import AuditSink, FileSink, open_sink, verify_sink
+from ..audit import acknowledge as acknowledge_losses
 from ..audit import tail as tail_log
-from ..audit import verify as verify_log
+from ..audit.protocol import last_entries
 from ..errors import AuthorityError
 from ..policy import Policy
 from .common import PolicyOpt, policy_or_exit
 
 app = typer.Typer(no_args_is_help=True)
+
+EXIT_BROKEN = 1
+EXIT_UNACKNOWLEDGED_LOSS = 3
 
 FileOpt = Annotated[
     Path | None,
@@ -23,27 +33,32 @@ FileOpt = Annotated[
 ]
 
 
-def _store_head(policy: Policy) -> tuple[tuple[int, str] | None, str | None]:
-    """The head recorded in the state store, or why there is none to check against."""
+def _fail(message: str, code: int = EXIT_BROKEN) -> typer.Exit:
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+def _open_store(policy: Policy) -> Any:
+    from ..store import open_store
+
     try:
-        from .. import store as store_mod
-    except ModuleNotFoundError as exc:
-        if exc.name != __name__.rsplit(".", 2)[0] + ".store":
-            raise
-        return None, "head check skipped: no state store module in this installation"
-    try:
-        store = store_mod.open_store(policy)
-        try:
-            head = store.get_audit_head()
-        finally:
-            store.close()
+        return open_store(policy)
     except AuthorityError as exc:
-        typer.echo(f"error: cannot read the audit head from the state store: {exc.message}",
-                   err=True)
-        raise typer.Exit(1) from exc
-    if head is None:
-        return None, "head check skipped: the state store has no audit head yet"
-    return head, None
+        raise _fail(f"error: cannot open the state store: {exc.message}") from exc
+
+
+def _sink(policy: Policy | None, file: Path | None, head: Any = None) -> AuditSink:
+    if policy is None:
+        assert file is not None
+        return FileSink(file, fsync=False)
+    try:
+        if file is not None:  # the policy's key and checkpoint, another file
+            from ..audit.registry import sink_options
+
+            return FileSink(file, head=head, **sink_options(policy))
+        return open_sink(policy, head)
+    except AuthorityError as exc:
+        raise _fail(f"error: {exc.message}") from exc
 
 
 def _resolve(policy: str | None, file: Path | None) -> tuple[Path, Policy | None]:
@@ -55,26 +70,73 @@ def _resolve(policy: str | None, file: Path | None) -> tuple[Path, Policy | None
 
 @app.command()
 def verify(policy: PolicyOpt = None, file: FileOpt = None) -> None:
-    """Check the hash chain (and the head kept in the state store); exit 1 at the first bad line."""
-    path, pol = _resolve(policy, file)
-    head: tuple[int, str] | None
-    note: str | None
+    """Check the chain: hashes, MACs (with the policy's key), the head kept in the state store
+    and the signed checkpoint. Exit 1 when broken, 3 on an unacknowledged loss."""
+    _, pol = _resolve(policy, file)
+    head: tuple[int, str] | None = None
+    notes: list[str] = []
     if pol is None:
-        head, note = None, "head check skipped: --file without --policy names no state store"
+        notes.append("head, key and checkpoint not checked: --file without --policy")
     else:
-        head, note = _store_head(pol)
-    result = verify_log(path, head)
+        store = _open_store(pol)
+        try:
+            head = store.get_audit_head()
+        except AuthorityError as exc:
+            raise _fail(f"error: cannot read the audit head from the state store: "
+                        f"{exc.message}") from exc
+        finally:
+            store.close()
+        if head is None:
+            notes.append("head check skipped: the state store has no audit head yet")
+    sink = _sink(pol, file)
+    if pol is not None and sink.key is None:
+        notes.append("MACs not checked: the policy names no audit key")
+    if pol is not None and sink.checkpoints is None:
+        notes.append("no checkpoint: the policy names no audit.checkpoint_path, so deleting "
+                     "the log and the state together would not be caught")
+    result = verify_sink(sink, head)
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
-    if note:
+    for note in notes:
         typer.echo(f"note: {note}", err=True)
     if not result.ok:
         where = f"line {result.first_bad_line}: " if result.first_bad_line else ""
-        typer.echo(f"FAIL: {path}: {where}{result.reason}", err=True)
-        raise typer.Exit(1)
-    head_text = "head checked" if head is not None else "head not checked"
+        code = EXIT_UNACKNOWLEDGED_LOSS if result.kind == "lost" else EXIT_BROKEN
+        raise _fail(f"FAIL: {sink.location}: {where}{result.reason}", code)
+    checked = [name for name, on in (("head", head is not None), ("MACs", sink.key is not None),
+                                     ("checkpoint", sink.checkpoints is not None)) if on]
     typer.echo(f"ok: {result.entries} entries, head seq {result.last_seq} hash "
-               f"{result.last_hash[:16]}… ({head_text})")
+               f"{result.last_hash[:16]}… (checked: {', '.join(checked) or 'hashes only'})")
+
+
+@app.command()
+def acknowledge(
+    by: Annotated[str, typer.Option("--by", help="Who investigated the loss (recorded).")],
+    reason: Annotated[str, typer.Option("--reason", help="What was found (recorded).")],
+    policy: PolicyOpt = None,
+) -> None:
+    """Record that the losses the log shows were investigated: `verify` passes again on them.
+
+    Writes one entry naming who, why and which recovery entries it settles. A chain broken
+    for another reason (tampering) cannot be acknowledged: exit 1."""
+    pol = policy_or_exit(policy)
+    store = _open_store(pol)
+    try:
+        sink = _sink(pol, None, head=store)
+        try:
+            losses, entry = acknowledge_losses(sink, store, by=by, reason=reason)
+        except AuthorityError as exc:
+            raise _fail(f"error: {exc.message}") from exc
+        finally:
+            sink.close()
+    finally:
+        store.close()
+    if entry is None:
+        typer.echo("nothing to acknowledge: the log records no unacknowledged loss")
+        return
+    for loss in losses:
+        typer.echo(f"acknowledged: {loss.describe()}")
+    typer.echo(f"recorded as seq {entry['seq']} by {entry['actor']}")
 
 
 @app.command()
@@ -85,9 +147,12 @@ def tail(
     file: FileOpt = None,
 ) -> None:
     """Show the last entries of the audit log."""
-    path, _ = _resolve(policy, file)
+    path, pol = _resolve(policy, file)
     try:
-        entries = tail_log(path, n)
+        if file is None and pol is not None and pol.audit.backend != "file":
+            entries = last_entries(_sink(pol, None).records_before(None), n)
+        else:
+            entries = tail_log(path, n)  # the file itself: no key or store needed to read it
     except OSError as exc:
         typer.echo(f"error: cannot read {path}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from exc
@@ -95,7 +160,8 @@ def tail(
         for entry in entries:
             typer.echo(json.dumps(entry, ensure_ascii=False))
         return
-    _print_table(entries, path)
+    _print_table(entries, path if pol is None or pol.audit.backend == "file"
+                 else Path(pol.audit.backend))
 
 
 def _print_table(entries: list[dict[str, Any]], path: Path) -> None:
@@ -135,3 +201,37 @@ def _cost(e: dict[str, Any]) -> str:
     if cost is None:
         cost = e.get("cost_estimate_usd")
     return f"{cost:.6f}" if isinstance(cost, int | float) else ""
+
+
+@app.command()
+def export(
+    policy: PolicyOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl: the file sink's format.")] = "jsonl",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write here (default: standard output).", dir_okay=False)] = None,
+) -> None:
+    """Write the policy's audit chain (any sink: a file, the PostgreSQL table) as JSON Lines,
+    byte for byte what the file sink would hold, so `authority audit verify --file` checks it
+    and any JSONL tool reads it."""
+    import json
+    import sys
+
+    if fmt != "jsonl":
+        raise _fail(f"error: --format must be jsonl, not {fmt!r}", 2)
+    sink = _sink(policy_or_exit(policy), None)
+    out = output.open("w", encoding="utf-8", newline="\n") if output else sys.stdout
+    count = 0
+    try:
+        for rec in sink.records():
+            # An item that is not an entry is written as it stands: verify must see it too.
+            line = (json.dumps(rec.entry, separators=(",", ":"), ensure_ascii=False)
+                    if rec.entry is not None else str(rec.raw or ""))
+            out.write(line + "\n")
+            count += 1
+    except (AuthorityError, OSError) as exc:
+        raise _fail(f"error: cannot read {sink.location}: {exc}") from exc
+    finally:
+        if output:
+            out.close()
+    if output:
+        typer.echo(f"exported {count} entries to {output}", err=True)

@@ -28,12 +28,13 @@ __all__ = ["Step", "Walkthrough"]
 MODEL = "gpt-4o-mini"
 NOTIFY_PATH = "/notifications"  # where examples/policy.yaml sends the ops notifications
 
-REFUND_TOOL = {"type": "function", "function": {
+REFUND_FUNCTION: dict[str, Any] = {
     "name": "issue_refund",
     "description": "Refund part or all of an order.",
     "parameters": {"type": "object", "properties": {
         "order_id": {"type": "string"}, "amount": {"type": "number"}},
-        "required": ["order_id", "amount"]}}}
+        "required": ["order_id", "amount"]}}
+REFUND_TOOL = {"type": "function", "function": REFUND_FUNCTION}
 
 
 @dataclass
@@ -182,6 +183,8 @@ class Walkthrough:
             (f"Kill switch on ({o.name} key)", "200 engaged", self.kill_on),
             ("Any request while it is on", "403 kill_switch_engaged", self.kill_blocks),
             ("Kill switch off, request again", "200 released, then 200 allow", self.kill_off),
+            ("Responses API: refunds of $20 and $300",
+             "executed + pending_approval, 1 webhook call", self.responses_turn),
             ("authority audit verify", "exit 0, chain intact", self.audit_verify),
         ]
 
@@ -265,7 +268,7 @@ class Walkthrough:
         step.notes.append(_error_message(r))
 
     def link_approve(self, step: Step) -> None:
-        r = self.refund(self.keys.agent, "A-1007", 300)
+        r = self.refund(self.keys.agent, "A-1010", 300)
         act = _first_action(r)
         if act["status"] != "pending_approval":  # not held: nobody is told, no link
             step.got = f"{act['status']}, {_calls(len(self.new_deliveries()))}"
@@ -390,6 +393,29 @@ class Walkthrough:
         step.got = (f"{r.status_code} {'released' if released else _error_code(r)}, "
                     f"then {after.status_code} {decision}")
         step.ok = released and after.status_code == 200 and decision == "allow"
+
+    def responses_turn(self, step: Step) -> None:
+        # The same policy through POST /v1/responses: the held call leaves the output.
+        calls = "\n".join(f"CALL issue_refund {json.dumps({'order_id': o, 'amount': a})}"
+                          for o, a in (("A-1008", 20), ("A-1009", 300)))
+        r = self.http.post(f"{self.proxy}/v1/responses", json={
+            "model": MODEL, "input": f"Refund both orders.\n{calls}",
+            "tools": [{"type": "function", **REFUND_FUNCTION}]},
+            headers={"Authorization": f"Bearer {self.keys.agent.secret}"})
+        if r.status_code != 200:
+            raise AssertionError(f"HTTP {r.status_code} {_error_code(r)}: {_error_message(r)}")
+        body = r.json()
+        statuses = [a["status"] for a in body["authority"]["actions"]]
+        new = self.new_deliveries()
+        left = [i for i in body["output"] if i["type"] == "function_call"]
+        step.got = f"{' + '.join(statuses)}, {_calls(len(new))}"
+        step.ok = (statuses == ["executed", "pending_approval"] and len(new) == 1
+                   and not left and len(body["authority"]["followup_items"]) == 4)
+        step.notes += [self.delivery_note(x) for x in new]
+        said = [p["text"] for i in body["output"] if i["type"] == "message"
+                for p in i["content"]]
+        step.notes.append(f"output: {said!r}; the app gets both calls back as "
+                          "followup_items with their outcome")
 
     def audit_verify(self, step: Step) -> None:
         # The real command, as a user would run it, on the log this demo wrote.

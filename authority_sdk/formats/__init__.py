@@ -5,8 +5,10 @@ from __future__ import annotations
 from .base import Answer, Call, ParsedRequest, StreamAssembler, WireFormat
 from .chat import ChatCompletions
 from .embeddings import Embeddings
+from .responses import Responses
 
-__all__ = ["Answer", "Call", "ChatCompletions", "Embeddings", "ParsedRequest", "StreamAssembler",
+__all__ = ["Answer", "Call", "ChatCompletions", "Embeddings", "ParsedRequest", "Responses",
+           "StreamAssembler",
            "WireFormat", "format_for_path"]
 
 _BY_PATH: dict[str, WireFormat] = {}
@@ -18,6 +20,7 @@ def register(fmt: WireFormat) -> None:
 
 register(ChatCompletions())
 register(Embeddings())
+register(Responses())
 
 
 def format_for_path(path: str) -> WireFormat | None:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from ..effects import Decision
     from ..records import ActionOutcome
 
-__all__ = ["Answer", "Call", "ParsedRequest", "StreamAssembler", "WireFormat"]
+__all__ = ["Answer", "Call", "ParsedRequest", "Stateless", "StreamAssembler", "WireFormat"]
 
 
 @dataclass
@@ -37,6 +38,11 @@ class ParsedRequest:
     prompt_tools: list[Any] | None = None
     client_wants_usage: bool = False
     has_output: bool = True  # False: priced by its input alone (embeddings)
+    # Tokens of a server-side history the request continues (billed again, not in the body).
+    history_tokens: int = 0
+    hosted_tools: list[str] = field(default_factory=list)  # provider-run tools it offers
+    mcp_servers: dict[str, str] = field(default_factory=dict)  # MCP server label -> server
+    rewritten: bool = False  # the gateway changed ``data``: send it re-serialised
 
     def count_body(self) -> dict[str, Any]:
         """The prompt in the chat shape the token counter reads (messages, tools, a forced
@@ -61,6 +67,7 @@ class Call:
     name: str
     arguments: str  # JSON text as the model wrote it (custom tools: {"input": text})
     problem: str | None = None  # a shape the gateway cannot read: denied as invalid
+    problem_code: str | None = None  # the denial's code (default: invalid_arguments)
 
 
 @dataclass
@@ -93,6 +100,7 @@ class StreamAssembler(Protocol):
 class WireFormat(Protocol):
     name: str
     path: str  # the API path it serves, e.g. "/chat/completions"
+    followups_field: str  # where ``authority`` carries what an aware app sends next
 
     def parse(self, body: bytes) -> ParsedRequest:
         """Strictly parse and validate a request; ``InvalidRequest`` on anything wrong."""
@@ -103,9 +111,13 @@ class WireFormat(Protocol):
         something: an output limit it chose, usage it needs from a stream)."""
         ...
 
-    def read_answer(self, body: bytes) -> Answer:
-        """Parse and validate an upstream answer; ``UpstreamError`` with code
+    def read_answer(self, body: bytes, req: ParsedRequest | None = None) -> Answer:
+        """Parse and validate an upstream answer (to ``req``); ``UpstreamError`` with code
         ``upstream_malformed_response`` when gating cannot read it."""
+        ...
+
+    def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
+        """The same, from an already parsed body (a stored answer re-gated)."""
         ...
 
     def rewrite(self, answer: Answer, outcomes: list[ActionOutcome], *,
@@ -124,3 +136,26 @@ class WireFormat(Protocol):
     def synthesise_stream(self, body: dict[str, Any]) -> Iterator[bytes]:
         """A finished answer as a stream (a takeover re-gates a stored answer)."""
         ...
+
+    def prepare_d(self, req: ParsedRequest, *, caller: str,
+                  environment: str) -> Decision[None]:
+        """Read the server-side state a request continues, before it is priced (may set
+        ``history_tokens``, or change ``data`` and set ``rewritten``)."""
+        ...
+
+    def record_d(self, req: ParsedRequest, answer: Answer, authority: dict[str, Any], *,
+                 caller: str, environment: str, ttl_s: float) -> Decision[None]:
+        """Keep what a later request may continue (after the answer is gated)."""
+        ...
+
+
+class Stateless:
+    """A format with no server-side state: nothing to read before, nothing to record."""
+
+    def prepare_d(self, req: ParsedRequest, *, caller: str,
+                  environment: str) -> Decision[None]:
+        yield from ()
+
+    def record_d(self, req: ParsedRequest, answer: Answer, authority: dict[str, Any], *,
+                 caller: str, environment: str, ttl_s: float) -> Decision[None]:
+        yield from ()

@@ -19,10 +19,10 @@ from .. import strictjson
 from ..audit import redact
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome, ActionStatus
-from .base import Answer, Call, ParsedRequest
+from .base import Answer, Call, ParsedRequest, Stateless
 from .sse import sse
 
-__all__ = ["ChatCompletions", "summary_line"]
+__all__ = ["ChatCompletions", "followup_payload", "summary_line"]
 
 MAX_MODEL_CHARS = 256
 MAX_NAME_CHARS = 256
@@ -161,9 +161,10 @@ def _read_function_call(choice: int, position: int, raw: Any) -> Call:
     return Call(choice, position, "function_call", None, raw["name"], args)
 
 
-class ChatCompletions:
+class ChatCompletions(Stateless):
     name = "chat.completions"
     path = "/chat/completions"
+    followups_field = "followup_messages"
 
     # -- requests ---------------------------------------------------------------------
 
@@ -230,14 +231,14 @@ class ChatCompletions:
 
     # -- answers ----------------------------------------------------------------------
 
-    def read_answer(self, body: bytes) -> Answer:
+    def read_answer(self, body: bytes, req: ParsedRequest | None = None) -> Answer:
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
             raise _malformed("not JSON") from None
-        return self.answer_from(data)
+        return self.answer_from(data, req)
 
-    def answer_from(self, data: Any) -> Answer:
+    def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
         if not isinstance(data, dict):
             raise _malformed("not a JSON object")
         choices = data.get("choices")
@@ -320,7 +321,7 @@ class ChatCompletions:
         for o in mine:
             if o.status == ActionStatus.ALLOWED:
                 continue
-            content = json.dumps(_followup_payload(o, redact_names), default=str)
+            content = json.dumps(followup_payload(o, redact_names), default=str)
             if o.call_kind == "function_call":
                 msgs.append({"role": "function", "name": o.action_type, "content": content})
             else:
@@ -357,7 +358,7 @@ class ChatCompletions:
         yield b"data: [DONE]\n\n"
 
 
-def _followup_payload(o: ActionOutcome, redact_names: list[str]) -> dict[str, Any]:
+def followup_payload(o: ActionOutcome, redact_names: list[str]) -> dict[str, Any]:
     payload: dict[str, Any] = {"status": o.status}
     if o.status == ActionStatus.EXECUTED:
         payload["result"] = o.result

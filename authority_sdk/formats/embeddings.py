@@ -14,7 +14,7 @@ from typing import Any
 from .. import strictjson
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome
-from .base import Answer, ParsedRequest
+from .base import Answer, ParsedRequest, Stateless
 from .chat import MAX_MODEL_CHARS
 
 __all__ = ["Embeddings"]
@@ -48,9 +48,10 @@ def _inputs(value: Any) -> list[str | list[int]]:
     return out
 
 
-class Embeddings:
+class Embeddings(Stateless):
     name = "embeddings"
     path = "/embeddings"
+    followups_field = "followup_messages"
 
     def parse(self, body: bytes) -> ParsedRequest:
         try:
@@ -74,14 +75,14 @@ class Embeddings:
     def upstream_body(self, req: ParsedRequest, original: bytes, changed: bool) -> bytes:
         return json.dumps(req.data).encode() if changed else original
 
-    def read_answer(self, body: bytes) -> Answer:
+    def read_answer(self, body: bytes, req: ParsedRequest | None = None) -> Answer:
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
             raise self._malformed("not JSON") from None
-        return self.answer_from(data)
+        return self.answer_from(data, req)
 
-    def answer_from(self, data: Any) -> Answer:
+    def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise self._malformed("'data' is missing or not a list")
         usage = data.get("usage")

@@ -584,6 +584,30 @@ class DiskStore:
             cache.set(_AUDIT_HEAD, _dump({"seq": seq, "hash": hash}))
 
 
+    # -- moving to a shared backend (``authority db import-local``) -----------------------
+
+    @_guarded
+    def export_live(self, kind: str) -> list[tuple[str, Any, float | None]]:
+        """``(key, value, seconds left or None)`` of every live record of ``kind``
+        (``idempotency``, ``budget``, ``journal`` or ``dedupe``): what another backend
+        needs to take over the open promises with their remaining lifetimes."""
+        caches = {"idempotency": self._idem, "budget": self._budget,
+                  "journal": self._journal, "dedupe": self._dedupe}
+        cache = caches[kind]
+        now = time.time()
+        out: list[tuple[str, Any, float | None]] = []
+        for key in _iter_str_keys(cache, newest_first=False):
+            raw, expire_at = cache.get(key, expire_time=True)
+            if raw is None:
+                continue
+            left = None if expire_at is None else expire_at - now
+            if left is not None and left <= 0:
+                continue
+            value = _as_float(raw) if kind == "budget" else _load(raw)
+            out.append((key, value, left))
+        return out
+
+
 def open_disk_store(path: Path, *, durable: bool) -> DiskStore:
     try:
         os.makedirs(path, exist_ok=True)

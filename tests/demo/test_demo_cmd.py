@@ -44,6 +44,7 @@ STORY = [
     ("Kill switch on", "200 engaged"),
     ("while it is on", "403 kill_switch_engaged"),
     ("Kill switch off", "200 released, then 200 allow"),
+    ("Responses API", "executed + pending_approval, 1 webhook call"),
     ("authority audit verify", "exit 0, chain intact"),
 ]
 
@@ -104,7 +105,7 @@ def test_output_shows_what_the_receiver_got_and_where_things_live(
     rel = folder.relative_to(cwd)
     assert f"audit log  {rel}/audit.jsonl" in done.stdout
     assert f"state      {rel}/state/" in done.stdout
-    for order in ("A-1001", "A-1002", "A-1005"):
+    for order in ("A-1001", "A-1002", "A-1005", "A-1008"):
         assert re.search(rf'receiver got POST /refunds \{{"order_id": "{order}"', done.stdout)
     assert "would POST http://127.0.0.1:" in done.stdout  # the dev simulation's description
     assert re.search(r"ok: \d+ entries, head seq \d+", done.stdout)  # audit verify's own words
@@ -134,7 +135,7 @@ def test_audit_log_records_every_decision(demo_run: tuple[Any, Path]) -> None:
             assert order not in actions, f"{order} decided twice"
             actions[order] = e
     assert set(actions) == {"A-1001", "A-1002", "A-1003", "A-1004", "A-1005", "A-1006",
-                            "A-1007"}
+                            "A-1008", "A-1009", "A-1010"}
     assert actions["A-1001"]["details"]["status"] == "executed"
     assert actions["A-1001"]["execution_result"]["result"]["refund_id"]
     assert actions["A-1002"]["details"]["status"] == "pending_approval"
@@ -145,6 +146,8 @@ def test_audit_log_records_every_decision(demo_run: tuple[Any, Path]) -> None:
     assert actions["A-1004"]["environment"] == "dev"
     assert actions["A-1005"]["details"]["status"] == "executed"
     assert actions["A-1006"]["details"]["code"] == "post_cost_ceiling_exceeded"
+    assert actions["A-1008"]["details"]["status"] == "executed"  # through /v1/responses
+    assert actions["A-1009"]["details"]["status"] == "pending_approval"
 
     approvals = [e for e in entries if e["event"] == "approval"]
     assert [(e["approval_status"], e["decision"], e["actor"]) for e in approvals] == [
@@ -153,14 +156,14 @@ def test_audit_log_records_every_decision(demo_run: tuple[Any, Path]) -> None:
         ("approved", "allow", "ops"), ("executed", "allow", "ops")]  # by the link, as ops
     assert [e["details"]["approval_id"] for e in approvals] == [
         actions["A-1002"]["details"]["approval_id"]] * 3 + [
-        actions["A-1007"]["details"]["approval_id"]] * 2
+        actions["A-1010"]["details"]["approval_id"]] * 2
     link = [e for e in approvals if e["details"]["approval_id"] ==
-            actions["A-1007"]["details"]["approval_id"]]
+            actions["A-1010"]["details"]["approval_id"]]
     assert link[0]["reason"] == "approved from the notification"
     held = [e for e in entries if e["event"] == "notification" and e["decision"] == "allow"
             and e["details"]["event"] == "held"]
     assert {e["details"]["approval_id"] for e in held} >= {
-        actions["A-1007"]["details"]["approval_id"]}
+        actions["A-1010"]["details"]["approval_id"]}
 
     kills = [e for e in entries if e["event"] == "kill_switch"]
     assert [(e["details"]["engaged"], e["actor"]) for e in kills] == [(True, "ops"),
@@ -175,7 +178,7 @@ def test_each_refund_reached_the_billing_system_once(demo_run: tuple[Any, Path])
     log = (demo_folder(cwd) / "receiver.log").read_text()
     orders = re.findall(r'"order_id": "([A-Z]-\d+)"', "\n".join(
         line.split("->")[0] for line in log.splitlines() if line.startswith("received POST")))
-    assert sorted(orders) == ["A-1001", "A-1002", "A-1005", "A-1007"]
+    assert sorted(orders) == ["A-1001", "A-1002", "A-1005", "A-1008", "A-1010"]
 
 
 def test_demo_policy_points_only_at_loopback(demo_run: tuple[Any, Path]) -> None:
@@ -199,7 +202,7 @@ def test_a_step_that_goes_wrong_fails_the_demo(tmp_path: Path) -> None:
                             "calls)")
     assert by_n[5][0] == "✘"  # nothing left to approve
     assert by_n[7][0] == "✘"  # the $300 refund ran at once: no notification, no link
-    assert by_n[3][0] == by_n[8][0] == by_n[19][0] == "✔"
+    assert by_n[3][0] == by_n[8][0] == by_n[len(STORY)][0] == "✔"
     assert "steps did not behave as the policy says" in done.stdout
 
 

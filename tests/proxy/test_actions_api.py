@@ -189,12 +189,8 @@ def test_a_browser_resolves_executions_in_doubt(
     auto, held = crashed["auto"], crashed["approval"]
     browser = Browser(binary, tmp_path / "profile")
     try:
-        browser.call("Page.navigate", url=px.url + "/authority/ui")
-        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('key')",
-                         "the page")
-        browser.eval(f"document.getElementById('key').value = {json.dumps(APPROVER_KEY)}; "
-                     "document.getElementById('connect').click(); "
-                     "window.confirm = () => true; true")
+        browser.open_console(px.url, APPROVER_KEY)
+        browser.eval("window.confirm = () => true; true")
         keys = [auto.action_key, held.action_key]
         browser.wait_for(f"{json.dumps(keys)}.every(k => document.querySelector("
                          "`#doubt-list .card[data-key='${k}']`))", "the in-doubt cards")

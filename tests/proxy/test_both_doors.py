@@ -44,8 +44,12 @@ def _answer(call: Callable[[], Any]) -> tuple[int, str | None, str]:
 
 ENDPOINTS: list[tuple[str, Callable[[openai.OpenAI], Any]]] = [
     ("legacy completions", lambda c: c.completions.create(model="gpt-4o-mini", prompt="x")),
-    ("responses", lambda c: c.responses.create(model="gpt-4o-mini", input="hi")),
-    ("stored response", lambda c: c.responses.retrieve("resp_123")),
+    # (the raw post: not every openai 2.x has responses.input_tokens)
+    ("responses input tokens", lambda c: c.post(
+        "/responses/input_tokens", body={"model": "gpt-4o-mini", "input": "hi"}, cast_to=object)),
+    ("responses cancel", lambda c: c.responses.cancel("resp_123")),
+    ("responses delete", lambda c: c.responses.delete("resp_123")),
+    ("conversations", lambda c: c.conversations.create()),
     ("stored completions", lambda c: c.chat.completions.list()),
     ("model by id", lambda c: c.models.retrieve("gpt-4o-mini")),
     ("files", lambda c: c.files.list()),

@@ -377,6 +377,14 @@ class Browser:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}")
 
+    def open_console(self, url: str, key: str) -> None:
+        """The console at ``url``, connected with ``key``."""
+        self.call("Page.navigate", url=url + "/authority/ui")
+        self.wait_for("document.readyState === 'complete' && !!document.getElementById('key')",
+                      "the page")
+        self.eval(f"document.getElementById('key').value = {json.dumps(key)}; "
+                  "document.getElementById('connect').click(); true")
+
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.write_bytes(base64.b64decode(data))
@@ -401,11 +409,7 @@ def test_a_browser_renders_untrusted_arguments_as_text_and_approves(
     plain = pending(px, {"text": "ship the replacement"})
     browser = Browser(binary, tmp_path / "profile")
     try:
-        browser.call("Page.navigate", url=px.url + "/authority/ui")
-        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('key')",
-                         "the page")
-        browser.eval(f"document.getElementById('key').value = {json.dumps(APPROVER_KEY)}; "
-                     "document.getElementById('connect').click(); true")
+        browser.open_console(px.url, APPROVER_KEY)
         ids = [hostile, plain]
         browser.wait_for(f"{json.dumps(ids)}.every(id => document.querySelector("
                          "`#pending-list .card[data-id='${id}']`))", "the pending cards")

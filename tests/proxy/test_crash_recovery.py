@@ -88,6 +88,12 @@ class Proxy:
         return httpx.post(self.url + "/v1/chat/completions", timeout=timeout, headers=headers,
                           json={"model": MODEL, "messages": user(script), **extra})
 
+    def responses(self, script: str, key: str, stream: bool = False,
+                  timeout: float = 60) -> httpx.Response:
+        return httpx.post(self.url + "/v1/responses", timeout=timeout, headers={
+            "authorization": f"Bearer {AGENT_KEY}", "idempotency-key": key},
+            json={"model": MODEL, "input": script, "stream": stream})
+
     def audit(self) -> list[dict[str, Any]]:
         path = self.directory / "audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -159,6 +165,47 @@ def test_a_retry_after_a_crash_regates_the_stored_answer_and_sends_one_email(
                     and e["action_type"] == "send_email"
                     and e["details"]["status"] == "executing"]
         assert intent["details"]["arguments"]["body"] in smtp.messages[0].message.get_content()
+        assert px.verify()
+    finally:
+        px.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_responses_retry_after_a_crash_regates_the_stored_answer(
+        upstream: ScriptedServer, tmp_path: Path, rx: HttpReceiver, smtp: SmtpSink,
+        stream: bool) -> None:
+    """The same crash through the Responses API: the retry re-gates the stored answer (as
+    a synthesised stream for a streaming client), the model is not asked again, each
+    effect happens once."""
+    px = Proxy(upstream, tmp_path, _policy(rx, smtp))
+    try:
+        rx.reply_once(200, json={"refund_id": "rf"}, delay_s=30)
+        script = ('CALL issue_refund {"order_id": "R-1", "amount": 10, "note": "{nonce}"}\n'
+                  'CALL send_email {"to": "ann@example.com", "subject": "Refund", '
+                  '"body": "Your refund {nonce} is on its way."}')
+        served = upstream.chat_requests
+        _in_thread(_swallow(lambda: px.responses(script, "resp-R-1", stream)))
+        rx.wait_for(1, timeout_s=30)
+        px.kill9()
+        px.restart()
+        resp = px.responses(script, "resp-R-1", stream)
+        assert resp.status_code == 200, resp.text
+        if stream:
+            events = [json.loads(line[6:]) for line in resp.text.split("\n")
+                      if line.startswith("data: {")]
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))
+            body = events[-1]["response"]
+            assert events[-1]["type"] == "response.completed"
+        else:
+            body = resp.json()
+        assert upstream.chat_requests == served + 1  # never asked again
+        assert [a["status"] for a in body["authority"]["actions"]] == ["executed", "executed"]
+        assert body["authority"]["recovered_from"]
+        assert [i["type"] for i in body["output"]] == ["message"]  # both ran: withheld
+        smtp.wait_for(1)
+        time.sleep(0.5)
+        assert len(smtp.messages) == 1
+        assert len({r.header("idempotency-key") for r in rx.requests}) == 1
         assert px.verify()
     finally:
         px.stop()

@@ -109,9 +109,10 @@ def post(url: str, **form: str) -> httpx.Response:
 
 
 def executions(px: RunningProxy, approval_id: str) -> int:
+    # The loser of a race is refused with the status it found ("executed", decision deny).
     return sum(1 for e in px.audit_entries()
                if e["event"] == "approval" and e["approval_status"] == "executed"
-               and e["details"].get("approval_id") == approval_id)
+               and e["decision"] == "allow" and e["details"].get("approval_id") == approval_id)
 
 
 def test_get_shows_the_action_escaped_and_never_decides(px: RunningProxy,

@@ -2,7 +2,9 @@
 
 Every case runs through ``AuthorityClient`` (in process) and through the real proxy
 (``authority serve`` as a child process), against the scripted model, a real SMTP
-server and a real HTTP receiver that count what actually happened.
+server and a real HTTP receiver that count what actually happened; and again through the
+Responses API (``POST /v1/responses``) in both doors, where the same calls must meet the
+same fate.
 """
 
 from __future__ import annotations
@@ -88,18 +90,34 @@ class Door:
     client: AuthorityClient | None = None
     dev_client: AuthorityClient | None = None
     proxy: RunningProxy | None = None
+    api: str = "chat"  # or "responses": the same cases through the Responses API
 
     def chat(self, script: str, *, dev: bool = False) -> dict[str, Any]:
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": script}]}
+        """The scripted answer (a chat completion or a response) as JSON."""
+        if self.api == "responses":
+            body: dict[str, Any] = {"model": "gpt-4o-mini", "input": script}
+            path = "/v1/responses"
+        else:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": script}]}
+            path = "/v1/chat/completions"
         if self.proxy is not None:
-            r = self.proxy.http("POST", "/v1/chat/completions", key=DEV_KEY if dev else AGENT_KEY,
-                                json=body)
+            r = self.proxy.http("POST", path, key=DEV_KEY if dev else AGENT_KEY, json=body)
             assert r.status_code == 200, r.text
             return dict(r.json())
         c = self.dev_client if dev else self.client
         assert c is not None
+        if self.api == "responses":
+            return dict(c.responses.create(**body).to_dict())
         completion: dict[str, Any] = c.chat.completions.create(**body).to_dict()  # type: ignore[call-overload]
         return completion
+
+    def followup_texts(self, completion: dict[str, Any]) -> list[str]:
+        """What the follow-ups tell the model about each handled action."""
+        auth = completion["authority"]
+        if self.api == "responses":
+            return [i["output"] for i in auth["followup_items"]
+                    if i["type"] == "function_call_output"]
+        return [m["content"] for m in auth["followup_messages"] if m["role"] == "tool"]
 
     def call(self, tool: str, args: dict[str, Any], *, dev: bool = False) -> dict[str, Any]:
         """One tool call; returns its ``authority.actions[0]`` (and checks there is one)."""
@@ -146,22 +164,23 @@ def mailbox() -> Iterator[SmtpSink]:
         yield sink
 
 
-@pytest.fixture(scope="module", params=["sdk", "proxy"])
+@pytest.fixture(scope="module", params=["sdk", "proxy", "sdk-responses", "proxy-responses"])
 def door(request: pytest.FixtureRequest, upstream: ScriptedServer, billing: HttpReceiver,
          mailbox: SmtpSink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
     directory = tmp_path_factory.mktemp(f"door-{request.param}")
+    which, _, api = request.param.partition("-")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HA_SMTP_USER", SMTP_USER)
         mp.setenv("HA_SMTP_PASSWORD", SMTP_PASSWORD)
-        if request.param == "proxy":
+        if which == "proxy":
             with start_proxy(upstream, directory, overrides=overrides(billing, mailbox)) as rp:
-                yield Door("proxy", directory, proxy=rp)
+                yield Door("proxy", directory, proxy=rp, api=api or "chat")
             return
         path = write_proxy_policy(upstream, directory, overrides(billing, mailbox))
         client = AuthorityClient(policy=str(path), environment="prod", max_retries=0)
         dev = AuthorityClient(gateway=client.gateway, environment="dev", max_retries=0)
         try:
-            yield Door("sdk", directory, client=client, dev_client=dev)
+            yield Door("sdk", directory, client=client, dev_client=dev, api=api or "chat")
         finally:
             client.gateway.close()
 
@@ -316,9 +335,8 @@ def test_a_schema_error_never_quotes_a_redacted_value(door: Door, billing: HttpR
     assert (action["status"], action["code"]) == ("denied", "invalid_arguments")
     assert action["reason"] == ("invalid arguments: card_number: does not satisfy the schema's "
                                 "'type' constraint (value redacted)")
-    tool_messages = [m for m in completion["authority"]["followup_messages"]
-                     if m["role"] == "tool"]
-    assert tool_messages and all(CARD not in m["content"] for m in tool_messages)
+    tool_messages = door.followup_texts(completion)
+    assert tool_messages and all(CARD not in m for m in tool_messages)
     assert CARD not in door.audit_text()
     assert len(billing.requests) == before
     if door.proxy is not None:  # and the audit API serves the same clean record
@@ -361,8 +379,7 @@ def test_simulation_never_shows_executor_secrets(door: Door, billing: HttpReceiv
     assert actions[3]["result"]["would_execute"]["json"]["arguments"]["card_number"] \
         == "[REDACTED]"
     assert_no_secret("the response", json.dumps(completion))
-    assert_no_secret("the follow-up messages",
-                     json.dumps(completion["authority"]["followup_messages"]))
+    assert_no_secret("the follow-up messages", json.dumps(door.followup_texts(completion)))
     assert_no_secret("the audit log", door.audit_text())
 
 

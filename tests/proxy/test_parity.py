@@ -22,16 +22,20 @@ from authority_sdk.engine import Engine
 
 MODEL = "gpt-4o-mini"
 TOOLS = [tool("lookup_customer"), tool("send_note"), tool("delete_account")]
+RESPONSES_TOOLS = [{"type": "function", "name": t["function"]["name"],
+                    "parameters": t["function"]["parameters"]} for t in TOOLS] + [
+    {"type": "custom", "name": "patch"}]
 
 # Identifiers and figures that differ per run by design.
-_VOLATILE = re.compile(r"(req|apr|act|chatcmpl|call)_[0-9a-zA-Z_-]+")
+_VOLATILE = re.compile(r"(req|apr|act|chatcmpl|call|resp|fc|msg|msg_authority)_[0-9a-zA-Z_-]+")
 
 
 def normalise(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: normalise(v) for k, v in value.items()
                 if k not in ("id", "created", "request_id", "cost", "usage", "action_key",
-                             "approval_id", "tool_call_id", "system_fingerprint")}
+                             "approval_id", "tool_call_id", "system_fingerprint",
+                             "created_at", "call_id")}
     if isinstance(value, list):
         return [normalise(v) for v in value]
     if isinstance(value, str):
@@ -96,6 +100,19 @@ SCENARIOS: dict[str, Callable[[openai.OpenAI], Any]] = {
     "malformed answer": lambda c: c.chat.completions.create(
         model=MODEL, messages=user("SHAPE no_choices")),
     "unknown endpoint": lambda c: c.completions.create(model=MODEL, prompt="hi"),
+    "responses: mixed calls": lambda c: _dump(c.responses.create(
+        model=MODEL, tools=RESPONSES_TOOLS, input=(  # type: ignore[arg-type]
+            'SAY ok\nCALL lookup_customer {"id": 1}\nCALL send_note {"text": "x"}\n'
+            'CALL delete_account {"id": 2}\nCUSTOM patch *** x'))),
+    "responses: hosted tool": lambda c: c.responses.create(
+        model=MODEL, input="hi", tools=[{"type": "web_search"}]),
+    "responses: previous response": lambda c: c.responses.create(
+        model=MODEL, input="hi", previous_response_id="resp_1"),
+    "responses: hostile item": lambda c: _dump(c.responses.create(
+        model=MODEL, input='ITEM {"type": "local_shell_call", "id": "ls_1", "call_id": "c",'
+        ' "action": {"type": "exec", "command": ["rm", "-rf", "/"]}}')),
+    "responses: malformed answer": lambda c: c.responses.create(
+        model=MODEL, input='ITEM "not an object"'),
 }
 
 
@@ -120,9 +137,33 @@ def test_a_stream_assembles_the_same_through_both_doors(doors: dict[str, openai.
     assert sdk == proxy
 
 
+def test_a_responses_stream_assembles_the_same_through_both_doors(
+        doors: dict[str, openai.OpenAI]) -> None:
+    def streamed(c: openai.OpenAI) -> Any:
+        events = [_dump(e) for e in c.responses.create(
+            model=MODEL, tools=RESPONSES_TOOLS, stream=True, input=(  # type: ignore[arg-type]
+                'SAY streaming\nREASON hm\nCALL lookup_customer {"id": 1}\n'
+                'CALL send_note {"text": "x"}'))]
+        return events
+
+    sdk, proxy = both(doors, streamed)
+    assert sdk == proxy and sdk[0] == "ok"
+    assert sdk[1][-1]["response"]["authority"]["actions"][1]["status"] == "pending_approval"
+
+
 def test_the_compared_answers_are_the_answers_claimed(doors: dict[str, openai.OpenAI]) -> None:
     """Not vacuous: the scenario gives the outcomes its name says, through a door."""
     [(kind, answer), _] = both(doors, SCENARIOS["mixed calls"])
     assert kind == "ok"
     assert [a["status"] for a in answer["authority"]["actions"]] == [
         "allowed", "pending_approval", "denied", "denied"]
+    [(kind, answer), _] = both(doors, SCENARIOS["responses: mixed calls"])
+    assert kind == "ok"
+    assert [(a["action_type"], a["status"]) for a in answer["authority"]["actions"]] == [
+        ("lookup_customer", "allowed"), ("send_note", "pending_approval"),
+        ("delete_account", "denied"), ("patch", "denied")]
+    assert [i["type"] for i in answer["output"]] == ["message", "function_call", "message"]
+    for name in ("responses: hosted tool", "responses: previous response",
+                 "responses: malformed answer"):
+        [(kind, *_), _] = both(doors, SCENARIOS[name])
+        assert kind == "error", name

@@ -1,0 +1,280 @@
+"""The PostgreSQL audit sink: one hash chain for every replica, in one table.
+
+An append is one transaction that takes a transaction-scoped advisory lock (so the
+replicas' appends are serialised: one chain, no fork), reads the last entry, inserts the
+new ones after it and commits; only then is the head recorded in the state store and,
+every ``checkpoint_every`` entries, in the checkpoint file, exactly as the file sink does.
+Entries are the same JSON the file holds (built by :mod:`.chain`), so ``verify`` and
+``authority audit export --format jsonl`` see the same chain.
+
+Losses are measured the same way too: whenever the table's last entry is not the one
+this process last wrote or saw (rows deleted, a database restored from an old backup),
+what is known to have been written — this process's last append, the state store's
+head, and on first use the checkpoint — is compared with what the table holds, and a
+``recovery`` entry records exactly the missing seqs. A transaction either commits whole
+or not at all, so there is no torn entry to set aside. Any database failure is
+:class:`~authority_sdk.errors.AuthorityUnavailable` (the gateway then denies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from ..errors import AuthorityError, AuthorityUnavailable
+from .chain import GENESIS_HASH, build, prepare
+from .checkpoint import CheckpointFile
+from .lines import parse_entry
+from .losses import Known, losses
+from .protocol import AuditHead, Record
+
+if TYPE_CHECKING:
+    from ..policy import Policy
+
+__all__ = ["PgAuditSink", "open_for_policy"]
+
+_LOCK = "SELECT pg_advisory_xact_lock(hashtext('authority-audit:' || current_schema()))"
+_PAGE = 500
+
+
+def _record(seq: int, raw: str) -> Record:
+    entry = parse_entry(raw.encode("utf-8", "surrogatepass"))
+    if entry is None:
+        return Record(seq, len(raw), None, "not an audit entry", raw[:4096])
+    return Record(seq, len(raw), entry)
+
+
+class PgAuditSink:
+    def __init__(self, dsn: str, *, fsync: bool = True, head: AuditHead | None = None,
+                 redact: Iterable[str] = (), key: bytes | None = None,
+                 checkpoints: CheckpointFile | None = None,
+                 checkpoint_every: int = 1000) -> None:
+        self.dsn = dsn
+        self.location = "the PostgreSQL table authority_audit"
+        self.fsync = fsync
+        self.key = key
+        self.checkpoints = checkpoints
+        self.checkpoint_every = checkpoint_every
+        self._head = head
+        self._redact = frozenset(redact)
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        # A connection does not survive fork() usefully; a child starts afresh.
+        self._pid = os.getpid()
+        self._tlock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._seq = 0
+        self._hash = GENESIS_HASH
+        self._checkpointed = 0
+        self._opened = False
+
+    # -- writing --------------------------------------------------------------------------
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        return self.append_many([(event, fields)])[0]
+
+    def append_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        prepared = [prepare(event, dict(fields), self._redact) for event, fields in items]
+        if not prepared:
+            return []
+
+        def write(cur: Any) -> list[dict[str, Any]]:
+            entries: list[dict[str, Any]] = []
+            seq, hsh = self._seq, self._hash
+            for p in prepared:
+                entry = build(p, seq, hsh, self.key)
+                entries.append(entry)
+                seq, hsh = entry["seq"], entry["hash"]
+            self._insert(cur, entries)
+            return entries
+
+        return self._locked(write)
+
+    def open(self) -> PgAuditSink:
+        """Connect now and record what is missing (a broken sink fails the start)."""
+        self._locked(lambda cur: [])
+        return self
+
+    def close(self) -> None:
+        if self.checkpoints is not None and self._opened and self._pid == os.getpid():
+            # At shutdown the checkpoint catches up (under the lock: never backwards).
+            with contextlib.suppress(AuthorityError):  # the last periodic one is still true
+                self._locked(lambda cur: [], catch_up=True)
+        with self._tlock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> PgAuditSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def import_chain(self, entries: Iterable[dict[str, Any]]) -> int:
+        """Carry a file chain over as the table's first entries, unchanged (same seqs,
+        hashes and MACs), so the table's chain continues it and verify spans both. Only
+        into an empty table; returns how many went in (0: the table had entries)."""
+        rows = list(entries)
+
+        def copy(cur: Any) -> list[dict[str, Any]]:
+            if self._seq != 0 or not rows:
+                return []
+            self._insert(cur, rows)
+            return rows
+
+        return len(self._locked(copy))
+
+    # -- reading (never writes) -------------------------------------------------------------
+
+    def exists(self) -> bool:
+        rows = self._read("SELECT EXISTS (SELECT 1 FROM authority_audit)", ())
+        return bool(rows[0][0])
+
+    def records(self) -> Iterator[Record]:
+        after = 0
+        while True:
+            rows = self._read("SELECT seq, entry FROM authority_audit WHERE seq > %s "
+                              "ORDER BY seq LIMIT %s", (after, _PAGE))
+            for seq, raw in rows:
+                yield _record(int(seq), str(raw))
+            if len(rows) < _PAGE:
+                return
+            after = int(rows[-1][0])
+
+    def records_before(self, position: int | None = None) -> Iterator[Record]:
+        before = position
+        while True:
+            rows = self._read("SELECT seq, entry FROM authority_audit WHERE "
+                              "(%s::bigint IS NULL OR seq < %s) ORDER BY seq DESC LIMIT %s",
+                              (before, before, _PAGE))
+            for seq, raw in rows:
+                yield _record(int(seq), str(raw))
+            if len(rows) < _PAGE:
+                return
+            before = int(rows[-1][0])
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=3)
+        return self._conn
+
+    def _unavailable(self, exc: BaseException) -> AuthorityUnavailable:
+        self._conn = None  # reconnect next time
+        state = getattr(exc, "sqlstate", None)
+        kind = type(exc).__name__ + (f" (SQLSTATE {state})" if state else "")
+        return AuthorityUnavailable(f"audit log unavailable: {kind}")
+
+    def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            with self._tlock:
+                return self._connection().execute(sql, params).fetchall()
+        except psycopg.Error as exc:
+            raise self._unavailable(exc) from exc
+
+    def _locked(self, work: Any, *, catch_up: bool = False) -> list[dict[str, Any]]:
+        """Run ``work(cursor)`` in one transaction under the chain's lock, after recording
+        any loss; then move the head and the checkpoint past what it wrote."""
+        with self._tlock:
+            if self._pid != os.getpid():
+                self._reset_process_state()
+            before = (self._seq, self._hash)
+            try:
+                conn = self._connection()
+                with conn.transaction(), conn.cursor() as cur:
+                    if not self.fsync:
+                        cur.execute("SET LOCAL synchronous_commit TO off")
+                    cur.execute(_LOCK)
+                    self._catch_up_with_table(cur)
+                    entries = work(cur)
+            except psycopg.Error as exc:
+                self._seq, self._hash = before  # rolled back: nothing of it was written
+                raise self._unavailable(exc) from exc
+            except BaseException:
+                self._seq, self._hash = before
+                raise
+            self._opened = True
+            written = (self._seq, self._hash) != before or entries
+            if written and self._head is not None:
+                try:
+                    self._head.set_audit_head(self._seq, self._hash)
+                except AuthorityError:
+                    raise
+                except Exception as exc:
+                    raise AuthorityUnavailable(f"audit head not recorded: {exc}") from exc
+            if self.checkpoints is not None and (
+                    (catch_up and self._seq > self._checkpointed)
+                    or self._seq // self.checkpoint_every
+                    > self._checkpointed // self.checkpoint_every):
+                self.checkpoints.write(self._seq, self._hash)
+                self._checkpointed = self._seq
+            return list(entries)
+
+    def _catch_up_with_table(self, cur: Any) -> None:
+        cur.execute("SELECT seq, entry FROM authority_audit ORDER BY seq DESC LIMIT 1")
+        row = cur.fetchone()
+        last = parse_entry(str(row[1]).encode("utf-8", "surrogatepass")) if row else None
+        if row is not None and last is None:
+            raise AuthorityUnavailable(
+                f"audit log unavailable: the entry at seq {row[0]} of {self.location} is not "
+                "an audit entry; run `authority audit verify`")
+        seq, hsh = (last["seq"], last["hash"]) if last is not None else (0, GENESIS_HASH)
+        if self._opened and (seq, hsh) == (self._seq, self._hash):
+            return  # nobody else wrote, nothing went: the common case, no more reads
+        known: list[Known] = [("this process's last append", self._seq, self._hash)]
+        stored = self._head.get_audit_head() if self._head is not None else None
+        if stored is not None:
+            known.append(("the state store's head", *stored))
+        if not self._opened and self.checkpoints is not None:
+            checkpoint = self.checkpoints.read_signed()
+            if checkpoint is not None:
+                known.append((f"the checkpoint {self.checkpoints.path}", checkpoint.seq,
+                              checkpoint.hash))
+                self._checkpointed = max(self._checkpointed, checkpoint.seq)
+
+        def newest_first() -> Iterator[dict[str, Any] | None]:
+            return (r.entry for r in self._records_before_in(cur))
+
+        lost = losses(known, seq, hsh, newest_first)
+        self._seq, self._hash = seq, hsh
+        for p, skip_to in lost:
+            self._insert(cur, [build(p, self._seq, self._hash, self.key, seq=skip_to)])
+
+    @staticmethod
+    def _records_before_in(cur: Any) -> Iterator[Record]:
+        # A server-side cursor in the locked transaction: a walk back over a long chain
+        # fetches only as far as it goes.
+        with cur.connection.cursor(name=f"authority_audit_walk_{secrets.token_hex(4)}") as walk:
+            walk.itersize = 200
+            walk.execute("SELECT seq, entry FROM authority_audit ORDER BY seq DESC")
+            for seq, raw in walk:
+                yield _record(int(seq), str(raw))
+
+    def _insert(self, cur: Any, entries: list[dict[str, Any]]) -> None:
+        cur.executemany("INSERT INTO authority_audit (seq, entry) VALUES (%s, %s)",
+                        [(e["seq"], json.dumps(e, separators=(",", ":"), ensure_ascii=False))
+                         for e in entries])
+        last = entries[-1]
+        self._seq, self._hash = last["seq"], last["hash"]
+
+
+def open_for_policy(policy: Policy, head: AuditHead | None) -> PgAuditSink:
+    """``audit.backend: postgres``: the table in the state's database, or in the one
+    ``audit.dsn_env`` names."""
+    from ..store.postgres import dsn_for_policy
+    from .registry import sink_options
+
+    return PgAuditSink(dsn_for_policy(policy, policy.audit.dsn_env), head=head,
+                       **sink_options(policy))
