@@ -381,3 +381,28 @@ def test_a_round_stops_when_the_lease_is_lost_and_a_bug_is_a_failed_attempt(
     [entry] = s.notification_audit()
     assert entry["decision"] == "error" and "cannot build or send: KeyError" in entry["reason"]
     assert s.outbox()[0][1]["attempts"] == 1
+
+
+def test_outbox_and_one_time_links_on_every_state_backend(
+        write_policy: Callable[..., Path], rx: HttpReceiver, hook: HttpReceiver,
+        gateways: list[Gateway], store_backend: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import deep_merge
+
+    from authority_sdk import links
+
+    monkeypatch.setenv("NOTIFY_SECRET", SECRET)
+    data = deep_merge(base_policy(rx, {"ops": webhook(hook, approver="ops-alice")}),
+                      store_backend.policy_overrides())
+    s = Setup(write_policy(data), gateways)
+    apr = s.hold("issue_refund", {"amount": 300})
+    assert Worker(s.gw).tick()["notified"]
+    [req] = hook.wait_for(1)
+    assert receiver_verifies(req)
+    token = req.json["decide_url"].rsplit("/", 1)[1]
+    rec = links.lookup(s.gw.store, token)
+    assert rec is not None and rec["approval_id"] == apr and rec["approver"] == "ops-alice"
+    assert links.lookup(s.gw.store, token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    assert links.lookup(s.gw.store, token, now=rec["expires_at"]) is None  # expired then
+    assert links.consume(s.gw.store, token) and not links.consume(s.gw.store, token)
+    assert links.lookup(s.gw.store, token) is None
