@@ -42,6 +42,9 @@ __all__ = ["MAX_BACKOFF_S", "deliver_round", "send"]
 
 MAX_BACKOFF_S = 300.0
 LEASE_MARGIN_S = 10.0
+# A held notice is queued just before its approval is created; one whose approval is
+# still missing after this long is from a request that crashed in between.
+ORPHAN_S = 60.0
 
 
 class _NotSent(Exception):
@@ -153,6 +156,9 @@ def deliver_round(eng: Engine, *, now: float | None = None, limit: int = 100,
         if keep_lease is not None and not keep_lease(_send_time_s(ch) + LEASE_MARGIN_S):
             break
         approval = eng.store.approval_get(str(p.get("approval_id")))
+        created = p.get("created_at")
+        if approval is None and isinstance(created, int | float) and t - created < ORPHAN_S:
+            continue  # queued just before its approval is written: the next round sends it
         if ch is None or approval is None:
             eng.store.outbox_delete(OUTBOX_KIND, item_id)
             _audit(eng, approval, item_id, p, "deny", "notification dropped: its channel is "

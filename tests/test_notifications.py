@@ -406,3 +406,18 @@ def test_outbox_and_one_time_links_on_every_state_backend(
     assert links.lookup(s.gw.store, token, now=rec["expires_at"]) is None  # expired then
     assert links.consume(s.gw.store, token) and not links.consume(s.gw.store, token)
     assert links.lookup(s.gw.store, token) is None
+
+
+def test_a_notice_whose_approval_never_came_is_kept_briefly_then_dropped_audited(
+        make: Callable[..., Setup], hook: HttpReceiver) -> None:
+    # What a crash between queueing the held notice and creating the approval leaves.
+    s = make({"ops": webhook(hook)})
+    t0 = time.time()
+    s.gw.store.outbox_put(OUTBOX_KIND, "ntf_orphan", {
+        "channel": "ops", "event": "held", "approval_id": "apr_never", "created_at": t0,
+        "attempts": 0, "next_at": t0})
+    assert deliver_round(s.gw, now=t0 + 1) == [] and len(s.outbox()) == 1
+    assert deliver_round(s.gw, now=t0 + 61) == [] and s.outbox() == []
+    assert hook.requests == []
+    [entry] = s.notification_audit()
+    assert entry["decision"] == "deny" and "no such approval" in entry["reason"]
