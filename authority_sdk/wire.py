@@ -17,10 +17,14 @@ from .errors import AuthorityError
 __all__ = ["Caller", "GatewayRequest", "GatewayResponse", "canonical_json", "error_response"]
 
 
-def canonical_json(obj: Any) -> str:
-    """One canonical JSON text for hashing: sorted keys, no spaces. ASCII-escaped, so a
-    lone surrogate a model slipped into a value hashes instead of failing to encode."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+def canonical_json(obj: Any, *, ascii_only: bool = True) -> str:
+    """The one canonical JSON text for hashing: sorted keys, no spaces.
+
+    Keys and fingerprints use the ASCII-escaped spelling, so a lone surrogate a model
+    slipped into a value hashes instead of failing to encode. The audit chain hashes the
+    UTF-8 spelling (``ascii_only=False``) — the bytes a reader of the log sees — and must
+    keep it: a changed spelling would break every chain already written."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only,
                       default=str)
 
 

@@ -130,6 +130,9 @@ class HttpReceiver:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if len(body) < length:  # the sender died mid-request: nothing was received
+                    self.close_connection = True
+                    return
                 reply = receiver._record(RecordedRequest(
                     self.command, self.path,
                     {k.lower(): v for k, v in self.headers.items()}, body,

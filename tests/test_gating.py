@@ -492,6 +492,21 @@ def test_second_refund_on_the_same_order_is_a_duplicate_however_it_is_worded(
     assert [r.json["arguments"]["order_id"] for r in rx.requests] == ["42", "43", "44"]
 
 
+def test_dedupe_on_a_field_inside_a_list(
+        write_policy: Callable[..., Path], rx: HttpReceiver, gateways: list[Gateway]) -> None:
+    # One dotted path reads lists by index, in rules and in dedupe alike (issue 11): the
+    # second refund for the same first item is a duplicate, a different item is not.
+    client = make_client(gateways, write_policy(refund_policy(rx, dedupe_on=["items.0.sku"])))
+    first = ask(client, calls(("issue_refund", {"amount": 10, "items": [{"sku": "A-1"}]})))
+    again = ask(client, calls(("issue_refund", {"amount": 9, "items": [{"sku": "A-1"},
+                                                                       {"sku": "B"}]})))
+    other = ask(client, calls(("issue_refund", {"amount": 10, "items": [{"sku": "C-3"}]})))
+    assert [r.authority["actions"][0]["status"] for r in (first, again, other)] == [
+        "executed", "denied", "executed"]
+    assert again.authority["actions"][0]["code"] == "duplicate_action"
+    assert len(rx.requests) == 2
+
+
 def test_a_failed_execution_does_not_block_the_order(
         write_policy: Callable[..., Path], rx: HttpReceiver, gateways: list[Gateway]) -> None:
     client = make_client(gateways, write_policy(refund_policy(rx, dedupe_on=["order_id"])))

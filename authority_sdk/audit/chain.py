@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ..wire import canonical_json as _canonical
 from .redaction import redact
 from .values import bound
 
@@ -71,7 +71,8 @@ _UNHASHED = frozenset({"hash", "mac"})
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """The text an entry's hash covers: the UTF-8 spelling of the gateway's canonical JSON."""
+    return _canonical(obj, ascii_only=False)
 
 
 def entry_hash(prev_hash: str, entry: dict[str, Any]) -> str:

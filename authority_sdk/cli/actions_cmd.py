@@ -9,23 +9,19 @@ other control commands, each works on the local state or, with ``--url`` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import StrEnum
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 import typer
 
-from ..paging import DEFAULT_LIMIT, Page
+from ..paging import DEFAULT_LIMIT
 from .common import PolicyOpt
 from .control_cmd import (
     CursorOpt,
     JsonOpt,
     KeyOpt,
     LimitOpt,
-    Local,
     ReasonOpt,
-    Remote,
     UrlOpt,
     _console,
     _short,
@@ -41,54 +37,6 @@ actions_app = typer.Typer(no_args_is_help=True,
 class Outcome(StrEnum):
     executed = "executed"
     failed = "failed"
-
-
-class Executions(Protocol):
-    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page: ...
-    def resolve_execution(self, action_key: str, outcome: str,
-                          reason: str | None) -> dict[str, Any]: ...
-
-
-class LocalExecutions:
-    def __init__(self, local: Local) -> None:
-        self.local = local
-
-    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page:
-        return self.local.control.list_executions(self.local.gw, status, limit=limit,
-                                                  cursor=cursor)
-
-    def resolve_execution(self, action_key: str, outcome: str,
-                          reason: str | None) -> dict[str, Any]:
-        return self.local.control.resolve_execution(self.local.gw, action_key, outcome=outcome,
-                                                    actor=self.local.actor, reason=reason)
-
-
-class RemoteExecutions:
-    def __init__(self, remote: Remote) -> None:
-        self.remote = remote
-
-    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page:
-        return self.remote.page("/authority/actions", status, limit, cursor)
-
-    def resolve_execution(self, action_key: str, outcome: str,
-                          reason: str | None) -> dict[str, Any]:
-        from urllib.parse import quote
-
-        return dict(self.remote._call(
-            "POST", f"/authority/actions/{quote(action_key, safe='')}/resolve",
-            json={"outcome": outcome, "reason": reason}))
-
-
-@contextmanager
-def _executions(policy: str | None, url: str | None, key: str | None
-                ) -> Iterator[Executions]:
-    """``control_cmd.backend``'s local or remote control plane, with the journal's calls."""
-    with backend(policy, url, key) as b:
-        if isinstance(b, Local):
-            yield LocalExecutions(b)
-        else:
-            assert isinstance(b, Remote)
-            yield RemoteExecutions(b)
 
 
 def _note(e: dict[str, Any]) -> str:
@@ -112,7 +60,7 @@ def list_cmd(
 ) -> None:
     """List actions the gateway ran (its execution journal), newest first, a page at a
     time (with --url: those the key's environment may see)."""
-    with _executions(policy, url, key) as ex:
+    with backend(policy, url, key) as ex:
         items = ex.list_executions(status, limit, cursor)
     table = listing_table(items, as_json=as_json, title=f"actions ({status or 'all'})",
                           key_column="action key", columns=(
@@ -141,7 +89,7 @@ def resolve_cmd(
     key: KeyOpt = None,
 ) -> None:
     """Settle an in_doubt action as executed or failed. Nothing is run again."""
-    with _executions(policy, url, key) as ex:
+    with backend(policy, url, key) as ex:
         e = ex.resolve_execution(action_key, outcome.value, reason)
     line = (f"resolved {e.get('action_key')} ({e.get('action_type')}, {e.get('environment')}):"
             f" {e.get('status')}")

@@ -65,6 +65,9 @@ class Backend(Protocol):
     def kill_switch_status(self) -> dict[str, Any]: ...
     def set_kill_switch(self, engaged: bool, reason: str | None,
                         environment: str | None) -> dict[str, Any]: ...
+    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page: ...
+    def resolve_execution(self, action_key: str, outcome: str,
+                          reason: str | None) -> dict[str, Any]: ...
 
 
 def cli_actor() -> str:
@@ -104,6 +107,14 @@ class Local:
         return self.control.set_kill_switch(self.gw, engaged, actor=self.actor, reason=reason,
                                             environment=environment)
 
+    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        return self.control.list_executions(self.gw, status, limit=limit, cursor=cursor)
+
+    def resolve_execution(self, action_key: str, outcome: str,
+                          reason: str | None) -> dict[str, Any]:
+        return self.control.resolve_execution(self.gw, action_key, outcome=outcome,
+                                              actor=self.actor, reason=reason)
+
 
 class Remote:
     def __init__(self, client: httpx.Client) -> None:
@@ -128,6 +139,17 @@ class Remote:
         if body is None:
             raise Failure(f"{method} {path}: the answer is not JSON")
         return body
+
+    def list_executions(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        return self.page("/authority/actions", status, limit, cursor)
+
+    def resolve_execution(self, action_key: str, outcome: str,
+                          reason: str | None) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        return dict(self._call(
+            "POST", f"/authority/actions/{quote(action_key, safe='')}/resolve",
+            json={"outcome": outcome, "reason": reason}))
 
     def page(self, path: str, status: str | None, limit: int, cursor: str | None) -> Page:
         params: dict[str, Any] = {"limit": limit}

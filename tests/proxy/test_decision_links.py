@@ -109,10 +109,11 @@ def post(url: str, **form: str) -> httpx.Response:
 
 
 def executions(px: RunningProxy, approval_id: str) -> int:
-    # The loser of a race is refused with the status it found ("executed", decision deny).
+    """Executor runs of the approval's action: each is preceded by its "executing" entry.
+    (A losing second approver is audited too: a denial that finds the approval executed.)"""
     return sum(1 for e in px.audit_entries()
-               if e["event"] == "approval" and e["approval_status"] == "executed"
-               and e["decision"] == "allow" and e["details"].get("approval_id") == approval_id)
+               if e["event"] == "action" and e["details"].get("status") == "executing"
+               and e["details"].get("approval_id") == approval_id)
 
 
 def test_get_shows_the_action_escaped_and_never_decides(px: RunningProxy,
