@@ -342,9 +342,11 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
         o.mode = Mode.REQUIRE_HUMAN_APPROVAL
         queue.effects = True
         created = _approval(inp, o, args, held, override)
-        yield S.approval_create(created)
-        # In the same step: whoever must hear of it is queued durably (delivered later).
+        # Whoever must hear of it is queued durably first: a crash between the two leaves a
+        # notice of an approval that never came to be (dropped at delivery), never an
+        # approval nobody is told about.
         yield from notifications.enqueue_d(policy, created, "held")
+        yield S.approval_create(created)
         return
     if res.dispatch == Dispatch.CLIENT:
         o.status = ActionStatus.ALLOWED

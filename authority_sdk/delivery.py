@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -22,7 +23,7 @@ import httpx
 from . import links
 from .audit import redact
 from .errors import AuthorityError
-from .notifications import OUTBOX_KIND
+from .notifications import CALLBACK_PREFIX, OUTBOX_KIND
 from .notify_messages import (
     SIGNATURE_HEADER,
     email_text,
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["MAX_BACKOFF_S", "deliver_round", "send"]
 
 MAX_BACKOFF_S = 300.0
+LEASE_MARGIN_S = 10.0
+# A held notice is queued just before its approval is created; one whose approval is
+# still missing after this long is from a request that crashed in between.
+ORPHAN_S = 60.0
 
 
 class _NotSent(Exception):
@@ -111,17 +116,49 @@ def _link(eng: Engine, ch: ChannelConfig, p: dict[str, Any],
     return f"{cfg.public_base_url}/authority/decide/{token}"
 
 
-def deliver_round(eng: Engine, *, now: float | None = None, limit: int = 100) -> list[str]:
-    """Send every due item (at most ``limit``); returns the ids delivered."""
-    cfg = eng.policy.notifications
+def _send_time_s(ch: ChannelConfig | None) -> float:
+    if isinstance(ch, EmailChannel):
+        return 60.0  # the smtp executor's timeout applies per step of the conversation
+    return ch.timeout_s if ch is not None else 0.0
+
+
+def _channel(eng: Engine, name: str) -> ChannelConfig | None:
+    if name.startswith(CALLBACK_PREFIX):
+        key = next((k for k in eng.policy.keys if k.name == name[len(CALLBACK_PREFIX):]), None)
+        cb = key.callback if key is not None else None
+        # A key's callback is a webhook with no approver: it never carries a decision link.
+        return None if cb is None else WebhookChannel(
+            type="webhook", url=cb.url, secret_env=cb.secret_env, timeout_s=cb.timeout_s,
+            events=cb.events)
+    return eng.policy.notifications.channels.get(name)
+
+
+def _attempts(p: dict[str, Any]) -> int:
+    n = p.get("attempts")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
+def deliver_round(eng: Engine, *, now: float | None = None, limit: int = 100,
+                  keep_lease: Callable[[float], bool] | None = None) -> list[str]:
+    """Send every due item (at most ``limit``); returns the ids delivered.
+
+    ``keep_lease(ttl_s)`` renews the worker's lease before each send for as long as that
+    send may take; when it says the lease is gone the round stops, so a slow receiver
+    never lets a second worker send the same items meanwhile.
+    """
     t = time.time() if now is None else now
     sent: list[str] = []
     for item_id, p in eng.store.outbox_list(OUTBOX_KIND, limit=limit):
         next_at = p.get("next_at")
         if isinstance(next_at, int | float) and next_at > t:
             continue
-        ch = cfg.channels.get(str(p.get("channel")))
+        ch = _channel(eng, str(p.get("channel")))
+        if keep_lease is not None and not keep_lease(_send_time_s(ch) + LEASE_MARGIN_S):
+            break
         approval = eng.store.approval_get(str(p.get("approval_id")))
+        created = p.get("created_at")
+        if approval is None and isinstance(created, int | float) and t - created < ORPHAN_S:
+            continue  # queued just before its approval is written: the next round sends it
         if ch is None or approval is None:
             eng.store.outbox_delete(OUTBOX_KIND, item_id)
             _audit(eng, approval, item_id, p, "deny", "notification dropped: its channel is "
@@ -135,8 +172,11 @@ def deliver_round(eng: Engine, *, now: float | None = None, limit: int = 100) ->
         except (_NotSent, AuthorityError) as exc:
             _failed(eng, approval, item_id, p, str(exc), t)
             continue
+        except Exception as exc:  # a bug here must not stop the worker's other duties
+            _failed(eng, approval, item_id, p, f"cannot build or send: {type(exc).__name__}", t)
+            continue
         eng.store.outbox_delete(OUTBOX_KIND, item_id)
-        _audit(eng, approval, item_id, {**p, "attempts": int(p.get("attempts") or 0) + 1},
+        _audit(eng, approval, item_id, {**p, "attempts": _attempts(p) + 1},
                "allow", f"notified {p.get('channel')} ({ch.type}) of {p.get('event')}",
                link=link is not None)
         sent.append(item_id)
@@ -146,7 +186,7 @@ def deliver_round(eng: Engine, *, now: float | None = None, limit: int = 100) ->
 def _failed(eng: Engine, approval: dict[str, Any], item_id: str, p: dict[str, Any],
             why: str, now: float) -> None:
     cfg = eng.policy.notifications
-    attempts = int(p.get("attempts") or 0) + 1
+    attempts = _attempts(p) + 1
     after = {**p, "attempts": attempts}
     if attempts >= cfg.max_attempts:
         eng.store.outbox_delete(OUTBOX_KIND, item_id)

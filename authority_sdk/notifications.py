@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 from .effects import Decision, S
 
 if TYPE_CHECKING:
-    from .policy import Policy
+    from .policy import KeyConfig, Policy
 
-__all__ = ["OUTBOX_KIND", "channels_for", "enqueue_d"]
+__all__ = ["CALLBACK_PREFIX", "OUTBOX_KIND", "callback_key", "channels_for", "enqueue_d"]
 
 OUTBOX_KIND = "notify"
+# A channel name of the outbox that stands for a key's own callback (keys[].callback).
+CALLBACK_PREFIX = "key:"
 
 # The approval's status (or the transition) to the event a channel subscribes to.
 _EVENT_OF_STATUS = {"pending": "held", "approved": "approved", "rejected": "rejected",
@@ -35,10 +37,20 @@ _EVENT_OF_STATUS = {"pending": "held", "approved": "approved", "rejected": "reje
 def channels_for(policy: Policy, approval: dict[str, Any], event: str) -> list[str]:
     """The channels of ``policy`` that want ``event`` about ``approval``."""
     env, action = approval.get("environment"), approval.get("action_type")
-    return [name for name, ch in policy.notifications.channels.items()
-            if event in ch.events
-            and (ch.environments is None or env in ch.environments)
-            and (ch.actions is None or action in ch.actions)]
+    names = [name for name, ch in policy.notifications.channels.items()
+             if event in ch.events
+             and (ch.environments is None or env in ch.environments)
+             and (ch.actions is None or action in ch.actions)]
+    key = callback_key(policy, approval)
+    if key is not None and key.callback is not None and event in key.callback.events:
+        names.append(CALLBACK_PREFIX + key.name)
+    return names
+
+
+def callback_key(policy: Policy, approval: dict[str, Any]) -> KeyConfig | None:
+    """The key whose request created ``approval``, if it asks for callbacks."""
+    who = approval.get("requested_by")
+    return next((k for k in policy.keys if k.name == who and k.callback is not None), None)
 
 
 def enqueue_d(policy: Policy, approval: dict[str, Any], event: str | None = None) -> Decision[int]:

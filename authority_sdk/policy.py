@@ -47,6 +47,9 @@ __all__ = [
 
 Mode = Literal["auto_execute", "require_human_approval", "simulation_only", "deny"]
 Role = Literal["agent", "approver", "admin"]
+NotifyEvent = Literal["held", "approved", "rejected", "expired", "executed", "failed"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("held", "approved", "rejected", "expired", "executed",
+                                          "failed")
 MODES: tuple[str, ...] = ("auto_execute", "require_human_approval", "simulation_only", "deny")
 # Matchers on one argument's value.
 VALUE_MATCHERS: tuple[str, ...] = ("eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "glob",
@@ -336,6 +339,17 @@ class RateLimit(_Strict):
     concurrent: int | None = Field(None, ge=1, le=1000)
 
 
+class KeyCallback(_Strict):
+    """Where an app learns the fate of the actions its key's requests had held: a signed
+    webhook (the same signature as a webhook channel), never with a decision link."""
+
+    url: str
+    secret_env: str
+    timeout_s: float = Field(10.0, gt=0)
+    events: list[NotifyEvent] = Field(default_factory=lambda: list[NotifyEvent](
+        ["approved", "rejected", "expired", "executed", "failed"]))
+
+
 class KeyConfig(_Strict):
     name: str
     secret_env: str | None = None
@@ -344,6 +358,7 @@ class KeyConfig(_Strict):
     roles: list[Role] = Field(default_factory=lambda: list[Role](["agent"]))
     budget: Budget | None = None  # per-key spend limit, on top of the environment's
     rate_limit: RateLimit | None = None
+    callback: KeyCallback | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
@@ -369,9 +384,6 @@ class WorkerConfig(_Strict):
         "entries, approval expiry")
 
 
-NotifyEvent = Literal["held", "approved", "rejected", "expired", "executed", "failed"]
-NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("held", "approved", "rejected", "expired", "executed",
-                                          "failed")
 
 
 class _Channel(_Strict):

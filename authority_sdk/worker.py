@@ -129,13 +129,17 @@ class Worker:
             eng.audit_degraded = False
             report["recovered"] = run(recover_d(eng), rt)
             report["expired"] = run(expire_approvals_d(eng), rt)
-            report["notified"] = deliver_round(eng)
+            report["notified"] = deliver_round(eng, keep_lease=self._keep_lease)
         except AuthorityError as exc:
             report["error"] = exc.message
             log.warning("background worker round failed: %s", exc.message)
         for r in report.get("recovered") or []:
             log.warning("recovered %s", r)
         return report
+
+    def _keep_lease(self, ttl_s: float) -> bool:
+        return self.engine.store.lease_acquire(
+            LEASE_NAME, self.holder, ttl_s=max(ttl_s, self.interval_s * 5, 10.0))
 
     def beat(self) -> bool:
         """Prove this replica alive (a lease that runs out — a replica killed or cut off —

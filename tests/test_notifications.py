@@ -334,3 +334,90 @@ def test_expiry_found_by_a_reader_is_notified_once(make: Callable[..., Setup],
     assert report["expired"] == [] and len(report["notified"]) == 1
     [req] = hook.wait_for(1)
     assert req.json["type"] == "approval.expired"
+
+
+def test_an_apps_key_gets_a_signed_callback_of_its_own_actions_outcomes(
+        write_policy: Callable[..., Path], rx: HttpReceiver, hook: HttpReceiver,
+        gateways: list[Gateway], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SECRET", SECRET)
+    monkeypatch.setenv("APP_SECRET", "whsec-app")
+    data = base_policy(rx, {"ops": webhook(hook, events=["held"])})
+    data["keys"].append({"name": "support-bot", "secret_sha256": "ab" * 32,
+                         "callback": {"url": hook.url("/app"), "secret_env": "APP_SECRET"}})
+    s = Setup(write_policy(data), gateways)
+    apr = s.hold("issue_refund", {"amount": 300})
+    control.approve(s.gw, apr, actor="ops-alice")
+    Worker(s.gw).tick()
+    got = hook.wait_for(3)
+    app = [r for r in got if r.path == "/app"]
+    assert sorted(r.json["type"] for r in app) == ["approval.approved", "approval.executed"]
+    assert all(receiver_verifies(r, "whsec-app") and r.json["decide_url"] is None for r in app)
+    [ops] = [r for r in got if r.path == "/hook"]
+    assert ops.json["type"] == "approval.held" and receiver_verifies(ops)
+
+
+def test_a_round_stops_when_the_lease_is_lost_and_a_bug_is_a_failed_attempt(
+        make: Callable[..., Setup], hook: HttpReceiver,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s = make({"ops": webhook(hook)})
+    s.hold("grant_access", {"user": "bob"})
+    asked: list[float] = []
+
+    def lost(ttl_s: float) -> bool:
+        asked.append(ttl_s)
+        return False
+
+    assert deliver_round(s.gw, keep_lease=lost) == []
+    assert hook.requests == [] and len(s.outbox()) == 1 and asked == [15.0]  # 5 s + margin
+
+    import authority_sdk.delivery as delivery
+
+    def broken(*_: Any) -> bytes:
+        raise KeyError("oops")
+
+    monkeypatch.setattr(delivery, "webhook_body", broken)
+    report = Worker(s.gw).tick()
+    assert report["leader"] is True and report["notified"] == [] and "error" not in report
+    [entry] = s.notification_audit()
+    assert entry["decision"] == "error" and "cannot build or send: KeyError" in entry["reason"]
+    assert s.outbox()[0][1]["attempts"] == 1
+
+
+def test_outbox_and_one_time_links_on_every_state_backend(
+        write_policy: Callable[..., Path], rx: HttpReceiver, hook: HttpReceiver,
+        gateways: list[Gateway], store_backend: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import deep_merge
+
+    from authority_sdk import links
+
+    monkeypatch.setenv("NOTIFY_SECRET", SECRET)
+    data = deep_merge(base_policy(rx, {"ops": webhook(hook, approver="ops-alice")}),
+                      store_backend.policy_overrides())
+    s = Setup(write_policy(data), gateways)
+    apr = s.hold("issue_refund", {"amount": 300})
+    assert Worker(s.gw).tick()["notified"]
+    [req] = hook.wait_for(1)
+    assert receiver_verifies(req)
+    token = req.json["decide_url"].rsplit("/", 1)[1]
+    rec = links.lookup(s.gw.store, token)
+    assert rec is not None and rec["approval_id"] == apr and rec["approver"] == "ops-alice"
+    assert links.lookup(s.gw.store, token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    assert links.lookup(s.gw.store, token, now=rec["expires_at"]) is None  # expired then
+    assert links.consume(s.gw.store, token) and not links.consume(s.gw.store, token)
+    assert links.lookup(s.gw.store, token) is None
+
+
+def test_a_notice_whose_approval_never_came_is_kept_briefly_then_dropped_audited(
+        make: Callable[..., Setup], hook: HttpReceiver) -> None:
+    # What a crash between queueing the held notice and creating the approval leaves.
+    s = make({"ops": webhook(hook)})
+    t0 = time.time()
+    s.gw.store.outbox_put(OUTBOX_KIND, "ntf_orphan", {
+        "channel": "ops", "event": "held", "approval_id": "apr_never", "created_at": t0,
+        "attempts": 0, "next_at": t0})
+    assert deliver_round(s.gw, now=t0 + 1) == [] and len(s.outbox()) == 1
+    assert deliver_round(s.gw, now=t0 + 61) == [] and s.outbox() == []
+    assert hook.requests == []
+    [entry] = s.notification_audit()
+    assert entry["decision"] == "deny" and "no such approval" in entry["reason"]

@@ -65,8 +65,8 @@ class DemoKeys:
     all: tuple[DemoKey, ...]
 
 
-def write_policy(base: Path, folder: Path, *, model_url: str,
-                 receiver_url: str) -> tuple[Path, Policy, dict[str, str]]:
+def write_policy(base: Path, folder: Path, *, model_url: str, receiver_url: str,
+                 proxy_url: str | None = None) -> tuple[Path, Policy, dict[str, str]]:
     """Write the effective policy into ``folder``; return it, the loaded policy and the
     environment variables the proxy needs (key secrets, the placeholder upstream key)."""
     try:
@@ -78,10 +78,14 @@ def write_policy(base: Path, folder: Path, *, model_url: str,
     data["upstream"] = {**(data.get("upstream") or {}), "base_url": model_url + "/v1"}
     data["state"] = {**(data.get("state") or {}), "path": "state"}
     data["audit"] = {**(data.get("audit") or {}), "path": "audit.jsonl"}
-    for cfg in (data.get("executors") or {}).values():
+    notify = data.get("notifications")
+    channels = (notify.get("channels") or {}) if isinstance(notify, dict) else {}
+    for cfg in [*(data.get("executors") or {}).values(), *channels.values()]:
         if isinstance(cfg, dict) and cfg.get("type") == "webhook":
             path = urlsplit(str(cfg.get("url", ""))).path or "/"
             cfg["url"] = receiver_url + path
+    if isinstance(notify, dict) and proxy_url is not None:
+        notify["public_base_url"] = proxy_url  # the demo's proxy is where people reach it
     out = folder / "policy.yaml"
     header = (f"# Written by `authority demo` from {base}:\n"
               "# the upstream is the local scripted model, webhooks go to the local receiver,\n"
@@ -92,6 +96,9 @@ def write_policy(base: Path, folder: Path, *, model_url: str,
     for k in policy.keys:
         if k.secret_env:
             env[k.secret_env] = demo_secret(k.name)
+    for name, ch in policy.notifications.channels.items():
+        if ch.type == "webhook":
+            env[ch.secret_env] = demo_secret(f"notify-{name}")
     return out, policy, env
 
 

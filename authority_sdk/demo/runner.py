@@ -25,7 +25,7 @@ from rich.markup import escape
 from ..errors import PolicyError
 from .config import DemoKeys, examples_dir, make_folder, pick_keys, write_policy
 from .output import StepTable
-from .processes import Child, start_child, start_demo_model
+from .processes import Child, free_port, start_child, start_demo_model
 from .steps import Walkthrough
 
 if TYPE_CHECKING:
@@ -34,14 +34,16 @@ if TYPE_CHECKING:
 __all__ = ["run_demo"]
 
 
-def _start_proxy(policy_path: Path, env: dict[str, str], log_path: Path,
+def _start_proxy(policy_path: Path, env: dict[str, str], log_path: Path, port: int,
                  attempts: int = 3) -> ProxyProcess:
     from .processes import ProxyProcess
 
     last: Exception | None = None
-    for _ in range(attempts):  # a fresh free port each time, in case one was taken meanwhile
+    for _ in range(attempts):
         try:
-            return ProxyProcess(policy_path, env=env, log_path=log_path).start(timeout_s=30.0)
+            # The port the policy's links name (notifications.public_base_url).
+            return ProxyProcess(policy_path, env=env, log_path=log_path,
+                                port=port).start(timeout_s=30.0)
         except RuntimeError as exc:
             last = exc
     raise RuntimeError(f"the proxy would not start: {last}")
@@ -108,14 +110,16 @@ def _run(con: Console, examples: Path, base: Path, folder: Path, keep: bool) -> 
             stack.callback(receiver.stop)
             model = start_demo_model(folder)
             stack.callback(model.stop)
+            port = free_port()
             policy_path, pol, secrets = write_policy(base, folder, model_url=model.url,
-                                                     receiver_url=receiver.url)
+                                                     receiver_url=receiver.url,
+                                                     proxy_url=f"http://127.0.0.1:{port}")
             keys = pick_keys(pol)
             env = {**secrets, "PYTHONPATH": str(examples),
                    "AUTHORITY_NOTES_FILE": str(folder / "notes.jsonl"),
                    # Loopback traffic must not be sent to a proxy configured for the internet.
                    "NO_PROXY": _no_proxy(), "no_proxy": _no_proxy()}
-            proxy = _start_proxy(policy_path, env, folder / "proxy.log")
+            proxy = _start_proxy(policy_path, env, folder / "proxy.log", port)
             stack.callback(proxy.stop)
         except PolicyError as exc:
             con.print(f"[red]{escape(str(exc))}[/red]")

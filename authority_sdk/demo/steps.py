@@ -10,8 +10,10 @@ request counter (did the request reach the LLM at all).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from .config import DemoKey, DemoKeys
 __all__ = ["Step", "Walkthrough"]
 
 MODEL = "gpt-4o-mini"
+NOTIFY_PATH = "/notifications"  # where examples/policy.yaml sends the ops notifications
 
 REFUND_FUNCTION: dict[str, Any] = {
     "name": "issue_refund",
@@ -113,11 +116,29 @@ class Walkthrough:
         return self.http.request(method, self.proxy + path, json=body,
                                  headers={"Authorization": f"Bearer {key.secret}"})
 
-    def new_deliveries(self) -> list[dict[str, Any]]:
-        """What reached the webhook receiver since the last look."""
+    def _received(self) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = self.http.get(self.receiver + "/received").json()["deliveries"]
+        return got
+
+    def new_deliveries(self) -> list[dict[str, Any]]:
+        """The actions that reached the webhook receiver since the last look (its
+        notifications, sent by the gateway's worker at their own pace, are not actions)."""
+        got = [d for d in self._received() if not d["path"].startswith(NOTIFY_PATH)]
         new, self._delivered = got[self._delivered:], len(got)
         return new
+
+    def notification(self, approval_id: str, kind: str,
+                     timeout_s: float = 20.0) -> dict[str, Any]:
+        """The notification of ``kind`` about ``approval_id``, once the worker sent it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for d in self._received():
+                body = d["body"]
+                if (d["path"].startswith(NOTIFY_PATH) and body.get("type") == kind
+                        and (body.get("approval") or {}).get("id") == approval_id):
+                    return dict(body)
+            time.sleep(0.2)
+        raise AssertionError(f"no {kind} notification for {approval_id} within {timeout_s:g} s")
 
     def model_calls(self) -> int:
         return int(self.http.get(self.model + "/_stats").json()["chat_requests"])
@@ -144,6 +165,8 @@ class Walkthrough:
              self.approve),
             ("…approved a second time", "409 approval_executed, 0 webhook calls",
              self.approve_again),
+            ("Refund $300: held, ops notified with a one-time link",
+             "notified, link approved: executed, 1 webhook call", self.link_approve),
             ("Huge refund, $5,000", "denied_by_rule, 0 webhook calls", self.huge_refund),
             (f"Small refund from {d.environment} ({d.name} key)",
              "simulated, 0 webhook calls", self.dev_refund),
@@ -243,6 +266,32 @@ class Walkthrough:
         step.got = f"{r.status_code} {_error_code(r)}, {_calls(len(new))}"
         step.ok = r.status_code == 409 and _error_code(r) == "approval_executed" and not new
         step.notes.append(_error_message(r))
+
+    def link_approve(self, step: Step) -> None:
+        r = self.refund(self.keys.agent, "A-1010", 300)
+        act = _first_action(r)
+        if act["status"] != "pending_approval":  # not held: nobody is told, no link
+            step.got = f"{act['status']}, {_calls(len(self.new_deliveries()))}"
+            return
+        apr = str(act.get("approval_id"))
+        note = self.notification(apr, "approval.held")
+        link = str(note.get("decide_url"))
+        page = self.http.get(link)  # what a link scanner would do: decides nothing
+        code = re.search(r'<b id="code">([0-9A-F]{6})</b>', page.text)
+        if page.status_code != 200 or code is None:
+            raise AssertionError(f"the link page answered {page.status_code}")
+        # The person reads the code on the page and types it: only this POST decides.
+        done = self.http.post(link, data={"confirm": code.group(1), "decision": "approve",
+                                          "reason": "approved from the notification"})
+        status = re.search(r'<b id="status">(\w+)</b>', done.text)
+        new = self.new_deliveries()
+        got = status.group(1) if status else f"HTTP {done.status_code}"
+        step.got = f"notified, link approved: {got}, {_calls(len(new))}"
+        step.ok = (act["status"] == "pending_approval" and done.status_code == 200
+                   and got == "executed" and len(new) == 1)
+        step.notes.append(f"notification {note.get('id')} to {NOTIFY_PATH} carried "
+                          f"{link[:60]}…")
+        step.notes += [self.delivery_note(x) for x in new]
 
     def huge_refund(self, step: Step) -> None:
         act = _first_action(self.refund(self.keys.agent, "A-1003", 5000))

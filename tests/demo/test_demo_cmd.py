@@ -32,6 +32,7 @@ STORY = [
     ("Large refund, $400", "pending_approval, 0 webhook calls"),
     ("approved over HTTP", "200 executed, 1 webhook call"),
     ("approved a second time", "409 approval_executed, 0 webhook calls"),
+    ("ops notified with a one-time link", "notified, link approved: executed, 1 webhook call"),
     ("Huge refund, $5,000", "denied_by_rule, 0 webhook calls"),
     ("from dev", "simulated, 0 webhook calls"),
     ("Refund with Idempotency-Key", "executed, 1 webhook call"),
@@ -134,7 +135,7 @@ def test_audit_log_records_every_decision(demo_run: tuple[Any, Path]) -> None:
             assert order not in actions, f"{order} decided twice"
             actions[order] = e
     assert set(actions) == {"A-1001", "A-1002", "A-1003", "A-1004", "A-1005", "A-1006",
-                            "A-1008", "A-1009"}
+                            "A-1008", "A-1009", "A-1010"}
     assert actions["A-1001"]["details"]["status"] == "executed"
     assert actions["A-1001"]["execution_result"]["result"]["refund_id"]
     assert actions["A-1002"]["details"]["status"] == "pending_approval"
@@ -151,9 +152,18 @@ def test_audit_log_records_every_decision(demo_run: tuple[Any, Path]) -> None:
     approvals = [e for e in entries if e["event"] == "approval"]
     assert [(e["approval_status"], e["decision"], e["actor"]) for e in approvals] == [
         ("approved", "allow", "ops"), ("executed", "allow", "ops"),
-        ("executed", "deny", "ops")]  # the second approve is refused and audited
-    assert {e["details"]["approval_id"] for e in approvals} == {
-        actions["A-1002"]["details"]["approval_id"]}
+        ("executed", "deny", "ops"),  # the second approve is refused and audited
+        ("approved", "allow", "ops"), ("executed", "allow", "ops")]  # by the link, as ops
+    assert [e["details"]["approval_id"] for e in approvals] == [
+        actions["A-1002"]["details"]["approval_id"]] * 3 + [
+        actions["A-1010"]["details"]["approval_id"]] * 2
+    link = [e for e in approvals if e["details"]["approval_id"] ==
+            actions["A-1010"]["details"]["approval_id"]]
+    assert link[0]["reason"] == "approved from the notification"
+    held = [e for e in entries if e["event"] == "notification" and e["decision"] == "allow"
+            and e["details"]["event"] == "held"]
+    assert {e["details"]["approval_id"] for e in held} >= {
+        actions["A-1010"]["details"]["approval_id"]}
 
     kills = [e for e in entries if e["event"] == "kill_switch"]
     assert [(e["details"]["engaged"], e["actor"]) for e in kills] == [(True, "ops"),
@@ -168,7 +178,7 @@ def test_each_refund_reached_the_billing_system_once(demo_run: tuple[Any, Path])
     log = (demo_folder(cwd) / "receiver.log").read_text()
     orders = re.findall(r'"order_id": "([A-Z]-\d+)"', "\n".join(
         line.split("->")[0] for line in log.splitlines() if line.startswith("received POST")))
-    assert sorted(orders) == ["A-1001", "A-1002", "A-1005", "A-1008"]
+    assert sorted(orders) == ["A-1001", "A-1002", "A-1005", "A-1008", "A-1010"]
 
 
 def test_demo_policy_points_only_at_loopback(demo_run: tuple[Any, Path]) -> None:
@@ -191,7 +201,8 @@ def test_a_step_that_goes_wrong_fails_the_demo(tmp_path: Path) -> None:
     assert by_n[4] == ("✘", "executed, 1 webhook call (expected pending_approval, 0 webhook "
                             "calls)")
     assert by_n[5][0] == "✘"  # nothing left to approve
-    assert by_n[3][0] == by_n[7][0] == by_n[19][0] == "✔"
+    assert by_n[7][0] == "✘"  # the $300 refund ran at once: no notification, no link
+    assert by_n[3][0] == by_n[8][0] == by_n[len(STORY)][0] == "✔"
     assert "steps did not behave as the policy says" in done.stdout
 
 
@@ -227,7 +238,7 @@ def test_keep_leaves_the_gateway_running_until_interrupted(
         kept: tuple[subprocess.Popen[str], list[str]]) -> None:
     proc, lines = kept
     text = "\n".join(lines)
-    assert "all 19 steps behaved as the policy says" in text, text
+    assert f"all {len(STORY)} steps behaved as the policy says" in text, text
     base_url = re.search(r"^\s+base_url\s+(\S+)$", text, re.M)
     key = re.search(r"^\s+support-agent\s+(\S+)\s+environment prod", text, re.M)
     ops = re.search(r"^\s+ops\s+(\S+)\s+environment", text, re.M)

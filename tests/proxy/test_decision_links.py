@@ -289,3 +289,38 @@ def test_a_browser_approves_from_the_link_page(px: RunningProxy, hook: HttpRecei
     a = px.http("GET", f"/authority/approvals/{apr}", APPROVER_KEY).json()
     assert a["decided_by"] == "alice" and a["decision_reason"] == "checked"
     assert executions(px, apr) == 1
+
+
+def test_a_browser_shows_hostile_arguments_harmlessly_and_rejects_with_a_reason(
+        px: RunningProxy, hook: HttpReceiver, tmp_path: Path) -> None:
+    binary = chromium_binary()
+    hostile = ('<img src=x onerror="document.title=\'pwned\'"><script>document.title='
+               "'pwned'</script>\u202egnp.exe\u200b\u2066" + "A" * 5000)
+    apr = hold(px, hostile)
+    url = link_for(px, hook, apr, "bob")
+    browser = Browser(binary, tmp_path / "profile")
+    shots = Path(os.environ.get("CONSOLE_SCREENSHOT_DIR") or tmp_path)
+    try:
+        browser.call("Page.navigate", url=url)
+        browser.wait_for("document.readyState === 'complete' && !!document.getElementById("
+                         "'confirm')", "the link page")
+        assert browser.eval("document.querySelectorAll('body img, body script').length") == 0
+        shown = browser.eval("document.getElementById('arguments').textContent")
+        assert "\\u202egnp.exe\\u200b\\u2066" in shown and "\u202e" not in shown
+        assert browser.eval("getComputedStyle(document.getElementById('hidden-chars'))"
+                            ".display") != "none"
+        # The long string wraps inside the page instead of widening it.
+        assert browser.eval("document.documentElement.scrollWidth <= window.innerWidth")
+        browser.screenshot(shots / "link-page-hostile.png")
+        browser.eval("document.getElementById('confirm').value = "
+                     "document.getElementById('code').textContent; "
+                     "document.getElementById('reason').value = 'looks like an attack'; "
+                     "document.getElementById('reject').click(); true")
+        assert browser.wait_for("document.getElementById('status')?.textContent",
+                                "the outcome") == "rejected"
+        assert browser.eval("document.title") != "pwned"
+    finally:
+        browser.close()
+    a = px.http("GET", f"/authority/approvals/{apr}", APPROVER_KEY).json()
+    assert (a["status"], a["decided_by"], a["decision_reason"]) == (
+        "rejected", "bob", "looks like an attack")
