@@ -475,3 +475,26 @@ def resolve_execution(gw: Gateway, action_key: str, *, outcome: str, actor: str,
         current_apr = moved or approval_rules.get(gw.store, approval_id, gw.policy)
         out["approval_status"] = current_apr.get("status") if current_apr else None
     return out
+
+
+def evaluate_action(gw: Gateway, action_type: str, arguments: dict[str, Any], *,
+                    environment: str | None = None, scope: Scope = UNSCOPED) -> dict[str, Any]:
+    """A dry run of one action under the policy in force (the kill switch included): the
+    mode, the rule that decided and why — what ``authority policy explain`` prints.
+    Nothing is recorded or run."""
+    import json as _json
+
+    from .modes import resolve_action
+
+    env = environment or scope.environment or gw.policy.default_environment
+    if not scope.covers(env):
+        raise _refused_out_of_scope(f"environment {env!r}")
+    if env not in gw.policy.environments:
+        raise InvalidRequest(f"unknown environment {env!r} (defined: "
+                             f"{', '.join(sorted(gw.policy.environments))})")
+    r = resolve_action(gw.policy, env, action_type, _json.dumps(arguments),
+                       kill_switch_engaged=gw.kill_engaged(env))
+    return {"action": action_type, "environment": env, "mode": r.mode,
+            "decision": r.decision, "decided_by": r.decided_by, "reason": r.reason,
+            "code": r.code, "dispatch": r.dispatch, "executor": r.executor,
+            "policy_hash": gw.policy.hash}

@@ -58,6 +58,8 @@ from .schemas import (
     ApprovalList,
     DecisionBody,
     ErrorBody,
+    EvaluateBody,
+    Evaluation,
     Health,
     JournalEntry,
     JournalEntryList,
@@ -425,6 +427,13 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         return control.resolve_execution(gw, action_key, outcome=body.outcome,
                                          actor=ident.name, reason=body.reason,
                                          scope=ident.scope)
+
+    @app.post("/authority/policy/evaluate", tags=["management"], response_model=Evaluation,
+              responses=_ERRORS, dependencies=StrictJson,
+              summary="Dry-run one action against the policy in force (nothing runs)")
+    def evaluate(body: EvaluateBody, ident: Admin) -> dict[str, Any]:
+        return control.evaluate_action(gw, body.action, body.arguments,
+                                       environment=body.environment, scope=ident.scope)
 
     @app.get("/authority/kill-switch", tags=["management"], response_model=KillSwitchStatus,
              responses=_ERRORS, summary="The global switch and those of the key's "

@@ -137,6 +137,28 @@ class ResolveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EvaluateBody(BaseModel):
+    action: str = Field(min_length=1, max_length=200, description="the action type (tool name)")
+    arguments: dict[str, Any] = Field(default_factory=dict, description="its arguments")
+    environment: str | None = Field(None, max_length=MAX_ENVIRONMENT, description=(
+        "default: the key's environment, else the policy's default"))
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Evaluation(BaseModel):
+    action: str
+    environment: str
+    mode: str
+    decision: str
+    decided_by: str
+    reason: str | None
+    code: str | None
+    dispatch: str
+    executor: str | None
+    policy_hash: str
+
+
 class KillSwitchBody(BaseModel):
     engaged: StrictBool = Field(description="true or false; nothing else is taken for one")
     reason: str | None = Field(None, max_length=MAX_REASON)

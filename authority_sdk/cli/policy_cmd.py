@@ -1,4 +1,4 @@
-"""``authority policy check|schema|explain``."""
+"""``authority policy check|schema|explain|diff``."""
 
 from __future__ import annotations
 
@@ -271,3 +271,52 @@ def _explain_request(p: Policy, environment: str | None, model: str, max_tokens:
     finally:
         if store is not None:
             store.close()
+
+
+@app.command()
+def diff(
+    against: Annotated[str, typer.Option("--against", help="The new policy file to try.")],
+    policy: PolicyOpt = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="Only actions recorded in this window: 30m, 12h, 7d.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Replay the actions in the audit log under a new policy: which decisions would
+    change, with examples; what the log cannot decide is counted, never guessed."""
+    from ..audit import open_sink
+    from ..whatif import decided_actions, parse_since, replay
+
+    old = policy_or_exit(policy)
+    new = policy_or_exit(against)
+    try:
+        window = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    sink = open_sink(old)
+    try:
+        entries = (r.entry for r in sink.records() if r.entry is not None)
+        result = replay(old, new, decided_actions(entries, window))
+    except OSError as exc:
+        typer.echo(f"error: cannot read the audit log: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        sink.close()
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False, default=str))
+        return
+    total = sum(result.total.values())
+    changed = sum(result.changed.values())
+    unknown = sum(result.cannot_tell.values())
+    scope = f" in the last {since}" if since else ""
+    typer.echo(f"{total} recorded action(s){scope}: {changed} would be decided differently, "
+               f"{unknown} cannot tell from the log")
+    for (action_type, was, now), n in sorted(result.changed.items()):
+        of = result.total[action_type]
+        typer.echo(f"  {n} of {of} {action_type}: {was} -> {now}")
+        for ex in result.examples[(action_type, was, now)]:
+            shown = json.dumps(ex.arguments, ensure_ascii=True)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            typer.echo(f"      e.g. {ex.request_id} ({ex.environment}) {shown}")
+    for (action_type, why), n in sorted(result.cannot_tell.items()):
+        typer.echo(f"  {n} {action_type}: cannot tell ({why})")
