@@ -16,14 +16,16 @@ load scripts from a CDN; ``/openapi.json`` stays for tools.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -53,6 +55,7 @@ from .guard import IDENTITY, MANAGEMENT_MAX_BODY, InputGuard, RoleCheck
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .observe import AccessLog, ObservedGateway, current_info
 from .refusals import AUDITED_STATUSES, audit_refusal
+from .reload import LiveGateway, Reloader
 from .schemas import (
     Approval,
     ApprovalList,
@@ -201,13 +204,40 @@ def _join_replicas(gw: ObservedGateway) -> str | None:
     return name
 
 
+async def _watch_policy(reloader: Reloader, every_s: float = 1.0) -> None:
+    """SIGHUP, or a change of the file on disk (checked each second), reloads the policy."""
+    loop = asyncio.get_running_loop()
+    hup = asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+    try:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(hup.wait(), every_s)
+            trigger = "SIGHUP" if hup.is_set() else "file"
+            hup.clear()
+            try:
+                if trigger == "file" and not await run_in_threadpool(reloader.changed_on_disk):
+                    continue
+                await run_in_threadpool(reloader.reload, trigger)
+            except Exception:  # the watch must outlive any one attempt
+                log.exception("policy reload failed; the policy in force stays")
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
+
+
 def create_app(policy: Policy | str | Path) -> FastAPI:
     """The proxy as an ASGI app. ``app.state.gateway`` is its engine."""
     pol = load_policy(policy)
     metrics = Metrics()
-    gw = ObservedGateway(pol)
-    gw.metrics = metrics
+    engine = ObservedGateway(pol)
+    engine.metrics = metrics
+    # Every handler reads the engine in force through this; a chat request keeps the one
+    # it started with (``gw.ahandle`` is bound once), so a reload never changes its policy.
+    gw = LiveGateway(engine)
     state: dict[str, Upstream] = {}
+    policy_path = None if isinstance(policy, Policy) else Path(default_policy_path(policy))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -216,18 +246,27 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         await run_in_threadpool(lambda: gw.audit)
         from authority_sdk.worker import Worker
 
-        replica = await run_in_threadpool(_join_replicas, gw)
+        replica = await run_in_threadpool(_join_replicas, gw.current)
         # The first round (recovery of what a crash left) before the first caller is served.
-        worker = Worker(gw, interval_s=pol.worker.interval_s, replica=replica)
+        # The live gateway, not one engine: the worker follows reloads.
+        worker = Worker(cast("ObservedGateway", gw), interval_s=pol.worker.interval_s,
+                        replica=replica)
         await run_in_threadpool(worker.tick)
         worker.start()
         # Before the first caller, not beside it: a warm-up thread parsing the price map holds
         # the GIL long enough to starve the event loop, and upstream timeouts fire on requests
         # that were answered in time.
-        await run_in_threadpool(_warm_up, gw)
+        await run_in_threadpool(_warm_up, gw.current)
+        watch = None
+        if policy_path is not None:
+            reloader = Reloader(policy_path.resolve(), gw, keyring)
+            app.state.reloader = reloader
+            watch = asyncio.get_running_loop().create_task(_watch_policy(reloader))
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
             await run_in_threadpool(worker.stop)
             await state["upstream"].aclose()
             # A network store's async pool lives on this loop: close it here, awaited.
@@ -253,7 +292,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
     async def on_refusal(ident: Identity, exc: AuthorityError, method: str,
                          path: str) -> AuthorityError | None:
-        return await audit_refusal(gw, ident, exc, method, path)
+        return await audit_refusal(gw.current, ident, exc, method, path)
 
     # Added first, so it runs inside the access log: its refusals are logged and counted.
     app.add_middleware(InputGuard, keyring=keyring, routes=lambda: app.routes,
@@ -266,7 +305,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
                       headers: dict[str, str] | None = None) -> Response:
         ident: Identity | None = request.scope.get(IDENTITY)
         if ident is not None and exc.status_code in AUDITED_STATUSES:
-            replaced = await audit_refusal(gw, ident, exc, request.method, request.url.path)
+            replaced = await audit_refusal(gw.current, ident, exc, request.method, request.url.path)
             exc = replaced or exc
         rid = exc.details.get("request_id")
         resp = error_response(exc, request_id=rid if isinstance(rid, str) else None)
@@ -369,7 +408,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
             max_length=200, description="pending, approved, rejected, expired, executed, "
             "failed, in_doubt, or several separated by commas")] = None,
             limit: Limit = None, cursor: Cursor = None) -> dict[str, Any]:
-        page = control.list_approvals(gw, status, limit=limit, cursor=cursor,
+        page = control.list_approvals(gw.current, status, limit=limit, cursor=cursor,
                                       scope=ident.scope)
         return {"object": "list", "data": page, "next_cursor": page.next_cursor}
 
@@ -382,7 +421,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
             ) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            got = await run_in_threadpool(control.get_approval, gw, approval_id,
+            got = await run_in_threadpool(control.get_approval, gw.current, approval_id,
                                           scope=ident.scope)
             if not ident.caller.roles & {"approver", "admin"} \
                     and got.get("requested_by") != ident.name:
@@ -399,14 +438,14 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
               summary="Approve a pending action (a gateway-dispatched one executes now)")
     def approve(approval_id: ApprovalId, ident: Approver,
                 body: Annotated[DecisionBody | None, Body()] = None) -> dict[str, Any]:
-        return control.approve(gw, approval_id, actor=ident.name,
+        return control.approve(gw.current, approval_id, actor=ident.name,
                                reason=body.reason if body else None, scope=ident.scope)
 
     @app.post("/authority/approvals/{approval_id}/reject", tags=["management"],
               response_model=Approval, responses=_ERRORS, dependencies=StrictJson)
     def reject(approval_id: ApprovalId, ident: Approver,
                body: Annotated[DecisionBody | None, Body()] = None) -> dict[str, Any]:
-        return control.reject(gw, approval_id, actor=ident.name,
+        return control.reject(gw.current, approval_id, actor=ident.name,
                               reason=body.reason if body else None, scope=ident.scope)
 
     @app.get("/authority/actions", tags=["management"], response_model=JournalEntryList,
@@ -415,7 +454,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
             max_length=200, description="started, executed, failed, in_doubt, or several "
             "separated by commas")] = None,
             limit: Limit = None, cursor: Cursor = None) -> dict[str, Any]:
-        page = control.list_executions(gw, status, limit=limit, cursor=cursor,
+        page = control.list_executions(gw.current, status, limit=limit, cursor=cursor,
                                        scope=ident.scope)
         return {"object": "list", "data": page, "next_cursor": page.next_cursor}
 
@@ -424,7 +463,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
               summary="Settle an in_doubt action as executed or failed (nothing runs)")
     def resolve_execution(action_key: ActionKey, body: ResolveBody,
                           ident: Approver) -> dict[str, Any]:
-        return control.resolve_execution(gw, action_key, outcome=body.outcome,
+        return control.resolve_execution(gw.current, action_key, outcome=body.outcome,
                                          actor=ident.name, reason=body.reason,
                                          scope=ident.scope)
 
@@ -432,45 +471,46 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
               responses=_ERRORS, dependencies=StrictJson,
               summary="Dry-run one action against the policy in force (nothing runs)")
     def evaluate(body: EvaluateBody, ident: Admin) -> dict[str, Any]:
-        return control.evaluate_action(gw, body.action, body.arguments,
+        return control.evaluate_action(gw.current, body.action, body.arguments,
                                        environment=body.environment, scope=ident.scope)
 
     @app.get("/authority/kill-switch", tags=["management"], response_model=KillSwitchStatus,
              responses=_ERRORS, summary="The global switch and those of the key's "
              "environments")
     def kill_switch_status(ident: Admin) -> dict[str, Any]:
-        return control.kill_switch_status(gw, scope=ident.scope)
+        return control.kill_switch_status(gw.current, scope=ident.scope)
 
     @app.post("/authority/kill-switch", tags=["management"], response_model=KillSwitchChange,
               responses=_ERRORS, dependencies=StrictJson,
               summary="Engage or release the global (unscoped admin only) or one "
               "environment's kill switch")
     def set_kill_switch(body: KillSwitchBody, ident: Admin) -> dict[str, Any]:
-        return control.set_kill_switch(gw, body.engaged, actor=ident.name, reason=body.reason,
-                                       environment=body.environment, scope=ident.scope)
+        return control.set_kill_switch(gw.current, body.engaged, actor=ident.name,
+                                       reason=body.reason, environment=body.environment,
+                                       scope=ident.scope)
 
     @app.get("/authority/audit", tags=["management"], response_model=AuditTail,
              responses=_ERRORS, summary="The last entries of the audit log, oldest first")
     def audit_log_tail(ident: Reader, limit: Annotated[int, Query(
             ge=1, le=1000, description="How many entries (at most 1000)")] = 50,
             cursor: Cursor = None) -> dict[str, Any]:
-        return audit_tail(gw, limit, cursor=cursor, scope=ident.scope)
+        return audit_tail(gw.current, limit, cursor=cursor, scope=ident.scope)
 
     @app.get("/authority/audit/verify", tags=["management"], response_model=AuditVerify,
              responses=_ERRORS, summary="Check the audit log's hash chain and its head")
     def audit_log_verify(ident: Reader) -> dict[str, Any]:
-        return audit_verify(gw, scope=ident.scope)
+        return audit_verify(gw.current, scope=ident.scope)
 
     # A one-time link is its own credential (no key): GET shows, only the page's POST decides.
     @app.get(DECIDE_PATH, include_in_schema=False)
     def decide_page(token: Annotated[str, PathParam(max_length=64)]) -> Response:
-        return decide_get(gw, token)
+        return decide_get(gw.current, token)
 
     @app.post(DECIDE_PATH, include_in_schema=False)
     async def decide(request: Request,
                      token: Annotated[str, PathParam(max_length=64)]) -> Response:
         raw = await _read_body(request, MANAGEMENT_MAX_BODY)
-        return await run_in_threadpool(decide_post, gw, token, request, raw)
+        return await run_in_threadpool(decide_post, gw.current, token, request, raw)
 
     @app.get("/authority/ui", include_in_schema=False)
     async def console() -> Response:

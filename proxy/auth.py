@@ -66,8 +66,16 @@ def bearer_token(authorization: str | None) -> str | None:
 
 class KeyRing:
     def __init__(self, policy: Policy, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        self._entries: list[tuple[bytes, Identity]] = []
+        self._environ = environ
+        self._entries = self._read(policy)
+
+    def replace(self, policy: Policy) -> None:
+        """The keys of a reloaded policy, in force for the next request (one assignment)."""
+        self._entries = self._read(policy)
+
+    def _read(self, policy: Policy) -> list[tuple[bytes, Identity]]:
+        env = os.environ if self._environ is None else self._environ
+        entries: list[tuple[bytes, Identity]] = []
         for key in policy.keys:
             if key.secret_sha256 is not None:
                 digest = bytes.fromhex(key.secret_sha256)
@@ -82,7 +90,8 @@ class KeyRing:
             caller = Caller(name=key.name,
                             environment=key.environment or policy.default_environment,
                             roles=frozenset(key.roles))
-            self._entries.append((digest, Identity(key, caller)))
+            entries.append((digest, Identity(key, caller)))
+        return entries
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -94,7 +103,7 @@ class KeyRing:
                 "missing API key: send it as 'Authorization: Bearer <key>'")
         presented = hashlib.sha256(token.encode()).digest()
         found: Identity | None = None
-        for digest, ident in self._entries:
+        for digest, ident in self._entries:  # one list, even if a reload swaps it meanwhile
             # No early exit: every digest is compared whatever matches.
             if hmac.compare_digest(presented, digest) and found is None:
                 found = ident

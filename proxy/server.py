@@ -9,6 +9,7 @@ one. Each worker runs the background worker; a lease lets one of them do its wor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import logging.config
@@ -74,8 +75,9 @@ def run(policy_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stopped)
     if workers <= 1:
-        uvicorn.run(create_app(policy), **common)
+        uvicorn.run(create_app(path), **common)
         return 0
+    _forward_sighup_to_workers()
     os.environ[POLICY_ENV] = str(path)
     metrics_dir = tempfile.mkdtemp(prefix="authority-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -84,6 +86,22 @@ def run(policy_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: i
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _forward_sighup_to_workers() -> None:
+    """uvicorn's supervisor restarts every worker on SIGHUP, dropping requests in flight and
+    starting workers on a file nobody validated. Each worker reloads the policy itself
+    (``proxy/reload.py``): the supervisor only passes the signal on."""
+    from uvicorn.supervisors import multiprocess
+
+    def handle_hup(self: Any) -> None:
+        for proc in getattr(self, "processes", []):
+            pid = getattr(getattr(proc, "process", None), "pid", None)
+            if isinstance(pid, int):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
+    multiprocess.Multiprocess.handle_hup = handle_hup  # type: ignore[method-assign]
 
 
 def _stopped(signum: int, frame: FrameType | None) -> None:
