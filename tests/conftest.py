@@ -101,3 +101,13 @@ def audit_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Au
     backend = AUDIT_SINKS[request.param](tmp_path)
     yield backend
     backend.cleanup()
+
+
+@pytest.fixture
+def pg(tmp_path: Path) -> Iterator[Any]:
+    """A PostgreSQL state backend of its own (a schema dropped after the test)."""
+    from helpers import PostgresBackend
+
+    backend = PostgresBackend(tmp_path)
+    yield backend
+    backend.cleanup()

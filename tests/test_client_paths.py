@@ -153,7 +153,8 @@ def _sent(receiver: HttpReceiver, since: int) -> list[tuple[str, str]]:
     return [(r.method, r.path.split("?")[0]) for r in receiver.requests[since:]]
 
 
-def _walk_sync(c: Any, receiver: HttpReceiver) -> dict[str, str]:
+def _walk(c: Any, receiver: HttpReceiver, drive: Callable[[Any], None]) -> dict[str, str]:
+    """Call every method of every resource once; ``drive`` consumes what it returns."""
     outcomes: dict[str, str] = {}
     for rname, resource in _resources(c):
         for mname, fn in _methods(resource):
@@ -161,30 +162,11 @@ def _walk_sync(c: Any, receiver: HttpReceiver) -> dict[str, str]:
             err: BaseException | None = None
             try:
                 args, kwargs = _call_args(fn)
-                _drive_sync(fn(*args, **kwargs))
+                drive(fn(*args, **kwargs))
             except Exception as e:
                 err = e
-            outcomes[f"{rname}.{mname}"] = _what_happened(err, receiver, before)
-    return outcomes
-
-
-def _what_happened(err: BaseException | None, receiver: HttpReceiver, before: int) -> str:
-    sent = _sent(receiver, before)
-    return _outcome(err) + (f" SENT {sent}" if sent else "")
-
-
-async def _walk_async(c: Any, receiver: HttpReceiver) -> dict[str, str]:
-    outcomes: dict[str, str] = {}
-    for rname, resource in _resources(c):
-        for mname, fn in _methods(resource):
-            before = len(receiver.requests)
-            err: BaseException | None = None
-            try:
-                args, kwargs = _call_args(fn)
-                await _drive_async(fn(*args, **kwargs))
-            except Exception as e:
-                err = e
-            outcomes[f"{rname}.{mname}"] = _what_happened(err, receiver, before)
+            sent = _sent(receiver, before)
+            outcomes[f"{rname}.{mname}"] = _outcome(err) + (f" SENT {sent}" if sent else "")
     return outcomes
 
 
@@ -220,13 +202,17 @@ def test_every_sync_resource_method_is_gated_or_refused(
         write_policy: Callable[..., Path], receiver: HttpReceiver) -> None:
     c = _client(write_policy(), receiver.url("/v1"),
                 websocket_base_url=receiver.url("/v1").replace("http", "ws"))
-    _check(_walk_sync(c, receiver))
+    _check(_walk(c, receiver, _drive_sync))
 
 
 def test_every_async_resource_method_is_gated_or_refused(
         write_policy: Callable[..., Path], receiver: HttpReceiver) -> None:
     c = _client(write_policy(), receiver.url("/v1"), AsyncAuthorityClient)
-    _check(asyncio.run(_walk_async(c, receiver)))
+    loop = asyncio.new_event_loop()  # one loop for the whole walk, as an app would have
+    try:
+        _check(_walk(c, receiver, lambda result: loop.run_until_complete(_drive_async(result))))
+    finally:
+        loop.close()
 
 
 def test_connect_is_refused_on_copies_and_never_opens_a_socket(

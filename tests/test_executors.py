@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import sample_actions
+from helpers import concurrently
 from servers import HttpReceiver, SmtpSink, free_port, self_signed_cert
 
 from authority_sdk.executors import (
@@ -556,18 +557,7 @@ def test_registry_builds_each_executor_once_with_its_kind_and_idempotency() -> N
 
 def test_registry_hands_out_one_executor_to_concurrent_threads() -> None:
     registry = ExecutorRegistry(parse_policy(POLICY).executors)
-    seen: list[Executor] = []
-    barrier = threading.Barrier(6)
-
-    def grab() -> None:
-        barrier.wait()
-        seen.append(registry.get("billing"))
-
-    threads = [threading.Thread(target=grab) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    seen = concurrently(lambda: registry.get("billing"), n=6)
     assert len(seen) == 6 and all(e is seen[0] for e in seen)
 
 

@@ -11,12 +11,12 @@ import math
 import os
 import subprocess
 import sys
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import concurrently
 
 from authority_sdk.policy import ModelPrice
 from authority_sdk.pricing import (
@@ -351,18 +351,7 @@ def test_loader_keeps_only_what_prices_a_chat_call(tmp_path: Path) -> None:
 
 def test_concurrent_first_lookups_load_one_table(tmp_path: Path) -> None:
     book = PriceBook(price_map=write_map(tmp_path / "map.json"))
-    results: list[ModelPricing | None] = []
-    barrier = threading.Barrier(8)
-
-    def worker() -> None:
-        barrier.wait()
-        results.append(book.lookup("acme/tiny"))
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = concurrently(lambda: book.lookup("acme/tiny"), n=8)
     assert len(results) == 8 and all(r is results[0] and r is not None for r in results)
 
 

@@ -150,13 +150,20 @@ def followup_shape(msgs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return shape
 
 
+def plain_and_streamed(policy: Path, gw: Gateway, rx: HttpReceiver, mode: str,
+                       script: str) -> tuple[Any, Any]:
+    """One script answered plain and streamed (sync or async) through the same gateway."""
+    client = AuthorityClient(gateway=gw, max_retries=0)
+    plain = client.chat.completions.create(model=MODEL, messages=user(script), tools=TOOLS)
+    streamed = (stream_sync(client, script, rx) if mode == "sync"
+                else stream_async(policy, script, rx))
+    return plain, streamed
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_streamed_answer_equals_the_plain_answer_for_the_same_script(
         policy: Path, gw: Gateway, rx: HttpReceiver, mode: str) -> None:
-    client = AuthorityClient(gateway=gw, max_retries=0)
-    plain = client.chat.completions.create(model=MODEL, messages=user(MIXED), tools=TOOLS)
-    streamed = (stream_sync(client, MIXED, rx) if mode == "sync"
-                else stream_async(policy, MIXED, rx))
+    plain, streamed = plain_and_streamed(policy, gw, rx, mode, MIXED)
 
     message = plain.choices[0].message
     # The model's words, then the gateway's summary (its approval ids differ per answer).
@@ -189,10 +196,7 @@ def _no_ids(text: str) -> str:
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_streamed_answer_with_no_call_left_ends_like_the_plain_one(
         policy: Path, gw: Gateway, rx: HttpReceiver, mode: str) -> None:
-    client = AuthorityClient(gateway=gw, max_retries=0)
-    plain = client.chat.completions.create(model=MODEL, messages=user(NONE_KEPT), tools=TOOLS)
-    streamed = (stream_sync(client, NONE_KEPT, rx) if mode == "sync"
-                else stream_async(policy, NONE_KEPT, rx))
+    plain, streamed = plain_and_streamed(policy, gw, rx, mode, NONE_KEPT)
 
     assert plain.choices[0].finish_reason == streamed.finish_reason == "stop"
     assert plain.choices[0].message.tool_calls is None

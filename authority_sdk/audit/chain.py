@@ -40,6 +40,7 @@ __all__ = [
     "LOSS_PROBLEMS",
     "Prepared",
     "build",
+    "build_run",
     "canonical_json",
     "entry_hash",
     "entry_mac",
@@ -128,6 +129,17 @@ def prepare(event: str, fields: dict[str, Any], redact_names: frozenset[str] = f
     # execution result cannot push the other fields out.
     safe = bound({"fields": fields, "details": details})
     return Prepared(event, safe.get("fields") or {}, safe.get("details") or {})
+
+
+def build_run(prepared: list[Prepared], prev_seq: int, prev_hash: str,
+              key: bytes | None) -> list[dict[str, Any]]:
+    """Seal several entries in a row after ``(prev_seq, prev_hash)``."""
+    entries: list[dict[str, Any]] = []
+    for p in prepared:
+        entry = build(p, prev_seq, prev_hash, key)
+        entries.append(entry)
+        prev_seq, prev_hash = entry["seq"], entry["hash"]
+    return entries
 
 
 def build(prepared: Prepared, prev_seq: int, prev_hash: str, key: bytes | None, *,

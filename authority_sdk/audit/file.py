@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthorityError, AuthorityUnavailable
-from .chain import GENESIS_HASH, Prepared, build, prepare
+from .chain import GENESIS_HASH, Prepared, build, build_run, prepare
 from .checkpoint import Checkpoint, CheckpointFile
 from .lines import line_start, parse_entry, read_records, records_before, reverse_lines
 from .locking import LOCK_TIMEOUT_S, FlockLock, LockTimeout
 from .losses import Known, losses
-from .protocol import AuditHead, Record
+from .protocol import AuditHead, Record, SinkSettings
 
 if TYPE_CHECKING:
     from ..policy import Policy
@@ -49,7 +49,7 @@ __all__ = ["AuditLog", "FileSink", "open_for_policy"]
 _MAX_TORN_TEXT = 4096
 
 
-class FileSink:
+class FileSink(SinkSettings):
     """The append side of the log, and its reader. Safe across threads and processes.
 
     The file is opened lazily by the first :meth:`append` (or explicitly by
@@ -64,12 +64,8 @@ class FileSink:
         self.path = Path(path)
         self.location = str(self.path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.fsync = fsync
-        self.key = key
-        self.checkpoints = checkpoints
-        self.checkpoint_every = checkpoint_every
-        self._head = head
-        self._redact = frozenset(redact)
+        self._settings(fsync=fsync, head=head, redact=redact, key=key, checkpoints=checkpoints,
+                       checkpoint_every=checkpoint_every)
         self._reset_process_state()
 
     @classmethod
@@ -106,12 +102,7 @@ class FileSink:
         if not prepared:
             return []
         with self._locked():
-            entries: list[dict[str, Any]] = []
-            seq, hsh = self._seq, self._hash
-            for p in prepared:
-                entry = build(p, seq, hsh, self.key)
-                entries.append(entry)
-                seq, hsh = entry["seq"], entry["hash"]
+            entries = build_run(prepared, self._seq, self._hash, self.key)
             self._write(entries)
         return entries
 

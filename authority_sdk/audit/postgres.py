@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from ..errors import AuthorityError, AuthorityUnavailable
-from .chain import GENESIS_HASH, build, prepare
+from .chain import GENESIS_HASH, build, build_run, prepare
 from .checkpoint import CheckpointFile
 from .lines import parse_entry
 from .losses import Known, losses
-from .protocol import AuditHead, Record
+from .protocol import AuditHead, Record, SinkSettings
 
 if TYPE_CHECKING:
     from ..policy import Policy
@@ -51,19 +51,15 @@ def _record(seq: int, raw: str) -> Record:
     return Record(seq, len(raw), entry)
 
 
-class PgAuditSink:
+class PgAuditSink(SinkSettings):
     def __init__(self, dsn: str, *, fsync: bool = True, head: AuditHead | None = None,
                  redact: Iterable[str] = (), key: bytes | None = None,
                  checkpoints: CheckpointFile | None = None,
                  checkpoint_every: int = 1000) -> None:
         self.dsn = dsn
         self.location = "the PostgreSQL table authority_audit"
-        self.fsync = fsync
-        self.key = key
-        self.checkpoints = checkpoints
-        self.checkpoint_every = checkpoint_every
-        self._head = head
-        self._redact = frozenset(redact)
+        self._settings(fsync=fsync, head=head, redact=redact, key=key, checkpoints=checkpoints,
+                       checkpoint_every=checkpoint_every)
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
@@ -87,12 +83,7 @@ class PgAuditSink:
             return []
 
         def write(cur: Any) -> list[dict[str, Any]]:
-            entries: list[dict[str, Any]] = []
-            seq, hsh = self._seq, self._hash
-            for p in prepared:
-                entry = build(p, seq, hsh, self.key)
-                entries.append(entry)
-                seq, hsh = entry["seq"], entry["hash"]
+            entries = build_run(prepared, self._seq, self._hash, self.key)
             self._insert(cur, entries)
             return entries
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .checkpoint import CheckpointFile
 
-__all__ = ["AuditHead", "AuditSink", "Record", "last_entries"]
+__all__ = ["AuditHead", "AuditSink", "Record", "SinkSettings", "last_entries"]
 
 
 @runtime_checkable
@@ -87,3 +87,22 @@ def last_entries(newest_first: Iterable[Record], n: int) -> list[dict[str, Any]]
                    else {"invalid_line": rec.raw, "offset": rec.position})
     out.reverse()
     return out
+
+
+class SinkSettings:
+    """What every sink takes from the policy (``registry.sink_options``), kept alike."""
+
+    fsync: bool
+    key: bytes | None
+    checkpoints: CheckpointFile | None
+    checkpoint_every: int
+
+    def _settings(self, *, fsync: bool, head: AuditHead | None, redact: Iterable[str],
+                  key: bytes | None, checkpoints: CheckpointFile | None,
+                  checkpoint_every: int) -> None:
+        self.fsync = fsync
+        self.key = key
+        self.checkpoints = checkpoints
+        self.checkpoint_every = checkpoint_every
+        self._head = head
+        self._redact = frozenset(redact)

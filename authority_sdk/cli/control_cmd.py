@@ -344,24 +344,28 @@ def show_cmd(approval_id: str, as_json: JsonOpt = False, policy: PolicyOpt = Non
     _console().print(table)
 
 
+def _decide(verb: str, approval_id: str, reason: str | None, policy: str | None,
+            url: str | None, key: str | None) -> None:
+    with backend(policy, url, key) as b:
+        a = b.approve(approval_id, reason) if verb == "approved" else \
+            b.reject(approval_id, reason)
+    typer.echo(_summary(verb, a))
+    if a.get("status") in ("failed", "in_doubt"):
+        raise typer.Exit(1)
+
+
 @approvals_app.command("approve")
 def approve_cmd(approval_id: str, reason: ReasonOpt = None, policy: PolicyOpt = None,
                 url: UrlOpt = None, key: KeyOpt = None) -> None:
     """Approve a pending action; a gateway-dispatched one runs now, once."""
-    with backend(policy, url, key) as b:
-        a = b.approve(approval_id, reason)
-    typer.echo(_summary("approved", a))
-    if a.get("status") in ("failed", "in_doubt"):
-        raise typer.Exit(1)
+    _decide("approved", approval_id, reason, policy, url, key)
 
 
 @approvals_app.command("reject")
 def reject_cmd(approval_id: str, reason: ReasonOpt = None, policy: PolicyOpt = None,
                url: UrlOpt = None, key: KeyOpt = None) -> None:
     """Reject a pending action; it never runs."""
-    with backend(policy, url, key) as b:
-        a = b.reject(approval_id, reason)
-    typer.echo(_summary("rejected", a))
+    _decide("rejected", approval_id, reason, policy, url, key)
 
 
 # -- kill switch --------------------------------------------------------------------------

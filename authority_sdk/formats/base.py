@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from ..effects import Decision
     from ..records import ActionOutcome
 
-__all__ = ["Answer", "Call", "ParsedRequest", "Stateless", "StreamAssembler", "WireFormat"]
+__all__ = ["Answer", "Call", "ParsedRequest", "Stateless", "StreamAssembler", "WireFormat",
+           "load_body"]
 
 
 @dataclass
@@ -159,3 +160,14 @@ class Stateless:
     def record_d(self, req: ParsedRequest, answer: Answer, authority: dict[str, Any], *,
                  caller: str, environment: str, ttl_s: float) -> Decision[None]:
         yield from ()
+
+
+def load_body(body: bytes) -> Any:
+    """A request body parsed strictly (``strictjson``), or a 400 saying what is wrong."""
+    from .. import strictjson
+    from ..errors import InvalidRequest
+
+    try:
+        return strictjson.loads(body)
+    except strictjson.StrictJSONError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None

@@ -15,11 +15,10 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from .. import strictjson
 from ..audit import redact
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome, ActionStatus
-from .base import Answer, Call, ParsedRequest, Stateless
+from .base import Answer, Call, ParsedRequest, Stateless, load_body
 from .sse import sse
 
 __all__ = ["ChatCompletions", "followup_payload", "summary_line"]
@@ -169,10 +168,7 @@ class ChatCompletions(Stateless):
     # -- requests ---------------------------------------------------------------------
 
     def parse(self, body: bytes) -> ParsedRequest:
-        try:
-            data = strictjson.loads(body)
-        except strictjson.StrictJSONError as exc:
-            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        data = load_body(body)
         return self.from_data(data)
 
     def from_data(self, data: Any) -> ParsedRequest:

@@ -11,10 +11,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from .. import strictjson
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome
-from .base import Answer, ParsedRequest, Stateless
+from .base import Answer, ParsedRequest, Stateless, load_body
 from .chat import MAX_MODEL_CHARS
 
 __all__ = ["Embeddings"]
@@ -54,10 +53,7 @@ class Embeddings(Stateless):
     followups_field = "followup_messages"
 
     def parse(self, body: bytes) -> ParsedRequest:
-        try:
-            data = strictjson.loads(body)
-        except strictjson.StrictJSONError as exc:
-            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        data = load_body(body)
         if not isinstance(data, dict):
             raise _bad("the request body must be a JSON object")
         model = data.get("model")

@@ -29,11 +29,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .. import approvals, served, strictjson
+from .. import approvals, served
 from ..effects import S
-from ..errors import InvalidRequest
 from ..records import ActionOutcome, ActionStatus
-from .base import Answer, Call, ParsedRequest
+from .base import Answer, Call, ParsedRequest, load_body
 from .chat import followup_payload, summary_line
 from .responses_request import (
     BUILTIN_CALLS,
@@ -201,10 +200,7 @@ class Responses:
     # -- requests ---------------------------------------------------------------------
 
     def parse(self, body: bytes) -> ParsedRequest:
-        try:
-            data = strictjson.loads(body)
-        except strictjson.StrictJSONError as exc:
-            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        data = load_body(body)
         return self.from_data(data)
 
     def from_data(self, data: Any) -> ParsedRequest:

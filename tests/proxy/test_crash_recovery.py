@@ -107,13 +107,6 @@ class Proxy:
 
 
 @pytest.fixture
-def rx() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as r:
-        r.reply(200, json={"refund_id": "rf"})
-        yield r
-
-
-@pytest.fixture
 def smtp() -> Iterator[SmtpSink]:
     with SmtpSink() as s:
         yield s

@@ -8,6 +8,7 @@ production); the tests reach the same path on the proxy's loopback port.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -259,17 +260,29 @@ def test_long_poll_returns_when_decided_and_apps_see_only_their_own(
                    params={"wait": 61}).status_code == 400
 
 
+@contextlib.contextmanager
+def link_browser(binary: str, tmp_path: Path) -> Iterator[tuple[Browser, Path]]:
+    """A headless chromium, and where its screenshots go (kept as test artefacts)."""
+    browser = Browser(binary, tmp_path / "profile")
+    try:
+        yield browser, Path(os.environ.get("CONSOLE_SCREENSHOT_DIR") or tmp_path)
+    finally:
+        browser.close()
+
+
+def open_link_page(browser: Browser, url: str) -> None:
+    browser.call("Page.navigate", url=url)
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById("
+                     "'confirm')", "the link page")
+
+
 def test_a_browser_approves_from_the_link_page(px: RunningProxy, hook: HttpReceiver,
                                                tmp_path: Path) -> None:
     binary = chromium_binary()
     apr = hold(px, "<b>bold?</b> ship it")
     url = link_for(px, hook, apr, "alice")
-    browser = Browser(binary, tmp_path / "profile")
-    shots = Path(os.environ.get("CONSOLE_SCREENSHOT_DIR") or tmp_path)
-    try:
-        browser.call("Page.navigate", url=url)
-        browser.wait_for("document.readyState === 'complete' && !!document.getElementById("
-                         "'confirm')", "the link page")
+    with link_browser(binary, tmp_path) as (browser, shots):
+        open_link_page(browser, url)
         assert browser.eval("document.querySelectorAll('pre b').length") == 0
         assert "<b>bold?</b>" in browser.eval(
             "document.getElementById('arguments').textContent")
@@ -283,8 +296,6 @@ def test_a_browser_approves_from_the_link_page(px: RunningProxy, hook: HttpRecei
                                "the outcome")
         assert got == "executed"
         browser.screenshot(shots / "link-decided.png")
-    finally:
-        browser.close()
     assert (shots / "link-page.png").stat().st_size > 0
     a = px.http("GET", f"/authority/approvals/{apr}", APPROVER_KEY).json()
     assert a["decided_by"] == "alice" and a["decision_reason"] == "checked"
@@ -298,12 +309,8 @@ def test_a_browser_shows_hostile_arguments_harmlessly_and_rejects_with_a_reason(
                "'pwned'</script>\u202egnp.exe\u200b\u2066" + "A" * 5000)
     apr = hold(px, hostile)
     url = link_for(px, hook, apr, "bob")
-    browser = Browser(binary, tmp_path / "profile")
-    shots = Path(os.environ.get("CONSOLE_SCREENSHOT_DIR") or tmp_path)
-    try:
-        browser.call("Page.navigate", url=url)
-        browser.wait_for("document.readyState === 'complete' && !!document.getElementById("
-                         "'confirm')", "the link page")
+    with link_browser(binary, tmp_path) as (browser, shots):
+        open_link_page(browser, url)
         assert browser.eval("document.querySelectorAll('body img, body script').length") == 0
         shown = browser.eval("document.getElementById('arguments').textContent")
         assert "\\u202egnp.exe\\u200b\\u2066" in shown and "\u202e" not in shown
@@ -319,8 +326,6 @@ def test_a_browser_shows_hostile_arguments_harmlessly_and_rejects_with_a_reason(
         assert browser.wait_for("document.getElementById('status')?.textContent",
                                 "the outcome") == "rejected"
         assert browser.eval("document.title") != "pwned"
-    finally:
-        browser.close()
     a = px.http("GET", f"/authority/approvals/{apr}", APPROVER_KEY).json()
     assert (a["status"], a["decided_by"], a["decision_reason"]) == (
         "rejected", "bob", "looks like an attack")

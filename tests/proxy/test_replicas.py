@@ -9,7 +9,6 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,12 @@ class Cluster:
         for r in self.replicas:
             r.proc.stop()
 
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def verify(self) -> None:
         """`authority audit verify` on the one chain all replicas appended to (the table,
         with the head they moved forward in the database), and the same chain exported
@@ -105,20 +110,6 @@ class Cluster:
         assert not (self.directory / "audit.jsonl").exists()  # nothing went to a file
 
 
-@pytest.fixture
-def pg(tmp_path: Path) -> Iterator[PostgresBackend]:
-    backend = PostgresBackend(tmp_path)
-    yield backend
-    backend.cleanup()
-
-
-@pytest.fixture
-def rx() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as r:
-        r.reply(200, json={"refund_id": "rf"})
-        yield r
-
-
 def _actions(rx: HttpReceiver, mode: str = "auto_execute") -> dict[str, Any]:
     return {"actions": {"issue_refund": {"executor": "billing", "mode": mode}},
             "executors": {"billing": {"type": "webhook", "url": rx.url("/refunds"),
@@ -128,8 +119,7 @@ def _actions(rx: HttpReceiver, mode: str = "auto_execute") -> dict[str, Any]:
 def test_one_key_over_two_replicas_one_upstream_call_one_effect(
         upstream: ScriptedServer, tmp_path: Path, pg: PostgresBackend,
         rx: HttpReceiver) -> None:
-    cluster = Cluster(upstream, tmp_path, pg, _actions(rx))
-    try:
+    with Cluster(upstream, tmp_path, pg, _actions(rx)) as cluster:
         a, b = cluster.start(2)
         rx.reply(200, json={"refund_id": "rf"}, delay_s=0.3)
         script = 'CALL issue_refund {"order_id": "R-1", "amount": 10, "note": "{nonce}"}'
@@ -151,15 +141,12 @@ def test_one_key_over_two_replicas_one_upstream_call_one_effect(
                 "true"
         assert len(rx.requests) == 1
         cluster.verify()
-    finally:
-        cluster.stop()
 
 
 def test_kill_switch_on_one_replica_refuses_the_next_request_on_another(
         upstream: ScriptedServer, tmp_path: Path, pg: PostgresBackend,
         rx: HttpReceiver) -> None:
-    cluster = Cluster(upstream, tmp_path, pg, _actions(rx))
-    try:
+    with Cluster(upstream, tmp_path, pg, _actions(rx)) as cluster:
         a, b = cluster.start(2)
         assert b.chat("SAY hello").status_code == 200
         engaged = a.manage("POST", "/authority/kill-switch",
@@ -187,15 +174,12 @@ def test_kill_switch_on_one_replica_refuses_the_next_request_on_another(
         while a.chat("SAY hello").status_code != 200 or b.chat("SAY hello").status_code != 200:
             assert time.monotonic() - t0 < 1.0, "the release did not reach both in 1 s"
         cluster.verify()
-    finally:
-        cluster.stop()
 
 
 def test_approval_made_on_a_approved_on_b_runs_once(
         upstream: ScriptedServer, tmp_path: Path, pg: PostgresBackend,
         rx: HttpReceiver) -> None:
-    cluster = Cluster(upstream, tmp_path, pg, _actions(rx, "require_human_approval"))
-    try:
+    with Cluster(upstream, tmp_path, pg, _actions(rx, "require_human_approval")) as cluster:
         a, b = cluster.start(2)
         resp = a.chat('CALL issue_refund {"order_id": "P-1", "amount": 10}', key="apr-1")
         assert resp.status_code == 200, resp.text
@@ -216,15 +200,12 @@ def test_approval_made_on_a_approved_on_b_runs_once(
         assert a.manage("GET", f"/authority/approvals/{apr}", APPROVER_KEY).json()["status"] \
             == "executed"
         cluster.verify()
-    finally:
-        cluster.stop()
 
 
 def test_kill9_of_a_replica_mid_execution_the_other_recovers(
         upstream: ScriptedServer, tmp_path: Path, pg: PostgresBackend,
         rx: HttpReceiver) -> None:
-    cluster = Cluster(upstream, tmp_path, pg, _actions(rx))
-    try:
+    with Cluster(upstream, tmp_path, pg, _actions(rx)) as cluster:
         a, b = cluster.start(2)
         rx.reply_once(200, json={"refund_id": "rf"}, delay_s=30)  # the first delivery hangs
         script = 'CALL issue_refund {"order_id": "D-1", "amount": 10, "note": "{nonce}"}'
@@ -256,8 +237,6 @@ def test_kill9_of_a_replica_mid_execution_the_other_recovers(
         assert len(rx.requests) == 2
         assert upstream.model.chat_requests >= 1
         cluster.verify()
-    finally:
-        cluster.stop()
 
 
 def test_database_gone_answers_503_and_nothing_goes_upstream(
@@ -265,8 +244,7 @@ def test_database_gone_answers_503_and_nothing_goes_upstream(
         rx: HttpReceiver) -> None:
     with TcpRelay("127.0.0.1", 5432) as relay:
         dsn = pg.dsn.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
-        cluster = Cluster(upstream, tmp_path, pg, _actions(rx), dsn=dsn)
-        try:
+        with Cluster(upstream, tmp_path, pg, _actions(rx), dsn=dsn) as cluster:
             [a] = cluster.start(1)
             assert a.chat("SAY hello", key="before").status_code == 200
             served = upstream.chat_requests
@@ -286,8 +264,6 @@ def test_database_gone_answers_503_and_nothing_goes_upstream(
                 assert time.monotonic() < deadline, ok.text
                 time.sleep(0.3)
             assert httpx.get(a.url + "/healthz", timeout=30).status_code == 200
-        finally:
-            cluster.stop()
 
 
 def test_a_tight_budget_hit_from_both_replicas_is_never_exceeded(
@@ -298,9 +274,8 @@ def test_a_tight_budget_hit_from_both_replicas_is_never_exceeded(
 
     # gpt-4o-mini, 100 output tokens: room for about 8 requests in all.
     limit = 0.0006
-    cluster = Cluster(upstream, tmp_path, pg, {
-        **_actions(rx), "environments": {"prod": {"budget": {"usd": limit, "period": "day"}}}})
-    try:
+    budget = {"environments": {"prod": {"budget": {"usd": limit, "period": "day"}}}}
+    with Cluster(upstream, tmp_path, pg, {**_actions(rx), **budget}) as cluster:
         a, b = cluster.start(2)
         served = upstream.chat_requests
 
@@ -324,8 +299,6 @@ def test_a_tight_budget_hit_from_both_replicas_is_never_exceeded(
             store.close()
         assert 0 < spent <= limit + 1e-12
         cluster.verify()
-    finally:
-        cluster.stop()
 
 
 def test_kill9_after_a_non_idempotent_effect_is_in_doubt_everywhere_never_rerun(

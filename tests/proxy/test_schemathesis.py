@@ -12,22 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import proxy_env as keys
 import pytest
 import schemathesis
 from helpers import ScriptedServer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
-from proxy_env import (
-    ADMIN_KEY,
-    AGENT_KEY,
-    APPROVER_KEY,
-    DEV_APPROVER,
-    DEV_KEY,
-    PROD_ADMIN,
-    SCOPED_KEYS,
-    RunningProxy,
-    start_proxy,
-)
+from proxy_env import SCOPED_KEYS, RunningProxy, start_proxy
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -40,8 +31,8 @@ from schemathesis.specs.openapi.checks import (
 pytestmark = pytest.mark.slow
 
 ROLES: dict[str, str | None] = {
-    "agent": AGENT_KEY, "dev-agent": DEV_KEY, "approver": APPROVER_KEY,
-    "dev-approver": DEV_APPROVER, "admin": ADMIN_KEY, "prod-admin": PROD_ADMIN,
+    "agent": keys.AGENT_KEY, "dev-agent": keys.DEV_KEY, "approver": keys.APPROVER_KEY,
+    "dev-approver": keys.DEV_APPROVER, "admin": keys.ADMIN_KEY, "prod-admin": keys.PROD_ADMIN,
     "no-key": None}
 EXAMPLES = 12
 

@@ -79,6 +79,12 @@ def run_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
     return out
 
 
+def _state(store: Any, fingerprint: str, claim_id: str) -> str:
+    """What a new request with key "k" finds (a day's record, a minute's lease)."""
+    return idempotency.begin(store, "k", fingerprint, claim_id=claim_id, ttl_s=DAY,
+                             lease_s=60).state
+
+
 def test_is_a_store(store: Any) -> None:
     assert isinstance(store, Store)
     store.health()
@@ -175,16 +181,14 @@ def test_replay_conflict_abandon_and_foreign_claims(store: Any) -> None:
     conflict = idempotency.begin(store, "k", "fp2", claim_id="r2", ttl_s=DAY, lease_s=60)
     assert conflict.state == "conflict" and conflict.record["fingerprint"] == "fp1"
     assert not store.idem_delete("k", "r2")  # not the owner: nothing happens
-    assert idempotency.begin(store, "k", "fp1", claim_id="r3", ttl_s=DAY,
-                             lease_s=60).state == "in_progress"
+    assert _state(store, "fp1", "r3") == "in_progress"
     assert idempotency.abandon(store, first)
     retry = idempotency.begin(store, "k", "fp1", claim_id="r4", ttl_s=DAY, lease_s=60)
     assert retry.state == "new"
     assert idempotency.finish(store, retry, {"id": "chatcmpl-1"}, ttl_s=DAY)
     replay = idempotency.begin(store, "k", "fp1", claim_id="r5", ttl_s=DAY, lease_s=60)
     assert replay.state == "replay" and replay.record["response"] == {"id": "chatcmpl-1"}
-    assert idempotency.begin(store, "k", "fp2", claim_id="r6", ttl_s=DAY,
-                             lease_s=60).state == "conflict"
+    assert _state(store, "fp2", "r6") == "conflict"
     assert not idempotency.abandon(store, first)  # a finished record is not abandoned
     assert not idempotency.finish(store, first, {"stale": True}, ttl_s=DAY)
     assert store.idem_get("k")["response"] == {"id": "chatcmpl-1"}
@@ -193,11 +197,9 @@ def test_replay_conflict_abandon_and_foreign_claims(store: Any) -> None:
 def test_idem_record_expires_after_ttl(store: Any) -> None:
     c = idempotency.begin(store, "k", "fp", claim_id="r1", ttl_s=0.3, lease_s=0.2)
     idempotency.finish(store, c, {"r": 1}, ttl_s=0.3)
-    assert idempotency.begin(store, "k", "fp2", claim_id="r2", ttl_s=DAY,
-                             lease_s=60).state == "conflict"
+    assert _state(store, "fp2", "r2") == "conflict"
     time.sleep(0.4)
-    assert idempotency.begin(store, "k", "fp2", claim_id="r3", ttl_s=DAY,
-                             lease_s=60).state == "new"
+    assert _state(store, "fp2", "r3") == "new"
 
 
 def test_idem_put_and_replace(store: Any) -> None:
@@ -244,11 +246,9 @@ def test_live_holder_blocks_until_its_lease_ends(store: Any) -> None:
     claim = idempotency.begin(store, "k", "fp", claim_id="r1", ttl_s=DAY, lease_s=0.3)
     assert claim.state == "new"
     # Our own process holds it: alive, so only the lease can free it.
-    assert idempotency.begin(store, "k", "fp", claim_id="r2", ttl_s=DAY,
-                             lease_s=60).state == "in_progress"
+    assert _state(store, "fp", "r2") == "in_progress"
     time.sleep(0.4)
-    assert idempotency.begin(store, "k", "fp", claim_id="r3", ttl_s=DAY,
-                             lease_s=60).state == "new"
+    assert _state(store, "fp", "r3") == "new"
 
 
 def test_corrupt_idempotency_record_fails_closed(store: Any) -> None:

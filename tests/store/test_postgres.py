@@ -27,11 +27,15 @@ pytestmark = requires_postgres()
 DAY = 86400.0
 
 
-@pytest.fixture
-def pg(tmp_path: Path) -> Iterator[PostgresBackend]:
-    backend = PostgresBackend(tmp_path)
-    yield backend
-    backend.cleanup()
+def _engine_on(pg: PostgresBackend, tmp_path: Path) -> Any:
+    """An engine whose state is ``pg`` (its audit log a file under ``tmp_path``)."""
+    from authority_sdk.engine import Engine
+
+    policy = tmp_path / "authority.yaml"
+    policy.write_text(yaml.safe_dump({
+        "version": 1, **pg.policy_overrides(),
+        "audit": {"path": str(tmp_path / "audit.jsonl"), "fsync": False}}))
+    return Engine(str(policy))
 
 
 @pytest.fixture
@@ -286,15 +290,10 @@ def test_import_local_moves_what_is_open(tmp_path: Path, pg: PostgresBackend) ->
 
 def test_a_replica_elsewhere_holds_its_claims_while_its_heartbeat_runs(
         tmp_path: Path, pg: PostgresBackend) -> None:
-    from authority_sdk.engine import Engine
     from authority_sdk.liveness import owner_alive
     from authority_sdk.worker import Worker
 
-    policy = tmp_path / "authority.yaml"
-    policy.write_text(yaml.safe_dump({
-        "version": 1, **pg.policy_overrides(),
-        "audit": {"path": str(tmp_path / "audit.jsonl"), "fsync": False}}))
-    engine = Engine(str(policy))
+    engine = _engine_on(pg, tmp_path)
     store = pg.open()
     try:
         name = "replica-b:4242:ab12cd"
@@ -429,15 +428,10 @@ def test_a_long_round_of_recovery_does_not_starve_the_heartbeat(
     import threading
 
     import authority_sdk.worker as worker_mod
-    from authority_sdk.engine import Engine
     from authority_sdk.liveness import owner_alive
 
     monkeypatch.setattr(worker_mod, "replica_lease_s", lambda interval_s: 0.6)
-    policy = tmp_path / "authority.yaml"
-    policy.write_text(yaml.safe_dump({
-        "version": 1, **pg.policy_overrides(),
-        "audit": {"path": str(tmp_path / "audit.jsonl"), "fsync": False}}))
-    engine = Engine(str(policy))
+    engine = _engine_on(pg, tmp_path)
     store = pg.open()
     stuck = threading.Event()
     w = worker_mod.Worker(engine, interval_s=0.1, replica="busy:1:aa")
