@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ..paging import DEFAULT_LIMIT
-from .common import PolicyOpt
+from .common import PolicyOpt, console, short, timestamp
 from .control_cmd import (
     CursorOpt,
     JsonOpt,
@@ -23,9 +23,6 @@ from .control_cmd import (
     LimitOpt,
     ReasonOpt,
     UrlOpt,
-    _console,
-    _short,
-    _ts,
     backend,
     listing_table,
 )
@@ -74,9 +71,9 @@ def list_cmd(
         st = str(e.get("status"))
         table.add_row(str(e.get("action_key")), f"[{colours[st]}]{st}[/]" if st in colours
                       else st, str(e.get("action_type")), str(e.get("environment") or ""),
-                      str(e.get("executor") or ""), _short(e.get("arguments")),
-                      _ts(e.get("started_at")), str(e.get("approval_id") or ""), _note(e))
-    _console().print(table)
+                      str(e.get("executor") or ""), short(e.get("arguments")),
+                      timestamp(e.get("started_at")), str(e.get("approval_id") or ""), _note(e))
+    console().print(table)
 
 
 @actions_app.command("resolve")

@@ -10,7 +10,6 @@ way: 0 when done, 1 when the gateway refused (with its message and code),
 
 from __future__ import annotations
 
-import datetime as dt
 import getpass
 import json
 import os
@@ -22,7 +21,7 @@ import typer
 
 from ..errors import AuthorityError
 from ..paging import DEFAULT_LIMIT, MAX_LIMIT, Page
-from .common import PolicyOpt, policy_or_exit
+from .common import PolicyOpt, console, policy_or_exit, print_json, short, timestamp
 
 if TYPE_CHECKING:
     import httpx
@@ -218,28 +217,6 @@ def _fail(message: str, code: str | None) -> None:
 # -- output -------------------------------------------------------------------------------
 
 
-def _ts(value: Any) -> str:
-    if not isinstance(value, int | float):
-        return ""
-    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _short(value: Any, n: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
-                                                           default=str)
-    return text if len(text) <= n else text[:n - 1] + "…"
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console()
-
-
-def _print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-
-
 def more_hint(page: Page) -> None:
     """Where the next page starts, on stderr (stdout stays the page itself)."""
     if page.next_cursor:
@@ -252,7 +229,7 @@ def listing_table(items: Page, *, as_json: bool, title: str, key_column: str,
     printed as JSON and ``None``. The next page's cursor goes to stderr either way."""
     more_hint(items)
     if as_json:
-        _print_json(list(items))
+        print_json(list(items))
         return None
     from rich.table import Table
 
@@ -271,7 +248,7 @@ def _summary(verb: str, a: dict[str, Any]) -> str:
     if a.get("error"):
         line += f": {a['error']}"
     if a.get("result") is not None:
-        line += f"\nresult: {_short(a['result'], 400)}"
+        line += f"\nresult: {short(a['result'], 400)}"
     return line
 
 
@@ -304,9 +281,9 @@ def list_cmd(
         st = str(a.get("status"))
         table.add_row(str(a.get("id")), f"[{colours.get(st, '')}]{st}[/]" if st in colours
                       else st, str(a.get("action_type")), str(a.get("environment")),
-                      _short(a.get("arguments")), str(a.get("requested_by") or ""),
-                      _ts(a.get("created_at")), str(a.get("decided_by") or ""))
-    _console().print(table)
+                      short(a.get("arguments")), str(a.get("requested_by") or ""),
+                      timestamp(a.get("created_at")), str(a.get("decided_by") or ""))
+    console().print(table)
 
 
 @approvals_app.command("show")
@@ -316,7 +293,7 @@ def show_cmd(approval_id: str, as_json: JsonOpt = False, policy: PolicyOpt = Non
     with backend(policy, url, key) as b:
         a = b.get_approval(approval_id)
     if as_json:
-        _print_json(a)
+        print_json(a)
         return
     from rich.table import Table
     from rich.text import Text
@@ -331,7 +308,7 @@ def show_cmd(approval_id: str, as_json: JsonOpt = False, policy: PolicyOpt = Non
         value = a.get(field)
         if value is None:
             continue
-        text = _ts(value) if field.endswith("_at") else (
+        text = timestamp(value) if field.endswith("_at") else (
             value if isinstance(value, str) else json.dumps(value, default=str))
         table.add_row(field, Text(text))
     table.add_row("arguments", Text(json.dumps(a.get("arguments"), indent=2,
@@ -341,7 +318,7 @@ def show_cmd(approval_id: str, as_json: JsonOpt = False, policy: PolicyOpt = Non
         # What approving runs, parsed by the executor (an email's recipients, a request).
         table.add_row("would execute", Text(json.dumps(preview, indent=2, ensure_ascii=False,
                                                        default=str)))
-    _console().print(table)
+    console().print(table)
 
 
 def _decide(verb: str, approval_id: str, reason: str | None, policy: str | None,
@@ -414,7 +391,7 @@ def status_cmd(environment: EnvOpt = None, as_json: JsonOpt = False, policy: Pol
             _fail(f"unknown environment {environment!r}", "invalid_request")
         rows = [r for r in rows if r[0] in ("global", environment)]
     if as_json:
-        _print_json(dict(rows))
+        print_json(dict(rows))
         return
     from rich.table import Table
 
@@ -424,8 +401,8 @@ def status_cmd(environment: EnvOpt = None, as_json: JsonOpt = False, policy: Pol
     for scope, s in rows:
         on = bool(s.get("engaged"))
         table.add_row(scope, "[red]ENGAGED[/red]" if on else "[green]off[/green]",
-                      str(s.get("reason") or ""), str(s.get("actor") or ""), _ts(s.get("ts")))
-    _console().print(table)
+                      str(s.get("reason") or ""), str(s.get("actor") or ""), timestamp(s.get("ts")))
+    console().print(table)
 
 
 # -- budget -------------------------------------------------------------------------------
@@ -460,7 +437,7 @@ def budget(as_json: JsonOpt = False, policy: PolicyOpt = None) -> None:
     finally:
         gw.close()
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     if not rows:
         typer.echo("no budgets in this policy")
@@ -477,4 +454,4 @@ def budget(as_json: JsonOpt = False, policy: PolicyOpt = None) -> None:
         table.add_row(r["scope"], r["name"], r["period"], r["window"], f"{r['limit_usd']:.2f}",
                       f"{r['used_usd']:.6f}", f"{r['remaining_usd']:.6f}",
                       f"[{colour}]{pct:.1f}[/{colour}]")
-    _console().print(table)
+    console().print(table)
