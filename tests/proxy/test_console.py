@@ -454,3 +454,47 @@ def test_a_browser_renders_untrusted_arguments_as_text_and_approves(
     hostile_now = px.http("GET", f"/authority/approvals/{hostile}", APPROVER_KEY).json()
     assert hostile_now["status"] == "pending"
     px.http("POST", f"/authority/approvals/{hostile}/reject", APPROVER_KEY, json={})
+
+
+@pytest.mark.slow
+def test_a_browser_walks_1000_pending_approvals_a_page_at_a_time(
+        upstream: ScriptedServer, tmp_path: Path) -> None:
+    """Issue 16: 1,000 pending approvals, listed by cursor pages (never one oversized
+    request), hostile arguments among them shown as text with invisible characters marked."""
+    binary = chromium_binary()
+    (tmp_path / "px").mkdir()
+    with start_proxy(upstream, tmp_path / "px", overrides={
+            "defaults": {"max_pending_approvals": 2000}}) as big:
+        agent = big.client(AGENT_KEY)
+        hostile = "<b>x</b>\u202egnp.exe\u200b" + "L" * 30_000
+        for batch in range(40):  # 25 held calls an answer: 1,000 pending
+            texts = [hostile if batch == i == 0 else f"n{batch}-{i}" for i in range(25)]
+            script = "\n".join(f"CALL send_note {json.dumps({'text': t})}" for t in texts)
+            resp = agent.chat.completions.create(model="gpt-4o-mini", tools=TOOLS,
+                                                 messages=user(script))
+            actions = (resp.model_extra or {})["authority"]["actions"]
+            assert {a["status"] for a in actions} == {"pending_approval"}
+        browser = Browser(binary, tmp_path / "profile")
+        try:
+            browser.open_console(big.url, APPROVER_KEY)
+            count = "document.getElementById('pending-count').textContent"
+            assert browser.wait_for(f"{count} === '50+' && {count}", "the first page") == "50+"
+            for _ in range(40):
+                if browser.eval(f"{count}") == "1000":
+                    break
+                browser.eval("document.getElementById('pending-more').click(); true")
+                shown = browser.eval(f"{count}")
+                browser.wait_for(f"{count} !== {json.dumps(shown)}", "the next page")
+            assert browser.eval(f"{count}") == "1000"
+            assert browser.eval("document.querySelectorAll('#pending-list .card').length") == 1000
+            assert browser.eval("document.getElementById('pending-more').hidden") is True
+            # The hostile one: markup as text, the bidi override and zero-width space marked.
+            text = browser.eval("[...document.querySelectorAll('#pending-list .card pre')]"
+                                ".map(p => p.textContent).find(t => t.includes('gnp.exe'))")
+            assert "<b>x</b>" in text and "\u202e" not in text and "\u200b" not in text
+            assert "U+202E" in text and "U+200B" in text
+            assert browser.eval("document.querySelectorAll('#pending-list b').length") == 0
+            shots = Path(os.environ.get("CONSOLE_SCREENSHOT_DIR") or tmp_path)
+            browser.screenshot(shots / "console-1000-pending.png")
+        finally:
+            browser.close()
