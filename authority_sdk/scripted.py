@@ -126,6 +126,18 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
+async def _scripted_failure(script: dict[str, Any]) -> Response | None:
+    """SLEEP first; then FAIL or GARBAGE answer instead of the model."""
+    if script["sleep"]:
+        await asyncio.sleep(script["sleep"])
+    if script["fail"]:
+        return JSONResponse({"error": {"message": "scripted failure", "type": "server_error",
+                                       "code": None}}, status_code=script["fail"])
+    if script["garbage"]:
+        return Response(b"<html>not json", media_type="application/json")
+    return None
+
+
 class ScriptedModel:
     def __init__(self) -> None:
         self.chat_requests = 0
@@ -152,13 +164,9 @@ class ScriptedModel:
         messages = body.get("messages") or []
         summary = summarise_tool_results(messages)
         script = parse_script("SAY " + summary if summary else _last_user_text(messages))
-        if script["sleep"]:
-            await asyncio.sleep(script["sleep"])
-        if script["fail"]:
-            return JSONResponse({"error": {"message": "scripted failure", "type": "server_error",
-                                           "code": None}}, status_code=script["fail"])
-        if script["garbage"]:
-            return Response(b"<html>not json", media_type="application/json")
+        refused = await _scripted_failure(script)
+        if refused is not None:
+            return refused
         calls = [(n, a.replace("{nonce}", uuid.uuid4().hex[:8])) for n, a in script["calls"]]
         content = " ".join(script["say"]) if script["say"] else (
             "" if calls or script["function_call"] else "Hello from the scripted model.")
@@ -236,13 +244,9 @@ class ScriptedModel:
         script = parse_script("SAY " + summary if summary else _last_user_text(
             [{"role": i.get("role"), "content": _item_text(i.get("content"))} for i in items
              if i.get("role") == "user"]))
-        if script["sleep"]:
-            await asyncio.sleep(script["sleep"])
-        if script["fail"]:
-            return JSONResponse({"error": {"message": "scripted failure", "type": "server_error",
-                                           "code": None}}, status_code=script["fail"])
-        if script["garbage"]:
-            return Response(b"<html>not json", media_type="application/json")
+        refused = await _scripted_failure(script)
+        if refused is not None:
+            return refused
         answer = _response_answer(body, script)
         # An approved MCP call runs at the provider: its result is part of this answer.
         with self._lock:

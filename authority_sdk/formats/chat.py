@@ -19,7 +19,7 @@ from ..audit import redact
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome, ActionStatus
 from .base import Answer, Call, ParsedRequest, Stateless, load_body
-from .sse import sse
+from .sse import DONE, event_json, sse
 
 __all__ = ["ChatCompletions", "followup_payload", "summary_line"]
 
@@ -392,13 +392,13 @@ class ChatStream:
         self.finished = False
 
     def feed(self, payload: str) -> list[bytes]:
-        if payload.strip() == "[DONE]":
+        try:
+            chunk = event_json(payload, "a stream chunk")
+        except ValueError as exc:
+            raise _malformed(str(exc)) from None
+        if chunk is DONE:
             self.finished = True
             return []
-        try:
-            chunk = json.loads(payload)
-        except (ValueError, RecursionError):
-            raise _malformed("a stream chunk is not JSON") from None
         if not isinstance(chunk, dict):
             raise _malformed("a stream chunk is not an object")
         if "error" in chunk and "choices" not in chunk:

@@ -8,13 +8,12 @@ renumbered and ``sequence_number`` keeps increasing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UpstreamError
 from .base import Answer, ParsedRequest
-from .sse import sse
+from .sse import DONE, event_json, sse
 
 if TYPE_CHECKING:
     from .responses import Responses
@@ -107,13 +106,13 @@ class ResponsesStream:
         self.finished = False
 
     def feed(self, payload: str) -> list[bytes]:
-        if payload.strip() == "[DONE]":
+        try:
+            event = event_json(payload, "a stream event")
+        except ValueError as exc:
+            raise malformed(str(exc)) from None
+        if event is DONE:
             self.finished = True
             return []
-        try:
-            event = json.loads(payload)
-        except (ValueError, RecursionError):
-            raise malformed("a stream event is not JSON") from None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             raise malformed("a stream event is not an object with a 'type'")
         kind = event["type"]

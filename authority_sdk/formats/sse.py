@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["SSEDecoder", "sse"]
+__all__ = ["DONE", "SSEDecoder", "event_json", "sse"]
 
 # An event larger than this is not a model's stream chunk: refuse it rather than buffer
 # without end (a hostile or broken upstream).
@@ -50,3 +50,17 @@ class SSEDecoder:
 
 def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+DONE: Any = object()  # what event_json returns for the stream's "[DONE]" (not JSON null)
+
+
+def event_json(payload: str, what: str) -> Any:
+    """One event's data parsed, ``DONE`` for "[DONE]"; ``ValueError`` naming ``what``
+    when it is not JSON (the caller turns that into its own upstream error)."""
+    if payload.strip() == "[DONE]":
+        return DONE
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ValueError(f"{what} is not JSON") from None
