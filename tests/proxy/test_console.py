@@ -479,13 +479,15 @@ def test_a_browser_walks_1000_pending_approvals_a_page_at_a_time(
             browser.open_console(big.url, APPROVER_KEY)
             count = "document.getElementById('pending-count').textContent"
             assert browser.wait_for(f"{count} === '50+' && {count}", "the first page") == "50+"
-            for _ in range(40):
-                if browser.eval(f"{count}") == "1000":
-                    break
-                browser.eval("document.getElementById('pending-more').click(); true")
+            # Each click asks for 50 more; the list only ever grows (polls overlap clicks).
+            seen = [50]
+            while browser.eval(f"{count}") != "1000":
+                assert len(seen) < 40, seen
                 shown = browser.eval(f"{count}")
+                browser.eval("document.getElementById('pending-more').click(); true")
                 browser.wait_for(f"{count} !== {json.dumps(shown)}", "the next page")
-            assert browser.eval(f"{count}") == "1000"
+                seen.append(int(browser.eval(f"{count}").rstrip("+")))
+            assert seen == sorted(seen), seen
             assert browser.eval("document.querySelectorAll('#pending-list .card').length") == 1000
             assert browser.eval("document.getElementById('pending-more').hidden") is True
             # The hostile one: markup as text, the bidi override and zero-width space marked.
