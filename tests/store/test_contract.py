@@ -550,10 +550,17 @@ def test_everything_survives_reopen(store_backend: StoreBackend) -> None:
 
 
 async def _async_calls(store: Any) -> list[Any]:
-    return [await store.aio.budget_reserve([("a", 1.0)], min_usd=0.1, max_usd=0.5,
-                                           ttl_s=DAY),
-            await store.aio.kill_switch_state(),
-            await store.aio.budget_used("a")]
+    try:
+        return [await store.aio.budget_reserve([("a", 1.0)], min_usd=0.1, max_usd=0.5,
+                                               ttl_s=DAY),
+                await store.aio.kill_switch_state(),
+                await store.aio.budget_used("a")]
+    finally:
+        # A network store's async pool belongs to this loop: closed on it, as the proxy
+        # does at shutdown (else the loop's teardown may wait on the pool's tasks).
+        aclose = getattr(store.aio, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def test_async_facade_calls_the_same_primitives(store: Any) -> None:
