@@ -33,6 +33,7 @@ class GroupCommit:
         self.loop = loop
         self._queue: list[tuple[Items, asyncio.Future[list[dict[str, Any]]]]] = []
         self._writing = False
+        self._task: asyncio.Task[None] | None = None
         self.batches = 0  # how many writes carried the entries (for tests and metrics)
 
     async def append_many(self, items: Items) -> list[dict[str, Any]]:
@@ -40,7 +41,9 @@ class GroupCommit:
         self._queue.append((items, future))
         if not self._writing:
             self._writing = True
-            self.loop.create_task(self._drain())
+            # Held here: the loop keeps only a weak reference to a task, and a writer
+            # collected mid-batch would leave every waiter hanging.
+            self._task = self.loop.create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
