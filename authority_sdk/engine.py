@@ -503,6 +503,8 @@ class Engine:
             "actions": [o.to_dict() for o in outcomes],
             ctx.fmt.followups_field: followups,
         }
+        if ctx.parsed.approval_updates:
+            authority["approval_updates"] = ctx.parsed.approval_updates
         if ctx.takeover_answer is not None:
             authority["recovered_from"] = ctx.claim.record.get("takeover_of") if ctx.claim \
                 else None
