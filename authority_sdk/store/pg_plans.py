@@ -506,7 +506,9 @@ TRANSACTIONAL = frozenset({"budget_reserve", "budget_settle", "approval_transiti
 # no effect ever rests on one of these alone; losing one costs at most a repeated upstream
 # call or a claim held until its lease ends (DESIGN.md §7, README "Running several
 # replicas").
-RELAXED = frozenset({"idem_claim", "idem_replace", "idem_delete", "budget_settle"})
+# ("idem_replace_lazy": ``idem_replace(flush=False)``, the finished answer; the answer kept
+# before any effect is flushed, so a retry after a database crash re-gates that same answer.)
+RELAXED = frozenset({"idem_claim", "idem_replace_lazy", "idem_delete", "budget_settle"})
 
 PLANS: dict[str, Any] = {fn.__name__: fn for fn in (
     idem_claim, idem_get, idem_replace, idem_delete, idem_put,

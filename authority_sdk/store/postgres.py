@@ -183,6 +183,11 @@ class _AsyncView:
         self._store._ks_cache.drop()
         return dict(entry)
 
+    async def idem_replace(self, key: str, claim_id: str, record: Record, *,
+                           ttl_s: float, flush: bool = True) -> bool:
+        return bool(await self.run("idem_replace" if flush else "idem_replace_lazy",
+                                   pg_plans.idem_replace(key, claim_id, record, ttl_s=ttl_s)))
+
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         build = pg_plans.PLANS.get(name)
         if build is None:
@@ -306,8 +311,8 @@ class PgStore:
         return self._run("idem_get", pg_plans.idem_get(key))
 
     def idem_replace(self, key: str, claim_id: str, record: Record, *,
-                     ttl_s: float) -> bool:
-        return bool(self._run("idem_replace",
+                     ttl_s: float, flush: bool = True) -> bool:
+        return bool(self._run("idem_replace" if flush else "idem_replace_lazy",
                               pg_plans.idem_replace(key, claim_id, record, ttl_s=ttl_s)))
 
     def idem_delete(self, key: str, claim_id: str) -> bool:
