@@ -51,6 +51,7 @@ from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 from .auth import Identity, KeyRing
 from .console import AuditTail, AuditVerify, audit_tail, audit_verify, console_response
 from .decide import DECIDE_PATH, decide_get, decide_post
+from .fastpath import PRIVATE_HEADERS, GatedDoors
 from .guard import IDENTITY, MANAGEMENT_MAX_BODY, InputGuard, RoleCheck
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .observe import AccessLog, ObservedGateway, current_info
@@ -81,8 +82,6 @@ __all__ = ["POLICY_ENV", "create_app", "create_app_from_env"]
 
 log = logging.getLogger("authority.proxy")
 
-# Request headers the engine has no business seeing (it records what it is given).
-_PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 405, 409, 413, 503)}
@@ -294,24 +293,33 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
                          path: str) -> AuthorityError | None:
         return await audit_refusal(gw.current, ident, exc, method, path)
 
-    # Added first, so it runs inside the access log: its refusals are logged and counted.
+    # Innermost: the gated doors, once the guard has let the request in (fastpath.py).
+    app.add_middleware(GatedDoors, handle=lambda req: gw.ahandle(req, state["upstream"].send),
+                       answer_error=lambda ident, exc, method, path: _answer_for(
+                           ident, exc, method, path),
+                       to_response=_to_response, max_body=pol.proxy.max_body_bytes)
+    # Added before the access log, so it runs inside it: its refusals are logged and counted.
     app.add_middleware(InputGuard, keyring=keyring, routes=lambda: app.routes,
                        max_body=pol.proxy.max_body_bytes, on_refusal=on_refusal)
     app.add_middleware(AccessLog, metrics=metrics)
 
     # -- errors: one shape for all -------------------------------------------------------
 
-    async def _answer(request: Request, exc: AuthorityError,
-                      headers: dict[str, str] | None = None) -> Response:
-        ident: Identity | None = request.scope.get(IDENTITY)
+    async def _answer_for(ident: Identity | None, exc: AuthorityError, method: str, path: str,
+                          headers: dict[str, str] | None = None) -> Response:
         if ident is not None and exc.status_code in AUDITED_STATUSES:
-            replaced = await audit_refusal(gw.current, ident, exc, request.method, request.url.path)
+            replaced = await audit_refusal(gw.current, ident, exc, method, path)
             exc = replaced or exc
         rid = exc.details.get("request_id")
         resp = error_response(exc, request_id=rid if isinstance(rid, str) else None)
         _note(resp.decision, exc.code, resp.request_id)
         return Response(resp.body, status_code=resp.status_code,
                         headers={**resp.headers, **(headers or {})})
+
+    async def _answer(request: Request, exc: AuthorityError,
+                      headers: dict[str, str] | None = None) -> Response:
+        return await _answer_for(request.scope.get(IDENTITY), exc, request.method,
+                                 request.url.path, headers)
 
     @app.exception_handler(AuthorityError)
     async def _authority_error(request: Request, exc: AuthorityError) -> Response:
@@ -362,7 +370,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
               summary="Chat completion (streaming or not), gated by policy")
     async def chat_completions(request: Request, ident: Agent) -> Response:
         body = await _read_body(request, pol.proxy.max_body_bytes)
-        headers = {k: v for k, v in request.headers.items() if k not in _PRIVATE_HEADERS}
+        headers = {k: v for k, v in request.headers.items() if k not in PRIVATE_HEADERS}
         resp = await gw.ahandle(GatewayRequest(ident.caller, body, headers,
                                                path=request.url.path),
                                 state["upstream"].send)
