@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ from .schemas import (
     ModelList,
     ResolveBody,
 )
-from .upstream import Upstream
+from .upstream import Upstreams
 
 # Names this machine in replica names (default: the host name), e.g. the pod's name.
 REPLICA_ENV = "AUTHORITY_REPLICA"
@@ -236,12 +237,21 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     # Every handler reads the engine in force through this; a chat request keeps the one
     # it started with (``gw.ahandle`` is bound once), so a reload never changes its policy.
     gw = LiveGateway(engine)
-    state: dict[str, Upstream] = {}
+    # Each engine sends through the pools of its own policy; a reload retires the old ones.
+    engine.upstreams = Upstreams(pol, metrics)
+    pool_sets: list[Upstreams] = [engine.upstreams]
+
+    def attach_pools(new: ObservedGateway) -> None:
+        new.upstreams = Upstreams(new.policy, metrics)
+        pool_sets.append(new.upstreams)
+
+    def retire_pools(old: ObservedGateway) -> None:
+        if old.upstreams is not None:
+            old.upstreams.retire()
     policy_path = None if isinstance(policy, Policy) else Path(default_policy_path(policy))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["upstream"] = Upstream(pol, metrics)
         # Open the store and the audit log now: a broken one fails the start, not a caller.
         await run_in_threadpool(lambda: gw.audit)
         from authority_sdk.worker import Worker
@@ -259,7 +269,8 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         await run_in_threadpool(_warm_up, gw.current)
         watch = None
         if policy_path is not None:
-            reloader = Reloader(policy_path.resolve(), gw, keyring)
+            reloader = Reloader(policy_path.resolve(), gw, keyring, attach=attach_pools,
+                                retire=retire_pools)
             app.state.reloader = reloader
             watch = asyncio.get_running_loop().create_task(_watch_policy(reloader))
         try:
@@ -268,7 +279,8 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
             if watch is not None:
                 watch.cancel()
             await run_in_threadpool(worker.stop)
-            await state["upstream"].aclose()
+            for pools in pool_sets:
+                await pools.aclose()
             # A network store's async pool lives on this loop: close it here, awaited.
             aclose = getattr(gw.store.aio, "aclose", None)
             if aclose is not None:
@@ -363,9 +375,21 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     async def chat_completions(request: Request, ident: Agent) -> Response:
         body = await _read_body(request, pol.proxy.max_body_bytes)
         headers = {k: v for k, v in request.headers.items() if k not in _PRIVATE_HEADERS}
-        resp = await gw.ahandle(GatewayRequest(ident.caller, body, headers,
-                                               path=request.url.path),
-                                state["upstream"].send)
+        # The engine and its pools are taken once: a reload never changes them mid-request.
+        current = gw.current
+        pools = current.upstreams
+        assert pools is not None
+        pools.enter()
+        try:
+            resp = await current.ahandle(GatewayRequest(ident.caller, body, headers,
+                                                        path=request.url.path), pools.send)
+        except BaseException:
+            pools.leave()
+            raise
+        if resp.astream is not None:
+            resp = dataclasses.replace(resp, astream=pools.held(resp.astream))
+        else:
+            pools.leave()
         return _to_response(resp)
 
     @app.post("/v1/embeddings", tags=["openai"], responses=_CHAT_ERRORS,
@@ -395,8 +419,10 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_ERRORS,
              summary="The models the caller's environment allows")
     async def list_models(ident: Agent) -> dict[str, Any]:
-        patterns = pol.environments[ident.caller.environment].models
-        return {"object": "list", "data": await state["upstream"].allowed_models(patterns)}
+        current = gw.current
+        patterns = current.policy.environments[ident.caller.environment].models
+        assert current.upstreams is not None
+        return {"object": "list", "data": await current.upstreams.allowed_models(patterns)}
 
     # -- management ----------------------------------------------------------------------
     # Every route passes the key's scope: a key bound to an environment reads and acts

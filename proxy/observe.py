@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from .metrics import Metrics
+    from .upstream import Upstreams
 
 __all__ = ["AccessLog", "ObservedGateway", "RequestInfo", "current_info"]
 
@@ -114,6 +115,7 @@ class ObservedGateway(Gateway):
     """The engine, unchanged, with its audit entries feeding the log line and metrics."""
 
     metrics: Metrics | None = None
+    upstreams: Upstreams | None = None  # the proxy's pools for this engine's policy
 
     def on_audit(self, event: str, fields: dict[str, Any]) -> None:
         try:
