@@ -326,3 +326,28 @@ def test_the_sdk_skips_a_fallback_whose_key_it_lacks(
                 model="gpt-4o-mini", messages=user("hi"))
         assert len(bad.requests) == 1 and _stats(second)[0] == b0
     assert audit_entries(tmp_path / "audit.jsonl", "upstream") == []
+
+
+@pytest.mark.parametrize("library", ["httpx", "httpx2"])
+def test_both_http_libraries_route_and_fall_back(
+        library: str, tmp_path: Path, second: ScriptedServer, keys: None) -> None:
+    """openai 2 runs on httpx, openai 3 on httpx2: the gate rewrites the request in
+    either library's classes."""
+    from authority_sdk import gated_http_client
+
+    pytest.importorskip(library)
+    with HttpReceiver() as bad:
+        bad.reply(500, json={"error": {"message": "down"}})
+        ups = _two(bad.url("/v1"), second.base_url)
+        ups[0]["fallbacks"] = ["b"]
+        client = gated_http_client(policy=str(_policy(tmp_path, ups)), environment="prod",
+                                   http_library=library)
+        with client:
+            r = client.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions",
+                            headers={"authorization": f"Bearer {APP_KEY}"},
+                            json={"model": "gpt-4o-mini", "messages": user("SAY both")})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "both"
+        assert len(bad.requests) == 1
+        assert bad.requests[0].header("authorization") == f"Bearer {KEY_A}"
+        assert (_stats(second)[1] or {})["headers"]["authorization"] == f"Bearer {KEY_B}"
