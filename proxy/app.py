@@ -243,7 +243,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
     def attach_pools(new: ObservedGateway) -> None:
         new.upstreams = Upstreams(new.policy, metrics)
-        pool_sets.append(new.upstreams)
+        pool_sets[:] = [p for p in pool_sets if not p.closed] + [new.upstreams]
 
     def retire_pools(old: ObservedGateway) -> None:
         if old.upstreams is not None:
@@ -421,8 +421,13 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     async def list_models(ident: Agent) -> dict[str, Any]:
         current = gw.current
         patterns = current.policy.environments[ident.caller.environment].models
-        assert current.upstreams is not None
-        return {"object": "list", "data": await current.upstreams.allowed_models(patterns)}
+        pools = current.upstreams
+        assert pools is not None
+        pools.enter()
+        try:
+            return {"object": "list", "data": await pools.allowed_models(patterns)}
+        finally:
+            pools.leave()
 
     # -- management ----------------------------------------------------------------------
     # Every route passes the key's scope: a key bound to an environment reads and acts

@@ -5,6 +5,7 @@ was streamed, every attempt audited, the models list, and a reload that swaps th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -307,3 +308,32 @@ def test_a_reload_routes_through_new_pools(upstream: ScriptedServer, second: Scr
         c.chat.completions.create(model="gpt-4o-mini", messages=user("hi"))
         assert _count(second) == b0 + 1
         assert _last_headers(second)["authorization"] == f"Bearer {KEY_A}"
+
+
+def test_retired_pools_close_once_their_last_request_is_done() -> None:
+    """What a reload does to the old policy's pools, step by step on a real loop."""
+    from authority_sdk.policy import parse_policy
+    from proxy.metrics import Metrics
+    from proxy.upstream import Upstreams
+
+    async def scenario() -> None:
+        pools = Upstreams(parse_policy({"upstreams": [
+            {"name": "a", "base_url": "http://127.0.0.1:9/v1"},
+            {"name": "b", "base_url": "http://127.0.0.1:9/v1"}]}), Metrics())
+        sessions = [p.session for p in pools.pools.values()]
+        pools.enter()  # a request started under the old policy
+        await asyncio.to_thread(pools.retire)  # the reload runs in a worker thread
+        await asyncio.sleep(0.05)
+        assert not pools.closed and not any(s.closed for s in sessions)
+        pools.leave()
+        await asyncio.sleep(0.05)
+        assert pools.closed and all(s.closed for s in sessions)
+
+        idle = Upstreams(parse_policy({}), Metrics())
+        idle.enter()
+        idle.leave()
+        idle.retire()  # nothing in flight: closed at once
+        await asyncio.sleep(0.05)
+        assert idle.closed
+
+    asyncio.run(scenario())
