@@ -161,6 +161,14 @@ class ObservedGateway(Gateway):
                              "environment": fields.get("environment")}})
         elif event == "approval" and m is not None:
             m.approvals.labels(str(fields.get("approval_status"))).inc()
+        elif event == "upstream":
+            if m is not None:
+                m.fallbacks.labels(str(details.get("upstream")), str(details.get("code"))).inc()
+            # Names from the policy and the gateway's own codes: nothing a client chose.
+            log.warning("upstream %s failed (%s, %s); asking %s request_id=%s",
+                        details.get("upstream"), details.get("code"),
+                        details.get("status_code"), details.get("fallback_to"),
+                        fields.get("request_id") or "-")
 
     def finalize_d(self, ctx: CallContext, answer: Answer) -> Decision[dict[str, Any]]:
         t = time.perf_counter()

@@ -208,6 +208,10 @@ def test_a_failed_upstream_falls_back_once_and_each_attempt_is_audited(
             assert _count(second) == b0 + 1
             [attempt] = _entries(rp, "upstream")
             [req] = _entries(rp, "request")
+            metrics = rp.http("GET", "/metrics").text
+            assert 'authority_upstream_fallbacks_total{code="upstream_error",upstream="a"} 1.0' \
+                in metrics
+            assert "failed (upstream_error" in (tmp_path / "proxy.log").read_text()
         assert len(bad.requests) == (1 if fault == "5xx" else 0)
     assert attempt["request_id"] == req["request_id"]
     assert attempt["details"]["upstream"] == "a" and attempt["details"]["fallback_to"] == "b"
