@@ -135,9 +135,8 @@ def test_invalid_upstreams_are_refused_with_the_path_and_the_reason(
     assert message in _errors(data)
 
 
-def test_the_example_policy_s_two_upstreams_are_valid() -> None:
-    """examples/policy.yaml keeps `upstream:` active (the demo runs on it) and shows two
-    upstreams commented out: uncommented, in place of `upstream:`, they validate."""
+def _example_with_upstreams() -> dict[str, Any]:
+    """examples/policy.yaml with its commented `upstreams:` in place of `upstream:`."""
     text = (Path(__file__).parents[1] / "examples" / "policy.yaml").read_text()
     lines = text.split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith("# upstreams:"))
@@ -146,12 +145,32 @@ def test_the_example_policy_s_two_upstreams_are_valid() -> None:
         if not line.startswith("#"):
             break
         block.append(line[2:] if line.startswith("# ") else line[1:])
-    data = yaml.safe_load(text)
+    data: dict[str, Any] = yaml.safe_load(text)
     del data["upstream"]
     data.update(yaml.safe_load("\n".join(block)))
-    pol = parse_policy(data)
+    return data
+
+
+def test_the_example_policy_s_two_upstreams_are_valid() -> None:
+    """examples/policy.yaml keeps `upstream:` active (the demo runs on it) and shows two
+    upstreams commented out: uncommented, in place of `upstream:`, they validate."""
+    pol = parse_policy(_example_with_upstreams())
     assert len(pol.routes) == 2
     assert any(u.query for u in pol.routes) and any(u.fallbacks for u in pol.routes)
+
+
+def test_the_demo_points_every_upstream_at_its_local_model(tmp_path: Path) -> None:
+    from authority_sdk.demo.config import UPSTREAM_PLACEHOLDER_KEY, write_policy
+
+    base = tmp_path / "base.yaml"
+    data = _example_with_upstreams()
+    base.write_text(yaml.safe_dump(data))
+    (tmp_path / "out").mkdir()
+    _, pol, env = write_policy(base, tmp_path / "out", model_url="http://127.0.0.1:9",
+                               receiver_url="http://127.0.0.1:8")
+    assert {u.base_url for u in pol.routes} == {"http://127.0.0.1:9/v1"}
+    assert {k for k, v in env.items() if v == UPSTREAM_PLACEHOLDER_KEY} == {
+        "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY"}
 
 
 # -- the reservation covers the chain ---------------------------------------------------
