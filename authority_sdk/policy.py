@@ -164,7 +164,7 @@ class UpstreamConfig(_Strict):
 
     def api_key(self) -> str | None:
         """The upstream's key from the environment (None: not set)."""
-        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
+        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
 
     def auth_headers(self, key: str) -> dict[str, str]:
         if self.api_key_header == "authorization":

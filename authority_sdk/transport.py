@@ -54,8 +54,8 @@ def route(method: str, path: str) -> Route:
 
 def routed_key(up: NamedUpstream | None) -> tuple[NamedUpstream, str] | None:
     """The SDK routes a call to the policy's upstream only where that upstream's key is
-    set in the environment; otherwise the app's own base_url and api_key stay as they
-    are (DESIGN: the app keeps its provider unless the policy can reach another)."""
+    set in the app's environment; otherwise the app's own base_url and api_key stay as
+    they are (an app that brought its own provider keeps it: issue 17)."""
     if up is None:
         return None
     key = up.api_key()
