@@ -44,13 +44,15 @@ from .errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     KillSwitchEngaged,
+    ModelNotRouted,
     RateLimited,
     UpstreamError,
+    UpstreamTimeout,
 )
 from .executors import ExecutorRegistry
 from .formats import format_for_path
 from .formats.base import Answer, ParsedRequest, WireFormat
-from .policy import KeyConfig, Policy, load_policy
+from .policy import KeyConfig, NamedUpstream, Policy, load_policy
 from .pricing import PriceBook, actual_usd
 from .rate_limits import RateHold
 from .store import Store, open_store
@@ -94,12 +96,19 @@ class CallContext:
     plan: CostPlan | None = None
     rate: RateHold | None = None
     upstream_body: bytes = b""
+    # The upstream serving the model, then its fallbacks; ``upstream`` is the one asked now.
+    route: tuple[NamedUpstream, ...] = ()
+    upstream: NamedUpstream | None = None
     done: bool = False
     takeover_answer: Any = None  # a dead attempt's answer, re-gated instead of asked again
 
     @property
     def stream(self) -> bool:
         return bool(self.parsed and self.parsed.stream)
+
+    @property
+    def upstream_name(self) -> str | None:
+        return self.upstream.name if self.upstream is not None else None
 
     @property
     def client_wants_usage(self) -> bool:
@@ -216,8 +225,11 @@ class Engine:
 
     # -- phase 1 -----------------------------------------------------------------------
 
-    def begin_d(self, req: GatewayRequest, *,
-                may_wait: bool = False) -> Decision[CallContext | GatewayResponse | _Wait]:
+    def begin_d(self, req: GatewayRequest, *, may_wait: bool = False,
+                usable: Callable[[NamedUpstream], bool] | None = None,
+                ) -> Decision[CallContext | GatewayResponse | _Wait]:
+        """``usable`` tells which fallbacks this front door can reach (the SDK only those
+        whose credentials are set); the upstream serving the model is always asked."""
         ctx = CallContext(request_id="req_" + secrets.token_hex(12), caller=req.caller,
                           environment=req.caller.environment,
                           queue=AuditQueue(self.policy.hash, self.idempotency_ttl))
@@ -246,6 +258,7 @@ class Engine:
                 raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}",
                                         decided_by=f"kill_switch:{kill['scope']}")
             admission.check_model(self.policy, ctx.environment, ctx.model)
+            ctx.route = self._route(ctx.model, usable)
             admission.check_hosted_tools(self.policy, ctx.environment, parsed.hosted_tools)
             admission.check_mcp_servers(self.policy, ctx.environment, parsed.mcp_servers)
             yield from fmt.prepare_d(parsed, caller=ctx.caller.name,
@@ -253,12 +266,13 @@ class Engine:
             key_cfg = self._keys.get(ctx.caller.name)
             ctx.plan = yield from plan_d(self.policy, ctx.environment,
                                          key_cfg.budget if key_cfg else None, ctx.caller.name,
-                                         parsed, prices=self.prices, counter=self.counter)
+                                         parsed, prices=self.prices, counter=self.counter,
+                                         attempts=len(ctx.route))
             if key_cfg is not None and key_cfg.rate_limit is not None:
                 try:
                     ctx.rate = yield from rate_limits.admit_d(
                         key_cfg.rate_limit, ctx.caller.name, ctx.request_id, ctx.plan,
-                        slot_ttl_s=self.policy.upstream.timeout_s + _LEASE_MARGIN_S)
+                        slot_ttl_s=self.policy.max_call_s + _LEASE_MARGIN_S)
                 except RateLimited:
                     yield from release_d(ctx.plan)
                     ctx.plan = None
@@ -268,6 +282,16 @@ class Engine:
             return ctx
         except AuthorityError as exc:
             return (yield from self._deny_early_d(ctx, exc))
+
+    def _route(self, model: str, usable: Callable[[NamedUpstream], bool] | None
+               ) -> tuple[NamedUpstream, ...]:
+        chain = self.policy.route(model)
+        if chain is None:
+            raise ModelNotRouted(
+                f"no upstream serves model {model!r} (upstreams: "
+                + "; ".join(f"{u.name}: {', '.join(u.models)}" for u in self.policy.routes)
+                + ")", decided_by="upstreams")
+        return (chain[0], *(u for u in chain[1:] if usable is None or usable(u)))
 
     def _claim_d(self, ctx: CallContext, req: GatewayRequest,
                  *, may_wait: bool) -> Decision[GatewayResponse | _Wait | None]:
@@ -295,7 +319,7 @@ class Engine:
             store_key = f"auto:{ctx.caller.name}:{ctx.environment}:{fingerprint}"
         ctx.key_kind = kind
         ttl = self.idempotency_ttl if kind == "client" else self.policy.defaults.retry_window_s
-        lease = self.policy.upstream.timeout_s + _LEASE_MARGIN_S
+        lease = self.policy.max_call_s + _LEASE_MARGIN_S
         if kind == "retry" and (yield S.idem_get(store_key)) is None:
             ctx.lazy_claim = idempotency.LazyClaim(store_key, fingerprint, ctx.request_id,
                                                    ttl, lease)
@@ -387,9 +411,10 @@ class Engine:
                 request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
                 decision="error", reason=exc.message,
                 cost_estimate_usd=ctx.plan.estimate_usd if ctx.plan else None,
-                cost_actual_usd=0.0, actor=ctx.caller.name, policy_hash=self.policy.hash,
+                cost_actual_usd=ctx.plan.billed_usd if ctx.plan else 0.0,
+                actor=ctx.caller.name, policy_hash=self.policy.hash,
                 details={"code": exc.code, "status_code": status,
-                         "idempotency_key": ctx.idem_key})),))
+                         "idempotency_key": ctx.idem_key, "upstream": ctx.upstream_name})),))
         except AuthorityError as audit_exc:
             return error_response(audit_exc, request_id=ctx.request_id)
         if upstream is not None:  # an upstream 4xx passes through as it came
@@ -447,8 +472,10 @@ class Engine:
             with contextlib.suppress(AuthorityError):  # a slot left behind ends with its lease
                 yield from rate_limits.settle_d(ctx.rate, usage)
             ceiling = ctx.plan.ceiling_usd
-            if ceiling is not None and actual > ceiling:
-                reason = (f"actual cost ${actual:.6f} exceeded the ceiling ${ceiling}; "
+            # The ceiling bounds one answer; attempts given up on are on the budget only.
+            served_usd = actual - ctx.plan.billed_usd
+            if ceiling is not None and served_usd > ceiling:
+                reason = (f"actual cost ${served_usd:.6f} exceeded the ceiling ${ceiling}; "
                           "no action of this completion runs")
         else:  # a takeover: its cost was settled by the attempt that died
             pricing = self.prices.lookup(ctx.model)
@@ -459,7 +486,8 @@ class Engine:
                   model=ctx.model, decision="allow", reason=reason,
                   cost_estimate_usd=ctx.plan.estimate_usd if ctx.plan else None,
                   cost_actual_usd=actual, actor=ctx.caller.name,
-                  details={"tool_calls": len(answer.calls), "idempotency_key": ctx.idem_key,
+                  details={"upstream": ctx.upstream_name,
+                           "tool_calls": len(answer.calls), "idempotency_key": ctx.idem_key,
                            "key_kind": ctx.key_kind, "stream": ctx.stream,
                            "format": ctx.fmt.name,
                            "takeover_of": (ctx.claim.record.get("takeover_of")
@@ -544,9 +572,10 @@ class Engine:
                     request_id=ctx.request_id, environment=ctx.environment,
                     model=ctx.model, decision="error", reason=exc.message,
                     cost_estimate_usd=ctx.plan.estimate_usd,
-                    cost_actual_usd=ctx.plan.estimate_usd, actor=ctx.caller.name,
-                    policy_hash=self.policy.hash,
-                    details={"code": exc.code, "stream": True})),))
+                    cost_actual_usd=ctx.plan.estimate_usd + ctx.plan.billed_usd,
+                    actor=ctx.caller.name, policy_hash=self.policy.hash,
+                    details={"code": exc.code, "stream": True,
+                             "upstream": ctx.upstream_name})),))
             except AuthorityError as inner:
                 exc = inner
         body = error_response(exc, request_id=ctx.request_id).body
@@ -570,11 +599,13 @@ class Engine:
 
     # -- drivers -----------------------------------------------------------------------
 
-    def handle(self, req: GatewayRequest,
-               send: Callable[[CallContext], UpstreamReply]) -> GatewayResponse:
+    def handle(self, req: GatewayRequest, send: Callable[[CallContext], UpstreamReply], *,
+               usable: Callable[[NamedUpstream], bool] | None = None) -> GatewayResponse:
+        """``send`` asks ``ctx.upstream``; on a 5xx, a connection error or a timeout the
+        next upstream of ``ctx.route`` is asked (nothing has reached the client yet)."""
         try:
             rt = self.runtime
-            begun = run(self.begin_d(req), rt)
+            begun = run(self.begin_d(req, usable=usable), rt)
             if not isinstance(begun, CallContext):
                 assert isinstance(begun, GatewayResponse)
                 return begun
@@ -582,7 +613,7 @@ class Engine:
             if ctx.takeover_answer is not None:
                 return run(self._regate_d(ctx), rt)
             try:
-                reply = send(ctx)
+                reply = self._send_chain(ctx, send)
             except AuthorityError as exc:
                 return run(self.fail_d(ctx, exc), rt)
             except BaseException:
@@ -598,22 +629,23 @@ class Engine:
             return error_response(exc)
 
     async def ahandle(self, req: GatewayRequest,
-                      send: Callable[[CallContext], Awaitable[UpstreamReply]]) -> GatewayResponse:
+                      send: Callable[[CallContext], Awaitable[UpstreamReply]], *,
+                      usable: Callable[[NamedUpstream], bool] | None = None) -> GatewayResponse:
         """The async front door: every effect is awaited (a network backend on its own
         pool, executors on their async clients); a local store and the audit file run
         inline, measured faster than a thread hop."""
         try:
             rt = self.runtime
-            begun = await arun(self.begin_d(req, may_wait=True), rt)
-            deadline = time.monotonic() + self.policy.upstream.timeout_s + _LEASE_MARGIN_S
+            begun = await arun(self.begin_d(req, may_wait=True, usable=usable), rt)
+            deadline = time.monotonic() + self.policy.max_call_s + _LEASE_MARGIN_S
             delay = 0.05
             while begun is WAIT:
                 # A retry of a request still running here: wait for its answer, then replay
                 # it, rather than send the client away to retry into the same wait.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-                begun = await arun(self.begin_d(req, may_wait=time.monotonic() < deadline),
-                                   rt)
+                begun = await arun(self.begin_d(req, may_wait=time.monotonic() < deadline,
+                                                usable=usable), rt)
             if not isinstance(begun, CallContext):
                 assert isinstance(begun, GatewayResponse)
                 return begun
@@ -621,7 +653,7 @@ class Engine:
             if ctx.takeover_answer is not None:
                 return await arun(self._regate_d(ctx), rt)
             try:
-                reply = await send(ctx)
+                reply = await self._asend_chain(ctx, send)
             except AuthorityError as exc:
                 return await arun(self.fail_d(ctx, exc), rt)
             except BaseException:
@@ -635,6 +667,67 @@ class Engine:
             return await arun(self.complete_d(ctx, reply.status_code, reply.body), rt)
         except AuthorityUnavailable as exc:
             return error_response(exc)
+
+    # -- the upstream chain: fallbacks -------------------------------------------------
+
+    def _send_chain(self, ctx: CallContext,
+                    send: Callable[[CallContext], UpstreamReply]) -> UpstreamReply:
+        for i, up in enumerate(ctx.route or (None,)):
+            ctx.upstream = up
+            last = i == len(ctx.route) - 1 or not ctx.route
+            try:
+                reply = send(ctx)
+            except AuthorityError as exc:
+                if last or not _falls_back(exc):
+                    raise
+                run(self._fell_back_d(ctx, exc), self.runtime)
+                continue
+            if reply.status_code < 500 or last:
+                return reply
+            _close(reply)
+            run(self._fell_back_d(ctx, UpstreamError(
+                f"the upstream answered {reply.status_code}"), reply.status_code), self.runtime)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _asend_chain(self, ctx: CallContext,
+                           send: Callable[[CallContext], Awaitable[UpstreamReply]]
+                           ) -> UpstreamReply:
+        for i, up in enumerate(ctx.route or (None,)):
+            ctx.upstream = up
+            last = i == len(ctx.route) - 1 or not ctx.route
+            try:
+                reply = await send(ctx)
+            except AuthorityError as exc:
+                if last or not _falls_back(exc):
+                    raise
+                await arun(self._fell_back_d(ctx, exc), self.runtime)
+                continue
+            if reply.status_code < 500 or last:
+                return reply
+            await _aclose(reply)
+            await arun(self._fell_back_d(ctx, UpstreamError(
+                f"the upstream answered {reply.status_code}"), reply.status_code), self.runtime)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _fell_back_d(self, ctx: CallContext, exc: AuthorityError,
+                     status: int | None = None) -> Decision[None]:
+        """One attempt failed before anything reached the client, and a fallback follows:
+        on the record (which upstream, why). A timed-out attempt may have been billed, so
+        its estimate is charged from the reservation that covers the chain."""
+        assert ctx.upstream is not None
+        nxt = ctx.route[ctx.route.index(ctx.upstream) + 1]
+        charged = 0.0
+        if isinstance(exc, UpstreamTimeout) and ctx.plan is not None:
+            ctx.plan.charge_abandoned_attempt()
+            charged = ctx.plan.estimate_usd
+        yield from _append_d((("upstream", dict(
+            request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
+            decision="error", reason=exc.message, cost_actual_usd=charged,
+            actor=ctx.caller.name, policy_hash=self.policy.hash,
+            details={"upstream": ctx.upstream.name, "code": exc.code,
+                     "status_code": status or exc.status_code,
+                     "attempt": ctx.route.index(ctx.upstream) + 1,
+                     "fallback_to": nxt.name})),))
 
     def _regate_d(self, ctx: CallContext) -> Decision[GatewayResponse]:
         assert ctx.fmt is not None
@@ -653,6 +746,25 @@ def _is_retry(count: str | None) -> bool:
         return count is not None and int(count) > 0
     except ValueError:
         return False
+
+
+def _falls_back(exc: AuthorityError) -> bool:
+    """A fallback is tried only where the upstream may simply be down: a connection error
+    or a timeout (a 5xx status is checked on the reply). A refusal would be the same
+    anywhere."""
+    return isinstance(exc, UpstreamError) and exc.code in ("upstream_error", "upstream_timeout")
+
+
+def _close(reply: UpstreamReply) -> None:
+    if reply.close is not None:
+        reply.close()
+
+
+async def _aclose(reply: UpstreamReply) -> None:
+    if reply.close is not None:
+        got = reply.close()
+        if asyncio.iscoroutine(got):
+            await got
 
 
 def _append_d(items: tuple[tuple[str, dict[str, Any]], ...]) -> Decision[list[dict[str, Any]]]:
