@@ -116,6 +116,10 @@ class _Http:
         headers["accept-encoding"] = "identity"
         for private in ("idempotency-key", RETRY_KEY_HEADER):
             headers.pop(private, None)
+        if ctx.trace is not None:  # the upstream's work becomes a child of the call's span
+            for name in ("traceparent", "tracestate"):
+                headers.pop(name, None)
+            headers.update(ctx.trace.headers())
         return self.Request(request.method, request.url, headers=headers,
                             content=ctx.upstream_body, extensions=request.extensions)
 
