@@ -28,11 +28,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from servers import HttpReceiver
 
-from authority_sdk import AsyncAuthorityClient, AuthorityClient, Gateway, authority_of
+from authority_sdk import AsyncAuthorityClient, AuthorityClient, Gateway, Telemetry, authority_of
 from authority_sdk.delivery import deliver_round
 from authority_sdk.errors import PolicyError
 from authority_sdk.policy import load_policy
-from authority_sdk.telemetry import Telemetry, telemetry_for
+from authority_sdk.telemetry import telemetry_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
