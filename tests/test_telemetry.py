@@ -352,6 +352,32 @@ def test_async_client_spans_and_propagation(
     assert sent["headers"]["traceparent"].split("-")[2] == hexid(chat.context.span_id)
 
 
+def test_responses_and_embeddings_spans(otel: Otel, write_policy: Callable[..., Path]) -> None:
+    c = otel.client(write_policy({"environments": {"prod": {
+        "models": ["gpt-4o-mini", "text-embedding-3-*"]}}}))
+    r = c.responses.create(model="gpt-4o-mini", input='CALL lookup_customer {"customer_id": "c"}',
+                           tools=[{"type": "function", "name": "lookup_customer",
+                                   "parameters": {"type": "object", "properties": {
+                                       "customer_id": {"type": "string"}}}}])
+    [chat] = otel.chat_spans()
+    a = attrs(chat)
+    assert chat.name == "chat gpt-4o-mini"
+    assert a["gen_ai.response.id"] == r.id
+    assert r.usage is not None
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (
+        r.usage.input_tokens, r.usage.output_tokens)
+    assert a["gen_ai.response.finish_reasons"] == ("completed",)
+    [span] = otel.tool_spans()
+    assert span.name == "execute_tool lookup_customer"
+
+    otel.spans.clear()
+    c.embeddings.create(model="text-embedding-3-small", input=["refund policy"])
+    [emb] = otel.chat_spans()
+    assert emb.name == "embeddings text-embedding-3-small"
+    assert attrs(emb)["gen_ai.operation.name"] == "embeddings"
+    assert attrs(emb)["gen_ai.usage.input_tokens"] > 0
+
+
 # -- configuration -------------------------------------------------------------------------
 
 
@@ -371,6 +397,21 @@ def test_on_and_off_by_policy_and_environment(write_policy: Callable[..., Path])
         "base_url": "https://acme.openai.azure.com/openai/v1"}}))
     assert Telemetry.with_providers(azure, tracer_provider=TracerProvider(),
                                     meter_provider=MeterProvider()).provider == "azure.ai.openai"
+
+
+def test_without_the_extra_asking_fails_and_the_environment_only_warns(
+        write_policy: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # As if 'pip install ai-authority-gateway[otel]' had not been run.
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                        None)
+    asked = load_policy(write_policy({"telemetry": {"otel": True,
+                                                    "endpoint": "http://127.0.0.1:7/none"}}))
+    with pytest.raises(PolicyError, match=r"\[otel\]"):
+        Gateway(asked)
+    hinted = load_policy(write_policy({"telemetry": {"endpoint": "http://127.0.0.1:7/env"}}))
+    assert telemetry_for(hinted, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:7"}) is None
+    assert "telemetry stays off" in caplog.text
 
 
 @pytest.mark.parametrize(("telemetry", "where"), [
