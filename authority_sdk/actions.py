@@ -40,6 +40,7 @@ from .execution import run_once_d
 from .formats.base import Answer, Call
 from .modes import resolve_action
 from .records import ActionOutcome, ActionStatus, Dispatch, Mode, strictest
+from .telemetry import trace_headers
 from .wire import canonical_json
 
 if TYPE_CHECKING:
@@ -419,4 +420,6 @@ def _approval(inp: GateInput, o: ActionOutcome, args: dict[str, Any],
         "policy_hash": inp.policy.hash,
         "limit_charges": [c.to_record() for c in held],
         "limit_overrides": [c.to_record() for c in override],
+        # The action span's context (telemetry on): its run, once approved, joins the trace.
+        **({"trace": trace} if (trace := trace_headers()) else {}),
     }

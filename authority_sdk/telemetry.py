@@ -291,6 +291,28 @@ class Telemetry:
     def start_call(self, req: GatewayRequest) -> CallTrace:
         return CallTrace(self, req)
 
+    def approved_action(self, approval: Mapping[str, Any], approver: str) -> ActionSpan:
+        """The run of an action a person approved, maybe hours after its request: a child of
+        the action span that held it (its context kept with the approval), so the effect
+        lands in the trace of the request that asked for it."""
+        from opentelemetry.trace import get_current_span
+
+        parent: Any = self.backend.propagator.extract(stored_trace(approval))
+        if not get_current_span(parent).get_span_context().is_valid:
+            parent = None
+        tool_call = approval.get("tool_call")
+        return ActionSpan(self, parent, str(approval.get("action_type") or ""),
+                          tool_call.get("id") if isinstance(tool_call, dict) else None, {
+                              "authority.approval_id": _cut(str(approval.get("id"))),
+                              "authority.approver": _cut(approver),
+                              "authority.mode": "require_human_approval",
+                              "authority.decision": "allow",
+                              "authority.decided_by": "approval",
+                              "authority.dispatch": "gateway",
+                              "authority.executor": _cut(str(approval.get("executor"))),
+                              "authority.action_key": _cut(str(approval.get("action_key")),
+                                                           400)})
+
 
 class CallTrace:
     """One model call's span and measurements, from the request to its last byte."""
@@ -433,7 +455,9 @@ class CallTrace:
         self.finalize_s += time.perf_counter() - started
 
     def action(self, call: Call) -> ActionSpan:
-        return ActionSpan(self, call)
+        from opentelemetry.trace import set_span_in_context
+
+        return ActionSpan(self.tel, set_span_in_context(self.span), call.name, call.call_id)
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -492,30 +516,29 @@ class CallTrace:
 
 
 class ActionSpan:
-    """``execute_tool {name}``: one action of the answer, from its decision to its effect.
-    While it is open, :func:`trace_headers` gives its context to what the action sends."""
+    """``execute_tool {name}``: one action, from its decision to its effect. While it is
+    open, :func:`trace_headers` gives its context to what the action sends."""
 
-    def __init__(self, call_trace: CallTrace, call: Call) -> None:
+    def __init__(self, tel: Telemetry, parent: Any, tool_name: str, call_id: Any,
+                 attributes: dict[str, Any] | None = None) -> None:
         from opentelemetry.trace import SpanKind, set_span_in_context
 
-        self.parent = call_trace
-        name = _cut(call.name)
-        self.span = call_trace.tel.backend.tracer.start_span(
-            f"execute_tool {name}", context=set_span_in_context(call_trace.span),
-            kind=SpanKind.INTERNAL,
+        self.tel = tel
+        name = _cut(tool_name)
+        self.span = tel.backend.tracer.start_span(
+            f"execute_tool {name}", context=parent, kind=SpanKind.INTERNAL,
             attributes={"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
                         "gen_ai.tool.type": "function",
-                        "gen_ai.tool.call.id": _cut(call.call_id or "")})
+                        "gen_ai.tool.call.id": _cut(call_id if isinstance(call_id, str)
+                                                    else ""),
+                        **(attributes or {})})
         carrier: dict[str, str] = {}
-        call_trace.tel.backend.propagator.inject(carrier,
-                                                 context=set_span_in_context(self.span))
+        tel.backend.propagator.inject(carrier, context=set_span_in_context(self.span))
         self._prev = _action_headers.get()
         _action_headers.set(carrier)
 
     def end(self, o: ActionOutcome) -> None:
-        from opentelemetry.trace import Status, StatusCode
-
-        _action_headers.set(self._prev)
+        """Gated (and run, if it ran): the decision and the outcome."""
         attrs: dict[str, Any] = {"authority.mode": str(o.mode),
                                  "authority.decision": o.decision,
                                  "authority.decided_by": _cut(o.decided_by),
@@ -528,18 +551,41 @@ class ActionSpan:
                 attrs[name] = _cut(str(value))
         if o.extra.get("replayed"):
             attrs["authority.idempotency.replayed"] = True
-        tel = self.parent.tel
-        if tel.capture_content:
+        if self.tel.capture_content:
             attrs["gen_ai.tool.call.arguments"] = _content(
-                redact(o.tool_call.get("arguments"), tel.redact))
+                redact(o.tool_call.get("arguments"), self.tel.redact))
             if o.result is not None:
-                attrs["gen_ai.tool.call.result"] = _content(redact(o.result, tel.redact))
+                attrs["gen_ai.tool.call.result"] = _content(redact(o.result, self.tel.redact))
         failed = o.decision == "error" or str(o.status) in ("failed", "in_doubt")
-        if failed:
-            attrs["error.type"] = _cut(o.code or str(o.status))
+        self._end(attrs, _cut(o.code or str(o.status)) if failed else None)
+
+    def end_approved(self, final: Mapping[str, Any] | None,
+                     error: AuthorityError | None = None) -> None:
+        """An approved action's run: its final status, or why nothing ran."""
+        attrs: dict[str, Any] = {}
+        status = final.get("status") if final is not None else None
+        if isinstance(status, str):
+            attrs["authority.status"] = _cut(status)
+        if error is not None:
+            attrs["authority.code"] = _cut(error.code)
+        if self.tel.capture_content and final is not None and final.get("result") is not None:
+            attrs["gen_ai.tool.call.result"] = _content(redact(final["result"], self.tel.redact))
+        if error is not None:
+            self._end(attrs, _cut(error.code))
+        elif final is None:
+            self._end(attrs, "interrupted")
+        else:
+            self._end(attrs, str(status) if status in ("failed", "in_doubt") else None)
+
+    def _end(self, attrs: dict[str, Any], error_type: str | None) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        _action_headers.set(self._prev)
+        if error_type is not None:
+            attrs["error.type"] = error_type
         self.span.set_attributes(attrs)
-        if failed:
-            self.span.set_status(Status(StatusCode.ERROR, attrs["error.type"]))
+        if error_type is not None:
+            self.span.set_status(Status(StatusCode.ERROR, error_type))
         self.span.end()
 
 

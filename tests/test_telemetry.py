@@ -28,7 +28,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from servers import HttpReceiver
 
-from authority_sdk import AsyncAuthorityClient, AuthorityClient, Gateway, Telemetry, authority_of
+from authority_sdk import (
+    AsyncAuthorityClient,
+    AuthorityClient,
+    Gateway,
+    Telemetry,
+    authority_of,
+    control,
+)
 from authority_sdk.delivery import deliver_round
 from authority_sdk.errors import PolicyError
 from authority_sdk.policy import load_policy
@@ -258,6 +265,34 @@ def test_held_action_span_and_its_notification_carry_the_trace(
     assert deliver_round(c.gateway)
     [got] = rx.wait_for(1)
     assert got.header("traceparent") == f"00-{TRACE_ID}-{hexid(span.context.span_id)}-01"
+
+
+def test_an_approved_action_runs_in_the_trace_of_the_request_that_asked(
+        otel: Otel, write_policy: Callable[..., Path], rx: HttpReceiver) -> None:
+    policy = write_policy({
+        "executors": {"billing": {"type": "webhook", "url": rx.url("/refunds")}},
+        "actions": {"issue_refund": {"executor": "billing",
+                                     "mode": "require_human_approval"}}})
+    c = otel.client(policy, default_headers={"traceparent": TRACEPARENT})
+    r = c.chat.completions.create(model="gpt-4o-mini", messages=script(
+        'CALL issue_refund {"order_id": "o_1", "amount": 5}'))
+    [held] = otel.tool_spans()
+    approval_id = authority_of(r).actions[0].approval_id
+    assert approval_id and attrs(held)["authority.approval_id"] == approval_id
+    assert rx.requests == []
+
+    otel.spans.clear()
+    # Later, and outside any request: a person approves; the effect joins the same trace.
+    assert control.approve(c.gateway, approval_id, actor="ops-bob")["status"] == "executed"
+    [ran] = otel.tool_spans()
+    a = attrs(ran)
+    assert ran.name == "execute_tool issue_refund"
+    assert ran.context.trace_id == held.context.trace_id
+    assert ran.parent is not None and ran.parent.span_id == held.context.span_id
+    assert (a["authority.approval_id"], a["authority.approver"], a["authority.status"],
+            a["authority.executor"]) == (approval_id, "ops-bob", "executed", "billing")
+    [got] = rx.wait_for(1)
+    assert got.header("traceparent") == f"00-{TRACE_ID}-{hexid(ran.context.span_id)}-01"
 
 
 def test_refusals_and_replays_are_span_attributes(
