@@ -597,9 +597,9 @@ class Engine:
 
     def handle(self, req: GatewayRequest,
                send: Callable[[CallContext], UpstreamReply]) -> GatewayResponse:
-        if self.telemetry is None:
+        trace = self.telemetry.start_call(req) if self.telemetry is not None else None
+        if trace is None:
             return self._handle(req, send, None)
-        trace = self.telemetry.start_call(req)
         self.on_trace(trace.trace_id)
         resp: GatewayResponse | None = None
         try:
@@ -646,9 +646,9 @@ class Engine:
         """The async front door: every effect is awaited (a network backend on its own
         pool, executors on their async clients); a local store and the audit file run
         inline, measured faster than a thread hop."""
-        if self.telemetry is None:
+        trace = self.telemetry.start_call(req) if self.telemetry is not None else None
+        if trace is None:
             return await self._ahandle(req, send, None)
-        trace = self.telemetry.start_call(req)
         self.on_trace(trace.trace_id)
         resp: GatewayResponse | None = None
         try:

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import functools
 import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from .audit import redact
@@ -81,6 +82,26 @@ _PROVIDERS = (("openai.azure.com", "azure.ai.openai"), ("api.openai.com", "opena
 # sends out: read by executors and the notification queue. None while telemetry is off.
 _action_headers: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "authority_action_trace", default=None)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _guarded(fn: Callable[_P, _R]) -> Callable[_P, _R | None]:
+    """Instrumentation never turns an answer into an error: a failure here is logged and
+    the request goes on without it (None where an object was due)."""
+
+    @functools.wraps(fn)
+    def safe(*args: _P.args, **kwargs: _P.kwargs) -> _R | None:
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            log.warning("telemetry failed in %s; the request goes on", fn.__qualname__,
+                        exc_info=True)
+            return None
+
+    return safe
 
 
 def trace_headers() -> dict[str, str]:
@@ -288,9 +309,11 @@ class Telemetry:
         """Telemetry on providers the caller made (tests: in-memory exporter and reader)."""
         return cls(policy, _Backend(tracer_provider, meter_provider))
 
+    @_guarded
     def start_call(self, req: GatewayRequest) -> CallTrace:
         return CallTrace(self, req)
 
+    @_guarded
     def approved_action(self, approval: Mapping[str, Any], approver: str) -> ActionSpan:
         """The run of an action a person approved, maybe hours after its request: a child of
         the action span that held it (its context kept with the approval), so the effect
@@ -354,11 +377,15 @@ class CallTrace:
         from opentelemetry.trace import set_span_in_context
 
         carrier: dict[str, str] = {}
-        self.tel.backend.propagator.inject(carrier, context=set_span_in_context(self.span))
+        try:
+            self.tel.backend.propagator.inject(carrier, context=set_span_in_context(self.span))
+        except Exception:  # never fail the call for its trace context
+            log.warning("telemetry: no trace context for the upstream", exc_info=True)
         return carrier
 
     # -- what the engine tells it, phase by phase ------------------------------------------
 
+    @_guarded
     def request(self, ctx: CallContext) -> None:
         """The request is parsed: its model and options are known."""
         assert ctx.fmt is not None and ctx.parsed is not None
@@ -391,6 +418,7 @@ class CallTrace:
                 attrs["gen_ai.system_instructions"] = _content(data["instructions"])
         self.span.set_attributes(attrs)
 
+    @_guarded
     def admitted(self, ctx: CallContext) -> None:
         """Admitted, about to be sent: the limit actually sent and the reservation."""
         self.model_admitted = True
@@ -403,15 +431,18 @@ class CallTrace:
             self.span.set_attribute("gen_ai.request.max_tokens", int(limit))
         self.t_send = time.perf_counter()
 
+    @_guarded
     def received(self) -> None:
         self.t_recv = time.perf_counter()
 
+    @_guarded
     def replayed(self, original_request_id: Any) -> None:
         self.span.set_attributes({"authority.decision": "replay",
                                   "authority.idempotency.replayed": True})
         if isinstance(original_request_id, str):
             self.span.set_attribute("authority.original_request_id", _cut(original_request_id))
 
+    @_guarded
     def refused(self, exc: AuthorityError, decision: str) -> None:
         """Refused before the upstream, or the upstream failed: the code says which."""
         self.error_type = _cut(exc.code)
@@ -422,6 +453,7 @@ class CallTrace:
             attrs["authority.decided_by"] = _cut(decided_by)
         self.span.set_attributes(attrs)
 
+    @_guarded
     def answered(self, answer: Answer, authority: dict[str, Any], started: float) -> None:
         """Gated: the answer's own facts, then the gateway's."""
         body = answer.body
@@ -454,6 +486,7 @@ class CallTrace:
         self.span.set_attributes(attrs)
         self.finalize_s += time.perf_counter() - started
 
+    @_guarded
     def action(self, call: Call) -> ActionSpan:
         from opentelemetry.trace import set_span_in_context
 
@@ -461,6 +494,7 @@ class CallTrace:
 
     # -- the end -----------------------------------------------------------------------------
 
+    @_guarded
     def finish(self, status: int | None, code: str | None = None) -> None:
         """The last byte is out (``status`` the answer's; None: the call was interrupted):
         end the span, record the metrics."""
@@ -537,6 +571,7 @@ class ActionSpan:
         self._prev = _action_headers.get()
         _action_headers.set(carrier)
 
+    @_guarded
     def end(self, o: ActionOutcome) -> None:
         """Gated (and run, if it ran): the decision and the outcome."""
         attrs: dict[str, Any] = {"authority.mode": str(o.mode),
@@ -559,6 +594,7 @@ class ActionSpan:
         failed = o.decision == "error" or str(o.status) in ("failed", "in_doubt")
         self._end(attrs, _cut(o.code or str(o.status)) if failed else None)
 
+    @_guarded
     def end_approved(self, final: Mapping[str, Any] | None,
                      error: AuthorityError | None = None) -> None:
         """An approved action's run: its final status, or why nothing ran."""

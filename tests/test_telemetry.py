@@ -413,6 +413,38 @@ def test_responses_and_embeddings_spans(otel: Otel, write_policy: Callable[..., 
     assert attrs(emb)["gen_ai.usage.input_tokens"] > 0
 
 
+def test_a_telemetry_failure_never_fails_the_request(
+        otel: Otel, write_policy: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import authority_sdk.telemetry as telemetry
+
+    def broken(body: Any) -> list[str]:
+        raise RuntimeError("a bug in the instrumentation")
+
+    monkeypatch.setattr(telemetry, "_finish_reasons", broken)
+    c = otel.client(write_policy())
+    r = c.chat.completions.create(model="gpt-4o-mini", tools=TOOLS, messages=script(*CALLS))
+    assert authority_of(r).decision == "allow"
+    assert [a.status for a in authority_of(r).actions] == ["allowed", "executed"]
+    [chat] = otel.chat_spans()  # the span still ended, without what failed
+    assert "gen_ai.response.finish_reasons" not in attrs(chat)
+    assert "telemetry failed in CallTrace.answered" in caplog.text
+
+    class NoTracer:
+        def start_span(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("exporter misconfigured")
+
+    class BrokenProvider:
+        def get_tracer(self, *args: Any, **kwargs: Any) -> NoTracer:
+            return NoTracer()
+
+    pol = load_policy(write_policy())
+    gw = Gateway(pol, telemetry=Telemetry.with_providers(
+        pol, tracer_provider=BrokenProvider(), meter_provider=otel.meter_provider))
+    c = AuthorityClient(gateway=gw, environment="prod", max_retries=0)
+    assert c.chat.completions.create(model="gpt-4o-mini", messages=user("hi")).choices
+
+
 # -- configuration -------------------------------------------------------------------------
 
 
