@@ -157,7 +157,11 @@ def test_proxy_exports_spans_parented_by_the_caller_and_propagates_upstream(
         denied = px.http("POST", "/v1/chat/completions", AGENT_KEY,
                          json={"model": "gpt-4o", "messages": user("hi")})
         assert (untraced.status_code, denied.status_code) == (200, 403)
-        collector.wait(lambda c: len(c.named("chat ")) >= 3 and len(
+        chunks = list(px.client(default_headers={"traceparent": TRACEPARENT}).chat.completions
+                      .create(model="gpt-4o-mini", stream=True,
+                              messages=user("SAY a streamed answer")))
+        streamed_id = chunks[-1].model_extra["authority"]["request_id"]  # type: ignore[index]
+        collector.wait(lambda c: len(c.named("chat ")) >= 4 and len(
             c.named("execute_tool ")) >= 2)
         collector.wait(lambda c: bool(c.metric_points("gen_ai.client.token.usage")))
         lines = _log_lines(tmp_path / "proxy.log")
@@ -202,6 +206,12 @@ def test_proxy_exports_spans_parented_by_the_caller_and_propagates_upstream(
     untraced_id = untraced.json()["authority"]["request_id"]
     assert logged[untraced_id] == by_request[untraced_id].trace_id.hex()
     assert by_request[untraced_id].parent_span_id == b""
+
+    streamed = attrs(by_request[streamed_id])
+    assert streamed["gen_ai.request.stream"] is True
+    assert streamed["gen_ai.usage.output_tokens"] > 0
+    assert streamed["gen_ai.response.finish_reasons"] == ("stop",)
+    assert by_request[streamed_id].trace_id.hex() == TRACE_ID
 
     refused = next(s for s in collector.named("chat gpt-4o") if s.name == "chat gpt-4o")
     assert attrs(refused)["authority.code"] == "model_not_allowed"
