@@ -39,6 +39,7 @@ if _typing.TYPE_CHECKING:
     from .client import AsyncAuthorityClient, AuthorityClient
     from .engine import Engine, Gateway
     from .http_client import gated_async_http_client, gated_http_client
+    from .telemetry import Telemetry
 
 __all__ = [
     "ActionInfo",
@@ -71,6 +72,7 @@ __all__ = [
     "RateLimited",
     "RequestDenied",
     "RequestTooLarge",
+    "Telemetry",
     "UpstreamError",
     "UpstreamTimeout",
     "authority_of",
@@ -81,7 +83,7 @@ __all__ = [
 
 _LAZY = {"AuthorityClient": "client", "AsyncAuthorityClient": "client", "Gateway": "engine",
          "Engine": "engine", "gated_http_client": "http_client",
-         "gated_async_http_client": "http_client"}
+         "gated_async_http_client": "http_client", "Telemetry": "telemetry"}
 
 
 def __getattr__(name: str) -> _typing.Any:

@@ -30,7 +30,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import admission, idempotency, rate_limits, served
 from .actions import AuditQueue, GateInput, gate_d, kill_engaged
@@ -58,6 +58,9 @@ from .rate_limits import RateHold
 from .store import Store, open_store
 from .tokens import TokenCounter, default_counter
 from .wire import Caller, GatewayRequest, GatewayResponse, canonical_json, error_response
+
+if TYPE_CHECKING:
+    from .telemetry import CallTrace, Telemetry
 
 __all__ = ["CallContext", "Engine", "Gateway", "UpstreamReply"]
 
@@ -101,6 +104,7 @@ class CallContext:
     upstream: NamedUpstream | None = None
     done: bool = False
     takeover_answer: Any = None  # a dead attempt's answer, re-gated instead of asked again
+    trace: CallTrace | None = None  # its span, when telemetry is on (authority_sdk.telemetry)
 
     @property
     def stream(self) -> bool:
@@ -133,7 +137,8 @@ class Engine:
 
     def __init__(self, policy: Policy | str | Path | None = None, *, store: Store | None = None,
                  audit: AuditSink | None = None, executors: ExecutorRegistry | None = None,
-                 counter: TokenCounter | None = None) -> None:
+                 counter: TokenCounter | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.policy = load_policy(policy) if not isinstance(policy, Policy) else policy
         self._store = store
         self._audit = audit
@@ -146,6 +151,12 @@ class Engine:
         self._keys: dict[str, KeyConfig] = {k.name: k for k in self.policy.keys}
         # Set when the log refused entries after an effect: no new request until they are in.
         self.audit_degraded = False
+        if telemetry is None:
+            from .telemetry import telemetry_for
+
+            telemetry = telemetry_for(self.policy)
+        # None while off: the one check per request that telemetry costs then.
+        self.telemetry = telemetry
 
     # -- lazily opened resources (a CLI command that only reads the policy opens nothing) --
 
@@ -203,6 +214,9 @@ class Engine:
     def on_audit(self, event: str, fields: dict[str, Any]) -> None:
         """Called after every entry is on the record (the proxy's log line and metrics)."""
 
+    def on_trace(self, trace_id: str) -> None:
+        """Called when a model call's span starts (the proxy's log lines carry its id)."""
+
     def _observe_items(self, items: tuple[tuple[str, dict[str, Any]], ...]) -> None:
         for event, fields in items:
             self.on_audit(event, fields)
@@ -227,12 +241,13 @@ class Engine:
 
     def begin_d(self, req: GatewayRequest, *, may_wait: bool = False,
                 usable: Callable[[NamedUpstream], bool] | None = None,
+                trace: CallTrace | None = None,
                 ) -> Decision[CallContext | GatewayResponse | _Wait]:
         """``usable`` tells which fallbacks this front door can reach (the SDK only those
         whose credentials are set); the upstream serving the model is always asked."""
         ctx = CallContext(request_id="req_" + secrets.token_hex(12), caller=req.caller,
                           environment=req.caller.environment,
-                          queue=AuditQueue(self.policy.hash, self.idempotency_ttl))
+                          queue=AuditQueue(self.policy.hash, self.idempotency_ttl), trace=trace)
         try:
             fmt = format_for_path(req.path)
             if fmt is None:
@@ -241,6 +256,8 @@ class Engine:
             ctx.fmt = fmt
             ctx.parsed = parsed = fmt.parse(req.body)
             ctx.model = parsed.model
+            if trace is not None:
+                trace.request(ctx)
             self.audit  # noqa: B018 -- fail closed before anything is decided or sent
             if self.audit_degraded:
                 yield from self._drain_parked_d()
@@ -349,6 +366,8 @@ class Engine:
 
     def _replay_d(self, ctx: CallContext, record: dict[str, Any]) -> Decision[GatewayResponse]:
         stored = record["response"]
+        if ctx.trace is not None:
+            ctx.trace.replayed(stored.get("request_id"))
         yield from _append_d((("replay", dict(
             request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
             decision="allow", reason="idempotent replay", actor=ctx.caller.name,
@@ -367,6 +386,8 @@ class Engine:
         """A request that never reached the upstream: audit it, release any claim, answer."""
         yield from self._abandon_d(ctx)
         decision = "error" if exc.status_code >= 500 or exc.status_code == 400 else "deny"
+        if ctx.trace is not None:
+            ctx.trace.refused(exc, decision)
         try:
             yield from _append_d((("request", dict(
                 request_id=ctx.request_id, environment=ctx.environment,
@@ -405,6 +426,8 @@ class Engine:
                 yield from rate_limits.release_d(ctx.rate)
         yield from self._abandon_d(ctx)
         ctx.done = True
+        if ctx.trace is not None:
+            ctx.trace.refused(exc, "error")
         status = upstream[0] if upstream else exc.status_code
         try:
             yield from _append_d((("request", dict(
@@ -464,6 +487,7 @@ class Engine:
         """Settle cost, audit the request, gate every call, rewrite the answer. Returns the
         ``authority`` field. Shared by the plain and the streamed path."""
         assert ctx.fmt is not None and ctx.parsed is not None
+        started = time.perf_counter()
         ctx.done = True
         usage = answer.usage
         reason = None
@@ -503,7 +527,7 @@ class Engine:
             action_base=ctx.action_base, tool_schemas=ctx.parsed.tool_schemas,
             idempotency_ttl_s=self.idempotency_ttl, post_ceiling_reason=reason,
             claim=ctx.claim if ctx.takeover_answer is None else None,
-            lazy_claim=ctx.lazy_claim, raw_answer=answer.body)
+            lazy_claim=ctx.lazy_claim, raw_answer=answer.body, trace=ctx.trace)
         try:
             outcomes = yield from gate_d(inp, answer, queue)
         finally:
@@ -546,6 +570,8 @@ class Engine:
             yield from ctx.fmt.record_d(ctx.parsed, answer, authority, caller=ctx.caller.name,
                                         environment=ctx.environment,
                                         ttl_s=self.policy.defaults.served_response_ttl_s)
+        if ctx.trace is not None:
+            ctx.trace.answered(answer, authority, started)
         return authority
 
     def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
@@ -562,6 +588,8 @@ class Engine:
     def stream_error_d(self, ctx: CallContext, exc: AuthorityError) -> Decision[bytes]:
         """A stream that broke (or that the client abandoned) before its end: it may have
         been billed, so the reservation is charged; none of its actions run."""
+        if ctx.trace is not None:
+            ctx.trace.refused(exc, "error")
         if not ctx.done and ctx.plan is not None:
             ctx.done = True
             try:
@@ -603,15 +631,33 @@ class Engine:
                usable: Callable[[NamedUpstream], bool] | None = None) -> GatewayResponse:
         """``send`` asks ``ctx.upstream``; on a 5xx, a connection error or a timeout the
         next upstream of ``ctx.route`` is asked (nothing has reached the client yet)."""
+        trace = self.telemetry.start_call(req) if self.telemetry is not None else None
+        if trace is None:
+            return self._handle(req, send, None, usable)
+        self.on_trace(trace.trace_id)
+        resp: GatewayResponse | None = None
+        try:
+            resp = self._handle(req, send, trace, usable)
+            return resp
+        finally:
+            if resp is None or resp.stream is None:  # a stream's span ends with the stream
+                trace.finish(None if resp is None else resp.status_code,
+                             None if resp is None else resp.code)
+
+    def _handle(self, req: GatewayRequest, send: Callable[[CallContext], UpstreamReply],
+                trace: CallTrace | None,
+                usable: Callable[[NamedUpstream], bool] | None) -> GatewayResponse:
         try:
             rt = self.runtime
-            begun = run(self.begin_d(req, usable=usable), rt)
+            begun = run(self.begin_d(req, usable=usable, trace=trace), rt)
             if not isinstance(begun, CallContext):
                 assert isinstance(begun, GatewayResponse)
                 return begun
             ctx = begun
             if ctx.takeover_answer is not None:
                 return run(self._regate_d(ctx), rt)
+            if trace is not None:
+                trace.admitted(ctx)
             try:
                 reply = self._send_chain(ctx, send)
             except AuthorityError as exc:
@@ -620,6 +666,8 @@ class Engine:
                 run(self.fail_d(ctx, UpstreamError("the call to the upstream was interrupted")),
                     rt)
                 raise
+            if trace is not None:
+                trace.received()
             if ctx.stream and reply.status_code < 300 and reply.chunks is not None:
                 from .streaming import StreamGate
 
@@ -634,9 +682,26 @@ class Engine:
         """The async front door: every effect is awaited (a network backend on its own
         pool, executors on their async clients); a local store and the audit file run
         inline, measured faster than a thread hop."""
+        trace = self.telemetry.start_call(req) if self.telemetry is not None else None
+        if trace is None:
+            return await self._ahandle(req, send, None, usable)
+        self.on_trace(trace.trace_id)
+        resp: GatewayResponse | None = None
+        try:
+            resp = await self._ahandle(req, send, trace, usable)
+            return resp
+        finally:
+            if resp is None or resp.astream is None:  # a stream's span ends with the stream
+                trace.finish(None if resp is None else resp.status_code,
+                             None if resp is None else resp.code)
+
+    async def _ahandle(self, req: GatewayRequest,
+                       send: Callable[[CallContext], Awaitable[UpstreamReply]],
+                       trace: CallTrace | None,
+                       usable: Callable[[NamedUpstream], bool] | None) -> GatewayResponse:
         try:
             rt = self.runtime
-            begun = await arun(self.begin_d(req, may_wait=True, usable=usable), rt)
+            begun = await arun(self.begin_d(req, may_wait=True, usable=usable, trace=trace), rt)
             deadline = time.monotonic() + self.policy.max_call_s + _LEASE_MARGIN_S
             delay = 0.05
             while begun is WAIT:
@@ -645,13 +710,15 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 begun = await arun(self.begin_d(req, may_wait=time.monotonic() < deadline,
-                                                usable=usable), rt)
+                                                usable=usable, trace=trace), rt)
             if not isinstance(begun, CallContext):
                 assert isinstance(begun, GatewayResponse)
                 return begun
             ctx = begun
             if ctx.takeover_answer is not None:
                 return await arun(self._regate_d(ctx), rt)
+            if trace is not None:
+                trace.admitted(ctx)
             try:
                 reply = await self._asend_chain(ctx, send)
             except AuthorityError as exc:
@@ -660,6 +727,8 @@ class Engine:
                 await arun(self.fail_d(ctx, UpstreamError(
                     "the call to the upstream was interrupted")), rt)
                 raise
+            if trace is not None:
+                trace.received()
             if ctx.stream and reply.status_code < 300 and reply.achunks is not None:
                 from .streaming import StreamGate
 

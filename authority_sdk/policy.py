@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from .errors import PolicyError
@@ -41,6 +49,7 @@ __all__ = [
     "Rule",
     "SmtpExecutor",
     "StateConfig",
+    "TelemetryConfig",
     "UpstreamConfig",
     "WebhookExecutor",
     "load_policy",
@@ -543,6 +552,40 @@ class ProxyConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
 
 
+class TelemetryConfig(_Strict):
+    """OpenTelemetry traces and metrics (``authority_sdk.telemetry``). Off unless asked for:
+    by ``otel: true`` here, or by ``$OTEL_EXPORTER_OTLP_ENDPOINT`` when ``otel`` is unset."""
+
+    otel: StrictBool | None = Field(None, description=(
+        "true: export spans and metrics (the 'otel' extra must be installed); false: never, "
+        "whatever the environment says; unset: on when $OTEL_EXPORTER_OTLP_ENDPOINT is set"))
+    endpoint: str | None = Field(None, description=(
+        "The OTLP/HTTP collector (http://collector:4318); unset: the standard OTEL_EXPORTER_"
+        "OTLP_* variables decide, or an exporter the application configured itself"))
+    capture_content: StrictBool = Field(False, description=(
+        "Put prompts, answers and tool-call arguments (redacted by 'redact') in spans. Off: "
+        "spans carry names, ids, counts and decisions only"))
+    service_name: str = Field("ai-authority-gateway", min_length=1, max_length=200,
+                              description="service.name, unless $OTEL_SERVICE_NAME is set")
+    provider_name: str | None = Field(None, min_length=1, max_length=100, description=(
+        "gen_ai.provider.name; unset: from the upstream's host (openai, azure.ai.openai…)"))
+
+    @field_validator("endpoint")
+    @classmethod
+    def _collector_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query \
+                or parts.fragment or parts.username or parts.password:
+            raise ValueError("telemetry.endpoint must be an http(s) URL with no query, "
+                             "fragment or credentials (put credentials in "
+                             "$OTEL_EXPORTER_OTLP_HEADERS)")
+        return v.rstrip("/")
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     default_environment: str = "dev"
@@ -561,6 +604,7 @@ class Policy(_Strict):
     pricing: dict[str, ModelPrice] = Field(default_factory=dict)
     redact: list[str] = Field(default_factory=list)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     output_tools: list[str] = Field(default_factory=list, description=(

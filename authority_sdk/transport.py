@@ -152,6 +152,10 @@ class _Http:
             t = up.timeout_s
             extensions = {**extensions,
                           "timeout": {"connect": t, "read": t, "write": t, "pool": t}}
+        if ctx.trace is not None:  # the upstream's work becomes a child of the call's span
+            for name in ("traceparent", "tracestate"):
+                headers.pop(name, None)
+            headers.update(ctx.trace.headers())
         return self.Request(request.method, url, headers=headers,
                             content=ctx.upstream_body, extensions=extensions)
 

@@ -170,6 +170,13 @@ class ObservedGateway(Gateway):
                         details.get("status_code"), details.get("fallback_to"),
                         fields.get("request_id") or "-")
 
+    def on_trace(self, trace_id: str) -> None:
+        # The call's span decides the trace id (the caller's, or a new one): log lines and
+        # spans then correlate even when the caller sent no traceparent.
+        info = _current.get()
+        if info is not None:
+            info.trace_id = trace_id
+
     def finalize_d(self, ctx: CallContext, answer: Answer) -> Decision[dict[str, Any]]:
         t = time.perf_counter()
         try:

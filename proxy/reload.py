@@ -105,8 +105,11 @@ class Reloader:
             if fixed:
                 return self._refuse(old, trigger, f"{', '.join(fixed)} changed: these settings "
                                     "hold open resources; restart to apply them")
-            engine = ObservedGateway(new_policy, store=old.store, audit=old.audit,
-                                     counter=old.counter)
+            try:  # telemetry the new policy turns on may be missing its extra
+                engine = ObservedGateway(new_policy, store=old.store, audit=old.audit,
+                                         counter=old.counter)
+            except AuthorityError as exc:
+                return self._refuse(old, trigger, exc.message)
             engine.metrics = old.metrics
             engine.audit_degraded = old.audit_degraded
             try:

@@ -86,6 +86,8 @@ class Pool:
         headers = {**self._headers, "x-request-id": ctx.request_id}
         if ctx.stream:
             headers["accept"] = "text/event-stream"
+        if ctx.trace is not None:  # the upstream's work becomes a child of the call's span
+            headers.update(ctx.trace.headers())
         info = current_info()
         started = time.perf_counter()
         if info is not None:
