@@ -209,6 +209,17 @@ class Engine:
         if self._store is not None:
             self._store.close()
 
+    async def aclose(self) -> None:
+        """Release what the running event loop holds — the store's async pool, the
+        executors' async clients — and nothing else: the engine stays usable, and another
+        loop opens its own. An async app's client calls it when closed (its transport's
+        ``aclose``), so a loop that ends leaves no connection behind it."""
+        if self._executors is not None:
+            await self._executors.aclose()
+        aclose = getattr(getattr(self._store, "aio", None), "aclose", None)
+        if aclose is not None:
+            await aclose()
+
     # -- hooks and helpers for the control plane -----------------------------------------
 
     def on_audit(self, event: str, fields: dict[str, Any]) -> None:

@@ -337,7 +337,12 @@ class _AsyncGate:
         return self.http.models_response(status, headers, body, patterns, request)
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        try:
+            await self.inner.aclose()
+        finally:
+            # The client's loop may end next (asyncio.run): what the engine opened on it goes
+            # now, closed on it, rather than left to a loop that is gone.
+            await self.gateway.aclose()
 
 
 @cache

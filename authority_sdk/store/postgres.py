@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,8 @@ POOL_WAIT_S = 5.0
 SYNC_POOL_MAX = 8
 SWEEP_EVERY_S = 60.0
 ASYNC_POOL_MAX = 10
+# Each connection's application_name (unless the DSN sets one), by what holds it.
+SYNC_APP, ASYNC_APP, LISTENER_APP = "authority-sync", "authority-async", "authority-listener"
 # The bound on how stale a replica's view of the kill switch can be (without LISTEN).
 KILL_SWITCH_CACHE_S = 0.5
 
@@ -74,9 +77,11 @@ def _unavailable(what: str, exc: BaseException) -> AuthorityUnavailable:
     return AuthorityUnavailable(f"state store unavailable: {what}: {kind}")
 
 
-def _conn_kwargs() -> dict[str, Any]:
-    # autocommit: each plan opens its own transaction block explicitly.
-    return {"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT_S)}
+def _conn_kwargs(role: str = "authority") -> dict[str, Any]:
+    # autocommit: each plan opens its own transaction block explicitly. The fallback name
+    # (a DSN's own application_name wins) tells in pg_stat_activity which pool holds what.
+    return {"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT_S),
+            "fallback_application_name": role}
 
 
 def _drive(plan: Plan, execute: Callable[[str, tuple[Any, ...]], Rows]) -> Any:
@@ -121,51 +126,99 @@ class _KillSwitchCache:
         self.at = time.monotonic()
 
 
+class _LoopPool:
+    """One event loop's ``AsyncConnectionPool``, and the connections it opened (so they can
+    be closed without that loop once it is gone)."""
+
+    def __init__(self, dsn: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.conns: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+
+        async def track(conn: psycopg.AsyncConnection[Any]) -> None:
+            self.conns.add(conn)
+
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            dsn, min_size=1, max_size=ASYNC_POOL_MAX, open=False, timeout=POOL_WAIT_S,
+            kwargs=_conn_kwargs(ASYNC_APP), name=ASYNC_APP, configure=track)
+        # Made before the first await, so requests arriving together share one pool.
+        self.ready: asyncio.Task[None] = loop.create_task(self.pool.open(wait=False))
+
+    @property
+    def failed(self) -> bool:
+        ready = self.ready
+        return ready.done() and (ready.cancelled() or ready.exception() is not None)
+
+    def discard(self) -> None:
+        """Close the pool from any thread, never waiting on its loop: on that loop when it
+        still runs (its workers stop and its connections close there), else by closing its
+        connections' sockets here — a closed loop's tasks are gone, its sockets are not."""
+        loop = self.loop
+        if loop.is_running() and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: fall through
+                asyncio.run_coroutine_threadsafe(self._close_quietly(), loop)
+                return
+        for conn in list(self.conns):
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+
+    async def _close_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.pool.close(timeout=2.0)
+
+
 class _AsyncView:
     """``store.aio``: the same primitives as coroutines on an ``AsyncConnectionPool``.
 
-    A pool belongs to the event loop that opened it; a view used from another loop (a
-    test calling ``asyncio.run`` twice) opens a pool of its own for that loop.
+    A pool belongs to the event loop that opened it; a view used from another loop (an
+    app calling ``asyncio.run`` more than once) opens a pool of its own for that loop and
+    discards the previous one: closed on its loop if that loop still runs, its
+    connections closed directly if it is gone — never awaited from a foreign loop.
     """
 
     def __init__(self, store: PgStore) -> None:
         self._store = store
-        self._pool: psycopg_pool.AsyncConnectionPool | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: asyncio.Task[None] | None = None
+        self._current: _LoopPool | None = None
+        self._lock = threading.Lock()
 
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool:
         loop = asyncio.get_running_loop()
-        ready = self._ready
-        if (self._pool is None or self._loop is not loop or ready is None
-                or (ready.done() and (ready.cancelled() or ready.exception() is not None))):
-            # Made and published before the first await, so requests arriving together
-            # share one pool; each waits for it to open. A pool of another loop is
-            # dropped, not closed: its loop is gone or elsewhere.
-            pool = psycopg_pool.AsyncConnectionPool(
-                self._store.dsn, min_size=1, max_size=ASYNC_POOL_MAX, open=False,
-                timeout=POOL_WAIT_S, kwargs=_conn_kwargs(), name="authority-async")
-            ready = loop.create_task(pool.open(wait=False))
-            self._pool, self._loop, self._ready = pool, loop, ready
-        pool = self._pool
-        await ready
-        return pool
+        with self._lock:
+            cur = self._current
+            stale = cur if cur is not None and (cur.loop is not loop or cur.failed) else None
+            if cur is None or stale is not None:
+                cur = self._current = _LoopPool(self._store.dsn, loop)
+        if stale is not None:
+            stale.discard()
+        await cur.ready
+        return cur.pool
 
     async def run(self, name: str, plan: Plan) -> Any:
         try:
             pool = await self._get_pool()
-            async with pool.connection() as conn:
-                cur = conn.cursor()
-                if name in pg_plans.RELAXED:
-                    async with conn.transaction():
-                        await cur.execute(_RELAX)
-                        return await _adrive(plan, cur)
-                if name not in pg_plans.TRANSACTIONAL:
-                    return await _adrive(plan, cur)
-                async with conn.transaction():
-                    return await _adrive(plan, cur)
+            try:
+                return await self._run_on(pool, name, plan)
+            except psycopg_pool.PoolClosed:
+                cur = self._current
+                if cur is not None and cur.pool is pool:
+                    raise
+                # aclose() closed it between taking it and asking it (nothing was sent):
+                # once more, on the pool that replaces it.
+                return await self._run_on(await self._get_pool(), name, plan)
         except _ERRORS as exc:
             raise _unavailable(name, exc) from exc
+
+    @staticmethod
+    async def _run_on(pool: psycopg_pool.AsyncConnectionPool, name: str, plan: Plan) -> Any:
+        async with pool.connection() as conn:
+            cur = conn.cursor()
+            if name in pg_plans.RELAXED:
+                async with conn.transaction():
+                    await cur.execute(_RELAX)
+                    return await _adrive(plan, cur)
+            if name not in pg_plans.TRANSACTIONAL:
+                return await _adrive(plan, cur)
+            async with conn.transaction():
+                return await _adrive(plan, cur)
 
     async def kill_switch_state(self, *, fresh: bool = False) -> dict[str, Record]:
         cache = self._store._ks_cache
@@ -200,9 +253,23 @@ class _AsyncView:
         return call
 
     async def aclose(self) -> None:
-        pool, self._pool, self._ready = self._pool, None, None
-        if pool is not None and self._loop is asyncio.get_running_loop():
-            await pool.close()
+        """Close the pool: awaited when it is this loop's, else discarded (see the class
+        doc). The view stays usable: the next call opens a pool for its loop."""
+        with self._lock:
+            cur, self._current = self._current, None
+        if cur is None:
+            return
+        if cur.loop is asyncio.get_running_loop():
+            await cur.pool.close(timeout=2.0)
+        else:
+            cur.discard()
+
+    def discard(self) -> None:
+        """``aclose`` for sync code (``PgStore.close``): never waits on a loop."""
+        with self._lock:
+            cur, self._current = self._current, None
+        if cur is not None:
+            cur.discard()
 
 
 class PgStore:
@@ -219,7 +286,7 @@ class PgStore:
         self._check_schema()
         self._pool = psycopg_pool.ConnectionPool(
             dsn, min_size=1, max_size=SYNC_POOL_MAX, open=False, timeout=POOL_WAIT_S,
-            kwargs=_conn_kwargs(), name="authority-sync")
+            kwargs=_conn_kwargs(SYNC_APP), name=SYNC_APP)
         self._pool.open(wait=False)
         self.aio = _AsyncView(self)
         self._listener: threading.Thread | None = None
@@ -271,7 +338,7 @@ class PgStore:
         next_sweep = time.monotonic() + SWEEP_EVERY_S
         while not self._closed.is_set():
             try:
-                with psycopg.connect(self.dsn, **_conn_kwargs()) as conn:
+                with psycopg.connect(self.dsn, **_conn_kwargs(LISTENER_APP)) as conn:
                     conn.execute(f"LISTEN {pg_plans.KILL_SWITCH_CHANNEL}")
                     self._ks_cache.drop()  # changes made while we were not listening
                     self.listening.set()
@@ -290,6 +357,7 @@ class PgStore:
 
     def close(self) -> None:
         self._closed.set()
+        self.aio.discard()  # the async pool of a loop that never closed it (an SDK app)
         with contextlib.suppress(Exception):
             self._pool.close(timeout=2.0)
         if self._listener is not None:

@@ -1,0 +1,125 @@
+"""An async SDK app on the PostgreSQL store across several event loops (issue 14): each
+``asyncio.run`` gets a pool of its own; closing the client closes that loop's pool on its
+loop, a pool whose loop is gone is discarded without awaiting it, and closing the
+gateway closes whatever is left — no connection outlives its owner, nothing hangs at
+exit, no "event loop is closed" noise.
+
+The app runs in a child process with a timeout, so a hang fails this test, not the suite.
+Its async connections are followed by backend pid in ``pg_stat_activity`` (other tests
+on the same server cannot disturb the count)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import PostgresBackend, ScriptedServer, requires_postgres, write_policy_file
+
+pytestmark = requires_postgres()
+
+TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
+
+# The app: three asyncio.run(...) calls on one Gateway; the client closed (async with) or
+# left open. Prints, as JSON, its async backends per run and which were still alive after
+# that run, after the next run, and after gw.close().
+APP = textwrap.dedent("""
+    import asyncio, json, sys, time
+    import psycopg
+    from helpers import PG_DSN, user
+    from authority_sdk import AsyncAuthorityClient, Gateway
+
+    policy, close_client = sys.argv[1], sys.argv[2] == "close"
+    gw = Gateway(policy)
+
+    def alive(pids):
+        # A backend goes a moment after its socket closes.
+        deadline = time.monotonic() + 3.0
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            while True:
+                rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)",
+                                    (sorted(pids),)).fetchall()
+                if not rows or time.monotonic() > deadline:
+                    return sorted(r[0] for r in rows)
+                time.sleep(0.1)
+
+    async def async_pids():
+        # This loop's pool, its connections all back in it once the call is answered.
+        pool = await gw.store.aio._get_pool()
+        return {c.info.backend_pid for c in pool._pool}
+
+    async def one_call():
+        client = AsyncAuthorityClient(gateway=gw, environment="prod", max_retries=0)
+        r = await client.chat.completions.create(model="gpt-4o-mini", messages=user("hi"))
+        assert r.choices[0].message.content, r
+        pids = await async_pids()
+        if close_client:
+            await client.close()
+        return pids
+
+    runs = []
+    for _ in range(3):
+        pids = asyncio.run(one_call())
+        assert pids, "the call used no async connection"
+        runs.append({"pids": sorted(pids), "alive_after_run": alive(pids)})
+    for earlier, later in zip(runs, runs[1:]):
+        earlier["alive_after_next_run"] = alive(set(earlier["pids"]))
+    every = {p for r in runs for p in r["pids"]}
+    gw.close()
+    print(json.dumps({"runs": runs, "alive_after_gateway_close": alive(every)}))
+""")
+
+
+def _run_app(tmp_path: Path, upstream: ScriptedServer, pg: PostgresBackend,
+             mode: str) -> tuple[dict[str, Any], str]:
+    policy = write_policy_file(tmp_path, upstream, pg.policy_overrides())
+    script = tmp_path / "app.py"
+    script.write_text(APP)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]),
+           "PYTHONWARNINGS": "default"}
+    try:
+        out = subprocess.run([sys.executable, str(script), str(policy), mode], env=env,
+                             capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the app hung (killed after {exc.timeout}s): {exc.stderr!r}")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+# What a pool torn down on the wrong loop (or never) prints.
+POOL_NOISE = ("Event loop is closed", "Task was destroyed", "was never awaited", "psycopg")
+
+
+def _quiet(stderr: str, noise: tuple[str, ...] = POOL_NOISE) -> None:
+    for text in noise:
+        assert text not in stderr, stderr
+
+
+def test_closing_the_async_client_closes_its_loops_pool(tmp_path: Path,
+                                                        upstream: ScriptedServer,
+                                                        pg: PostgresBackend) -> None:
+    report, stderr = _run_app(tmp_path, upstream, pg, "close")
+    runs = report["runs"]
+    assert len({tuple(r["pids"]) for r in runs}) == 3  # one pool per loop
+    for run in runs:
+        assert run["alive_after_run"] == [], run
+    assert report["alive_after_gateway_close"] == []
+    _quiet(stderr, (*POOL_NOISE, "ResourceWarning"))  # everything closed: nothing unclosed
+
+
+def test_a_pool_left_on_a_finished_loop_is_discarded_and_the_gateway_closes_the_last(
+        tmp_path: Path, upstream: ScriptedServer, pg: PostgresBackend) -> None:
+    report, stderr = _run_app(tmp_path, upstream, pg, "open")
+    runs = report["runs"]
+    # Nobody closed the first two loops' pools: the next loop's first call discarded them.
+    for run in runs[:-1]:
+        assert run["alive_after_next_run"] == [], run
+    assert report["alive_after_gateway_close"] == []
+    # (The app's own HTTP client, never closed, may warn about its socket: not the pool's.)
+    _quiet(stderr)
