@@ -62,7 +62,7 @@ from .wire import Caller, GatewayRequest, GatewayResponse, canonical_json, error
 if TYPE_CHECKING:
     from .telemetry import CallTrace, Telemetry
 
-__all__ = ["CallContext", "Engine", "Gateway", "UpstreamReply"]
+__all__ = ["AuditBacklog", "CallContext", "Engine", "Gateway", "UpstreamReply"]
 
 # An in-flight idempotency claim outlives the slowest upstream call by this much;
 # after that a crashed holder's claim is taken over.
@@ -132,6 +132,19 @@ class _Wait:
 WAIT = _Wait()
 
 
+class AuditBacklog:
+    """Whether the audit log refused entries after an effect (they wait in the state
+    store): while set, no new request runs until they are on the record. It belongs to the
+    log, not to one engine: every engine writing to the same log shares it (a reloaded
+    policy's engine takes the old one's), so a request still finishing on the old engine
+    stops the new one too, and a reload cannot lift the refusal."""
+
+    __slots__ = ("degraded",)
+
+    def __init__(self) -> None:
+        self.degraded = False
+
+
 class Engine:
     """Policy + state + audit + executors. One per process is plenty; it is thread-safe."""
 
@@ -149,14 +162,28 @@ class Engine:
         self.idempotency_ttl = self.policy.defaults.idempotency_ttl_s
         self._lock = threading.Lock()
         self._keys: dict[str, KeyConfig] = {k.name: k for k in self.policy.keys}
-        # Set when the log refused entries after an effect: no new request until they are in.
-        self.audit_degraded = False
+        self._backlog = AuditBacklog()
         if telemetry is None:
             from .telemetry import telemetry_for
 
             telemetry = telemetry_for(self.policy)
         # None while off: the one check per request that telemetry costs then.
         self.telemetry = telemetry
+
+    @property
+    def audit_degraded(self) -> bool:
+        """Set when the log refused entries after an effect: no new request until they are
+        in (:class:`AuditBacklog`)."""
+        return self._backlog.degraded
+
+    @audit_degraded.setter
+    def audit_degraded(self, value: bool) -> None:
+        self._backlog.degraded = value
+
+    def share_audit_backlog(self, other: Engine) -> None:
+        """This engine writes to ``other``'s audit log: a refusal either meets holds for
+        both (a policy reload's new engine, before it takes any request)."""
+        self._backlog = other._backlog
 
     # -- lazily opened resources (a CLI command that only reads the policy opens nothing) --
 
@@ -214,11 +241,17 @@ class Engine:
         executors' async clients — and nothing else: the engine stays usable, and another
         loop opens its own. An async app's client calls it when closed (its transport's
         ``aclose``), so a loop that ends leaves no connection behind it."""
-        if self._executors is not None:
-            await self._executors.aclose()
+        await self.aclose_executors()
         aclose = getattr(getattr(self._store, "aio", None), "aclose", None)
         if aclose is not None:
             await aclose()
+
+    async def aclose_executors(self) -> None:
+        """Close the executors' clients (this loop's async ones and the sync ones): the
+        proxy does it for an engine a reload replaced, once its requests are done. An
+        executor used again opens a new client."""
+        if self._executors is not None:
+            await self._executors.aclose()
 
     # -- hooks and helpers for the control plane -----------------------------------------
 

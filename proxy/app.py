@@ -236,12 +236,13 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     # Every handler reads the engine in force through this; a chat request keeps the one
     # it started with (``gw.ahandle`` is bound once), so a reload never changes its policy.
     gw = LiveGateway(engine)
-    # Each engine sends through the pools of its own policy; a reload retires the old ones.
-    engine.upstreams = Upstreams(pol, metrics)
+    # Each engine sends through the pools of its own policy, and runs its own executors; a
+    # reload retires the old ones, closed once the requests that started on it are done.
+    engine.upstreams = Upstreams(pol, metrics, engine.executors)
     pool_sets: list[Upstreams] = [engine.upstreams]
 
     def attach_pools(new: ObservedGateway) -> None:
-        new.upstreams = Upstreams(new.policy, metrics)
+        new.upstreams = Upstreams(new.policy, metrics, new.executors)
         pool_sets[:] = [p for p in pool_sets if not p.closed] + [new.upstreams]
 
     def retire_pools(old: ObservedGateway) -> None:

@@ -56,6 +56,16 @@ class LiveGateway:
     def swap(self, engine: ObservedGateway) -> None:
         self._engine = engine
 
+    # Written by the background worker once it drained the backlog: the engine's flag (an
+    # attribute set here would only shadow it).
+    @property
+    def audit_degraded(self) -> bool:
+        return self._engine.audit_degraded
+
+    @audit_degraded.setter
+    def audit_degraded(self, value: bool) -> None:
+        self._engine.audit_degraded = value
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
@@ -111,7 +121,9 @@ class Reloader:
             except AuthorityError as exc:
                 return self._refuse(old, trigger, exc.message)
             engine.metrics = old.metrics
-            engine.audit_degraded = old.audit_degraded
+            # One log, one backlog: a refusal met by a request still finishing on the old
+            # engine must stop the new one too (a reload cannot lift it).
+            engine.share_audit_backlog(old)
             try:
                 engine.audit_event("policy", decision="allow", actor=f"reload:{trigger}",
                                    policy_hash=new_policy.hash,

@@ -13,7 +13,9 @@ with aiohttp on the same benchmark). The SDK keeps httpx: there the transport
 is openai's own.
 
 A reloaded policy gets pools of its own (its upstreams may differ); the old ones are
-retired: closed once the last request that started under the old policy is done.
+retired: closed once the last request that started under the old policy is done. So are
+the clients of that policy's executors (a webhook's connection pool), which the same
+requests use: an engine built for a policy has executors of its own too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import aiohttp
 
 from authority_sdk.engine import CallContext, UpstreamReply
 from authority_sdk.errors import AuthorityError, upstream_error
+from authority_sdk.executors import ExecutorRegistry
 from authority_sdk.models_list import allowed_models, model_entries
 from authority_sdk.policy import NamedUpstream, Policy
 
@@ -150,11 +153,14 @@ class Pool:
 
 
 class Upstreams:
-    """The pools of one policy, and what is in flight through them."""
+    """The pools of one policy, and what is in flight through them. ``executors``: that
+    policy's executors, whose clients close with the pools."""
 
-    def __init__(self, policy: Policy, metrics: Metrics) -> None:
+    def __init__(self, policy: Policy, metrics: Metrics,
+                 executors: ExecutorRegistry | None = None) -> None:
         self.policy = policy
         self.pools = {cfg.name: Pool(cfg, metrics) for cfg in policy.routes}
+        self.executors = executors
         self._in_flight = 0
         self._retired = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -188,7 +194,10 @@ class Upstreams:
         """No new request comes here (a reload replaced the policy); safe from any thread."""
         loop = self._loop
         if loop is None:
-            # Never used on a loop: its sessions were never opened.
+            # Never used on a loop: its sessions and async clients were never opened (a
+            # management call may have opened an executor's sync client).
+            if self.executors is not None:
+                self.executors.close()
             return
         with contextlib.suppress(RuntimeError):  # the loop is gone: so are its sessions
             loop.call_soon_threadsafe(self._retire)
@@ -215,6 +224,8 @@ class Upstreams:
     async def aclose(self) -> None:
         for pool in self.pools.values():
             await pool.aclose()
+        if self.executors is not None:
+            await self.executors.aclose()
 
     # -- GET /v1/models ------------------------------------------------------------------
 

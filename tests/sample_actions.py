@@ -82,14 +82,43 @@ def record_then_break_audit(arguments: dict[str, Any], *, action_key: str,
                             action_type: str) -> dict[str, Any]:
     """Take effect, then make the audit log unwritable the real way: the log is moved aside
     and a directory stands at its path, so the next append cannot open it."""
+    result = record(arguments, action_key=action_key, action_type=action_type)
+    _break_audit()
+    return result
+
+
+def _break_audit() -> None:
     import os
 
-    result = record(arguments, action_key=action_key, action_type=action_type)
     log = Path(os.environ[BREAK_AUDIT_ENV])
     if log.is_file():
         log.rename(log.with_name(log.name + ".aside"))
         log.mkdir()
-    return result
+
+
+GO_ENV = "AUTHORITY_TEST_GO"
+
+
+def record_then_wait(arguments: dict[str, Any], *, action_key: str,
+                     action_type: str) -> dict[str, Any]:
+    """``record``, then wait (at most 30 s) for the file named by $AUTHORITY_TEST_GO to
+    exist: a test holds the request in flight here (to reload the policy under it)."""
+    import os
+    import time
+
+    out = record(arguments, action_key=action_key, action_type=action_type)
+    go, deadline = Path(os.environ[GO_ENV]), time.monotonic() + 30
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return out
+
+
+def record_wait_then_break_audit(arguments: dict[str, Any], *, action_key: str,
+                                 action_type: str) -> dict[str, Any]:
+    """``record_then_wait``, then ``record_then_break_audit``'s break of the log."""
+    out = record_then_wait(arguments, action_key=action_key, action_type=action_type)
+    _break_audit()
+    return out
 
 
 def record_then_hang(arguments: dict[str, Any], *, action_key: str,

@@ -120,9 +120,10 @@ class RunningProxy:
 @contextmanager
 def start_proxy(upstream: ScriptedServer, directory: Path, *, workers: int = 1,
                 overrides: dict[str, Any] | None = None,
-                serve_args: list[str] | None = None) -> Iterator[RunningProxy]:
+                serve_args: list[str] | None = None,
+                env: dict[str, str] | None = None) -> Iterator[RunningProxy]:
     policy = write_proxy_policy(upstream, directory, overrides)
-    proc = ProxyProcess(policy, workers=workers, env=PROXY_ENV,
+    proc = ProxyProcess(policy, workers=workers, env={**PROXY_ENV, **(env or {})},
                         log_path=directory / "proxy.log", extra_args=serve_args)
     proc.start()
     try:
