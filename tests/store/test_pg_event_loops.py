@@ -10,16 +10,19 @@ on the same server cannot disturb the count)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PostgresBackend, ScriptedServer, requires_postgres, write_policy_file
+from helpers import PG_DSN, PostgresBackend, ScriptedServer, requires_postgres, write_policy_file
 
 pytestmark = requires_postgres()
 
@@ -123,3 +126,68 @@ def test_a_pool_left_on_a_finished_loop_is_discarded_and_the_gateway_closes_the_
     assert report["alive_after_gateway_close"] == []
     # (The app's own HTTP client, never closed, may warn about its socket: not the pool's.)
     _quiet(stderr)
+
+
+def _alive(pids: set[int]) -> set[int]:
+    import psycopg  # the postgres extra: absent, requires_postgres skips the module
+
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)",
+                            (sorted(pids),)).fetchall()
+    return {r[0] for r in rows}
+
+
+def _gone(pids: set[int]) -> bool:
+    deadline = time.monotonic() + 5
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pids)
+
+
+def test_a_closed_view_serves_the_next_call_on_a_new_pool(pg: PostgresBackend) -> None:
+    store = pg.open()
+    try:
+        async def go() -> tuple[set[int], set[int]]:
+            await store.aio.health()
+            first = {c.info.backend_pid for c in (await store.aio._get_pool())._pool}
+            await store.aio.aclose()
+            await store.aio.health()  # not PoolClosed: a pool of its own for this loop
+            second = {c.info.backend_pid for c in (await store.aio._get_pool())._pool}
+            return first, second
+
+        first, second = asyncio.run(go())
+        assert first and second and not first & second
+        assert _gone(first)
+    finally:
+        store.close()
+    assert _gone(second)
+
+
+def test_closing_the_store_from_another_thread_closes_the_pool_on_its_running_loop(
+        pg: PostgresBackend) -> None:
+    store = pg.open()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        async def call() -> set[int]:
+            await store.aio.health()
+            return {c.info.backend_pid for c in (await store.aio._get_pool())._pool}
+
+        pids = asyncio.run_coroutine_threadsafe(call(), loop).result(30)
+        assert pids and _alive(pids) == pids
+        store.close()  # the loop still runs: the pool is closed there, workers and all
+        assert _gone(pids)
+        # Nothing of the pool is left running on that loop to reconnect.
+        leftovers = asyncio.run_coroutine_threadsafe(_other_tasks(), loop).result(10)
+        assert leftovers == [], leftovers
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+async def _other_tasks() -> list[str]:
+    await asyncio.sleep(0.5)  # the close has run
+    me = asyncio.current_task()
+    return [repr(t) for t in asyncio.all_tasks() if t is not me]
