@@ -238,20 +238,16 @@ class Engine:
 
     async def aclose(self) -> None:
         """Release what the running event loop holds — the store's async pool, the
-        executors' async clients — and nothing else: the engine stays usable, and another
-        loop opens its own. An async app's client calls it when closed (its transport's
-        ``aclose``), so a loop that ends leaves no connection behind it."""
-        await self.aclose_executors()
+        executors' clients — and nothing else: the engine stays usable (another loop, or
+        this one later, opens its own). An async app's client calls it when closed (its
+        transport's ``aclose``), so a loop that ends leaves no connection behind it. A call
+        of another client still using one finishes first: a pooled connection or an HTTP
+        client in use closes when that call is done, never under it."""
+        if self._executors is not None:
+            await self._executors.aclose()
         aclose = getattr(getattr(self._store, "aio", None), "aclose", None)
         if aclose is not None:
             await aclose()
-
-    async def aclose_executors(self) -> None:
-        """Close the executors' clients (this loop's async ones and the sync ones): the
-        proxy does it for an engine a reload replaced, once its requests are done. An
-        executor used again opens a new client."""
-        if self._executors is not None:
-            await self._executors.aclose()
 
     # -- hooks and helpers for the control plane -----------------------------------------
 

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -568,3 +569,45 @@ def test_importing_the_package_leaves_io_libraries_out() -> None:
             "assert not bad, bad; "
             "e.WebhookActionExecutor; assert 'httpx' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def _wait_for_request(rx: HttpReceiver, n: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while len(rx.requests) < n:
+        assert time.monotonic() < deadline, "the webhook never arrived"
+        time.sleep(0.01)
+
+
+def test_closing_a_webhook_client_in_use_waits_for_the_call_on_it(rx: HttpReceiver) -> None:
+    """A reload (or an app closing its client) closes the executors' clients; a call on the
+    wire at that moment must still get its answer (cut off, it would be in doubt), and the
+    client closes when it is done. The next call opens a new client."""
+    rx.reply(200, json={"refund_id": "rf_slow"}, delay_s=0.5)
+    ex: Any = webhook(rx.url("/refund"))
+
+    async def go() -> tuple[ExecutionResult, bool, bool]:
+        call = asyncio.create_task(ex.aexecute("issue_refund", {"order_id": "A-1"}, KEY))
+        await asyncio.to_thread(_wait_for_request, rx)
+        held = ex._aclients[asyncio.get_running_loop()]
+        await ex.aclose()
+        open_during = not held.client.is_closed
+        result = await call
+        return result, open_during, held.client.is_closed
+
+    result, open_during, closed_after = asyncio.run(go())
+    assert result.ok and result.result == {"refund_id": "rf_slow"}, result
+    assert open_during and closed_after
+
+    # The sync client: closed from another thread while a call is on it.
+    out: dict[str, ExecutionResult] = {}
+    thread = threading.Thread(target=lambda: out.update(
+        r=ex.execute("issue_refund", {"order_id": "A-2"}, KEY)))
+    thread.start()
+    _wait_for_request(rx, 2)
+    held = ex._client
+    ex.close()
+    assert not held.client.is_closed
+    thread.join(10)
+    assert out["r"].ok and held.client.is_closed
+    rx.reply(200, json={"refund_id": "rf_3"})
+    assert ex.execute("issue_refund", {"order_id": "A-3"}, KEY).ok  # a new client

@@ -12,7 +12,7 @@ import re
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import httpx
@@ -36,6 +36,33 @@ from ._base import (
 
 __all__ = ["WebhookActionExecutor", "mask_url"]
 
+_C = TypeVar("_C", httpx.Client, httpx.AsyncClient)
+
+
+class _InUse(Generic[_C]):
+    """A client and the calls using it. Closing it while a call is on the wire would cut
+    an effect off half-sent (in doubt), so a client closed in use is only marked: the last
+    call to finish closes it. Guarded by the executor's lock."""
+
+    def __init__(self, client: _C) -> None:
+        self.client: _C = client
+        self.calls = 0
+        self.closed = False
+
+    def enter(self) -> _C:
+        self.calls += 1
+        return self.client
+
+    def leave(self) -> bool:
+        """True when the caller must close the client now (it was closed in use)."""
+        self.calls -= 1
+        return self.closed and self.calls == 0
+
+    def close(self) -> bool:
+        """True when the caller may close the client now (no call is using it)."""
+        self.closed = True
+        return self.calls == 0
+
 # A path segment shown as is in a description: a short lower-case word or two
 # ("hooks", "refund-requests"). Anything else — digits, capitals, dots, escapes,
 # length — may be a token (Slack- and Zapier-style URLs carry one in the path).
@@ -54,10 +81,10 @@ class WebhookActionExecutor:
         self._secrets = _url_secrets(config.url) | set(config.headers.values())
         self._timeout = httpx.Timeout(config.timeout_s)
         self._lock = threading.Lock()
-        self._client: httpx.Client | None = None
+        self._client: _InUse[httpx.Client] | None = None
         # An AsyncClient's pool belongs to the loop that opened it, so keep one per loop.
-        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-            weakref.WeakKeyDictionary())
+        self._aclients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _InUse[httpx.AsyncClient]] = weakref.WeakKeyDictionary()
 
     # -- what is sent -------------------------------------------------------
 
@@ -106,10 +133,12 @@ class WebhookActionExecutor:
 
     # -- sync ---------------------------------------------------------------
 
-    def _sync_client(self) -> httpx.Client:
+    def _sync_client(self) -> _InUse[httpx.Client]:
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(timeout=self._timeout, follow_redirects=False)
+                self._client = _InUse(httpx.Client(timeout=self._timeout,
+                                                   follow_redirects=False))
+            self._client.enter()
             return self._client
 
     def execute(self, action_type: str, arguments: dict[str, Any],
@@ -118,22 +147,29 @@ class WebhookActionExecutor:
         if isinstance(prepared, ExecutionResult):
             return prepared
         content, headers = prepared
+        held = self._sync_client()
         try:
-            response = self._sync_client().post(self.config.url, content=content, headers=headers)
+            response = held.client.post(self.config.url, content=content, headers=headers)
         except httpx.HTTPError as exc:
             return self._scrub(self._transport_failure(exc), arguments)
+        finally:
+            with self._lock:
+                last = held.leave()
+            if last:
+                held.client.close()
         return self._scrub(self._outcome(response), arguments)
 
     # -- async --------------------------------------------------------------
 
-    def _async_client(self) -> httpx.AsyncClient:
+    def _async_client(self) -> _InUse[httpx.AsyncClient]:
         loop = asyncio.get_running_loop()
         with self._lock:
-            client = self._aclients.get(loop)
-            if client is None or client.is_closed:
-                client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
-                self._aclients[loop] = client
-            return client
+            held = self._aclients.get(loop)
+            if held is None or held.client.is_closed:
+                held = _InUse(httpx.AsyncClient(timeout=self._timeout, follow_redirects=False))
+                self._aclients[loop] = held
+            held.enter()
+            return held
 
     async def aexecute(self, action_type: str, arguments: dict[str, Any],
                        action_key: str) -> ExecutionResult:
@@ -141,11 +177,17 @@ class WebhookActionExecutor:
         if isinstance(prepared, ExecutionResult):
             return prepared
         content, headers = prepared
+        held = self._async_client()
         try:
-            response = await self._async_client().post(self.config.url, content=content,
-                                                       headers=headers)
+            response = await held.client.post(self.config.url, content=content,
+                                              headers=headers)
         except httpx.HTTPError as exc:
             return self._scrub(self._transport_failure(exc), arguments)
+        finally:
+            with self._lock:
+                last = held.leave()
+            if last:
+                await held.client.aclose()
         return self._scrub(self._outcome(response), arguments)
 
     # -- outcomes -----------------------------------------------------------
@@ -187,18 +229,22 @@ class WebhookActionExecutor:
     # -- lifecycle ----------------------------------------------------------
 
     def close(self) -> None:
+        """Close the sync client (a call still using it closes it when done); the next
+        call opens a new one."""
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            held, self._client = self._client, None
+            now = held is not None and held.close()
+        if held is not None and now:
+            held.client.close()
 
     async def aclose(self) -> None:
-        """Close this loop's async client (and the sync one)."""
+        """Close this loop's async client (and the sync one), as ``close`` does."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            aclient = self._aclients.pop(loop, None)
-        if aclient is not None:
-            await aclient.aclose()
+            held = self._aclients.pop(loop, None)
+            now = held is not None and held.close()
+        if held is not None and now:
+            await held.client.aclose()
         self.close()
 
 
