@@ -13,7 +13,10 @@ Settings that name resources the running process holds open — the state store,
 log, body limits, the worker's interval — cannot change in place: such a file is refused
 with that reason (restart to apply it). The upstreams can: the new engine gets pools of
 its own (``attach``), and the old engine's are retired once it is out of force
-(``retire``), to close when the requests still using them are done.
+(``retire``), to close when the requests still using them are done — its executors'
+clients with them. What belongs to the audit log rather than to a policy carries over: a
+refusal of the log (``audit_degraded``) is one flag shared by both engines, so a reload
+cannot lift it.
 """
 
 from __future__ import annotations
