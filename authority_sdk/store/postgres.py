@@ -127,10 +127,18 @@ class _KillSwitchCache:
 
 
 class _LoopPool:
-    """One event loop's ``AsyncConnectionPool``, and the connections it opened (so they can
-    be closed without that loop once it is gone)."""
+    """One event loop's ``AsyncConnectionPool``, the connections it opened (so they can be
+    closed without that loop once it is gone), and its guard.
 
-    def __init__(self, dsn: str, loop: asyncio.AbstractEventLoop) -> None:
+    The guard is a task that waits until it is cancelled — which ``asyncio.run`` does to
+    every task when its coroutine returns — and then closes the pool, on its loop, before
+    the loop ends. Without it a pool its app never closed could hang that teardown: a
+    pool's worker cancelled while it connects takes the cancellation for a failed connect
+    and schedules another, so the loop waits for it forever.
+    """
+
+    def __init__(self, dsn: str, loop: asyncio.AbstractEventLoop,
+                 forget: Callable[[_LoopPool], None]) -> None:
         self.loop = loop
         self.conns: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
 
@@ -142,11 +150,30 @@ class _LoopPool:
             kwargs=_conn_kwargs(ASYNC_APP), name=ASYNC_APP, configure=track)
         # Made before the first await, so requests arriving together share one pool.
         self.ready: asyncio.Task[None] = loop.create_task(self.pool.open(wait=False))
+        self.guard: asyncio.Task[None] = loop.create_task(self._guard(forget))
 
     @property
     def failed(self) -> bool:
         ready = self.ready
         return ready.done() and (ready.cancelled() or ready.exception() is not None)
+
+    async def _guard(self, forget: Callable[[_LoopPool], None]) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()  # never set: only cancelled
+        except asyncio.CancelledError:
+            forget(self)  # the next call, should there be one, opens a new pool
+            # Its workers are being cancelled too, which may cut the pool's close short
+            # (it gathers them): whatever it leaves open is closed directly.
+            with contextlib.suppress(BaseException):
+                await self._close_pool()
+            self._finish_connections()
+            raise
+
+    async def close(self) -> None:
+        """Close the pool, on its loop (awaited)."""
+        if self.guard is not asyncio.current_task():
+            self.guard.cancel()
+        await self._close_pool()
 
     def discard(self) -> None:
         """Close the pool from any thread, never waiting on its loop: on that loop when it
@@ -155,13 +182,16 @@ class _LoopPool:
         loop = self.loop
         if loop.is_running() and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # closed meanwhile: fall through
-                asyncio.run_coroutine_threadsafe(self._close_quietly(), loop)
+                asyncio.run_coroutine_threadsafe(self.close(), loop)
                 return
+        self._finish_connections()
+
+    def _finish_connections(self) -> None:
         for conn in list(self.conns):
             with contextlib.suppress(Exception):
                 conn.pgconn.finish()
 
-    async def _close_quietly(self) -> None:
+    async def _close_pool(self) -> None:
         with contextlib.suppress(Exception):
             await self.pool.close(timeout=2.0)
 
@@ -186,11 +216,16 @@ class _AsyncView:
             cur = self._current
             stale = cur if cur is not None and (cur.loop is not loop or cur.failed) else None
             if cur is None or stale is not None:
-                cur = self._current = _LoopPool(self._store.dsn, loop)
+                cur = self._current = _LoopPool(self._store.dsn, loop, self._forget)
         if stale is not None:
             stale.discard()
         await cur.ready
         return cur.pool
+
+    def _forget(self, pool: _LoopPool) -> None:
+        with self._lock:
+            if self._current is pool:
+                self._current = None
 
     async def run(self, name: str, plan: Plan) -> Any:
         try:
@@ -260,7 +295,7 @@ class _AsyncView:
         if cur is None:
             return
         if cur.loop is asyncio.get_running_loop():
-            await cur.pool.close(timeout=2.0)
+            await cur.close()
         else:
             cur.discard()
 

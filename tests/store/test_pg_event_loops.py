@@ -128,6 +128,39 @@ def test_a_pool_left_on_a_finished_loop_is_discarded_and_the_gateway_closes_the_
     _quiet(stderr)
 
 
+# asyncio.run returning while the pool's first connection is still being made: asyncio.run
+# cancels every task, and a pool worker cancelled mid-connect schedules another attempt.
+OPENING = textwrap.dedent("""
+    import asyncio, sys
+    from authority_sdk.store.postgres import PgStore
+
+    store = PgStore(sys.argv[1])
+
+    async def main():
+        await store.aio._get_pool()  # opened: its first connection is made in the background
+
+    for _ in range(3):
+        asyncio.run(main())
+    store.close()
+    print("done")
+""")
+
+
+def test_a_loop_that_ends_while_its_pool_connects_does_not_hang(tmp_path: Path,
+                                                                 pg: PostgresBackend) -> None:
+    script = tmp_path / "opening.py"
+    script.write_text(OPENING)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        out = subprocess.run([sys.executable, str(script), pg.dsn], env=env,
+                             capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"asyncio.run hung at its teardown (killed after {exc.timeout}s)")
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+    for text in ("Event loop is closed", "Task was destroyed", "was never awaited"):
+        assert text not in out.stderr, out.stderr
+
+
 def _alive(pids: set[int]) -> set[int]:
     import psycopg  # the postgres extra: absent, requires_postgres skips the module
 
