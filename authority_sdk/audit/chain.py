@@ -56,6 +56,7 @@ FIELDS: tuple[str, ...] = (
     "actor", "policy_hash", "prev_hash", "hash",
 )
 EVENTS = frozenset({"request", "action", "approval", "kill_switch", "replay", "recovery",
+                    "retention",
                     "notification", "policy"})
 DECISIONS = frozenset({"allow", "deny", "error", None})
 GENESIS_HASH = "0" * 64
