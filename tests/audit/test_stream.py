@@ -243,3 +243,19 @@ def test_stream_copy_from_syslog_lines_and_a_receiver_side_edit(tmp_path: Path) 
     cmp = compare_with_stream(s.records(), read_stream_copy(copy))
     assert not cmp.ok and any("altered at the receiver" in p for p in cmp.problems)
 
+
+
+def test_every_sink_streams_the_same_way(audit_backend: Any, tmp_path: Path) -> None:
+    """The PostgreSQL table streams like the file (read by seq from the chain)."""
+    sink = audit_backend.open()
+    for i in range(7):
+        sink.append("request", request_id=f"r{i}")
+    with HttpReceiver() as rx:
+        target = HttpStream(kind="http", url=rx.url("/audit"), batch=3)
+        cursor = StreamCursor(tmp_path / f"{audit_backend.name}.json")
+        assert stream_round(sink, target, cursor).seq == 7
+        sink.append("request", request_id="later")
+        assert stream_round(sink, target, StreamCursor(cursor.path)).seq == 8
+        got = [e["seq"] for req in rx.requests for e in json.loads(req.body)["entries"]]
+    assert got == list(range(1, 9))
+    sink.close()
