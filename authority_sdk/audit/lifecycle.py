@@ -117,6 +117,6 @@ def lifecycle_status(policy: Policy, sink: AuditSink) -> dict[str, Any]:
         streams.append({"name": stream_name(target), "kind": target.kind, "seq": st.seq,
                         "lag": max(0, last_seq - st.seq), "failures": st.failures,
                         "last_error": st.last_error, "last_success_ts": st.last_success_ts,
-                        "sent_total": st.sent_total})
+                        "sent_total": st.sent_total, "divergence": st.divergence})
     out["streams"] = streams
     return out

@@ -55,6 +55,9 @@ class StreamState:
     last_error: str | None = None
     last_success_ts: float | None = None
     next_attempt_ts: float = 0.0
+    # The local entry at the cursor no longer has the hash that was sent: the log was
+    # rewritten after streaming (an alarm for people; the stream goes on).
+    divergence: str | None = None
 
 
 class StreamCursor:
@@ -225,6 +228,11 @@ def stream_round(sink: AuditSink, target: SyslogStream | HttpStream, cursor: Str
             if rec.entry is None or type(rec.entry.get("seq")) is not int:
                 continue  # not an entry: verify reports it; the stream cannot send it
             if rec.entry["seq"] <= state.seq:
+                if (rec.entry["seq"] == state.seq and state.hash
+                        and rec.entry.get("hash") != state.hash):
+                    state.divergence = (f"local entry seq {state.seq} has hash "
+                                        f"{str(rec.entry.get('hash'))[:16]}… but "
+                                        f"{state.hash[:16]}… was sent: the log was rewritten")
                 continue
             batch.append((rec.entry, rec.position))
             if len(batch) >= size:

@@ -233,6 +233,8 @@ def status(policy: PolicyOpt = None,
         state = f"failing ({st['failures']}x: {st['last_error']})" if st["failures"] else "ok"
         typer.echo(f"stream {st['name']} ({st['kind']}): sent through seq {st['seq']}, lag "
                    f"{st['lag']} entries, {state}")
+        if st["divergence"]:
+            typer.echo(f"warning: stream {st['name']}: {st['divergence']}", err=True)
 
 
 @app.command()

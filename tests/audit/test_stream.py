@@ -259,3 +259,16 @@ def test_every_sink_streams_the_same_way(audit_backend: Any, tmp_path: Path) -> 
         got = [e["seq"] for req in rx.requests for e in json.loads(req.body)["entries"]]
     assert got == list(range(1, 9))
     sink.close()
+
+
+def test_a_log_rewritten_after_streaming_is_flagged(tmp_path: Path) -> None:
+    with HttpReceiver() as rx:
+        s = _log(tmp_path, 5)
+        target = HttpStream(kind="http", url=rx.url("/audit"))
+        cursor = StreamCursor(tmp_path / "c.json")
+        assert stream_round(s, target, cursor).divergence is None
+        (tmp_path / "audit.jsonl").unlink()
+        forged = _log(tmp_path, 7)  # a fresh chain: the same seqs, other hashes
+        state = stream_round(forged, target, StreamCursor(cursor.path))
+        assert state.divergence and "seq 5" in state.divergence
+        assert state.seq == 7  # the stream goes on with what is new

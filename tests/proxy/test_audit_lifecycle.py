@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import ScriptedServer, user
-from proxy_env import AGENT_KEY, PROXY_ENV, start_proxy
+from proxy_env import ADMIN_KEY, AGENT_KEY, PROXY_ENV, start_proxy
 from servers import HttpReceiver
 
 pytestmark = pytest.mark.slow
@@ -57,6 +57,19 @@ def test_rotation_and_streaming_through_the_proxy(upstream: ScriptedServer, tmp_
                     break
                 time.sleep(0.2)
             policy = rp.policy_path
+            # The management API pages back through the archive too, and judges the chain.
+            paged: list[int] = []
+            cursor = None
+            while True:
+                params: dict[str, Any] = {"limit": 5, **({"cursor": cursor} if cursor else {})}
+                page = rp.http("GET", "/authority/audit", ADMIN_KEY, params=params).json()
+                paged = [e["seq"] for e in page["data"]] + paged
+                cursor = page["next_cursor"]
+                if not cursor:
+                    break
+            assert paged == list(range(1, len(paged) + 1)) and len(paged) >= 12
+            verdict = rp.http("GET", "/authority/audit/verify", ADMIN_KEY).json()
+            assert verdict["ok"] is True, verdict
         # Stopped: every entry is on disk; the receiver got them all, in order.
         got = [e for req in rx.requests for e in json.loads(req.body)["entries"]]
     names = sorted(p.name for p in (tmp_path / "archive").iterdir())
