@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from ..policy import HttpStream, Policy, SyslogStream
     from .protocol import AuditSink
 
-__all__ = ["LifecycleState", "lifecycle_round", "lifecycle_status", "prune_now", "safe_seq",
-           "stream_cursor"]
+__all__ = ["LifecycleState", "can_prune", "lifecycle_round", "lifecycle_status", "prune_now",
+           "safe_seq", "stream_cursor"]
 
 log = logging.getLogger("authority.audit")
 
@@ -54,13 +54,19 @@ def safe_seq(policy: Policy, sink: AuditSink) -> int | None:
     return min(limits) if limits else None
 
 
-def prune_now(policy: Policy, sink: FileSink, *, actor: str = "retention",
+def can_prune(sink: AuditSink) -> bool:
+    """A file sink prunes archived files; another sink may offer ``prune`` (the table)."""
+    return isinstance(sink, FileSink) or callable(getattr(sink, "prune", None))
+
+
+def prune_now(policy: Policy, sink: AuditSink, *, actor: str = "retention",
               now: float | None = None) -> PruneResult:
     from ..policy import duration_s
 
     assert policy.audit.retention is not None
-    return prune(sink, older_than_s=duration_s(policy.audit.retention),
-                 keep_after=safe_seq(policy, sink), actor=actor, now=now)
+    older_than_s = duration_s(policy.audit.retention)
+    keep_after = safe_seq(policy, sink)
+    return prune(sink, older_than_s=older_than_s, keep_after=keep_after, actor=actor, now=now)
 
 
 def lifecycle_round(policy: Policy, sink: AuditSink, state: LifecycleState) -> dict[str, Any]:
@@ -83,7 +89,7 @@ def lifecycle_round(policy: Policy, sink: AuditSink, state: LifecycleState) -> d
         if policy.audit.rotate.compress:
             job("compressed", sink.compress_archives)
     now = time.time()
-    if (isinstance(sink, FileSink) and policy.audit.retention
+    if (can_prune(sink) and policy.audit.retention
             and now - state.last_prune >= PRUNE_EVERY_S):
         state.last_prune = now
         job("pruned", lambda: (r := prune_now(policy, sink)).deleted and asdict(r))

@@ -35,6 +35,9 @@ class PruneRecord:
     ts: str
     files: tuple[str, ...]
     mac: str | None
+    # Read from the chain's own retention entry (the PostgreSQL table), not a file: the
+    # entry's MAC, checked as verify walks the chain, stands for a signature.
+    in_chain: bool = False
 
     def signed_by(self, key: bytes) -> bool:
         return self.mac is not None and hmac.compare_digest(

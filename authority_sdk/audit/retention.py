@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import AuthorityUnavailable
+from ..errors import AuthorityUnavailable, InvalidRequest
 from .archive import ArchiveFile, first_and_last
 from .crashpoints import crash_point
 from .file import FileSink, _parse_ts
+from .protocol import AuditSink
 from .pruned import fsync_dir, write_prune_record
 
 __all__ = ["PruneResult", "prune"]
@@ -44,11 +45,18 @@ class PruneResult:
     held_back: str | None  # why older files were kept, if any were
 
 
-def prune(sink: FileSink, *, older_than_s: float, keep_after: int | None = None,
+def prune(sink: AuditSink, *, older_than_s: float, keep_after: int | None = None,
           actor: str = "retention", now: float | None = None) -> PruneResult:
     """Delete the archived files whose newest entry is older than ``older_than_s``, none past
     seq ``keep_after`` (the checkpoint's and every stream's position: what is not yet safe
-    elsewhere stays)."""
+    elsewhere stays). Another sink prunes its own way (``sink.prune``: the table's rows)."""
+    if not isinstance(sink, FileSink):
+        own = getattr(sink, "prune", None)
+        if not callable(own):
+            raise InvalidRequest(f"{sink.location} does not support retention")
+        result: PruneResult = own(older_than_s=older_than_s, keep_after=keep_after,
+                                  actor=actor, now=now)
+        return result
     now = time.time() if now is None else now
     cutoff = now - older_than_s
     with sink._locked():

@@ -111,7 +111,7 @@ def verify_records(records: Iterable[Record], head: tuple[int, str] | None = Non
     if checkpoint is not None and key is not None and not checkpoint.signed_by(key):
         return fail(None, "the checkpoint is not signed by the audit key (forged, or written "
                           "with another key)")
-    if pruned is not None and key is not None and not pruned.signed_by(key):
+    if pruned is not None and key is not None and not pruned.in_chain and not pruned.signed_by(key):
         return fail(None, "the prune record is not signed by the audit key (forged, or "
                           "written with another key)")
     try:

@@ -176,17 +176,20 @@ def rotate(policy: PolicyOpt = None,
 
 @app.command()
 def prune(policy: PolicyOpt = None) -> None:
-    """Delete archived files older than audit.retention (only what is checkpointed and
-    streamed), after recording where the kept chain starts (a retention entry and a signed
-    prune record), so `verify` still passes."""
-    from ..audit.lifecycle import prune_now
+    """Delete archived files (the table's oldest rows, with audit.backend: postgres) older
+    than audit.retention, only what is checkpointed and streamed, after recording where the
+    kept chain starts (a retention entry and a signed prune record), so `verify` passes."""
+    from ..audit.lifecycle import can_prune, prune_now
 
     pol = policy_or_exit(policy)
     if not pol.audit.retention:
         raise _fail("error: the policy names no audit.retention", 2)
     store = _open_store(pol)
     try:
-        sink = _file_sink(pol, store)
+        sink = _sink(pol, None, store)
+        if not can_prune(sink):
+            raise _fail(f"error: audit.backend {pol.audit.backend} does not support retention",
+                        2)
         try:
             result = prune_now(pol, sink, actor="cli")
         except AuthorityError as exc:

@@ -189,3 +189,45 @@ def test_a_crash_at_each_prune_step_is_recoverable(tmp_path: Path,
     verdict = _verify(policy)
     assert verdict.ok, verdict.reason  # type: ignore[attr-defined]
     assert s.archives() == [] or s.archives()[0].first > (s.prune_record() or object()).seq  # type: ignore[attr-defined]
+
+
+def test_postgres_table_retention(tmp_path: Path) -> None:
+    """The table's oldest rows go in the transaction that appends the retention entry; that
+    MAC'd entry is the prune record, and verify starts the chain right after it."""
+    from helpers import PostgresAuditBackend
+
+    from authority_sdk.audit.checkpoint import CheckpointFile
+
+    backend = PostgresAuditBackend(tmp_path)
+    try:
+        key = KEY.encode()
+        checkpoints = CheckpointFile(tmp_path / "cp" / "audit.cp", key)
+        sink = backend.open(key=key, checkpoints=checkpoints, checkpoint_every=6)
+        for i in range(10):
+            sink.append("request", request_id=f"r{i}")
+        assert prune(sink, older_than_s=86400).deleted == ()  # nothing a day old yet
+        result = prune(sink, older_than_s=86400, keep_after=6, now=time.time() + LATER)
+        assert result.pruned_through == 6 and result.held_back
+        rows = backend.raw_entries()
+        assert [e["seq"] for e in rows] == list(range(7, 12))
+        assert rows[-1]["event"] == "retention" and rows[-1]["details"]["pruned_through"] == 6
+        verdict = verify_sink(sink)
+        assert verdict.ok, verdict.reason
+        assert any("deleted by retention" in w for w in verdict.warnings)
+        # A new writer compares the checkpoint (seq 6, now deleted) with the retention
+        # entry's record of it: no false loss.
+        assert checkpoints.read() is not None and checkpoints.read().seq == 6  # type: ignore[union-attr]
+        again = backend.open(key=key, checkpoints=checkpoints, checkpoint_every=6)
+        again.open()
+        again.append("request", request_id="after")
+        assert not [e for e in backend.raw_entries() if e["event"] == "recovery"]
+        assert verify_sink(again).ok
+        # Rows deleted by hand past what retention recorded: the chain starts too late.
+        backend._sql("DELETE FROM authority_audit WHERE seq = 7")
+        verdict = verify_sink(again)
+        assert not verdict.ok
+        assert "accounts only for entries up to seq 6" in (verdict.reason or "")
+        again.close()
+        sink.close()
+    finally:
+        backend.cleanup()
