@@ -33,6 +33,7 @@ PRUNE_EVERY_S = 300.0  # retention works in days; reading the oldest archive eac
 @dataclass
 class LifecycleState:
     last_prune: float = 0.0
+    prune_every_s: float = PRUNE_EVERY_S
     reports: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +91,7 @@ def lifecycle_round(policy: Policy, sink: AuditSink, state: LifecycleState) -> d
             job("compressed", sink.compress_archives)
     now = time.time()
     if (can_prune(sink) and policy.audit.retention
-            and now - state.last_prune >= PRUNE_EVERY_S):
+            and now - state.last_prune >= state.prune_every_s):
         state.last_prune = now
         job("pruned", lambda: (r := prune_now(policy, sink)).deleted and asdict(r))
     for target in policy.audit.stream:

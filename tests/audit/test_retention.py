@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -231,3 +232,38 @@ def test_postgres_table_retention(tmp_path: Path) -> None:
         sink.close()
     finally:
         backend.cleanup()
+
+
+def test_the_worker_rotates_prunes_and_streams_on_its_own(
+        write_policy: Any, tmp_path: Path) -> None:
+    """Only the lease holder runs the lifecycle; one tick rotates an aged file, compresses,
+    prunes what is past retention and streamed, and sends the rest."""
+    from servers import HttpReceiver
+
+    from authority_sdk.engine import Engine
+    from authority_sdk.worker import Worker
+
+    with HttpReceiver() as rx:
+        eng = Engine(write_policy({"audit": {
+            "rotate": {"max_bytes": 1200, "compress": True}, "retention": "1s",
+            "stream": [{"kind": "http", "url": rx.url("/audit"), "name": "siem"}]}}))
+        try:
+            for i in range(20):
+                eng.audit.append("request", request_id=f"r{i}", reason="padding " * 6)
+            sink = eng.audit
+            assert isinstance(sink, FileSink) and len(sink.archives()) >= 3
+            worker = Worker(eng)
+            worker._lifecycle.prune_every_s = 0  # every tick (the default waits minutes)
+            first = worker.tick()  # streams everything; nothing is a second old yet
+            assert first["leader"] and "pruned" not in first["audit_lifecycle"]
+            assert all(a.compressed for a in sink.archives())
+            time.sleep(1.1)
+            report = worker.tick()["audit_lifecycle"]
+            assert report["pruned"]["pruned_through"] >= 1
+            assert sink.prune_record() is not None
+            verdict = verify_sink(sink, eng.store.get_audit_head())
+            assert verdict.ok, verdict.reason
+            got = [e["seq"] for req in rx.requests for e in json.loads(req.body)["entries"]]
+            assert got == list(range(1, len(got) + 1)) and len(got) >= 20
+        finally:
+            eng.close()
