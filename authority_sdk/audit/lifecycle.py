@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .protocol import AuditSink
 
 __all__ = ["LifecycleState", "can_prune", "lifecycle_round", "lifecycle_status", "prune_now",
-           "safe_seq", "stream_cursor"]
+           "safe_seq", "stream_cursor", "stream_metrics"]
 
 log = logging.getLogger("authority.audit")
 
@@ -127,3 +127,29 @@ def lifecycle_status(policy: Policy, sink: AuditSink) -> dict[str, Any]:
                         "sent_total": st.sent_total, "divergence": st.divergence})
     out["streams"] = streams
     return out
+
+
+def stream_metrics(policy: Policy, head_seq: int) -> str:
+    """Prometheus text for each stream's lag and failures, read from the cursor files at
+    scrape time (shared by every worker process, so any of them answers the same)."""
+    from ..policy import stream_name
+
+    lag, failing = [], []
+    for target in policy.audit.stream:
+        try:
+            st = stream_cursor(policy, target).read()
+        except AuthorityError:
+            continue
+        name = stream_name(target)  # [A-Za-z0-9_.-]: no label escaping needed
+        lag.append(f'authority_audit_stream_lag_entries{{stream="{name}"}} '
+                   f"{max(0, head_seq - st.seq)}")
+        failing.append(f'authority_audit_stream_failures{{stream="{name}"}} {st.failures}')
+    if not lag:
+        return ""
+    return "\n".join([
+        "# HELP authority_audit_stream_lag_entries Audit entries written but not yet "
+        "acknowledged by the stream target.",
+        "# TYPE authority_audit_stream_lag_entries gauge", *lag,
+        "# HELP authority_audit_stream_failures Consecutive failed attempts to reach the "
+        "stream target (0: healthy).",
+        "# TYPE authority_audit_stream_failures gauge", *failing]) + "\n"

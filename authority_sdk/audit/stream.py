@@ -183,7 +183,8 @@ class _Http:
         resp = self._client.post(self.target.url, content=body.encode("utf-8"),
                                  headers={"content-type": "application/json"})
         if not 200 <= resp.status_code < 300:
-            raise OSError(f"HTTP {resp.status_code} from {self.target.url}")
+            # Not the URL: it may carry a token in its query, and this text is shown.
+            raise OSError(f"HTTP {resp.status_code} from the receiver")
 
     def close(self) -> None:
         self._client.close()

@@ -7,6 +7,7 @@ files and against the receiver's copy."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -57,6 +58,10 @@ def test_rotation_and_streaming_through_the_proxy(upstream: ScriptedServer, tmp_
                     break
                 time.sleep(0.2)
             policy = rp.policy_path
+            text = rp.http("GET", "/metrics").text
+            assert 'authority_audit_stream_failures{stream="siem"} 0' in text
+            lag = re.search(r'authority_audit_stream_lag_entries\{stream="siem"\} (\d+)', text)
+            assert lag is not None and int(lag.group(1)) <= 2, text[-600:]
             # The management API pages back through the archive too, and judges the chain.
             paged: list[int] = []
             cursor = None
