@@ -13,11 +13,13 @@ only an index: verify checks them against the contents. A file is never modified
 archived; compressing writes the ``.gz`` beside it (synced, then renamed into place)
 before the plain file is removed, so a crash leaves one or both, never neither.
 
-Reading takes a snapshot: under the lock that serialises appends, the archive is listed
-and every file opened, and the active file's size noted. Rotation, compression and
-pruning, which also hold that lock or only unlink, cannot then pull a file from under a
-reader, and no line read was still being written (with ``fsync`` on, nothing read can be
-taken back by a crash: that is what lets a stream send only durable entries).
+Reading takes a snapshot: under the lock that serialises appends, the archive is listed,
+the active file opened and its size noted, so no line read was still being written (with
+``fsync`` on, nothing read can be taken back by a crash: that is what lets a stream send
+only durable entries) and a rotation cannot move entries out of sight mid-read. Archived
+files are opened one at a time as the read reaches them (a long archive must not cost a
+descriptor per file): they never change, a compressed one is found under its ``.gz``
+name, and only retention deletes them, oldest first.
 
 A record's position is ``(first_seq - 1) << 40 | byte offset`` in its file (uncompressed):
 the same before and after a file is rotated or compressed, ordered across files, and the
@@ -149,9 +151,27 @@ class Segment:
     first: int
     last: int | None
     source: str
-    file: IO[bytes] | None  # None: the active file does not exist (yet)
-    compressed: bool
+    archive: ArchiveFile | None  # opened when reached
+    file: IO[bytes] | None  # the active file; None: it does not exist (yet)
     size: int | None  # the active file's size when the snapshot was taken
+
+    @property
+    def compressed(self) -> bool:
+        return self.archive is not None and self.archive.compressed
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[IO[bytes] | None]:
+        if self.archive is None:
+            yield self.file
+            return
+        try:
+            f = open_archive(self.archive)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                exc.errno, f"{self.archive.name} was deleted (by retention?) while the log was "
+                "being read; read it again") from exc
+        with f:
+            yield f
 
     @property
     def base(self) -> int:
@@ -174,8 +194,7 @@ class Snapshot:
                 pass  # a read-only copy, or a wedged writer: read what is there
             self.archives = list_archives(directory, stem)
             for af in self.archives:
-                self.segments.append(Segment(af.first, af.last, af.name, open_archive(af),
-                                             af.compressed, None))
+                self.segments.append(Segment(af.first, af.last, af.name, af, None, None))
             try:
                 f: IO[bytes] | None = open(active, "rb")  # noqa: SIM115 - closed in close()
             except FileNotFoundError:
@@ -185,7 +204,7 @@ class Snapshot:
             size = f.seek(0, os.SEEK_END) if f is not None else 0
             if f is not None:
                 f.seek(0)
-            self.segments.append(Segment(self._active_first(f), None, active.name, f, False,
+            self.segments.append(Segment(self._active_first(f), None, active.name, None, f,
                                          size))
         except BaseException:
             self.close()
@@ -214,15 +233,18 @@ class Snapshot:
         """Every record, oldest first (from ``start_position`` on, when given)."""
         want_first, want_offset = split_position(start_position or 0)
         for seg in self.segments:
-            if seg.file is None or (start_position is not None and seg.first < want_first):
+            if start_position is not None and seg.first < want_first:
                 continue
-            offset = 0
-            if start_position is not None and seg.first == want_first:
-                offset = want_offset
-                seg.file.seek(offset)  # a compressed file decompresses up to there
-            limit = None if seg.size is None else seg.size - offset
-            yield from read_records_from(seg.file, base=seg.base + offset, limit=limit,
-                                         source=seg.source)
+            with seg.opened() as f:
+                if f is None:
+                    continue
+                offset = 0
+                if start_position is not None and seg.first == want_first:
+                    offset = want_offset
+                f.seek(offset)  # a compressed file decompresses up to there
+                limit = None if seg.size is None else seg.size - offset
+                yield from read_records_from(f, base=seg.base + offset, limit=limit,
+                                             source=seg.source)
 
     def records_before(self, position: int | None = None) -> Iterator[Record]:
         """Records before ``position`` (the end when None), newest first."""
@@ -231,18 +253,21 @@ class Snapshot:
                 and not any(s.first < want_first for s in self.segments)):
             return  # before everything kept (pruned meanwhile): nothing older
         for seg in reversed(self.segments):
-            if seg.file is None or (position is not None and seg.first > want_first):
+            if position is not None and seg.first > want_first:
                 continue
             before = want_offset if position is not None and seg.first == want_first else None
-            if seg.compressed:
-                with tempfile.TemporaryFile() as tmp:
-                    _copy(seg.file, tmp)
-                    yield from records_before_in(tmp, tmp.tell(), before, base=seg.base,
+            with seg.opened() as f:
+                if f is None:
+                    continue
+                if isinstance(f, gzip.GzipFile):  # no reading backwards: unpack it first
+                    with tempfile.TemporaryFile() as tmp:
+                        _copy(f, tmp)
+                        yield from records_before_in(tmp, tmp.tell(), before, base=seg.base,
+                                                     source=seg.source)
+                else:
+                    size = seg.size if seg.size is not None else f.seek(0, os.SEEK_END)
+                    yield from records_before_in(f, size, before, base=seg.base,
                                                  source=seg.source)
-            else:
-                size = seg.size if seg.size is not None else seg.file.seek(0, os.SEEK_END)
-                yield from records_before_in(seg.file, size, before, base=seg.base,
-                                             source=seg.source)
 
 
 def _copy(src: IO[bytes], dst: IO[bytes]) -> None:

@@ -173,7 +173,10 @@ class FileSink(SinkSettings):
                 continue
             gz = af.path.with_name(af.name + ".gz")
             if not gz.exists():
-                _gzip(af.path, gz)
+                try:
+                    _gzip(af.path, gz)
+                except FileNotFoundError:
+                    continue  # another process compressed it meanwhile
                 crash_point("compress:after_gz")
             with contextlib.suppress(FileNotFoundError):
                 af.path.unlink()

@@ -308,3 +308,22 @@ def test_rotation_by_age(tmp_path: Path) -> None:
     fresh = FileSink(tmp_path / "audit.jsonl", fsync=False, rotate=AuditRotate(every="1s"))
     assert fresh.rotate() is None  # the new file's first entry is new
     assert verify_sink(fresh).ok
+
+
+def test_a_long_archive_is_read_one_file_at_a_time(tmp_path: Path) -> None:
+    """Verify and tail over more archived files than the process may hold descriptors."""
+    s = sink(tmp_path, max_bytes=1)  # one entry per file
+    fill(s, 120)
+    assert len(s.archives()) == 120
+    code = textwrap.dedent(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+        from authority_sdk.audit import FileSink, verify_sink
+        s = FileSink({str(s.path)!r}, fsync=False)
+        r = verify_sink(s)
+        assert r.ok and r.last_seq == 120, r.reason
+        assert [x.entry["seq"] for x in s.records_before(None)][:3] == [120, 119, 118]
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ,
+                          "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
