@@ -165,8 +165,18 @@ class SyslogStream(_Strict):
     protocol: Literal["udp", "tcp"] = "udp"
     facility: Literal["kern", "user", "daemon", "auth", "authpriv", "local0", "local1",
                       "local2", "local3", "local4", "local5", "local6", "local7"] = "local0"
-    app_name: str = "authority"
+    app_name: str = Field("authority", pattern=r"^[!-~]{1,48}$")  # RFC 5424 APP-NAME
     timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _host_port_or_path(cls, v: str) -> str:
+        if v.startswith("/"):
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{v!r}: give host:port (127.0.0.1:514) or a socket path (/dev/log)")
+        return v
 
 
 class HttpStream(_Strict):
@@ -233,6 +243,12 @@ class AuditConfig(_Strict):
         if self.checkpoint_path and not (self.hmac_key_env or self.hmac_key_file):
             raise ValueError("checkpoint_path needs hmac_key_env or hmac_key_file: an unsigned "
                              "checkpoint can be rewritten along with the log")
+        if self.backend != "file" and (self.rotate is not None or self.archive_dir):
+            raise ValueError("rotate and archive_dir apply to backend: file (the table has no "
+                             "files to rotate; retention and stream apply to both)")
+        if self.backend == "file" and self.retention and self.rotate is None:
+            raise ValueError("retention deletes archived files: it needs rotate (max_bytes or "
+                             "every), or nothing is ever archived")
         names = [t.name or stream_name(t) for t in self.stream]
         if len(names) != len(set(names)):
             raise ValueError("stream: two targets share a name; give each a distinct name")

@@ -267,3 +267,20 @@ def test_the_worker_rotates_prunes_and_streams_on_its_own(
             assert got == list(range(1, len(got) + 1)) and len(got) >= 20
         finally:
             eng.close()
+
+
+@pytest.mark.parametrize(("audit", "message"), [
+    ({"retention": "30d"}, "retention deletes archived files: it needs rotate"),
+    ({"backend": "postgres", "rotate": {"max_bytes": 10}}, "rotate and archive_dir apply to"),
+    ({"rotate": {}}, "rotate needs max_bytes, every, or both"),
+    ({"rotate": {"every": "1 day"}}, "is not a duration"),
+    ({"stream": [{"kind": "syslog", "address": "siem"}]}, "give host:port"),
+    ({"stream": [{"kind": "http", "url": "http://a", "name": "x"},
+                 {"kind": "http", "url": "http://b", "name": "x"}]}, "share a name"),
+])
+def test_the_policy_refuses_lifecycle_settings_that_cannot_work(
+        audit: dict[str, Any], message: str) -> None:
+    from authority_sdk.policy import AuditConfig
+
+    with pytest.raises(ValueError, match=message):
+        AuditConfig(**audit)
