@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthorityUnavailable
+from .crashpoints import crash_point
 from .pruned import fsync_dir
 
 if TYPE_CHECKING:
@@ -216,6 +217,7 @@ def stream_round(sink: AuditSink, target: SyslogStream | HttpStream, cursor: Str
         if conn is None:
             conn = _Syslog(target) if target.kind == "syslog" else _Http(target)
         conn.send([e for e, _ in batch])
+        crash_point("stream:after_send")  # sent, cursor not moved: resent after a restart
         last, position = batch[-1]
         state.seq, state.hash, state.position = last["seq"], last["hash"], position
         state.sent_total += len(batch)

@@ -272,3 +272,60 @@ def test_a_log_rewritten_after_streaming_is_flagged(tmp_path: Path) -> None:
         state = stream_round(forged, target, StreamCursor(cursor.path))
         assert state.divergence and "seq 5" in state.divergence
         assert state.seq == 7  # the stream goes on with what is new
+
+
+def test_a_crash_between_send_and_cursor_resends_only_that_batch(tmp_path: Path) -> None:
+    """SIGKILL right after a batch was sent, before the cursor moved: after a restart that
+    batch comes again (at least once, same seq and hash for the receiver to drop), and
+    nothing is lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from authority_sdk.audit.crashpoints import CRASH_ENV
+
+    root = Path(__file__).resolve().parents[2]
+    with HttpReceiver() as rx:
+        s = _log(tmp_path, 12)
+        code = (
+            "import sys\n"
+            "from authority_sdk.audit import FileSink\n"
+            "from authority_sdk.audit.stream import StreamCursor, stream_round\n"
+            "from authority_sdk.policy import HttpStream\n"
+            "stream_round(FileSink(sys.argv[1]), HttpStream(kind='http', url=sys.argv[2], "
+            "batch=5), StreamCursor(__import__('pathlib').Path(sys.argv[3])))\n")
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(s.path), rx.url("/audit"),
+             str(tmp_path / "c.json")],
+            env={**os.environ, "PYTHONPATH": str(root), CRASH_ENV: "stream:after_send"},
+            check=False)
+        assert proc.returncode == -signal.SIGKILL
+        assert [e["seq"] for e in json.loads(rx.requests[0].body)["entries"]] == [1, 2, 3, 4, 5]
+        state = stream_round(s, HttpStream(kind="http", url=rx.url("/audit"), batch=5),
+                             StreamCursor(tmp_path / "c.json"))
+        assert state.seq == 12
+        got = [(e["seq"], e["hash"]) for req in rx.requests
+               for e in json.loads(req.body)["entries"]]
+    seqs = [seq for seq, _ in got]
+    assert seqs == [1, 2, 3, 4, 5, *range(1, 13)]  # the unacknowledged batch, again
+    assert len(set(got)) == 12  # a resent entry carries the same seq and hash: dedupable
+    assert dict(got) == _hashes(s)  # and, deduped, every entry is there
+
+
+def test_syslog_to_a_local_socket(tmp_path: Path) -> None:
+    """``address: /dev/log``-style: a Unix datagram socket (here a real one in tmp_path)."""
+    path = tmp_path / "log.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(5)
+    try:
+        s = _log(tmp_path, 3)
+        state = stream_round(s, SyslogStream(kind="syslog", address=str(path)),
+                             StreamCursor(tmp_path / "c.json"))
+        assert state.seq == 3 and state.last_error is None
+        got = [server.recv(70000).decode() for _ in range(3)]
+        seqs = [int(m.group(1)) for m in map(_SD.search, got) if m]
+        assert seqs == [1, 2, 3]
+    finally:
+        server.close()
