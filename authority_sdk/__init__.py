@@ -22,6 +22,7 @@ from .errors import (
     InvalidRequest,
     KillSwitchEngaged,
     ModelNotAllowed,
+    ModelNotRouted,
     ModelPriceUnknown,
     NotFound,
     PolicyError,
@@ -38,6 +39,7 @@ if _typing.TYPE_CHECKING:
     from .client import AsyncAuthorityClient, AuthorityClient
     from .engine import Engine, Gateway
     from .http_client import gated_async_http_client, gated_http_client
+    from .telemetry import Telemetry
 
 __all__ = [
     "ActionInfo",
@@ -62,6 +64,7 @@ __all__ = [
     "InvalidRequest",
     "KillSwitchEngaged",
     "ModelNotAllowed",
+    "ModelNotRouted",
     "ModelPriceUnknown",
     "NotFound",
     "Policy",
@@ -69,6 +72,7 @@ __all__ = [
     "RateLimited",
     "RequestDenied",
     "RequestTooLarge",
+    "Telemetry",
     "UpstreamError",
     "UpstreamTimeout",
     "authority_of",
@@ -79,7 +83,7 @@ __all__ = [
 
 _LAZY = {"AuthorityClient": "client", "AsyncAuthorityClient": "client", "Gateway": "engine",
          "Engine": "engine", "gated_http_client": "http_client",
-         "gated_async_http_client": "http_client"}
+         "gated_async_http_client": "http_client", "Telemetry": "telemetry"}
 
 
 def __getattr__(name: str) -> _typing.Any:

@@ -40,11 +40,13 @@ from .execution import run_once_d
 from .formats.base import Answer, Call
 from .modes import resolve_action
 from .records import ActionOutcome, ActionStatus, Dispatch, Mode, strictest
+from .telemetry import trace_headers
 from .wire import canonical_json
 
 if TYPE_CHECKING:
     from .executors import ExecutorRegistry
     from .policy import Policy
+    from .telemetry import CallTrace
 
 __all__ = ["AuditQueue", "GateInput", "action_hash", "action_key", "gate_d", "kill_engaged"]
 
@@ -135,6 +137,7 @@ class GateInput:
     claim: idempotency.Claim | None = None
     lazy_claim: idempotency.LazyClaim | None = None  # claimed (with the answer) if needed
     raw_answer: Any = None  # checkpointed before the first effect
+    trace: CallTrace | None = None  # the call's span, when telemetry is on
     outcomes: list[ActionOutcome] = field(default_factory=list)
 
 
@@ -213,6 +216,8 @@ def gate_d(inp: GateInput, answer: Answer, queue: AuditQueue) -> Decision[list[A
         seen[marker] = seen.get(marker, 0) + 1
         key = action_key(inp.action_base, call.choice, call.name, args_for_key, seen[marker])
         o = _outcome(inp, call, key)
+        # Its span is open while it is decided and run: what it sends carries its context.
+        act = inp.trace.action(call) if inp.trace is not None else None
         try:
             yield from _one(inp, call, o, queue, kill=kill, alternative=call.choice != first_choice,
                             over_cap=count > cap, tally=tally)
@@ -226,6 +231,9 @@ def gate_d(inp: GateInput, answer: Answer, queue: AuditQueue) -> Decision[list[A
             _deny(o, "action_error", f"the gateway could not handle this action: "
                   f"{type(exc).__name__}: {str(exc)[:200]}", "runtime")
             o.decision = "error"
+        finally:
+            if act is not None:
+                act.end(o)
         outcomes.append(o)
         queue.add("action", **action_entry(inp, o))
         if o.status in (ActionStatus.EXECUTED, ActionStatus.FAILED, ActionStatus.IN_DOUBT) \
@@ -412,4 +420,6 @@ def _approval(inp: GateInput, o: ActionOutcome, args: dict[str, Any],
         "policy_hash": inp.policy.hash,
         "limit_charges": [c.to_record() for c in held],
         "limit_overrides": [c.to_record() for c in override],
+        # The action span's context (telemetry on): its run, once approved, joins the trace.
+        **({"trace": trace} if (trace := trace_headers()) else {}),
     }

@@ -37,7 +37,7 @@ _WEBSOCKETS_REFUSED = (
 _UNGATED_OPTIONS = {
     "provider": "a provider signs or rewrites each request after it is built, so the body "
                 "the gateway decided on would not be the one sent (or its signature would "
-                "break); point the policy's upstream.base_url at the provider's "
+                "break); point the policy's upstream base_url at the provider's "
                 "OpenAI-compatible endpoint instead",
     "workload_identity": "workload identity sends requests through its own connection, "
                          "around the gateway; give the client an api_key (or use the proxy)",
@@ -66,7 +66,7 @@ def _key_retries(client: Any) -> None:
 def _client_kwargs(gw: Gateway, kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or "unused")
     if not kwargs.get("base_url") and not os.environ.get("OPENAI_BASE_URL"):
-        kwargs["base_url"] = gw.policy.upstream.base_url
+        kwargs["base_url"] = gw.policy.routes[0].base_url
     return kwargs
 
 

@@ -254,7 +254,19 @@ def approve(gw: Gateway, approval_id: str, *, actor: str, reason: str | None = N
     run(enqueue_d(gw.policy, won, "approved"), gw.runtime)
     if won.get("dispatch") != "gateway" or not won.get("executor"):
         return public_approval(gw, won)  # the app fetches it and runs it itself
-    final = run(_execute_approved_d(gw, won, actor), gw.runtime)
+    span = gw.telemetry.approved_action(won, actor) if gw.telemetry is not None else None
+    if span is None:
+        final = run(_execute_approved_d(gw, won, actor), gw.runtime)
+        return public_approval(gw, final)
+    try:
+        final = run(_execute_approved_d(gw, won, actor), gw.runtime)
+    except AuthorityError as exc:
+        span.end_approved(None, exc)
+        raise
+    except BaseException:
+        span.end_approved(None)
+        raise
+    span.end_approved(final)
     return public_approval(gw, final)
 
 

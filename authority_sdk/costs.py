@@ -67,6 +67,14 @@ class CostPlan:
     reserved_usd: float = 0.0
     counters: list[str] = field(default_factory=list)
     budget_ttl_s: float = 86400.0
+    # Upstream attempts the reservation covers (an upstream and its fallbacks), and what the
+    # attempts given up on may have cost: a timed-out call may still be billed.
+    attempts: int = 1
+    billed_usd: float = 0.0
+
+    def charge_abandoned_attempt(self) -> None:
+        """A timed-out attempt a fallback follows: count it as billed at its estimate."""
+        self.billed_usd += self.estimate_usd
 
     def to_authority(self) -> dict[str, Any]:
         return {
@@ -87,9 +95,15 @@ def plan_d(
     *,
     prices: PriceBook,
     counter: TokenCounter,
+    attempts: int = 1,
 ) -> Decision[CostPlan]:
     """Estimate, check the ceiling, reserve the budget. May set the output limit in the
-    request (``req.data[req.limit_field]``). Each refusal names the setting that decided it."""
+    request (``req.data[req.limit_field]``). Each refusal names the setting that decided it.
+
+    ``attempts`` is the length of the request's upstream chain (its upstream and the
+    fallbacks): every attempt but the last may time out after the provider billed it, so
+    the budget reserves each one's estimate. The per-request ceiling applies to one
+    answer."""
     model = req.model
     pricing = prices.lookup(model)
     if pricing is None:
@@ -161,19 +175,23 @@ def plan_d(
 
     reserved = 0.0
     if counters:
-        low = est(out) if explicit is not None or not req.has_output \
+        one = est(out) if explicit is not None or not req.has_output \
             else est(min(out, MIN_OUTPUT_TOKENS))
-        granted = yield S.budget_reserve(counters, min_usd=low, max_usd=est(out), ttl_s=ttl)
+        low = one * attempts
+        granted = yield S.budget_reserve(counters, min_usd=low, max_usd=est(out) * attempts,
+                                         ttl_s=ttl)
         if granted is None:
             raise BudgetExceeded(
                 f"the budget of {_budget_names(counters)} cannot pay for this request "
                 f"(needs at least ${low:.6f}: {_prompt_words(prompt, counted, unseen)} on "
-                f"{model})",
+                f"{model}"
+                + (f", reserved for {attempts} attempts: the upstream and its fallbacks"
+                   if attempts > 1 else "") + ")",
                 needed_usd=low, decided_by=" and ".join(rules),
             )
         reserved = granted
-        if explicit is None and req.has_output and granted < est(out):
-            out = min(out, affordable(granted) // n)
+        if explicit is None and req.has_output and granted < est(out) * attempts:
+            out = min(out, affordable(granted / attempts) // n)
             # Rounding can make the largest affordable limit dip below the floor we reserved for.
             out = max(out, min(MIN_OUTPUT_TOKENS, window))
 
@@ -184,6 +202,7 @@ def plan_d(
         model=model, pricing=pricing, prompt_tokens=prompt, output_limit=out, n=n,
         injected_limit=injected, estimate_usd=est(out), ceiling_usd=ceiling,
         reserved_usd=reserved, counters=[c for c, _ in counters], budget_ttl_s=ttl or 86400.0,
+        attempts=attempts,
     )
 
 
@@ -230,18 +249,23 @@ def plan_cost(policy: Policy, environment: str, caller_budget: Budget | None,
               caller_name: str, body: dict[str, Any], *, store: Any, prices: PriceBook,
               counter: TokenCounter) -> CostPlan:
     """:func:`plan_d` run directly on a store, for a chat body held as a dict (tools, tests,
-    benchmarks). A limit the gateway chooses is written into ``body``."""
+    benchmarks). A limit the gateway chooses is written into ``body``; the reservation
+    covers the model's upstream chain, as the engine's does."""
     from .effects import run_on_store
     from .formats.chat import ChatCompletions
 
     req = ChatCompletions().from_data(body)
+    chain = policy.route(req.model) or ()
     return run_on_store(plan_d(policy, environment, caller_budget, caller_name, req,
-                               prices=prices, counter=counter), store)
+                               prices=prices, counter=counter, attempts=max(1, len(chain))),
+                        store)
 
 
 def settle_d(plan: CostPlan, usage: dict[str, Any] | None) -> Decision[float]:
-    """Turn the reservation into the actual cost; returns the actual cost in USD."""
-    actual = actual_usd(plan.pricing, usage) if usage else plan.estimate_usd
+    """Turn the reservation into the actual cost; returns the actual cost in USD (the
+    answer's, plus what abandoned attempts may have cost)."""
+    actual = (actual_usd(plan.pricing, usage) if usage else plan.estimate_usd) \
+        + plan.billed_usd
     if plan.counters:
         yield S.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=actual,
                               ttl_s=plan.budget_ttl_s)
@@ -249,7 +273,8 @@ def settle_d(plan: CostPlan, usage: dict[str, Any] | None) -> Decision[float]:
 
 
 def release_d(plan: CostPlan) -> Decision[None]:
-    """The call never happened (upstream failed): give the reservation back."""
+    """The call never happened (upstream failed): give the reservation back, less what
+    abandoned attempts may have cost."""
     if plan.counters:
-        yield S.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=0.0,
-                              ttl_s=plan.budget_ttl_s)
+        yield S.budget_settle(plan.counters, reserved=plan.reserved_usd,
+                              actual=plan.billed_usd, ttl_s=plan.budget_ttl_s)

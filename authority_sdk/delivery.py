@@ -33,6 +33,7 @@ from .notify_messages import (
     webhook_body,
 )
 from .policy import EmailChannel, SlackChannel, WebhookChannel
+from .telemetry import stored_trace, with_trace
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -70,13 +71,15 @@ def _env(name: str) -> str:
 
 
 def send(eng: Engine, ch: ChannelConfig, notification_id: str, event: str,
-         shown: dict[str, Any], link: str | None) -> None:
-    """Send one notification on ``ch``; raises ``_NotSent`` with a reason safe to audit."""
+         shown: dict[str, Any], link: str | None,
+         trace: dict[str, str] | None = None) -> None:
+    """Send one notification on ``ch``; raises ``_NotSent`` with a reason safe to audit.
+    ``trace``: the W3C context of the action that queued it, for a webhook's receiver."""
     if isinstance(ch, WebhookChannel):
         body = webhook_body(notification_id, event, shown, link)
-        _post(ch.url, content=body, timeout_s=ch.timeout_s, headers={
+        _post(ch.url, content=body, timeout_s=ch.timeout_s, headers=with_trace({
             "Content-Type": "application/json", "Idempotency-Key": notification_id,
-            SIGNATURE_HEADER: sign(_env(ch.secret_env), body)})
+            SIGNATURE_HEADER: sign(_env(ch.secret_env), body)}, trace or {}))
     elif isinstance(ch, SlackChannel):
         import json
 
@@ -168,7 +171,7 @@ def deliver_round(eng: Engine, *, now: float | None = None, limit: int = 100,
         shown = summary(approval, redact(approval.get("arguments"), eng.policy.redact))
         try:
             link = _link(eng, ch, p, approval)
-            send(eng, ch, item_id, str(p.get("event")), shown, link)
+            send(eng, ch, item_id, str(p.get("event")), shown, link, stored_trace(p))
         except (_NotSent, AuthorityError) as exc:
             _failed(eng, approval, item_id, p, str(exc), t)
             continue

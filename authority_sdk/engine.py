@@ -30,7 +30,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import admission, idempotency, rate_limits, served
 from .actions import AuditQueue, GateInput, gate_d, kill_engaged
@@ -44,18 +44,23 @@ from .errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     KillSwitchEngaged,
+    ModelNotRouted,
     RateLimited,
     UpstreamError,
+    UpstreamTimeout,
 )
 from .executors import ExecutorRegistry
 from .formats import format_for_path
 from .formats.base import Answer, ParsedRequest, WireFormat
-from .policy import KeyConfig, Policy, load_policy
+from .policy import KeyConfig, NamedUpstream, Policy, load_policy
 from .pricing import PriceBook, actual_usd
 from .rate_limits import RateHold
 from .store import Store, open_store
 from .tokens import TokenCounter, default_counter
 from .wire import Caller, GatewayRequest, GatewayResponse, canonical_json, error_response
+
+if TYPE_CHECKING:
+    from .telemetry import CallTrace, Telemetry
 
 __all__ = ["CallContext", "Engine", "Gateway", "UpstreamReply"]
 
@@ -94,12 +99,20 @@ class CallContext:
     plan: CostPlan | None = None
     rate: RateHold | None = None
     upstream_body: bytes = b""
+    # The upstream serving the model, then its fallbacks; ``upstream`` is the one asked now.
+    route: tuple[NamedUpstream, ...] = ()
+    upstream: NamedUpstream | None = None
     done: bool = False
     takeover_answer: Any = None  # a dead attempt's answer, re-gated instead of asked again
+    trace: CallTrace | None = None  # its span, when telemetry is on (authority_sdk.telemetry)
 
     @property
     def stream(self) -> bool:
         return bool(self.parsed and self.parsed.stream)
+
+    @property
+    def upstream_name(self) -> str | None:
+        return self.upstream.name if self.upstream is not None else None
 
     @property
     def client_wants_usage(self) -> bool:
@@ -124,7 +137,8 @@ class Engine:
 
     def __init__(self, policy: Policy | str | Path | None = None, *, store: Store | None = None,
                  audit: AuditSink | None = None, executors: ExecutorRegistry | None = None,
-                 counter: TokenCounter | None = None) -> None:
+                 counter: TokenCounter | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.policy = load_policy(policy) if not isinstance(policy, Policy) else policy
         self._store = store
         self._audit = audit
@@ -137,6 +151,12 @@ class Engine:
         self._keys: dict[str, KeyConfig] = {k.name: k for k in self.policy.keys}
         # Set when the log refused entries after an effect: no new request until they are in.
         self.audit_degraded = False
+        if telemetry is None:
+            from .telemetry import telemetry_for
+
+            telemetry = telemetry_for(self.policy)
+        # None while off: the one check per request that telemetry costs then.
+        self.telemetry = telemetry
 
     # -- lazily opened resources (a CLI command that only reads the policy opens nothing) --
 
@@ -194,6 +214,9 @@ class Engine:
     def on_audit(self, event: str, fields: dict[str, Any]) -> None:
         """Called after every entry is on the record (the proxy's log line and metrics)."""
 
+    def on_trace(self, trace_id: str) -> None:
+        """Called when a model call's span starts (the proxy's log lines carry its id)."""
+
     def _observe_items(self, items: tuple[tuple[str, dict[str, Any]], ...]) -> None:
         for event, fields in items:
             self.on_audit(event, fields)
@@ -216,11 +239,15 @@ class Engine:
 
     # -- phase 1 -----------------------------------------------------------------------
 
-    def begin_d(self, req: GatewayRequest, *,
-                may_wait: bool = False) -> Decision[CallContext | GatewayResponse | _Wait]:
+    def begin_d(self, req: GatewayRequest, *, may_wait: bool = False,
+                usable: Callable[[NamedUpstream], bool] | None = None,
+                trace: CallTrace | None = None,
+                ) -> Decision[CallContext | GatewayResponse | _Wait]:
+        """``usable`` tells which fallbacks this front door can reach (the SDK only those
+        whose credentials are set); the upstream serving the model is always asked."""
         ctx = CallContext(request_id="req_" + secrets.token_hex(12), caller=req.caller,
                           environment=req.caller.environment,
-                          queue=AuditQueue(self.policy.hash, self.idempotency_ttl))
+                          queue=AuditQueue(self.policy.hash, self.idempotency_ttl), trace=trace)
         try:
             fmt = format_for_path(req.path)
             if fmt is None:
@@ -229,6 +256,8 @@ class Engine:
             ctx.fmt = fmt
             ctx.parsed = parsed = fmt.parse(req.body)
             ctx.model = parsed.model
+            if trace is not None:
+                trace.request(ctx)
             self.audit  # noqa: B018 -- fail closed before anything is decided or sent
             if self.audit_degraded:
                 yield from self._drain_parked_d()
@@ -246,6 +275,7 @@ class Engine:
                 raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}",
                                         decided_by=f"kill_switch:{kill['scope']}")
             admission.check_model(self.policy, ctx.environment, ctx.model)
+            ctx.route = self._route(ctx.model, usable)
             admission.check_hosted_tools(self.policy, ctx.environment, parsed.hosted_tools)
             admission.check_mcp_servers(self.policy, ctx.environment, parsed.mcp_servers)
             yield from fmt.prepare_d(parsed, caller=ctx.caller.name,
@@ -253,12 +283,13 @@ class Engine:
             key_cfg = self._keys.get(ctx.caller.name)
             ctx.plan = yield from plan_d(self.policy, ctx.environment,
                                          key_cfg.budget if key_cfg else None, ctx.caller.name,
-                                         parsed, prices=self.prices, counter=self.counter)
+                                         parsed, prices=self.prices, counter=self.counter,
+                                         attempts=len(ctx.route))
             if key_cfg is not None and key_cfg.rate_limit is not None:
                 try:
                     ctx.rate = yield from rate_limits.admit_d(
                         key_cfg.rate_limit, ctx.caller.name, ctx.request_id, ctx.plan,
-                        slot_ttl_s=self.policy.upstream.timeout_s + _LEASE_MARGIN_S)
+                        slot_ttl_s=self.policy.max_call_s + _LEASE_MARGIN_S)
                 except RateLimited:
                     yield from release_d(ctx.plan)
                     ctx.plan = None
@@ -268,6 +299,16 @@ class Engine:
             return ctx
         except AuthorityError as exc:
             return (yield from self._deny_early_d(ctx, exc))
+
+    def _route(self, model: str, usable: Callable[[NamedUpstream], bool] | None
+               ) -> tuple[NamedUpstream, ...]:
+        chain = self.policy.route(model)
+        if chain is None:
+            raise ModelNotRouted(
+                f"no upstream serves model {model!r} (upstreams: "
+                + "; ".join(f"{u.name}: {', '.join(u.models)}" for u in self.policy.routes)
+                + ")", decided_by="upstreams")
+        return (chain[0], *(u for u in chain[1:] if usable is None or usable(u)))
 
     def _claim_d(self, ctx: CallContext, req: GatewayRequest,
                  *, may_wait: bool) -> Decision[GatewayResponse | _Wait | None]:
@@ -295,7 +336,7 @@ class Engine:
             store_key = f"auto:{ctx.caller.name}:{ctx.environment}:{fingerprint}"
         ctx.key_kind = kind
         ttl = self.idempotency_ttl if kind == "client" else self.policy.defaults.retry_window_s
-        lease = self.policy.upstream.timeout_s + _LEASE_MARGIN_S
+        lease = self.policy.max_call_s + _LEASE_MARGIN_S
         if kind == "retry" and (yield S.idem_get(store_key)) is None:
             ctx.lazy_claim = idempotency.LazyClaim(store_key, fingerprint, ctx.request_id,
                                                    ttl, lease)
@@ -325,6 +366,8 @@ class Engine:
 
     def _replay_d(self, ctx: CallContext, record: dict[str, Any]) -> Decision[GatewayResponse]:
         stored = record["response"]
+        if ctx.trace is not None:
+            ctx.trace.replayed(stored.get("request_id"))
         yield from _append_d((("replay", dict(
             request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
             decision="allow", reason="idempotent replay", actor=ctx.caller.name,
@@ -343,6 +386,8 @@ class Engine:
         """A request that never reached the upstream: audit it, release any claim, answer."""
         yield from self._abandon_d(ctx)
         decision = "error" if exc.status_code >= 500 or exc.status_code == 400 else "deny"
+        if ctx.trace is not None:
+            ctx.trace.refused(exc, decision)
         try:
             yield from _append_d((("request", dict(
                 request_id=ctx.request_id, environment=ctx.environment,
@@ -381,15 +426,18 @@ class Engine:
                 yield from rate_limits.release_d(ctx.rate)
         yield from self._abandon_d(ctx)
         ctx.done = True
+        if ctx.trace is not None:
+            ctx.trace.refused(exc, "error")
         status = upstream[0] if upstream else exc.status_code
         try:
             yield from _append_d((("request", dict(
                 request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
                 decision="error", reason=exc.message,
                 cost_estimate_usd=ctx.plan.estimate_usd if ctx.plan else None,
-                cost_actual_usd=0.0, actor=ctx.caller.name, policy_hash=self.policy.hash,
+                cost_actual_usd=ctx.plan.billed_usd if ctx.plan else 0.0,
+                actor=ctx.caller.name, policy_hash=self.policy.hash,
                 details={"code": exc.code, "status_code": status,
-                         "idempotency_key": ctx.idem_key})),))
+                         "idempotency_key": ctx.idem_key, "upstream": ctx.upstream_name})),))
         except AuthorityError as audit_exc:
             return error_response(audit_exc, request_id=ctx.request_id)
         if upstream is not None:  # an upstream 4xx passes through as it came
@@ -439,6 +487,7 @@ class Engine:
         """Settle cost, audit the request, gate every call, rewrite the answer. Returns the
         ``authority`` field. Shared by the plain and the streamed path."""
         assert ctx.fmt is not None and ctx.parsed is not None
+        started = time.perf_counter()
         ctx.done = True
         usage = answer.usage
         reason = None
@@ -447,8 +496,10 @@ class Engine:
             with contextlib.suppress(AuthorityError):  # a slot left behind ends with its lease
                 yield from rate_limits.settle_d(ctx.rate, usage)
             ceiling = ctx.plan.ceiling_usd
-            if ceiling is not None and actual > ceiling:
-                reason = (f"actual cost ${actual:.6f} exceeded the ceiling ${ceiling}; "
+            # The ceiling bounds one answer; attempts given up on are on the budget only.
+            served_usd = actual - ctx.plan.billed_usd
+            if ceiling is not None and served_usd > ceiling:
+                reason = (f"actual cost ${served_usd:.6f} exceeded the ceiling ${ceiling}; "
                           "no action of this completion runs")
         else:  # a takeover: its cost was settled by the attempt that died
             pricing = self.prices.lookup(ctx.model)
@@ -459,7 +510,8 @@ class Engine:
                   model=ctx.model, decision="allow", reason=reason,
                   cost_estimate_usd=ctx.plan.estimate_usd if ctx.plan else None,
                   cost_actual_usd=actual, actor=ctx.caller.name,
-                  details={"tool_calls": len(answer.calls), "idempotency_key": ctx.idem_key,
+                  details={"upstream": ctx.upstream_name,
+                           "tool_calls": len(answer.calls), "idempotency_key": ctx.idem_key,
                            "key_kind": ctx.key_kind, "stream": ctx.stream,
                            "format": ctx.fmt.name,
                            "takeover_of": (ctx.claim.record.get("takeover_of")
@@ -475,7 +527,7 @@ class Engine:
             action_base=ctx.action_base, tool_schemas=ctx.parsed.tool_schemas,
             idempotency_ttl_s=self.idempotency_ttl, post_ceiling_reason=reason,
             claim=ctx.claim if ctx.takeover_answer is None else None,
-            lazy_claim=ctx.lazy_claim, raw_answer=answer.body)
+            lazy_claim=ctx.lazy_claim, raw_answer=answer.body, trace=ctx.trace)
         try:
             outcomes = yield from gate_d(inp, answer, queue)
         finally:
@@ -503,6 +555,8 @@ class Engine:
             "actions": [o.to_dict() for o in outcomes],
             ctx.fmt.followups_field: followups,
         }
+        if ctx.parsed.approval_updates:
+            authority["approval_updates"] = ctx.parsed.approval_updates
         if ctx.takeover_answer is not None:
             authority["recovered_from"] = ctx.claim.record.get("takeover_of") if ctx.claim \
                 else None
@@ -516,6 +570,8 @@ class Engine:
             yield from ctx.fmt.record_d(ctx.parsed, answer, authority, caller=ctx.caller.name,
                                         environment=ctx.environment,
                                         ttl_s=self.policy.defaults.served_response_ttl_s)
+        if ctx.trace is not None:
+            ctx.trace.answered(answer, authority, started)
         return authority
 
     def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
@@ -532,6 +588,8 @@ class Engine:
     def stream_error_d(self, ctx: CallContext, exc: AuthorityError) -> Decision[bytes]:
         """A stream that broke (or that the client abandoned) before its end: it may have
         been billed, so the reservation is charged; none of its actions run."""
+        if ctx.trace is not None:
+            ctx.trace.refused(exc, "error")
         if not ctx.done and ctx.plan is not None:
             ctx.done = True
             try:
@@ -542,9 +600,10 @@ class Engine:
                     request_id=ctx.request_id, environment=ctx.environment,
                     model=ctx.model, decision="error", reason=exc.message,
                     cost_estimate_usd=ctx.plan.estimate_usd,
-                    cost_actual_usd=ctx.plan.estimate_usd, actor=ctx.caller.name,
-                    policy_hash=self.policy.hash,
-                    details={"code": exc.code, "stream": True})),))
+                    cost_actual_usd=ctx.plan.estimate_usd + ctx.plan.billed_usd,
+                    actor=ctx.caller.name, policy_hash=self.policy.hash,
+                    details={"code": exc.code, "stream": True,
+                             "upstream": ctx.upstream_name})),))
             except AuthorityError as inner:
                 exc = inner
         body = error_response(exc, request_id=ctx.request_id).body
@@ -568,25 +627,47 @@ class Engine:
 
     # -- drivers -----------------------------------------------------------------------
 
-    def handle(self, req: GatewayRequest,
-               send: Callable[[CallContext], UpstreamReply]) -> GatewayResponse:
+    def handle(self, req: GatewayRequest, send: Callable[[CallContext], UpstreamReply], *,
+               usable: Callable[[NamedUpstream], bool] | None = None) -> GatewayResponse:
+        """``send`` asks ``ctx.upstream``; on a 5xx, a connection error or a timeout the
+        next upstream of ``ctx.route`` is asked (nothing has reached the client yet)."""
+        trace = self.telemetry.start_call(req) if self.telemetry is not None else None
+        if trace is None:
+            return self._handle(req, send, None, usable)
+        self.on_trace(trace.trace_id)
+        resp: GatewayResponse | None = None
+        try:
+            resp = self._handle(req, send, trace, usable)
+            return resp
+        finally:
+            if resp is None or resp.stream is None:  # a stream's span ends with the stream
+                trace.finish(None if resp is None else resp.status_code,
+                             None if resp is None else resp.code)
+
+    def _handle(self, req: GatewayRequest, send: Callable[[CallContext], UpstreamReply],
+                trace: CallTrace | None,
+                usable: Callable[[NamedUpstream], bool] | None) -> GatewayResponse:
         try:
             rt = self.runtime
-            begun = run(self.begin_d(req), rt)
+            begun = run(self.begin_d(req, usable=usable, trace=trace), rt)
             if not isinstance(begun, CallContext):
                 assert isinstance(begun, GatewayResponse)
                 return begun
             ctx = begun
             if ctx.takeover_answer is not None:
                 return run(self._regate_d(ctx), rt)
+            if trace is not None:
+                trace.admitted(ctx)
             try:
-                reply = send(ctx)
+                reply = self._send_chain(ctx, send)
             except AuthorityError as exc:
                 return run(self.fail_d(ctx, exc), rt)
             except BaseException:
                 run(self.fail_d(ctx, UpstreamError("the call to the upstream was interrupted")),
                     rt)
                 raise
+            if trace is not None:
+                trace.received()
             if ctx.stream and reply.status_code < 300 and reply.chunks is not None:
                 from .streaming import StreamGate
 
@@ -596,36 +677,58 @@ class Engine:
             return error_response(exc)
 
     async def ahandle(self, req: GatewayRequest,
-                      send: Callable[[CallContext], Awaitable[UpstreamReply]]) -> GatewayResponse:
+                      send: Callable[[CallContext], Awaitable[UpstreamReply]], *,
+                      usable: Callable[[NamedUpstream], bool] | None = None) -> GatewayResponse:
         """The async front door: every effect is awaited (a network backend on its own
         pool, executors on their async clients); a local store and the audit file run
         inline, measured faster than a thread hop."""
+        trace = self.telemetry.start_call(req) if self.telemetry is not None else None
+        if trace is None:
+            return await self._ahandle(req, send, None, usable)
+        self.on_trace(trace.trace_id)
+        resp: GatewayResponse | None = None
+        try:
+            resp = await self._ahandle(req, send, trace, usable)
+            return resp
+        finally:
+            if resp is None or resp.astream is None:  # a stream's span ends with the stream
+                trace.finish(None if resp is None else resp.status_code,
+                             None if resp is None else resp.code)
+
+    async def _ahandle(self, req: GatewayRequest,
+                       send: Callable[[CallContext], Awaitable[UpstreamReply]],
+                       trace: CallTrace | None,
+                       usable: Callable[[NamedUpstream], bool] | None) -> GatewayResponse:
         try:
             rt = self.runtime
-            begun = await arun(self.begin_d(req, may_wait=True), rt)
-            deadline = time.monotonic() + self.policy.upstream.timeout_s + _LEASE_MARGIN_S
+            begun = await arun(self.begin_d(req, may_wait=True, usable=usable, trace=trace), rt)
+            deadline = time.monotonic() + self.policy.max_call_s + _LEASE_MARGIN_S
             delay = 0.05
             while begun is WAIT:
                 # A retry of a request still running here: wait for its answer, then replay
                 # it, rather than send the client away to retry into the same wait.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-                begun = await arun(self.begin_d(req, may_wait=time.monotonic() < deadline),
-                                   rt)
+                begun = await arun(self.begin_d(req, may_wait=time.monotonic() < deadline,
+                                                usable=usable, trace=trace), rt)
             if not isinstance(begun, CallContext):
                 assert isinstance(begun, GatewayResponse)
                 return begun
             ctx = begun
             if ctx.takeover_answer is not None:
                 return await arun(self._regate_d(ctx), rt)
+            if trace is not None:
+                trace.admitted(ctx)
             try:
-                reply = await send(ctx)
+                reply = await self._asend_chain(ctx, send)
             except AuthorityError as exc:
                 return await arun(self.fail_d(ctx, exc), rt)
             except BaseException:
                 await arun(self.fail_d(ctx, UpstreamError(
                     "the call to the upstream was interrupted")), rt)
                 raise
+            if trace is not None:
+                trace.received()
             if ctx.stream and reply.status_code < 300 and reply.achunks is not None:
                 from .streaming import StreamGate
 
@@ -633,6 +736,67 @@ class Engine:
             return await arun(self.complete_d(ctx, reply.status_code, reply.body), rt)
         except AuthorityUnavailable as exc:
             return error_response(exc)
+
+    # -- the upstream chain: fallbacks -------------------------------------------------
+
+    def _send_chain(self, ctx: CallContext,
+                    send: Callable[[CallContext], UpstreamReply]) -> UpstreamReply:
+        for i, up in enumerate(ctx.route or (None,)):
+            ctx.upstream = up
+            last = i == len(ctx.route) - 1 or not ctx.route
+            try:
+                reply = send(ctx)
+            except AuthorityError as exc:
+                if last or not _falls_back(exc):
+                    raise
+                run(self._fell_back_d(ctx, exc), self.runtime)
+                continue
+            if reply.status_code < 500 or last:
+                return reply
+            _close(reply)
+            run(self._fell_back_d(ctx, UpstreamError(
+                f"the upstream answered {reply.status_code}"), reply.status_code), self.runtime)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _asend_chain(self, ctx: CallContext,
+                           send: Callable[[CallContext], Awaitable[UpstreamReply]]
+                           ) -> UpstreamReply:
+        for i, up in enumerate(ctx.route or (None,)):
+            ctx.upstream = up
+            last = i == len(ctx.route) - 1 or not ctx.route
+            try:
+                reply = await send(ctx)
+            except AuthorityError as exc:
+                if last or not _falls_back(exc):
+                    raise
+                await arun(self._fell_back_d(ctx, exc), self.runtime)
+                continue
+            if reply.status_code < 500 or last:
+                return reply
+            await _aclose(reply)
+            await arun(self._fell_back_d(ctx, UpstreamError(
+                f"the upstream answered {reply.status_code}"), reply.status_code), self.runtime)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _fell_back_d(self, ctx: CallContext, exc: AuthorityError,
+                     status: int | None = None) -> Decision[None]:
+        """One attempt failed before anything reached the client, and a fallback follows:
+        on the record (which upstream, why). A timed-out attempt may have been billed, so
+        its estimate is charged from the reservation that covers the chain."""
+        assert ctx.upstream is not None
+        nxt = ctx.route[ctx.route.index(ctx.upstream) + 1]
+        charged = 0.0
+        if isinstance(exc, UpstreamTimeout) and ctx.plan is not None:
+            ctx.plan.charge_abandoned_attempt()
+            charged = ctx.plan.estimate_usd
+        yield from _append_d((("upstream", dict(
+            request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
+            decision="error", reason=exc.message, cost_actual_usd=charged,
+            actor=ctx.caller.name, policy_hash=self.policy.hash,
+            details={"upstream": ctx.upstream.name, "code": exc.code,
+                     "status_code": status or exc.status_code,
+                     "attempt": ctx.route.index(ctx.upstream) + 1,
+                     "fallback_to": nxt.name})),))
 
     def _regate_d(self, ctx: CallContext) -> Decision[GatewayResponse]:
         assert ctx.fmt is not None
@@ -651,6 +815,25 @@ def _is_retry(count: str | None) -> bool:
         return count is not None and int(count) > 0
     except ValueError:
         return False
+
+
+def _falls_back(exc: AuthorityError) -> bool:
+    """A fallback is tried only where the upstream may simply be down: a connection error
+    or a timeout (a 5xx status is checked on the reply). A refusal would be the same
+    anywhere."""
+    return isinstance(exc, UpstreamError) and exc.code in ("upstream_error", "upstream_timeout")
+
+
+def _close(reply: UpstreamReply) -> None:
+    if reply.close is not None:
+        reply.close()
+
+
+async def _aclose(reply: UpstreamReply) -> None:
+    if reply.close is not None:
+        got = reply.close()
+        if asyncio.iscoroutine(got):
+            await got
 
 
 def _append_d(items: tuple[tuple[str, dict[str, Any]], ...]) -> Decision[list[dict[str, Any]]]:

@@ -11,6 +11,7 @@ matching ``openai`` error class.
     ├── RequestDenied (403)              policy said no — subclasses name the code
     │   ├── KillSwitchEngaged            kill_switch_engaged
     │   ├── ModelNotAllowed              model_not_allowed
+    │   ├── ModelNotRouted               model_not_routed (no upstream of the policy serves it)
     │   ├── CostCeilingExceeded          cost_ceiling_exceeded
     │   ├── ModelPriceUnknown            model_price_unknown
     │   └── BudgetExceeded               budget_exceeded
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidRequest",
     "KillSwitchEngaged",
     "ModelNotAllowed",
+    "ModelNotRouted",
     "ModelPriceUnknown",
     "NotFound",
     "PolicyError",
@@ -128,6 +130,12 @@ class KillSwitchEngaged(RequestDenied):
 
 class ModelNotAllowed(RequestDenied):
     default_code = "model_not_allowed"
+
+
+class ModelNotRouted(RequestDenied):
+    """Allowed by the environment, but no entry of ``upstreams:`` serves it."""
+
+    default_code = "model_not_routed"
 
 
 class CostCeilingExceeded(RequestDenied):

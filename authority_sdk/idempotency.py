@@ -145,8 +145,10 @@ def finish_d(claim: Claim, response: dict[str, Any], *, ttl_s: float) -> Decisio
     record = {"claim_id": claim.record["claim_id"], "status": "done",
               "fingerprint": claim.record["fingerprint"], "response": response,
               "finished_at": time.time()}
+    # Not flushed on its own (store protocol): the answer kept before any effect was, so
+    # losing this in a database crash costs a retry a re-gating, never a second effect.
     return bool((yield S.idem_replace(claim.key, claim.record["claim_id"], record,
-                                      ttl_s=ttl_s)))
+                                      ttl_s=ttl_s, flush=False)))
 
 
 def abandon_d(claim: Claim) -> Decision[bool]:

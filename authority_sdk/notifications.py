@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .effects import Decision, S
+from .telemetry import trace_headers
 
 if TYPE_CHECKING:
     from .policy import KeyConfig, Policy
@@ -61,8 +62,12 @@ def enqueue_d(policy: Policy, approval: dict[str, Any], event: str | None = None
         return 0
     now = time.time()
     names = channels_for(policy, approval, ev)
+    # The action's span, when telemetry is on: the receiver's work joins the caller's trace.
+    trace = trace_headers()
     for name in names:
-        yield S.outbox_put(OUTBOX_KIND, f"ntf_{secrets.token_hex(12)}", {
-            "channel": name, "event": ev, "approval_id": approval["id"],
-            "created_at": now, "attempts": 0, "next_at": now})
+        item: dict[str, Any] = {"channel": name, "event": ev, "approval_id": approval["id"],
+                                "created_at": now, "attempts": 0, "next_at": now}
+        if trace:
+            item["trace"] = trace
+        yield S.outbox_put(OUTBOX_KIND, f"ntf_{secrets.token_hex(12)}", item)
     return len(names)

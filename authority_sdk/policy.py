@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from .errors import PolicyError
@@ -36,6 +44,7 @@ __all__ = [
     "LogExecutor",
     "Mode",
     "ModelPrice",
+    "NamedUpstream",
     "NotificationsConfig",
     "Policy",
     "PythonExecutor",
@@ -43,6 +52,7 @@ __all__ = [
     "SmtpExecutor",
     "StateConfig",
     "SyslogStream",
+    "TelemetryConfig",
     "UpstreamConfig",
     "WebhookExecutor",
     "load_policy",
@@ -91,10 +101,103 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Set by the gateway from the request or from api_key_env: a policy may not pin them.
+_RESERVED_HEADERS = frozenset({"authorization", "api-key", "content-length", "content-type",
+                               "host", "transfer-encoding", "connection", "accept",
+                               "accept-encoding", "x-request-id"})
+
+
+def _check_header(name: str, value: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+        raise ValueError(f"headers: {name!r} is not a valid header name")
+    if name.lower() in _RESERVED_HEADERS:
+        raise ValueError(f"headers: {name!r} is set by the gateway (credentials come from "
+                         "api_key_env, never from the policy file)")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"headers.{name}: a value may not hold a line break")
+
+
 class UpstreamConfig(_Strict):
+    """One OpenAI-compatible endpoint. ``upstream:`` in a policy is one of these, serving
+    every model under the name ``default``."""
+
     base_url: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    api_key_header: str = Field(
+        "authorization", description="Where the key goes: 'authorization' sends "
+        "'Bearer <key>'; any other name (Azure's 'api-key') sends the key as it is")
     timeout_s: float = Field(60.0, gt=0)
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra headers on every request to this upstream "
+        "(no credentials: those come from api_key_env)")
+    query: dict[str, str] = Field(
+        default_factory=dict, description="Query parameters on every request to this "
+        "upstream (Azure's api-version)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _absolute_http(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query \
+                or parts.fragment:
+            raise ValueError("base_url must be an absolute http(s) URL with no query (put "
+                             "query parameters under query:)")
+        return v.rstrip("/")
+
+    @field_validator("api_key_header")
+    @classmethod
+    def _key_header(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", v):
+            raise ValueError(f"{v!r} is not a valid header name")
+        if v.lower() in _RESERVED_HEADERS - {"authorization", "api-key"}:
+            raise ValueError(f"{v!r} is set by the gateway; name the header the provider "
+                             "reads the key from ('authorization', 'api-key', …)")
+        return v.lower()
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            _check_header(name, value)
+        return v
+
+    @model_validator(mode="after")
+    def _key_header_not_extra(self) -> UpstreamConfig:
+        if self.api_key_header in {h.lower() for h in self.headers}:
+            raise ValueError(f"headers: {self.api_key_header!r} carries the key from "
+                             "api_key_env")
+        return self
+
+    def api_key(self) -> str | None:
+        """The upstream's key from the environment (None: not set)."""
+        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        if self.api_key_header == "authorization":
+            return {"authorization": f"Bearer {key}"}
+        return {self.api_key_header: key}
+
+
+class NamedUpstream(UpstreamConfig):
+    """An entry of ``upstreams:``: the models it serves (first match wins) and the
+    upstreams tried after it on a 5xx, a connection error or a timeout, in order."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
+                              description="Globs of the models this upstream serves")
+    fallbacks: list[str] = Field(default_factory=list, description="Upstreams (by name) "
+                                 "tried in order when this one fails with a 5xx, a "
+                                 "connection error or a timeout, before anything was "
+                                 "streamed")
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
 
 class StateConfig(_Strict):
@@ -563,10 +666,48 @@ class ProxyConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
 
 
+class TelemetryConfig(_Strict):
+    """OpenTelemetry traces and metrics (``authority_sdk.telemetry``). Off unless asked for:
+    by ``otel: true`` here, or by ``$OTEL_EXPORTER_OTLP_ENDPOINT`` when ``otel`` is unset."""
+
+    otel: StrictBool | None = Field(None, description=(
+        "true: export spans and metrics (the 'otel' extra must be installed); false: never, "
+        "whatever the environment says; unset: on when $OTEL_EXPORTER_OTLP_ENDPOINT is set"))
+    endpoint: str | None = Field(None, description=(
+        "The OTLP/HTTP collector (http://collector:4318); unset: the standard OTEL_EXPORTER_"
+        "OTLP_* variables decide, or an exporter the application configured itself"))
+    capture_content: StrictBool = Field(False, description=(
+        "Put prompts, answers and tool-call arguments (redacted by 'redact') in spans. Off: "
+        "spans carry names, ids, counts and decisions only"))
+    service_name: str = Field("ai-authority-gateway", min_length=1, max_length=200,
+                              description="service.name, unless $OTEL_SERVICE_NAME is set")
+    provider_name: str | None = Field(None, min_length=1, max_length=100, description=(
+        "gen_ai.provider.name; unset: from the upstream's host (openai, azure.ai.openai…)"))
+
+    @field_validator("endpoint")
+    @classmethod
+    def _collector_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query \
+                or parts.fragment or parts.username or parts.password:
+            raise ValueError("telemetry.endpoint must be an http(s) URL with no query, "
+                             "fragment or credentials (put credentials in "
+                             "$OTEL_EXPORTER_OTLP_HEADERS)")
+        return v.rstrip("/")
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     default_environment: str = "dev"
-    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig, description=(
+        "One upstream for every model (shorthand for upstreams: [{name: default, …}])"))
+    upstreams: list[NamedUpstream] | None = Field(None, description=(
+        "Several upstreams, routed by the request's model (first match of models: wins); "
+        "not together with upstream:"))
     state: StateConfig = Field(default_factory=StateConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     defaults: Defaults = Field(default_factory=Defaults)
@@ -577,6 +718,7 @@ class Policy(_Strict):
     pricing: dict[str, ModelPrice] = Field(default_factory=dict)
     redact: list[str] = Field(default_factory=list)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     output_tools: list[str] = Field(default_factory=list, description=(
@@ -621,6 +763,7 @@ class Policy(_Strict):
                 problems.append(f"output_tools.{i}: {pattern!r} matches the defined action(s) "
                                 f"{', '.join(clash)}; an output tool has no executor or rules, "
                                 "so a name is one or the other")
+        problems.extend(self._upstream_problems())
         problems.extend(self._audit_path_problems())
         problems.extend(self._channel_problems())
         names = [k.name for k in self.keys]
@@ -629,6 +772,58 @@ class Policy(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _upstream_problems(self) -> list[str]:
+        if self.upstreams is None:
+            return []
+        if "upstream" in self.model_fields_set:
+            return ["upstream and upstreams: give one or the other (upstream: is shorthand "
+                    "for a single upstream named 'default' serving every model)"]
+        if not self.upstreams:
+            return ["upstreams: list at least one upstream"]
+        out: list[str] = []
+        names = [u.name for u in self.upstreams]
+        for i, up in enumerate(self.upstreams):
+            if names.index(up.name) != i:
+                out.append(f"upstreams.{i}.name: {up.name!r} is already the name of "
+                           f"upstreams.{names.index(up.name)}")
+            for j, fb in enumerate(up.fallbacks):
+                if fb not in names:
+                    out.append(f"upstreams.{i}.fallbacks.{j}: unknown upstream {fb!r} "
+                               f"(defined: {', '.join(names)})")
+                elif fb == up.name:
+                    out.append(f"upstreams.{i}.fallbacks.{j}: {fb!r} cannot fall back to "
+                               "itself")
+                elif up.fallbacks.index(fb) != j:
+                    out.append(f"upstreams.{i}.fallbacks.{j}: {fb!r} is listed twice")
+        return out
+
+    @cached_property
+    def routes(self) -> tuple[NamedUpstream, ...]:
+        """The upstreams in routing order (``upstream:`` is the one named ``default``)."""
+        if self.upstreams is not None:
+            return tuple(self.upstreams)
+        return (NamedUpstream(name="default", models=["*"],
+                              **self.upstream.model_dump(exclude_defaults=False)),)
+
+    def upstream_named(self, name: str) -> NamedUpstream:
+        return next(u for u in self.routes if u.name == name)
+
+    def route(self, model: str) -> tuple[NamedUpstream, ...] | None:
+        """The upstream serving ``model`` and then its fallbacks, in order; None when no
+        upstream serves it."""
+        for up in self.routes:
+            if up.serves(model):
+                return (up, *(self.upstream_named(fb) for fb in up.fallbacks))
+        return None
+
+    @cached_property
+    def max_call_s(self) -> float:
+        """The longest a model call can take: the slowest chain of an upstream and its
+        fallbacks, each attempt up to its own timeout (leases and shutdown wait this)."""
+        return max(sum(u.timeout_s for u in (up, *(self.upstream_named(fb)
+                                                   for fb in up.fallbacks)))
+                   for up in self.routes)
 
     def _audit_path_problems(self) -> list[str]:
         """The key and the checkpoint must survive whoever can write the state and the log:

@@ -105,7 +105,7 @@ def summarise_tool_results(messages: list[dict[str, Any]]) -> str | None:
         content = m.get("content")
         try:
             payload = json.loads(content) if isinstance(content, str) else content
-        except ValueError:
+        except (ValueError, RecursionError):
             payload = content
         if isinstance(payload, dict) and "status" in payload:
             detail = payload.get("approval_id") or payload.get("code") or ""
@@ -236,7 +236,7 @@ class ScriptedModel:
             return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
                                            "param": "input", "code": None}}, status_code=status)
         answers = ("function_call_output", "custom_tool_call_output", "shell_call_output",
-                   "apply_patch_call_output")
+                   "apply_patch_call_output", "local_shell_call_output")
         outputs = [{"role": "tool", "content": i.get("output")} for i in items
                    if i.get("type") in answers]
         summary = summarise_tool_results(outputs) if items and items[-1].get("type") in (
@@ -282,10 +282,14 @@ class ScriptedModel:
             if isinstance(i, dict) and i.get("id") and i["id"] in known:
                 return 400, f"Duplicate item found with id {i['id']}."
         turn = [*history, *items]
-        kinds = ("function_call", "custom_tool_call", "shell_call", "apply_patch_call")
+        kinds = ("function_call", "custom_tool_call", "shell_call", "apply_patch_call",
+                 "local_shell_call", "computer_call")
         calls = {i.get("call_id") for i in turn if isinstance(i, dict)
                  and i.get("type") in kinds}
-        answered = {i.get("call_id") for i in turn if isinstance(i, dict)
+        # A local shell call's output names its call by 'id'.
+        answered = {i.get("call_id") or (i.get("id") if i.get("type") ==
+                                         "local_shell_call_output" else None)
+                    for i in turn if isinstance(i, dict)
                     and i.get("type") in tuple(k + "_output" for k in kinds)}
         for cid in sorted(map(str, calls - answered)):
             return 400, f"No tool output found for function call {cid}."

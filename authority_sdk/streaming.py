@@ -88,6 +88,8 @@ class StreamGate:
                     rt)
             if self.reply.close:
                 self.reply.close()
+            if self.ctx.trace is not None:
+                self.ctx.trace.finish(200)  # an error event set its code
 
     # -- async --------------------------------------------------------------------------
 
@@ -121,6 +123,8 @@ class StreamGate:
                 res = self.reply.close()
                 if hasattr(res, "__await__"):
                     await res
+            if self.ctx.trace is not None:
+                self.ctx.trace.finish(200)  # an error event set its code
 
     def response(self) -> GatewayResponse:
         return GatewayResponse(200, self._headers(), stream=self._iter(),

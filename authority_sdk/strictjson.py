@@ -30,11 +30,13 @@ class StrictJSONError(ValueError):
 
 def unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook`` refusing a repeated key (every strict parse in the gateway)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise StrictJSONError(f"duplicate key {key[:64]!r}")
-        out[key] = value
+    out = dict(pairs)  # built in C; a repeated key shows as a shorter dict
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise StrictJSONError(f"duplicate key {key[:64]!r}")
+            seen.add(key)
     return out
 
 
@@ -99,7 +101,10 @@ def loads(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
     # Only bodies with a suspicious escape pay for the walk that confirms it.
     # (json.loads decodes bytes with surrogatepass, so a raw 0xED lead byte can hide one too.)
-    suspicious = (_LONE_SURROGATE.search(raw) is not None or b"\xed" in raw
+    # A plain substring test first: the regex (lookbehind on every escape) costs ~60 us on
+    # a 5 KB body, and most bodies have no surrogate escape at all.
+    suspicious = (((b"\\ud" in raw or b"\\uD" in raw)
+                   and _LONE_SURROGATE.search(raw) is not None) or b"\xed" in raw
                   or (isinstance(body, str) and not body.isascii()))
     if suspicious and _has_lone_surrogate(value):
         raise StrictJSONError("a string holds a lone UTF-16 surrogate (not valid Unicode)")

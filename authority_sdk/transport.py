@@ -25,6 +25,7 @@ from .engine import CallContext, Gateway, UpstreamReply
 from .errors import AuthorityError, EndpointNotAllowed, upstream_error
 from .formats import format_for_path
 from .models_list import models_body
+from .policy import NamedUpstream
 from .wire import Caller, GatewayRequest, GatewayResponse, error_response
 
 __all__ = ["HTTP_LIBRARIES", "is_gate", "route", "sender", "transport_classes"]
@@ -49,6 +50,26 @@ def route(method: str, path: str) -> Route:
     # Everything else, GETs included: stored completions, files, batches and conversations
     # hand back model output the gateway never saw.
     return "refuse"
+
+
+def routed_key(up: NamedUpstream | None) -> tuple[NamedUpstream, str] | None:
+    """The SDK routes a call to the policy's upstream only where that upstream's key is
+    set in the app's environment; otherwise the app's own base_url and api_key stay as
+    they are (an app that brought its own provider keeps it: issue 17)."""
+    if up is None:
+        return None
+    key = up.api_key()
+    return (up, key) if key else None
+
+
+def _reachable(up: NamedUpstream) -> bool:
+    """A fallback the SDK can try: one whose credentials it has."""
+    return routed_key(up) is not None
+
+
+def _timeout_of(ctx: CallContext) -> float | None:
+    routed = routed_key(ctx.upstream)
+    return routed[0].timeout_s if routed is not None else None
 
 
 def _upstream_error(exc: Exception, timeout_s: float | None = None) -> AuthorityError:
@@ -116,8 +137,27 @@ class _Http:
         headers["accept-encoding"] = "identity"
         for private in ("idempotency-key", RETRY_KEY_HEADER):
             headers.pop(private, None)
-        return self.Request(request.method, request.url, headers=headers,
-                            content=ctx.upstream_body, extensions=request.extensions)
+        url, extensions = request.url, request.extensions
+        routed = routed_key(ctx.upstream)
+        if routed is not None:
+            up, key = routed
+            assert ctx.fmt is not None
+            # The policy's upstream, with its own credentials: the app's key, host and
+            # timeout were meant for the app's base_url, not for this provider.
+            for name in ("authorization", "api-key", "host", up.api_key_header):
+                headers.pop(name, None)
+            headers.update({**up.headers, **up.auth_headers(key)})
+            url = self.mod.URL(up.base_url + ctx.fmt.path,
+                               params={**dict(request.url.params), **up.query})
+            t = up.timeout_s
+            extensions = {**extensions,
+                          "timeout": {"connect": t, "read": t, "write": t, "pool": t}}
+        if ctx.trace is not None:  # the upstream's work becomes a child of the call's span
+            for name in ("traceparent", "tracestate"):
+                headers.pop(name, None)
+            headers.update(ctx.trace.headers())
+        return self.Request(request.method, url, headers=headers,
+                            content=ctx.upstream_body, extensions=extensions)
 
     def refuse(self, request: Any) -> Any:
         exc = EndpointNotAllowed.for_request(request.method, request.url.path)
@@ -206,7 +246,7 @@ class _SyncGate:
             try:
                 resp = self.inner.handle_request(http.forward(request, ctx))
             except http.HTTPError as exc:
-                raise _upstream_error(exc, self.gateway.policy.upstream.timeout_s) from exc
+                raise _upstream_error(exc, _timeout_of(ctx)) from exc
             wrapped = http.Response(resp.status_code, headers=resp.headers, stream=resp.stream,
                                     request=request)
             if ctx.stream and resp.status_code < 300:
@@ -220,8 +260,8 @@ class _SyncGate:
                 wrapped.close()
             return UpstreamReply(resp.status_code, dict(wrapped.headers), body)
 
-        return http.to_response(
-            self.gateway.handle(http.gateway_request(request, self.caller), send), request)
+        return http.to_response(self.gateway.handle(
+            http.gateway_request(request, self.caller), send, usable=_reachable), request)
 
     def _models(self, request: Any) -> Any:
         # An upstream that cannot list gets the literal allowed names, as from the proxy.
@@ -265,7 +305,7 @@ class _AsyncGate:
             try:
                 resp = await self.inner.handle_async_request(http.forward(request, ctx))
             except http.HTTPError as exc:
-                raise _upstream_error(exc, self.gateway.policy.upstream.timeout_s) from exc
+                raise _upstream_error(exc, _timeout_of(ctx)) from exc
             wrapped = http.Response(resp.status_code, headers=resp.headers, stream=resp.stream,
                                     request=request)
             if ctx.stream and resp.status_code < 300:
@@ -279,7 +319,8 @@ class _AsyncGate:
                 await wrapped.aclose()
             return UpstreamReply(resp.status_code, dict(wrapped.headers), body)
 
-        resp = await self.gateway.ahandle(http.gateway_request(request, self.caller), send)
+        resp = await self.gateway.ahandle(http.gateway_request(request, self.caller), send,
+                                          usable=_reachable)
         return http.to_response(resp, request)
 
     async def _models(self, request: Any) -> Any:

@@ -63,6 +63,9 @@ class AuthorityInfo(_Open):
     actions: list[ActionInfo] = []
     followup_messages: list[dict[str, Any]] = []  # chat completions
     followup_items: list[dict[str, Any]] = []  # the Responses API
+    # Actions held on an earlier turn and decided since (their answer in this request
+    # was brought up to date): approval_id, action_type, status, tool_call_id.
+    approval_updates: list[dict[str, Any]] = []
 
     def by_status(self, status: ActionStatus) -> list[ActionInfo]:
         return [a for a in self.actions if a.status == status]

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     nosync = Gateway(gateway.policy.model_copy(update={
         "audit": AuditConfig(path="audit-nosync.jsonl", fsync=False),
         "state": StateConfig(path="state-nosync")}))
-    base_url = gateway.policy.upstream.base_url
+    base_url = gateway.policy.routes[0].base_url
     key = os.environ.get("BENCH_UPSTREAM_KEY", "sk-mock")
     stock = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
     gated = AuthorityClient(gateway=gateway, environment="prod", base_url=base_url, api_key=key,

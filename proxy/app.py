@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 from .auth import Identity, KeyRing
 from .console import AuditTail, AuditVerify, audit_tail, audit_verify, console_response
 from .decide import DECIDE_PATH, decide_get, decide_post
+from .fastpath import PRIVATE_HEADERS, GatedDoors
 from .guard import IDENTITY, MANAGEMENT_MAX_BODY, InputGuard, RoleCheck
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .observe import AccessLog, ObservedGateway, current_info
@@ -72,7 +74,7 @@ from .schemas import (
     ModelList,
     ResolveBody,
 )
-from .upstream import Upstream
+from .upstream import Upstreams
 
 # Names this machine in replica names (default: the host name), e.g. the pod's name.
 REPLICA_ENV = "AUTHORITY_REPLICA"
@@ -81,8 +83,6 @@ __all__ = ["POLICY_ENV", "create_app", "create_app_from_env"]
 
 log = logging.getLogger("authority.proxy")
 
-# Request headers the engine has no business seeing (it records what it is given).
-_PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 405, 409, 413, 503)}
@@ -236,12 +236,21 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     # Every handler reads the engine in force through this; a chat request keeps the one
     # it started with (``gw.ahandle`` is bound once), so a reload never changes its policy.
     gw = LiveGateway(engine)
-    state: dict[str, Upstream] = {}
+    # Each engine sends through the pools of its own policy; a reload retires the old ones.
+    engine.upstreams = Upstreams(pol, metrics)
+    pool_sets: list[Upstreams] = [engine.upstreams]
+
+    def attach_pools(new: ObservedGateway) -> None:
+        new.upstreams = Upstreams(new.policy, metrics)
+        pool_sets[:] = [p for p in pool_sets if not p.closed] + [new.upstreams]
+
+    def retire_pools(old: ObservedGateway) -> None:
+        if old.upstreams is not None:
+            old.upstreams.retire()
     policy_path = None if isinstance(policy, Policy) else Path(default_policy_path(policy))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["upstream"] = Upstream(pol, metrics)
         # Open the store and the audit log now: a broken one fails the start, not a caller.
         await run_in_threadpool(lambda: gw.audit)
         from authority_sdk.worker import Worker
@@ -259,7 +268,8 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         await run_in_threadpool(_warm_up, gw.current)
         watch = None
         if policy_path is not None:
-            reloader = Reloader(policy_path.resolve(), gw, keyring)
+            reloader = Reloader(policy_path.resolve(), gw, keyring, attach=attach_pools,
+                                retire=retire_pools)
             app.state.reloader = reloader
             watch = asyncio.get_running_loop().create_task(_watch_policy(reloader))
         try:
@@ -268,7 +278,8 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
             if watch is not None:
                 watch.cancel()
             await run_in_threadpool(worker.stop)
-            await state["upstream"].aclose()
+            for pools in pool_sets:
+                await pools.aclose()
             # A network store's async pool lives on this loop: close it here, awaited.
             aclose = getattr(gw.store.aio, "aclose", None)
             if aclose is not None:
@@ -294,24 +305,49 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
                          path: str) -> AuthorityError | None:
         return await audit_refusal(gw.current, ident, exc, method, path)
 
-    # Added first, so it runs inside the access log: its refusals are logged and counted.
+    # Innermost: the gated doors, once the guard has let the request in (fastpath.py).
+    async def handle_gated(req: GatewayRequest) -> GatewayResponse:
+        # The engine and its pools are taken once: a reload never changes them mid-request.
+        current = gw.current
+        pools = current.upstreams
+        assert pools is not None
+        pools.enter()
+        try:
+            resp = await current.ahandle(req, pools.send)
+        except BaseException:
+            pools.leave()
+            raise
+        if resp.astream is not None:
+            return dataclasses.replace(resp, astream=pools.held(resp.astream))
+        pools.leave()
+        return resp
+
+    app.add_middleware(GatedDoors, handle=handle_gated,
+                       answer_error=lambda ident, exc, method, path: _answer_for(
+                           ident, exc, method, path),
+                       to_response=_to_response, max_body=pol.proxy.max_body_bytes)
+    # Added before the access log, so it runs inside it: its refusals are logged and counted.
     app.add_middleware(InputGuard, keyring=keyring, routes=lambda: app.routes,
                        max_body=pol.proxy.max_body_bytes, on_refusal=on_refusal)
     app.add_middleware(AccessLog, metrics=metrics)
 
     # -- errors: one shape for all -------------------------------------------------------
 
-    async def _answer(request: Request, exc: AuthorityError,
-                      headers: dict[str, str] | None = None) -> Response:
-        ident: Identity | None = request.scope.get(IDENTITY)
+    async def _answer_for(ident: Identity | None, exc: AuthorityError, method: str, path: str,
+                          headers: dict[str, str] | None = None) -> Response:
         if ident is not None and exc.status_code in AUDITED_STATUSES:
-            replaced = await audit_refusal(gw.current, ident, exc, request.method, request.url.path)
+            replaced = await audit_refusal(gw.current, ident, exc, method, path)
             exc = replaced or exc
         rid = exc.details.get("request_id")
         resp = error_response(exc, request_id=rid if isinstance(rid, str) else None)
         _note(resp.decision, exc.code, resp.request_id)
         return Response(resp.body, status_code=resp.status_code,
                         headers={**resp.headers, **(headers or {})})
+
+    async def _answer(request: Request, exc: AuthorityError,
+                      headers: dict[str, str] | None = None) -> Response:
+        return await _answer_for(request.scope.get(IDENTITY), exc, request.method,
+                                 request.url.path, headers)
 
     @app.exception_handler(AuthorityError)
     async def _authority_error(request: Request, exc: AuthorityError) -> Response:
@@ -362,10 +398,9 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
               summary="Chat completion (streaming or not), gated by policy")
     async def chat_completions(request: Request, ident: Agent) -> Response:
         body = await _read_body(request, pol.proxy.max_body_bytes)
-        headers = {k: v for k, v in request.headers.items() if k not in _PRIVATE_HEADERS}
-        resp = await gw.ahandle(GatewayRequest(ident.caller, body, headers,
-                                               path=request.url.path),
-                                state["upstream"].send)
+        headers = {k: v for k, v in request.headers.items() if k not in PRIVATE_HEADERS}
+        resp = await handle_gated(GatewayRequest(ident.caller, body, headers,
+                                                 path=request.url.path))
         return _to_response(resp)
 
     @app.post("/v1/embeddings", tags=["openai"], responses=_CHAT_ERRORS,
@@ -395,8 +430,15 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_ERRORS,
              summary="The models the caller's environment allows")
     async def list_models(ident: Agent) -> dict[str, Any]:
-        patterns = pol.environments[ident.caller.environment].models
-        return {"object": "list", "data": await state["upstream"].allowed_models(patterns)}
+        current = gw.current
+        patterns = current.policy.environments[ident.caller.environment].models
+        pools = current.upstreams
+        assert pools is not None
+        pools.enter()
+        try:
+            return {"object": "list", "data": await pools.allowed_models(patterns)}
+        finally:
+            pools.leave()
 
     # -- management ----------------------------------------------------------------------
     # Every route passes the key's scope: a key bound to an environment reads and acts

@@ -39,6 +39,9 @@ class Metrics:
             "authority_gateway_overhead_seconds",
             "Time a chat request spent in the gateway itself, upstream call excluded.",
             buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.fallbacks = Counter(
+            "authority_upstream_fallbacks", "Upstream attempts that failed before a fallback "
+            "was asked, by upstream and code.", ["upstream", "code"], registry=r)
         self.cost = Counter(
             "authority_cost_usd", "Actual upstream spend in USD, by environment.",
             ["environment"], registry=r)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from .metrics import Metrics
+    from .upstream import Upstreams
 
 __all__ = ["AccessLog", "ObservedGateway", "RequestInfo", "current_info"]
 
@@ -114,6 +115,7 @@ class ObservedGateway(Gateway):
     """The engine, unchanged, with its audit entries feeding the log line and metrics."""
 
     metrics: Metrics | None = None
+    upstreams: Upstreams | None = None  # the proxy's pools for this engine's policy
 
     def on_audit(self, event: str, fields: dict[str, Any]) -> None:
         try:
@@ -159,6 +161,21 @@ class ObservedGateway(Gateway):
                              "environment": fields.get("environment")}})
         elif event == "approval" and m is not None:
             m.approvals.labels(str(fields.get("approval_status"))).inc()
+        elif event == "upstream":
+            if m is not None:
+                m.fallbacks.labels(str(details.get("upstream")), str(details.get("code"))).inc()
+            # Names from the policy and the gateway's own codes: nothing a client chose.
+            log.warning("upstream %s failed (%s, %s); asking %s request_id=%s",
+                        details.get("upstream"), details.get("code"),
+                        details.get("status_code"), details.get("fallback_to"),
+                        fields.get("request_id") or "-")
+
+    def on_trace(self, trace_id: str) -> None:
+        # The call's span decides the trace id (the caller's, or a new one): log lines and
+        # spans then correlate even when the caller sent no traceparent.
+        info = _current.get()
+        if info is not None:
+            info.trace_id = trace_id
 
     def finalize_d(self, ctx: CallContext, answer: Answer) -> Decision[dict[str, Any]]:
         t = time.perf_counter()

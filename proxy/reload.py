@@ -10,8 +10,10 @@ re-read at the same moment, so an approver key can be added, rotated or revoked 
 restart. Every change is audited with the old and the new ``policy_hash``.
 
 Settings that name resources the running process holds open — the state store, the audit
-log, the upstream, body limits, the worker's interval — cannot change in place: such a
-file is refused with that reason (restart to apply it).
+log, body limits, the worker's interval — cannot change in place: such a file is refused
+with that reason (restart to apply it). The upstreams can: the new engine gets pools of
+its own (``attach``), and the old engine's are retired once it is out of force
+(``retire``), to close when the requests still using them are done.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +38,7 @@ __all__ = ["LiveGateway", "Reloader"]
 log = logging.getLogger("authority.proxy")
 
 # What the running process holds open: a change here needs a restart.
-_FIXED = ("state", "audit", "upstream", "proxy", "worker")
+_FIXED = ("state", "audit", "proxy", "worker")
 
 
 class LiveGateway:
@@ -65,8 +68,12 @@ def _digest(path: Path) -> str | None:
 
 
 class Reloader:
-    def __init__(self, path: Path, live: LiveGateway, keyring: KeyRing) -> None:
+    def __init__(self, path: Path, live: LiveGateway, keyring: KeyRing, *,
+                 attach: Callable[[ObservedGateway], None] | None = None,
+                 retire: Callable[[ObservedGateway], None] | None = None) -> None:
         self.path = path
+        self.attach = attach
+        self.retire = retire
         self.live = live
         self.keyring = keyring
         self._lock = threading.Lock()
@@ -98,8 +105,11 @@ class Reloader:
             if fixed:
                 return self._refuse(old, trigger, f"{', '.join(fixed)} changed: these settings "
                                     "hold open resources; restart to apply them")
-            engine = ObservedGateway(new_policy, store=old.store, audit=old.audit,
-                                     counter=old.counter)
+            try:  # telemetry the new policy turns on may be missing its extra
+                engine = ObservedGateway(new_policy, store=old.store, audit=old.audit,
+                                         counter=old.counter)
+            except AuthorityError as exc:
+                return self._refuse(old, trigger, exc.message)
             engine.metrics = old.metrics
             engine.audit_degraded = old.audit_degraded
             try:
@@ -112,8 +122,12 @@ class Reloader:
                 log.error("policy reload not applied: the audit log refused it: %s",
                           exc.message)
                 return False
+            if self.attach is not None:
+                self.attach(engine)
             self.keyring.replace(new_policy)
             self.live.swap(engine)
+            if self.retire is not None:
+                self.retire(old)  # after the swap: no new request can take its pools
             log.warning("policy reloaded (%s): %s -> %s", trigger, old.policy.hash[:12],
                         new_policy.hash[:12])
             return True

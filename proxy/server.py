@@ -68,7 +68,7 @@ def run(policy_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: i
     common: dict[str, Any] = {
         "host": host, "port": port, "log_config": log_config(log_level, log_format),
         "log_level": log_level, "access_log": False, "lifespan": "on",
-        "timeout_graceful_shutdown": int(policy.upstream.timeout_s + _SHUTDOWN_MARGIN_S),
+        "timeout_graceful_shutdown": int(policy.max_call_s + _SHUTDOWN_MARGIN_S),
     }
     # uvicorn re-raises the signal it shut down on; with a Python handler in place that
     # lands here instead of killing the process, so a requested stop exits 0.

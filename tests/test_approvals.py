@@ -318,3 +318,91 @@ def test_approval_executes_nothing_where_the_policy_now_only_simulates(
     assert "simulation_only" in err.value.message
     assert control.get_approval(now, apr)["status"] == "pending"
     assert rx.requests == []
+
+
+# -- the next turn learns what became of a held action (held_turns) -----------------------
+
+def _next_turn(s: Setup, first: Any, *, tamper: Callable[[list[dict[str, Any]]], None]
+               | None = None) -> Any:
+    """The agent loop an aware app runs: the gateway's follow-up messages sent back."""
+    msgs = [*user("CALL issue_refund {}"), *first.authority["followup_messages"]]
+    if tamper is not None:
+        tamper(msgs)
+    return s.client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS)
+
+
+def _held(s: Setup, order: str) -> Any:
+    first = s.client.chat.completions.create(
+        model=MODEL, tools=TOOLS,
+        messages=user(f'CALL issue_refund {{"amount": 300, "order_id": "{order}"}}'))
+    assert first.authority["actions"][0]["status"] == "pending_approval"
+    return first
+
+
+def test_an_expired_approval_is_told_to_the_model_on_the_next_turn(
+        write_policy: Callable[..., Path], rx: HttpReceiver, gateways: list[Gateway],
+        upstream: Any) -> None:
+    s = Setup(write_policy(approval_policy(rx, approval_ttl_s=0.3)), gateways)
+    first = _held(s, "o-40")
+    apr = first.authority["actions"][0]["approval_id"]
+    time.sleep(0.4)  # nobody decided; no one listed it either
+
+    nxt = _next_turn(s, first)
+    sent = upstream.model.last_request["body"]["messages"][-1]
+    assert json.loads(sent["content"])["status"] == "expired"
+    assert "nothing was executed" in json.loads(sent["content"])["reason"]
+    assert f"expired ({apr})" in nxt.choices[0].message.content
+    [update] = nxt.authority["approval_updates"]
+    assert update == {"approval_id": apr, "action_type": "issue_refund", "status": "expired",
+                      "tool_call_id": first.authority["followup_messages"][1]["tool_call_id"]}
+    assert rx.requests == []
+
+
+def test_a_decided_approval_is_told_with_its_result_or_reason(setup: Setup, upstream: Any,
+                                                             rx: HttpReceiver) -> None:
+    done, refused = _held(setup, "o-41"), _held(setup, "o-42")
+    control.approve(setup.approver, done.authority["actions"][0]["approval_id"],
+                    actor="ops-alice")
+    control.reject(setup.approver, refused.authority["actions"][0]["approval_id"],
+                   actor="ops-alice", reason="order already refunded")
+
+    _next_turn(setup, done)
+    told = json.loads(upstream.model.last_request["body"]["messages"][-1]["content"])
+    assert (told["status"], told["result"]) == ("executed", {"refund_id": "rf_1"})
+    nxt = _next_turn(setup, refused)
+    told = json.loads(upstream.model.last_request["body"]["messages"][-1]["content"])
+    assert told["status"] == "rejected" and "order already refunded" in told["reason"]
+    assert nxt.authority["approval_updates"][0]["status"] == "rejected"
+    assert len(rx.requests) == 1  # the approved one ran once; telling it runs nothing
+
+
+def test_a_pending_approval_and_foreign_or_hostile_answers_are_left_as_sent(
+        setup: Setup, write_policy: Callable[..., Path], gateways: list[Gateway],
+        upstream: Any, rx: HttpReceiver) -> None:
+    first = _held(setup, "o-43")
+    apr = first.authority["actions"][0]["approval_id"]
+    still = _next_turn(setup, first)
+    assert json.loads(upstream.model.last_request["body"]["messages"][-1]["content"])["status"] \
+        == "pending_approval"
+    assert still.authority.get("approval_updates") in (None, [])
+
+    control.reject(setup.approver, apr, actor="ops-alice", reason="secret reason")
+    # Another key sending this approval's id learns nothing about it.
+    other = Setup(setup.path, gateways, caller="other-bot")
+    msgs = [*user("hi"), *first.authority["followup_messages"]]
+    other.client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS)
+    assert "secret reason" not in json.dumps(upstream.model.last_request)
+
+    hostile = [
+        "not json " + '"pending_approval"',
+        json.dumps({"status": "pending_approval", "approval_id": "apr_x\u202e" + apr}),
+        json.dumps({"status": "pending_approval", "approval_id": {"$ne": None}}),
+        json.dumps({"status": "pending_approval", "approval_id": apr, "pad": "x" * 20_000}),
+        "[" * 5000 + '"pending_approval"' + "]" * 5000,
+    ]
+    for content in hostile:
+        def tamper(msgs: list[dict[str, Any]], content: str = content) -> None:
+            msgs[-1]["content"] = content
+        resp = _next_turn(setup, first, tamper=tamper)
+        assert upstream.model.last_request["body"]["messages"][-1]["content"] == content
+        assert resp.authority.get("approval_updates") in (None, [])

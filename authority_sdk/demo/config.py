@@ -75,7 +75,12 @@ def write_policy(base: Path, folder: Path, *, model_url: str, receiver_url: str,
         raise PolicyError(f"{base}: cannot read the demo policy: {exc}") from exc
     if not isinstance(data, dict):
         raise PolicyError(f"{base}: the policy must be a mapping at the top level")
-    data["upstream"] = {**(data.get("upstream") or {}), "base_url": model_url + "/v1"}
+    if isinstance(data.get("upstreams"), list):  # several upstreams: each is the local model
+        for up in data["upstreams"]:
+            if isinstance(up, dict):
+                up["base_url"] = model_url + "/v1"
+    else:
+        data["upstream"] = {**(data.get("upstream") or {}), "base_url": model_url + "/v1"}
     data["state"] = {**(data.get("state") or {}), "path": "state"}
     data["audit"] = {**(data.get("audit") or {}), "path": "audit.jsonl"}
     notify = data.get("notifications")
@@ -92,7 +97,7 @@ def write_policy(base: Path, folder: Path, *, model_url: str, receiver_url: str,
               "# state and audit live in this folder.\n")
     out.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     policy = load_policy(out)
-    env = {policy.upstream.api_key_env: UPSTREAM_PLACEHOLDER_KEY}
+    env = {up.api_key_env: UPSTREAM_PLACEHOLDER_KEY for up in policy.routes if up.api_key_env}
     for k in policy.keys:
         if k.secret_env:
             env[k.secret_env] = demo_secret(k.name)

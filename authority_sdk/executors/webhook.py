@@ -19,6 +19,7 @@ import httpx
 
 from ..audit import REDACTED
 from ..policy import WebhookExecutor
+from ..telemetry import with_trace
 from ._base import (
     MASK,
     ExecutionResult,
@@ -101,7 +102,7 @@ class WebhookActionExecutor:
         except (TypeError, ValueError) as exc:
             return ExecutionResult(False, None,
                                    f"webhook not called: arguments are not JSON: {exc}")
-        return content, self._headers(action_key)
+        return content, with_trace(self._headers(action_key))
 
     # -- sync ---------------------------------------------------------------
 

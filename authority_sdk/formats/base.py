@@ -44,6 +44,8 @@ class ParsedRequest:
     hosted_tools: list[str] = field(default_factory=list)  # provider-run tools it offers
     mcp_servers: dict[str, str] = field(default_factory=dict)  # MCP server label -> server
     rewritten: bool = False  # the gateway changed ``data``: send it re-serialised
+    # Held actions decided since the app last heard (held_turns): told in the answer.
+    approval_updates: list[dict[str, Any]] = field(default_factory=list)
 
     def count_body(self) -> dict[str, Any]:
         """The prompt in the chat shape the token counter reads (messages, tools, a forced

@@ -13,13 +13,17 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import held_turns
 from ..audit import redact
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome, ActionStatus
 from .base import Answer, Call, ParsedRequest, Stateless, load_body
 from .sse import DONE, event_json, sse
+
+if TYPE_CHECKING:
+    from ..effects import Decision
 
 __all__ = ["ChatCompletions", "followup_payload", "summary_line"]
 
@@ -215,6 +219,25 @@ class ChatCompletions(Stateless):
             structured_output=structured, prompt_messages=msgs,
             prompt_tools=_counted_tools(data),
             client_wants_usage=bool((opts or {}).get("include_usage")))
+
+    def prepare_d(self, req: ParsedRequest, *, caller: str,
+                  environment: str) -> Decision[None]:
+        """The gateway's own 'pending approval' answers in the conversation are brought
+        up to date (held_turns): the model learns what became of the held action."""
+        for m in req.data["messages"]:
+            content = m.get("content")
+            if (m.get("role") not in ("tool", "function") or not isinstance(content, str)
+                    or held_turns.MARKER not in content):
+                continue
+            fresh = yield from held_turns.refreshed_d(m.get("content"), caller=caller,
+                                                      environment=environment)
+            if fresh is None:
+                continue
+            m["content"], update = fresh
+            if isinstance(m.get("tool_call_id"), str):
+                update["tool_call_id"] = m["tool_call_id"]
+            req.approval_updates.append(update)
+            req.rewritten = True
 
     def upstream_body(self, req: ParsedRequest, original: bytes, changed: bool) -> bytes:
         if req.stream:

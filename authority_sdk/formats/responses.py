@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .. import approvals, served
+from .. import approvals, held_turns, served
 from ..effects import S
 from ..records import ActionOutcome, ActionStatus
 from .base import Answer, Call, ParsedRequest, load_body
@@ -40,6 +40,8 @@ from .responses_request import (
     HOSTED_ITEMS,
     MCP_CONTENT,
     OUTPUT_ITEMS,
+    builtin_arguments,
+    output_call_id,
     parse_request,
 )
 from .responses_stream import EventSequence, ResponsesStream, final_type, item_events, malformed
@@ -95,15 +97,10 @@ def _call_of(position: int, item: dict[str, Any], hosted: list[str],
         return Call(0, position, "function_call", call_id, name, args)
     if kind in BUILTIN_CALLS:
         field = BUILTIN_CALLS[kind][0]
-        args = item.get(field)
-        if not isinstance(args, dict) or call_id is None:
+        args = builtin_arguments(item)
+        if args is None or call_id is None:
             return Call(0, position, kind, call_id, kind, "",
                         problem=f"the {kind} needs an object '{field}' and a string call_id")
-        commands = args.get("commands")
-        if kind == "shell_call" and isinstance(commands, list) \
-                and all(isinstance(c, str) for c in commands):
-            # One string to match a rule's glob or regex against, as well as the list.
-            args = {**args, "command": "\n".join(commands)}
         return Call(0, position, kind, call_id, kind, json.dumps(args))
     if kind == "custom_tool_call":
         name, text = item.get("name"), item.get("input")
@@ -119,6 +116,29 @@ def _call_of(position: int, item: dict[str, Any], hosted: list[str],
                 problem_code="unsupported_call_type")
 
 
+# A 1x1 white PNG: the only answer a withheld computer call can be given.
+BLANK_SCREENSHOT = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAA"
+                    "CklEQVR4nGP4DwABAQEAsTj2FAAAAABJRU5ErkJggg==")
+_NOTE = "[authority] "
+# Output items whose 'output' is the gateway's word as text (held_turns refreshes it).
+_TEXT_OUTPUTS = ("function_call_output", "custom_tool_call_output", "local_shell_call_output",
+                 "apply_patch_call_output")
+
+
+def computer_note(call_id: str, said: str) -> dict[str, Any]:
+    """The gateway's word on a withheld computer call, after its blank screenshot."""
+    return {"type": "message", "role": "developer", "content": [
+        {"type": "input_text", "text": f"{_NOTE}computer call {call_id} was not run by the "
+                                       f"app: {said}"}]}
+
+
+def _is_note(item: dict[str, Any]) -> bool:
+    content = item.get("content")
+    return (item.get("type") == "message" and item.get("role") == "developer"
+            and isinstance(content, list) and len(content) == 1
+            and str(content[0].get("text", "")).startswith(_NOTE))
+
+
 def _output_item(kind: str, call_id: str, text: str, status: str) -> dict[str, Any]:
     """The item that answers a withheld call of type ``kind`` with the gateway's word."""
     if kind == "shell_call":
@@ -126,6 +146,13 @@ def _output_item(kind: str, call_id: str, text: str, status: str) -> dict[str, A
         return {"type": "shell_call_output", "call_id": call_id, "output": [{
             "stdout": text if ok else "", "stderr": "" if ok else text,
             "outcome": {"type": "exit", "exit_code": 0 if ok else 1}}]}
+    if kind == "local_shell_call":
+        return {"type": "local_shell_call_output", "id": call_id, "output": text}
+    if kind == "computer_call":
+        # Its answer can only be a screenshot: a blank one, and the gateway's word follows
+        # as a note (computer_note), so the model is not told the action happened.
+        return {"type": "computer_call_output", "call_id": call_id,
+                "output": {"type": "computer_screenshot", "image_url": BLANK_SCREENSHOT}}
     if kind == "apply_patch_call":
         return {"type": "apply_patch_call_output", "call_id": call_id, "output": text,
                 "status": "completed" if status == ActionStatus.EXECUTED else "failed"}
@@ -153,7 +180,7 @@ def _answered(item: Any) -> str | None:
     if item.get("type") == "mcp_approval_response":
         rid = item.get("approval_request_id")
     elif item.get("type") in OUTPUT_ITEMS:
-        rid = item.get("call_id")
+        rid = output_call_id(item)
     else:
         return None
     return rid if isinstance(rid, str) else None
@@ -219,8 +246,39 @@ class Responses:
         are added where the app did not answer them (it never saw those calls, but the
         provider's stored response still holds them)."""
         prev = req.data.get("previous_response_id")
-        if prev is None:
+        if prev is not None:
+            yield from self._continue_d(req, prev, caller=caller, environment=environment)
+        yield from self._refresh_held_d(req, caller=caller, environment=environment)
+
+    def _refresh_held_d(self, req: ParsedRequest, *, caller: str,
+                        environment: str) -> Decision[None]:
+        """The gateway's own 'pending approval' outputs are brought up to date
+        (held_turns), whether the app sent them or the gateway added them."""
+        items = req.data.get("input")
+        if not isinstance(items, list):
             return
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            output = item.get("output")
+            if (item.get("type") not in _TEXT_OUTPUTS
+                    or not isinstance(output, str) or held_turns.MARKER not in output):
+                continue
+            fresh = yield from held_turns.refreshed_d(output, caller=caller,
+                                                      environment=environment)
+            if fresh is None:
+                continue
+            item["output"], update = fresh
+            if isinstance(item.get("call_id"), str):
+                update["tool_call_id"] = item["call_id"]
+            req.approval_updates.append(update)
+            # Priced as sent now (a result is longer than the pending note it replaces).
+            req.prompt_messages = [*req.prompt_messages,
+                                   {"role": "tool", "content": item["output"]}]
+            req.rewritten = True
+
+    def _continue_d(self, req: ParsedRequest, prev: Any, *, caller: str,
+                    environment: str) -> Decision[None]:
         record = yield from served.lookup_d(prev, caller=caller, environment=environment)
         req.history_tokens = int(record.get("context_tokens") or 0)
         value = req.data["input"]
@@ -268,7 +326,7 @@ class Responses:
             {**answer.body, "authority": authority}, caller=caller, environment=environment,
             request_id=authority["request_id"], context_tokens=context,
             input_items=_as_items(req.data.get("input")),
-            outputs=[f for f in followups if _answered(f) is not None],
+            outputs=[f for f in followups if _answered(f) is not None or _is_note(f)],
             withheld_ids=[f["id"] for f in followups
                           if _answered(f) is None and isinstance(f.get("id"), str)],
             pending_approvals=[
@@ -348,8 +406,10 @@ class Responses:
                 items.append(copy.deepcopy(pending_reasoning))
                 pending_reasoning = None
             items.append(copy.deepcopy(item))
-            items.append(_output_item(item["type"], o.tool_call["id"], json.dumps(
-                followup_payload(o, redact_names), default=str), o.status))
+            said = json.dumps(followup_payload(o, redact_names), default=str)
+            items.append(_output_item(item["type"], o.tool_call["id"], said, o.status))
+            if item["type"] == "computer_call":
+                items.append(computer_note(o.tool_call["id"], said))
         return items
 
     # -- streams ----------------------------------------------------------------------

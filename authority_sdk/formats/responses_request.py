@@ -17,8 +17,9 @@ from ..errors import InvalidRequest, RequestDenied
 from .base import ParsedRequest
 from .chat import MAX_MODEL_CHARS, MAX_NAME_CHARS
 
-__all__ = ["BUILTIN_CALLS", "BUILTIN_TOOLS", "CALL_ITEMS", "HOSTED_ITEMS", "HOSTED_TOOLS",
-           "MCP_CONTENT", "OUTPUT_ITEMS", "ResponsesRequest", "parse_request"]
+__all__ = ["BUILTIN_CALLS", "BUILTIN_TOOLS", "CALL_ITEMS", "COMPUTER_TOOLS", "HOSTED_ITEMS",
+           "HOSTED_TOOLS", "MCP_CONTENT", "OUTPUT_ITEMS", "ResponsesRequest", "builtin_arguments",
+           "output_call_id", "parse_request"]
 
 # Tools the provider runs before anyone sees their calls: offered only where the policy
 # allows them (environments.<env>.hosted_tools, by family); their result items are then
@@ -33,10 +34,14 @@ HOSTED_ITEMS = {"web_search_call": "web_search", "file_search_call": "file_searc
                  "image_generation_call": "image_generation"}
 # App-executed built-ins gated as actions named by their call's type, with its arguments
 # (``shell`` only when the app runs it: with a hosted environment it runs at the provider).
-BUILTIN_TOOLS = frozenset({"shell", "apply_patch"})
+BUILTIN_TOOLS = frozenset({"shell", "apply_patch", "local_shell"})
+# The computer tool's 'environment' names a display ("browser", "linux"…), never a host.
+COMPUTER_TOOLS = frozenset({"computer", "computer_use_preview"})
 # call item type -> (the field holding its arguments, the item that answers it)
 BUILTIN_CALLS = {"shell_call": ("action", "shell_call_output"),
-                  "apply_patch_call": ("operation", "apply_patch_call_output")}
+                  "apply_patch_call": ("operation", "apply_patch_call_output"),
+                  "local_shell_call": ("action", "local_shell_call_output"),
+                  "computer_call": ("action", "computer_call_output")}
 CALL_ITEMS = ("function_call", "custom_tool_call", *BUILTIN_CALLS)
 # Request fields that bring in calls, tools or history the gateway never saw.
 _REFUSED_FIELDS = {
@@ -85,6 +90,41 @@ def _text_parts(content: Any, where: str) -> str | list[dict[str, Any]]:
     return parts
 
 
+def builtin_arguments(item: dict[str, Any]) -> dict[str, Any] | None:
+    """An app-run built-in call's arguments as one object for the policy's rules, or None
+    where its shape is not one."""
+    kind = item.get("type")
+    if kind == "computer_call":
+        # One action, or a batch of them (newer models); the provider's safety checks
+        # go with them, so a rule can hold what it flagged.
+        args: dict[str, Any] = {k: item[k] for k in ("action", "actions")
+                                if item.get(k) is not None}
+        if not (isinstance(args.get("action"), dict) or isinstance(args.get("actions"), list)):
+            return None
+        checks = item.get("pending_safety_checks") or []
+        args["safety_checks"] = [c.get("code") for c in checks if isinstance(c, dict)] \
+            if isinstance(checks, list) else ["unreadable"]
+        return args
+    value = item.get(BUILTIN_CALLS[str(kind)][0])
+    if not isinstance(value, dict):
+        return None
+    commands = value.get("commands") if kind == "shell_call" else value.get("command") \
+        if kind == "local_shell_call" else None
+    if isinstance(commands, list) and all(isinstance(c, str) for c in commands):
+        # One string to match a rule's glob or regex against, as well as the list.
+        sep = "\n" if kind == "shell_call" else " "
+        value = {**value, "command_line" if kind == "local_shell_call" else "command":
+                 sep.join(commands)}
+    return value
+
+
+def output_call_id(item: dict[str, Any]) -> Any:
+    """The call an output item answers (a local shell output names it by ``id``)."""
+    if item.get("type") == "local_shell_call_output" and item.get("call_id") is None:
+        return item.get("id")
+    return item.get("call_id")
+
+
 def _call_message(item: dict[str, Any], where: str) -> dict[str, Any]:
     kind = item["type"]
     name, call_id = item.get("name", kind if kind in BUILTIN_CALLS else None), \
@@ -92,7 +132,7 @@ def _call_message(item: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(name, str) or not isinstance(call_id, str):
         raise _bad(f"{where} needs a string 'name' and 'call_id'")
     if kind in BUILTIN_CALLS:
-        body: Any = json.dumps(item.get(BUILTIN_CALLS[kind][0]))
+        body: Any = json.dumps(builtin_arguments(item))
     else:
         body = item.get("arguments") if kind == "function_call" else item.get("input")
     if not isinstance(body, str):
@@ -102,9 +142,20 @@ def _call_message(item: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _output_message(item: dict[str, Any], where: str) -> dict[str, Any]:
-    call_id, output = item.get("call_id"), item.get("output")
+    call_id, output = output_call_id(item), item.get("output")
     if not isinstance(call_id, str):
         raise _bad(f"{where} needs a string 'call_id'")
+    if item.get("type") == "computer_call_output":
+        # A screenshot, billed as the image it is; one stored as a file the planner
+        # cannot see, so it refuses to guess.
+        if not isinstance(output, dict) or output.get("type") != "computer_screenshot":
+            raise _bad(f"{where}.output must be a computer_screenshot object")
+        url = output.get("image_url")
+        part: dict[str, Any] = {"type": "image_url", "image_url": {"url": url,
+                                                                   "detail": "auto"}} \
+            if isinstance(url, str) else {"type": "file", "file": {
+                k: v for k, v in output.items() if k != "type"}}
+        return {"role": "tool", "tool_call_id": call_id, "content": [part]}
     if item.get("type") == "shell_call_output":
         # Its output is a list of {stdout, stderr, outcome}: billed as the text it is.
         return {"role": "tool", "tool_call_id": call_id, "content": json.dumps(output)}
@@ -214,6 +265,11 @@ def _tools(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any] |
                 "name": kind, "description": json.dumps(t)}})
             continue
         env = t.get("environment")
+        if kind in COMPUTER_TOOLS:
+            # Its display size is part of the prompt the provider bills.
+            counted.append({"type": "function", "function": {
+                "name": kind, "description": json.dumps(t)}})
+            continue
         if kind in BUILTIN_TOOLS and (env is None or (isinstance(env, dict)
                                                        and env.get("type") == "local")):
             # The model knows these tools already: their definition costs no prompt here,

@@ -262,7 +262,9 @@ class DiskStore:
 
     @_guarded
     def idem_replace(self, key: str, claim_id: str, record: Record, *,
-                     ttl_s: float) -> bool:
+                     ttl_s: float, flush: bool = True) -> bool:
+        # One database per concern: a later fsync elsewhere would not carry this record,
+        # so every write here is flushed whatever ``flush`` says.
         _check_ttl("ttl_s", ttl_s)
         cache = self._idem
         with cache.transact():

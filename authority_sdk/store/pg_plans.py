@@ -24,7 +24,7 @@ from typing import Any
 
 from .protocol import ExpiryGuard, Record
 
-__all__ = ["KILL_SWITCH_CHANNEL", "PLANS", "TRANSACTIONAL", "CorruptRecord", "Plan"]
+__all__ = ["KILL_SWITCH_CHANNEL", "PLANS", "RELAXED", "TRANSACTIONAL", "CorruptRecord", "Plan"]
 
 Query = tuple[str, tuple[Any, ...]]
 Rows = list[tuple[Any, ...]]
@@ -496,6 +496,19 @@ def sweep(batch: int = 1000) -> Plan:
 # trip each saved; the claims retry instead, see _claim).
 TRANSACTIONAL = frozenset({"budget_reserve", "budget_settle", "approval_transition",
                            "journal_update", "set_kill_switch", "set_audit_head"})
+
+# Writes committed without waiting for their WAL flush (``synchronous_commit = off``, for
+# that transaction only). Committed is committed for every replica at once, and a replica
+# killed mid-request loses nothing: only a crash of the database server itself can lose
+# them, for at most ~3x wal_writer_delay (600 ms by default) — and not even then once any
+# later synchronous commit (a reservation, an audit entry, a journal record, an approval)
+# is on disk, since WAL is flushed in order. Every effect is preceded by such a commit, so
+# no effect ever rests on one of these alone; losing one costs at most a repeated upstream
+# call or a claim held until its lease ends (DESIGN.md §7, README "Running several
+# replicas").
+# ("idem_replace_lazy": ``idem_replace(flush=False)``, the finished answer; the answer kept
+# before any effect is flushed, so a retry after a database crash re-gates that same answer.)
+RELAXED = frozenset({"idem_claim", "idem_replace_lazy", "idem_delete", "budget_settle"})
 
 PLANS: dict[str, Any] = {fn.__name__: fn for fn in (
     idem_claim, idem_get, idem_replace, idem_delete, idem_put,

@@ -53,6 +53,9 @@ ASYNC_POOL_MAX = 10
 # The bound on how stale a replica's view of the kill switch can be (without LISTEN).
 KILL_SWITCH_CACHE_S = 0.5
 
+# pg_plans.RELAXED: this transaction's commit does not wait for its WAL flush.
+_RELAX = "SET LOCAL synchronous_commit TO off"
+
 _ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, CorruptRecord,
            OSError)
 
@@ -152,10 +155,15 @@ class _AsyncView:
         try:
             pool = await self._get_pool()
             async with pool.connection() as conn:
+                cur = conn.cursor()
+                if name in pg_plans.RELAXED:
+                    async with conn.transaction():
+                        await cur.execute(_RELAX)
+                        return await _adrive(plan, cur)
                 if name not in pg_plans.TRANSACTIONAL:
-                    return await _adrive(plan, conn.cursor())
+                    return await _adrive(plan, cur)
                 async with conn.transaction():
-                    return await _adrive(plan, conn.cursor())
+                    return await _adrive(plan, cur)
         except _ERRORS as exc:
             raise _unavailable(name, exc) from exc
 
@@ -174,6 +182,11 @@ class _AsyncView:
             scope, engaged, reason=reason, actor=actor))
         self._store._ks_cache.drop()
         return dict(entry)
+
+    async def idem_replace(self, key: str, claim_id: str, record: Record, *,
+                           ttl_s: float, flush: bool = True) -> bool:
+        return bool(await self.run("idem_replace" if flush else "idem_replace_lazy",
+                                   pg_plans.idem_replace(key, claim_id, record, ttl_s=ttl_s)))
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         build = pg_plans.PLANS.get(name)
@@ -241,6 +254,10 @@ class PgStore:
                     cur.execute(sql, params)
                     return cur.fetchall() if cur.description else []
 
+                if name in pg_plans.RELAXED:
+                    with conn.transaction():
+                        cur.execute(_RELAX)
+                        return _drive(plan, execute)
                 if name not in pg_plans.TRANSACTIONAL:
                     return _drive(plan, execute)
                 with conn.transaction():
@@ -294,8 +311,8 @@ class PgStore:
         return self._run("idem_get", pg_plans.idem_get(key))
 
     def idem_replace(self, key: str, claim_id: str, record: Record, *,
-                     ttl_s: float) -> bool:
-        return bool(self._run("idem_replace",
+                     ttl_s: float, flush: bool = True) -> bool:
+        return bool(self._run("idem_replace" if flush else "idem_replace_lazy",
                               pg_plans.idem_replace(key, claim_id, record, ttl_s=ttl_s)))
 
     def idem_delete(self, key: str, claim_id: str) -> bool:

@@ -66,8 +66,12 @@ class IdempotencyStore(Protocol):
         ...
 
     def idem_replace(self, key: str, claim_id: str, record: Record, *,
-                     ttl_s: float) -> bool:
-        """Compare-and-set: replace the record iff its ``claim_id`` is ``claim_id``."""
+                     ttl_s: float, flush: bool = True) -> bool:
+        """Compare-and-set: replace the record iff its ``claim_id`` is ``claim_id``.
+
+        ``flush=False``: nothing will rest on this record alone, so a backend that can may
+        return before it is on disk (PostgreSQL: before its WAL flush; a later flushed
+        commit carries it). A crash of the gateway still loses nothing."""
         ...
 
     def idem_delete(self, key: str, claim_id: str) -> bool:

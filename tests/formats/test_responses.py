@@ -68,9 +68,11 @@ def valid_next_turn(items: list[dict[str, Any]]) -> None:
     """The pairing rules upstream enforces on a stateless turn: every call has its output
     and every output its call; a reasoning item is followed by an item; a call whose
     reasoning item was in the answer still follows it."""
-    kinds = ("function_call", "custom_tool_call", "shell_call", "apply_patch_call")
+    kinds = ("function_call", "custom_tool_call", "shell_call", "apply_patch_call",
+             "local_shell_call", "computer_call")
     calls = [i["call_id"] for i in items if i.get("type") in kinds]
-    outputs = [i["call_id"] for i in items if i.get("type") in [k + "_output" for k in kinds]]
+    outputs = [i.get("call_id") or i["id"] for i in items
+               if i.get("type") in [k + "_output" for k in kinds]]
     assert sorted(calls) == sorted(outputs), (calls, outputs)
     for n, item in enumerate(items):
         if item.get("type") == "reasoning":
@@ -133,7 +135,6 @@ def test_hosted_tools_are_named_for_the_policy_to_admit(kind: str, family: str) 
 
 
 @pytest.mark.parametrize("tool", [
-    {"type": "computer_use_preview"}, {"type": "local_shell"},
     {"type": "something_new"},
     {"type": "shell", "environment": {"type": "container_auto"}},  # runs at the provider
 ], ids=lambda t: t["type"] + ("-hosted" if "environment" in t else ""))
@@ -172,10 +173,59 @@ def test_app_run_built_ins_are_offered_and_their_calls_are_actions() -> None:
     valid_next_turn(followups)
 
 
+def test_local_shell_and_computer_calls_are_actions_answered_in_their_own_shape() -> None:
+    req = parse(input="hi", tools=[{"type": "local_shell"}, {"type": "computer_use_preview",
+                                                              "display_width": 1024,
+                                                              "display_height": 768,
+                                                              "environment": "browser"}])
+    assert req.tool_schemas == {} and "display_width" in json.dumps(req.prompt_tools)
+    a = FMT.answer_from(answer(
+        {"type": "local_shell_call", "id": "lsh_1", "call_id": "c1", "status": "completed",
+         "action": {"type": "exec", "command": ["rm", "-rf", "/"], "env": {}}},
+        {"type": "computer_call", "id": "cu_1", "call_id": "c2", "status": "completed",
+         "action": {"type": "click", "x": 10, "y": 20, "button": "left"},
+         "pending_safety_checks": [{"id": "sc_1", "code": "malicious_instructions"}]},
+        {"type": "computer_call", "id": "cu_2", "call_id": "c3", "status": "completed",
+         "actions": [{"type": "type", "text": "hunter2"}, {"type": "keypress",
+                                                          "keys": ["ENTER"]}]},
+        {"type": "computer_call", "id": "cu_3", "call_id": "c4", "action": "click"},
+        {"type": "local_shell_call", "id": "lsh_2", "call_id": "c5", "action": ["ls"]}))
+    [shell, click, typed, bad_click, bad_shell] = a.calls
+    assert (shell.kind, shell.name) == ("local_shell_call", "local_shell_call")
+    assert json.loads(shell.arguments)["command_line"] == "rm -rf /"  # for a rule's glob
+    assert json.loads(click.arguments) == {
+        "action": {"type": "click", "x": 10, "y": 20, "button": "left"},
+        "safety_checks": ["malicious_instructions"]}
+    assert json.loads(typed.arguments)["actions"][0]["text"] == "hunter2"
+    assert bad_click.problem and bad_shell.problem
+    outs = _gated(a, ["denied", "pending_approval", "denied", "denied", "denied"])
+    followups = FMT.followups(a, outs, [])
+    assert [f.get("type") for f in followups] == [
+        "local_shell_call", "local_shell_call_output",
+        "computer_call", "computer_call_output", "message",
+        "computer_call", "computer_call_output", "message",
+        "computer_call", "computer_call_output", "message",
+        "local_shell_call", "local_shell_call_output"]
+    assert followups[1]["id"] == "c1" and json.loads(followups[1]["output"])["status"] \
+        == "denied"
+    shot = followups[3]["output"]
+    assert shot["type"] == "computer_screenshot" and shot["image_url"].startswith(
+        "data:image/png;base64,")
+    note = followups[4]
+    assert note["role"] == "developer" and "pending_approval" in note["content"][0]["text"]
+    # The follow-ups are valid input of the next turn, billed with the screenshot as an image.
+    nxt = parse(input=[{"role": "user", "content": "go"}, *followups])
+    assert any(isinstance(m.get("content"), list) and m["content"][0]["type"] == "image_url"
+               for m in nxt.prompt_messages)
+    valid_next_turn(followups)
+
+
 @pytest.mark.parametrize(("body", "code"), [
     ({"input": "hi", "tool_choice": {"type": "web_search"}}, "tool_not_allowed"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "previous_response_unknown"),
-    ({"input": [{"type": "computer_call_output", "call_id": "c"}]}, "unsupported_input_item"),
+    ({"input": [{"type": "computer_call_output", "call_id": "c"}]}, "invalid_request"),
+    ({"input": [{"type": "local_shell_call_output", "output": "x"}]}, "invalid_request"),
+    ({"input": [{"type": "compaction", "encrypted_content": "x"}]}, "unsupported_input_item"),
     ({"input": []}, "invalid_request"),
     ({"input": 5}, "invalid_request"),
     ({"input": ["hi"]}, "invalid_request"),
@@ -226,7 +276,7 @@ def test_calls_are_function_and_custom_items_and_the_rest_cannot_be_gated() -> N
         (3, "custom", "patch", None),
         (4, "function_call", "billing.refund", None),
         (5, "web_search_call", "web_search_call", "unsupported_call_type"),
-        (6, "computer_call", "computer_call", "unsupported_call_type"),
+        (6, "computer_call", "computer_call", None),
         (7, "function_call", "lookup_customer", "problem"),
         (8, "function_call", "x", "problem"),
     ]

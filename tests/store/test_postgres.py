@@ -502,3 +502,40 @@ def test_an_audit_table_with_no_database_named_is_a_policy_error(tmp_path: Path)
     path.write_text(yaml.safe_dump({"version": 1, "audit": {"backend": "postgres"}}))
     with pytest.raises(PolicyError, match=r"audit\.dsn_env"):
         load_policy(path)
+
+
+def test_only_writes_an_effect_never_rests_on_skip_the_wal_flush(pg: PostgresBackend) -> None:
+    """pg_plans.RELAXED commit with ``synchronous_commit = off``; every other primitive
+    (reservations, the journal, approvals, dedupe, the kill switch) waits for its flush."""
+    import asyncio
+
+    from authority_sdk.store import pg_plans
+
+    def show() -> Any:
+        rows = yield ("SHOW synchronous_commit", ())
+        return rows[0][0]
+
+    store = pg.open()
+    try:
+        for name in sorted(pg_plans.PLANS):
+            want = "off" if name in pg_plans.RELAXED else "on"  # by the name it runs as
+            assert store._run(name, show()) == want, name
+
+        async def both() -> tuple[Any, Any]:
+            got = (await store.aio.run("idem_replace_lazy", show()),
+                   await store.aio.run("idem_replace", show()))
+            await store.aio.aclose()
+            return got
+
+        assert asyncio.run(both()) == ("off", "on")
+        # The finished answer is lazy; the answer kept before any effect is flushed.
+        store.idem_claim("k", {"claim_id": "a"}, ttl_s=DAY)
+        assert store.idem_replace("k", "a", {"claim_id": "a", "answer": 1}, ttl_s=DAY)
+        assert store.idem_replace("k", "a", {"claim_id": "a", "status": "done"}, ttl_s=DAY,
+                                  flush=False)
+        assert store.idem_get("k") == {"claim_id": "a", "status": "done"}
+    finally:
+        store.close()
+    assert pg_plans.RELAXED.isdisjoint({"idem_replace", "budget_reserve", "journal_begin",
+                                        "journal_update", "approval_create", "approval_transition",
+                                        "dedupe_claim", "set_kill_switch", "outbox_put"})
