@@ -112,14 +112,13 @@ def _base(first: int) -> int:
 def open_archive(af: ArchiveFile) -> IO[bytes]:
     """An archived file's uncompressed bytes (a plain file removed by a compressor meanwhile
     is read from its ``.gz``)."""
+    # gzip.open, not GzipFile(fileobj=...): closing the latter leaves the file open.
+    if af.compressed:
+        return gzip.open(af.path, "rb")  # type: ignore[return-value]
     try:
-        f: IO[bytes] = open(af.path, "rb")  # noqa: SIM115 - the caller closes it
+        return open(af.path, "rb")
     except FileNotFoundError:
-        if af.compressed:
-            raise
-        f = open(af.path.with_name(af.name + ".gz"), "rb")  # noqa: SIM115
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
-    return gzip.GzipFile(fileobj=f, mode="rb") if af.compressed else f  # type: ignore[return-value]
+        return gzip.open(af.path.with_name(af.name + ".gz"), "rb")  # type: ignore[return-value]
 
 
 def first_and_last(af: ArchiveFile) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

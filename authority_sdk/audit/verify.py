@@ -117,7 +117,7 @@ def verify_records(records: Iterable[Record], head: tuple[int, str] | None = Non
     try:
         for rec in records:
             lineno += 1
-            bad_file = files.enter(rec, seq)
+            bad_file = files.enter(rec)
             if bad_file:
                 return fail(lineno, bad_file)
             entry = rec.entry
@@ -335,7 +335,7 @@ class _Files:
         self._first: int | None = None
         self._last: int | None = None
 
-    def enter(self, rec: Record, seq: int) -> str | None:
+    def enter(self, rec: Record) -> str | None:
         if rec.source == self.current:
             self.line += 1
             return None

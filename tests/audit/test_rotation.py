@@ -327,3 +327,21 @@ def test_a_long_archive_is_read_one_file_at_a_time(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ,
                           "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_long_compressed_archive_reads_within_few_descriptors(tmp_path: Path) -> None:
+    s = sink(tmp_path, max_bytes=1)
+    fill(s, 80)
+    s.compress_archives()
+    code = textwrap.dedent(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+        from authority_sdk.audit import FileSink, verify_sink
+        s = FileSink({str(s.path)!r}, fsync=False)
+        for _ in range(3):  # each pass opens every archive, one at a time
+            assert verify_sink(s).ok
+            assert [x.entry["seq"] for x in s.records_before(None)][-1] == 1
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ,
+                          "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
