@@ -38,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .crashpoints import crash_point
 from .lines import parse_entry, read_records_from, records_before_in, reverse_lines
 from .locking import FlockLock, LockTimeout
 from .protocol import Record
+from .pruned import fsync_dir
 
 __all__ = [
     "POSITION_BITS",
@@ -49,6 +51,7 @@ __all__ = [
     "Snapshot",
     "archive_name",
     "archive_range",
+    "compress",
     "first_and_last",
     "list_archives",
     "split_position",
@@ -272,3 +275,44 @@ class Snapshot:
 def _copy(src: IO[bytes], dst: IO[bytes]) -> None:
     while chunk := src.read(1 << 20):
         dst.write(chunk)
+
+
+def compress(directory: Path, stem: str) -> int:
+    """gzip the archived files that are still plain; returns how many. Outside the append
+    lock (an archived file never changes): the ``.gz`` is synced and renamed into place
+    before the plain file goes, so a crash leaves one or both, and two compressors racing
+    write the same bytes."""
+    done = 0
+    for af in list_archives(directory, stem):
+        if af.compressed:
+            continue
+        gz = af.path.with_name(af.name + ".gz")
+        if not gz.exists():
+            try:
+                _gzip(af.path, gz)
+            except FileNotFoundError:
+                continue  # another process compressed it meanwhile
+            crash_point("compress:after_gz")
+        with contextlib.suppress(FileNotFoundError):
+            af.path.unlink()
+        fsync_dir(directory)
+        done += 1
+    return done
+
+
+def _gzip(src: Path, dst: Path) -> None:
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as raw:
+            with gzip.GzipFile(filename=src.name, fileobj=raw, mode="wb", mtime=0) as gz:
+                shutil.copyfileobj(fin, gz, 1 << 20)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

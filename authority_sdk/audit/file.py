@@ -49,6 +49,7 @@ from .archive import (
     ArchiveFile,
     Snapshot,
     archive_name,
+    compress,
     first_and_last,
     list_archives,
     open_archive,
@@ -164,25 +165,9 @@ class FileSink(SinkSettings):
         return read_prune_record(self.prune_record_path)
 
     def compress_archives(self) -> int:
-        """gzip archived files that are still plain (outside the lock: archives never change).
-        The ``.gz`` is synced and renamed into place before the plain file goes, so a crash
-        leaves one or both. Returns how many were compressed."""
-        done = 0
-        for af in self.archives():
-            if af.compressed:
-                continue
-            gz = af.path.with_name(af.name + ".gz")
-            if not gz.exists():
-                try:
-                    _gzip(af.path, gz)
-                except FileNotFoundError:
-                    continue  # another process compressed it meanwhile
-                crash_point("compress:after_gz")
-            with contextlib.suppress(FileNotFoundError):
-                af.path.unlink()
-            fsync_dir(self.archive_dir)
-            done += 1
-        return done
+        """gzip archived files that are still plain; returns how many (see
+        :func:`.archive.compress`)."""
+        return compress(self.archive_dir, self.stem)
 
     def _rotate_if_due(self) -> ArchiveFile | None:
         cfg = self.rotate_settings
@@ -528,25 +513,6 @@ def _parse_ts(ts: str) -> float | None:
         return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-
-
-def _gzip(src: Path, dst: Path) -> None:
-    import gzip
-    import shutil
-
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as raw:
-            with gzip.GzipFile(filename=src.name, fileobj=raw, mode="wb", mtime=0) as gz:
-                shutil.copyfileobj(fin, gz, 1 << 20)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _datasync(fd: int) -> None:
