@@ -127,6 +127,9 @@ def verify_records(records: Iterable[Record], head: tuple[int, str] | None = Non
             if problem:
                 return fail(lineno, problem)
             s, h = entry["seq"], entry["hash"]
+            misnamed = files.misnamed(s)
+            if misnamed:
+                return fail(lineno, misnamed)
             if h != entry_hash(entry["prev_hash"], entry):
                 return fail(lineno, f"hash mismatch at seq {s}: the entry was altered")
             if key is not None:
@@ -343,6 +346,14 @@ class _Files:
         self.previous, self.current, self.line = self.current, rec.source, 1
         self._first = self._last = None
         return problem
+
+    def misnamed(self, seq: int) -> str | None:
+        """An archived file whose first entry is not the seq its name starts at."""
+        named = archive_range(self.current) if self.current and self.line == 1 else None
+        if named is None or named[0] == seq:
+            return None
+        return (f"{self.current} starts at seq {seq} but its name says {named[0]}..{named[1]} "
+                "(renamed, swapped or edited)")
 
     def saw(self, seq: int) -> None:
         if self._first is None:
