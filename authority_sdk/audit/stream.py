@@ -131,18 +131,22 @@ class _Syslog:
 
     def _connect(self) -> socket.socket:
         t = self.target
-        if t.address.startswith("/"):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM if t.protocol == "udp"
-                                 else socket.SOCK_STREAM)
-            sock.settimeout(t.timeout_s)
-            sock.connect(t.address)
-            return sock
-        host, _, port = t.address.rpartition(":")
         kind = socket.SOCK_DGRAM if t.protocol == "udp" else socket.SOCK_STREAM
-        info = socket.getaddrinfo(host.strip("[]") or "127.0.0.1", int(port), type=kind)[0]
-        sock = socket.socket(info[0], kind)
-        sock.settimeout(t.timeout_s)
-        sock.connect(info[4])
+        where: Any
+        if t.address.startswith("/"):
+            where = t.address
+            sock = socket.socket(socket.AF_UNIX, kind)
+        else:
+            host, _, port = t.address.rpartition(":")
+            info = socket.getaddrinfo(host.strip("[]") or "127.0.0.1", int(port), type=kind)[0]
+            where = info[4]
+            sock = socket.socket(info[0], kind)
+        try:
+            sock.settimeout(t.timeout_s)
+            sock.connect(where)
+        except BaseException:
+            sock.close()  # a receiver that is down must not cost a descriptor per attempt
+            raise
         return sock
 
     def send(self, entries: list[dict[str, Any]]) -> None:

@@ -239,7 +239,8 @@ def test_a_crash_at_each_rotation_step_leaves_a_verifiable_chain(tmp_path: Path,
         expected = 20
     else:
         proc2 = _writer(path, 40, "w", 1500, crash_at=step)
-        assert proc2.wait(60) == -signal.SIGKILL
+        proc2.communicate(timeout=60)
+        assert proc2.returncode == -signal.SIGKILL
         s = sink(tmp_path)
         expected = max(r.entry["seq"] for r in s.records() if r.entry)
     result = verify_sink(s)
@@ -258,7 +259,8 @@ def test_two_processes_appending_across_rotations_lose_nothing(tmp_path: Path) -
     path = tmp_path / "audit.jsonl"
     procs = [_writer(path, 150, tag, 4000) for tag in ("a", "b")]
     for p in procs:
-        assert p.wait(120) == 0, p.stderr.read() if p.stderr else ""
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
     s = sink(tmp_path, max_bytes=4000)
     result = verify_sink(s)
     assert result.ok, result.reason
