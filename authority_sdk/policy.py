@@ -32,11 +32,13 @@ __all__ = [
     "MATCHERS",
     "ActionPolicy",
     "AuditConfig",
+    "AuditRotate",
     "Budget",
     "Ceilings",
     "Defaults",
     "Environment",
     "ExecutorConfig",
+    "HttpStream",
     "KeyConfig",
     "Limit",
     "LogExecutor",
@@ -49,6 +51,7 @@ __all__ = [
     "Rule",
     "SmtpExecutor",
     "StateConfig",
+    "SyslogStream",
     "TelemetryConfig",
     "UpstreamConfig",
     "WebhookExecutor",
@@ -213,6 +216,95 @@ class StateConfig(_Strict):
         return self
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration_s(text: str) -> float:
+    """Seconds in a duration written ``90d``, ``12h``, ``30m``, ``45s`` or ``2w``."""
+    t = text.strip()
+    if len(t) < 2 or t[-1] not in _DURATION_UNITS:
+        raise ValueError(f"{text!r} is not a duration (a number and s, m, h, d or w: 90d)")
+    try:
+        n = float(t[:-1])
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (a number and s, m, h, d or w: 90d)"
+                         ) from None
+    if not n > 0 or n != n or n == float("inf"):
+        raise ValueError(f"{text!r}: a duration must be positive")
+    return n * _DURATION_UNITS[t[-1]]
+
+
+def _check_duration(v: str | None) -> str | None:
+    if v is not None:
+        duration_s(v)
+    return v
+
+
+class AuditRotate(_Strict):
+    max_bytes: int | None = Field(
+        None, ge=1, description="Rotate once the active file holds at least this many bytes")
+    every: str | None = Field(
+        None, description="Rotate once the active file's first entry is this old (1d, 12h)")
+    compress: bool = Field(False, description="gzip archived files")
+
+    _every = field_validator("every")(_check_duration)
+
+    @model_validator(mode="after")
+    def _a_trigger(self) -> AuditRotate:
+        if self.max_bytes is None and self.every is None:
+            raise ValueError("rotate needs max_bytes, every, or both")
+        return self
+
+    @property
+    def every_s(self) -> float | None:
+        return duration_s(self.every) if self.every else None
+
+
+class SyslogStream(_Strict):
+    kind: Literal["syslog"]
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Names the "
+                             "stream's cursor (default: derived from the address)")
+    address: str = Field(description="host:port, or a local socket path such as /dev/log")
+    protocol: Literal["udp", "tcp"] = "udp"
+    facility: Literal["kern", "user", "daemon", "auth", "authpriv", "local0", "local1",
+                      "local2", "local3", "local4", "local5", "local6", "local7"] = "local0"
+    app_name: str = Field("authority", pattern=r"^[!-~]{1,48}$")  # RFC 5424 APP-NAME
+    timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _host_port_or_path(cls, v: str) -> str:
+        if v.startswith("/"):
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{v!r}: give host:port (127.0.0.1:514) or a socket path (/dev/log)")
+        return v
+
+
+class HttpStream(_Strict):
+    kind: Literal["http"]
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    headers_env: dict[str, str] = Field(
+        default_factory=dict, description="Header name: the environment variable holding its "
+        "value (secrets stay out of the policy file)")
+    timeout_s: float = Field(10.0, gt=0)
+    batch: int = Field(100, ge=1, le=10000, description="Entries per POST")
+
+
+StreamTarget = Annotated[SyslogStream | HttpStream, Field(discriminator="kind")]
+
+
+def stream_name(target: SyslogStream | HttpStream) -> str:
+    """The name a stream's cursor is kept under: given, or derived from where it sends."""
+    if target.name:
+        return target.name
+    where = target.address if isinstance(target, SyslogStream) else target.url
+    return f"{target.kind}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+
+
 class AuditConfig(_Strict):
     backend: Literal["file", "postgres"] = Field(
         "file", description="file: JSONL at path; postgres: one chain in a table for all "
@@ -233,6 +325,19 @@ class AuditConfig(_Strict):
         "against it, so deleting the log and the state store together is caught. Needs a key")
     checkpoint_every: int = Field(
         1000, ge=1, description="Write a checkpoint every this many entries (and at shutdown)")
+    rotate: AuditRotate | None = Field(
+        None, description="file: move the active file into the archive folder past a size or "
+        "an age; the chain continues across files")
+    archive_dir: str | None = Field(
+        None, description="file: where rotated files go (default: archive/ beside the log)")
+    retention: str | None = Field(
+        None, description="Delete archived files whose newest entry is older than this (90d), "
+        "only once checkpointed and streamed; a signed prune record keeps the chain verifiable")
+    stream: list[StreamTarget] = Field(
+        default_factory=list, description="Send every entry, once durable, to these sinks "
+        "(syslog, HTTP), resuming from a durable cursor")
+
+    _retention = field_validator("retention")(_check_duration)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuditConfig:
@@ -241,6 +346,15 @@ class AuditConfig(_Strict):
         if self.checkpoint_path and not (self.hmac_key_env or self.hmac_key_file):
             raise ValueError("checkpoint_path needs hmac_key_env or hmac_key_file: an unsigned "
                              "checkpoint can be rewritten along with the log")
+        if self.backend != "file" and (self.rotate is not None or self.archive_dir):
+            raise ValueError("rotate and archive_dir apply to backend: file (the table has no "
+                             "files to rotate; retention and stream apply to both)")
+        if self.backend == "file" and self.retention and self.rotate is None:
+            raise ValueError("retention deletes archived files: it needs rotate (max_bytes or "
+                             "every), or nothing is ever archived")
+        names = [t.name or stream_name(t) for t in self.stream]
+        if len(names) != len(set(names)):
+            raise ValueError("stream: two targets share a name; give each a distinct name")
         return self
 
 
@@ -787,6 +901,13 @@ class Policy(_Strict):
     @property
     def audit_path(self) -> Path:
         return self.resolve_path(self.audit.path)
+
+    @property
+    def audit_archive_path(self) -> Path:
+        """Where rotated audit files go: ``audit.archive_dir``, or ``archive/`` beside the log."""
+        if self.audit.archive_dir:
+            return self.resolve_path(self.audit.archive_dir)
+        return self.audit_path.parent / "archive"
 
 
 def _format_errors(exc: ValidationError) -> list[str]:

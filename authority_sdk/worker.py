@@ -13,7 +13,9 @@ once when the holder was a process on this host that is gone (a proxy restarted 
 3. releases business-key claims whose action never started and whose owner died;
 4. expires pending approvals past their TTL, even when nobody lists them, with an
    audit entry;
-5. delivers the notification outbox (``delivery.py``), retrying with backoff.
+5. delivers the notification outbox (``delivery.py``), retrying with backoff;
+6. runs the audit log's lifecycle (``audit/lifecycle.py``): rotation by age, compression,
+   retention, and streaming to outside sinks.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ class Worker:
         # On a shared store: this replica's heartbeat, which keeps its claims its own.
         self.replica = replica
         self._stop = threading.Event()
+        from .audit.lifecycle import LifecycleState
+
+        self._lifecycle = LifecycleState()
         self._thread: threading.Thread | None = None
         self._beater: threading.Thread | None = None
 
@@ -130,12 +135,21 @@ class Worker:
             report["recovered"] = run(recover_d(eng), rt)
             report["expired"] = run(expire_approvals_d(eng), rt)
             report["notified"] = deliver_round(eng, keep_lease=self._keep_lease)
+            report["audit_lifecycle"] = self._audit_lifecycle()
         except AuthorityError as exc:
             report["error"] = exc.message
             log.warning("background worker round failed: %s", exc.message)
         for r in report.get("recovered") or []:
             log.warning("recovered %s", r)
         return report
+
+    def _audit_lifecycle(self) -> dict[str, Any]:
+        from .audit.lifecycle import lifecycle_round
+
+        pol = self.engine.policy
+        if pol.audit.rotate is None and not pol.audit.retention and not pol.audit.stream:
+            return {}
+        return lifecycle_round(pol, self.engine.audit, self._lifecycle)
 
     def _keep_lease(self, ttl_s: float) -> bool:
         return self.engine.store.lease_acquire(

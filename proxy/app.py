@@ -569,7 +569,19 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     @app.get("/metrics", tags=["management"], response_class=Response,
              summary="Prometheus metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        body = metrics.render()
+        if pol.audit.stream:
+            body += (await run_in_threadpool(_audit_stream_metrics)).encode()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    def _audit_stream_metrics() -> str:
+        from authority_sdk.audit.lifecycle import stream_metrics
+
+        try:
+            head = gw.store.get_audit_head()
+        except AuthorityError:
+            return ""  # the store is down: /healthz says so; the other metrics still answer
+        return stream_metrics(pol, head[0] if head else 0)
 
     return app
 

@@ -9,12 +9,18 @@
 - :mod:`.checkpoint` — signed checkpoints kept outside the state folder;
 - :mod:`.losses` — what a sink records when entries it knew of are gone;
 - :mod:`.verify` — the verdict on a chain;
-- :mod:`.acknowledge` — a person recording that a loss was investigated.
+- :mod:`.acknowledge` — a person recording that a loss was investigated;
+- :mod:`.archive` — rotated files, and reading one chain across them; :mod:`.retention`
+  and :mod:`.pruned` — deleting old archives and recording where the kept chain starts;
+- :mod:`.stream` — sending entries to syslog/HTTP from a durable cursor;
+  :mod:`.stream_check` — comparing a receiver's copy with the chain;
+- :mod:`.lifecycle` — the periodic jobs (rotate, compress, prune, stream) and their status.
 """
 
 from __future__ import annotations
 
 from .acknowledge import acknowledge
+from .archive import ArchiveFile
 from .chain import (
     DECISIONS,
     EVENTS,
@@ -28,8 +34,12 @@ from .checkpoint import Checkpoint, CheckpointFile
 from .file import AuditLog, FileSink
 from .lines import tail
 from .protocol import AuditHead, AuditSink, Record
+from .pruned import PruneRecord
 from .redaction import REDACTED, redact
 from .registry import open_sink, register_sink
+from .retention import PruneResult, prune
+from .stream import StreamCursor, StreamState, stream_round
+from .stream_check import StreamComparison, compare_with_stream, read_stream_copy
 from .verify import Loss, VerifyResult, verify, verify_records, verify_sink
 
 __all__ = [
@@ -38,6 +48,7 @@ __all__ = [
     "FIELDS",
     "GENESIS_HASH",
     "REDACTED",
+    "ArchiveFile",
     "AuditHead",
     "AuditLog",
     "AuditSink",
@@ -45,15 +56,24 @@ __all__ = [
     "CheckpointFile",
     "FileSink",
     "Loss",
+    "PruneRecord",
+    "PruneResult",
     "Record",
+    "StreamComparison",
+    "StreamCursor",
+    "StreamState",
     "VerifyResult",
     "acknowledge",
     "canonical_json",
+    "compare_with_stream",
     "entry_hash",
     "entry_mac",
     "open_sink",
+    "prune",
+    "read_stream_copy",
     "redact",
     "register_sink",
+    "stream_round",
     "tail",
     "verify",
     "verify_records",

@@ -56,7 +56,7 @@ FIELDS: tuple[str, ...] = (
     "actor", "policy_hash", "prev_hash", "hash",
 )
 EVENTS = frozenset({"request", "action", "approval", "kill_switch", "replay", "recovery",
-                    "notification", "policy", "upstream"})
+                    "notification", "policy", "upstream", "retention"})
 DECISIONS = frozenset({"allow", "deny", "error", None})
 GENESIS_HASH = "0" * 64
 # Entries the chain knew (a synced head, a checkpoint) that are gone: verify fails on them

@@ -21,32 +21,57 @@ append):
 
 Any I/O failure raises :class:`~authority_sdk.errors.AuthorityUnavailable`, so
 callers deny (fail closed).
+
+With ``audit.rotate`` the active file is renamed into the archive folder (see
+:mod:`.archive`) under the same lock, once it passes a size or an age; the next entry
+starts a new file and links to the archived last hash, so the chain runs on across
+files. Readers see the archive and the active file as one chain. When the active file
+holds no entry (just rotated), the tail is taken from the newest archive, or from the
+prune record when retention deleted them all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthorityError, AuthorityUnavailable
-from .chain import GENESIS_HASH, Prepared, build, build_run, prepare
+from .archive import (
+    ArchiveFile,
+    Snapshot,
+    archive_name,
+    compress,
+    first_and_last,
+    list_archives,
+    open_archive,
+)
+from .chain import GENESIS_HASH, Prepared, build, build_run, lost_range, prepare
 from .checkpoint import Checkpoint, CheckpointFile
-from .lines import line_start, parse_entry, read_records, records_before, reverse_lines
+from .crashpoints import crash_point
+from .lines import line_start, parse_entry, reverse_lines
 from .locking import LOCK_TIMEOUT_S, FlockLock, LockTimeout
 from .losses import Known, losses
 from .protocol import AuditHead, Record, SinkSettings
+from .pruned import PruneRecord, fsync_dir, prune_record_path, read_prune_record
 
 if TYPE_CHECKING:
-    from ..policy import Policy
+    from ..policy import AuditRotate, Policy
+
+log = logging.getLogger("authority.audit")
 
 __all__ = ["AuditLog", "FileSink", "open_for_policy"]
 
 _MAX_TORN_TEXT = 4096
+_TS = re.compile(rb'^\{"ts":"([^"]{1,64})"')
 
 
 class FileSink(SinkSettings):
@@ -60,10 +85,14 @@ class FileSink(SinkSettings):
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True,
                  head: AuditHead | None = None, redact: Iterable[str] = (),
                  key: bytes | None = None, checkpoints: CheckpointFile | None = None,
-                 checkpoint_every: int = 1000) -> None:
+                 checkpoint_every: int = 1000, archive_dir: str | os.PathLike[str] | None = None,
+                 rotate: AuditRotate | None = None) -> None:
         self.path = Path(path)
         self.location = str(self.path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.archive_dir = Path(archive_dir) if archive_dir else self.path.parent / "archive"
+        self.stem = self.path.stem
+        self.rotate_settings = rotate
         self._settings(fsync=fsync, head=head, redact=redact, key=key, checkpoints=checkpoints,
                        checkpoint_every=checkpoint_every)
         self._reset_process_state()
@@ -72,7 +101,8 @@ class FileSink(SinkSettings):
     def for_policy(cls, policy: Policy, head: AuditHead | None = None) -> FileSink:
         from .registry import sink_options
 
-        return cls(policy.audit_path, head=head, **sink_options(policy))
+        return cls(policy.audit_path, head=head, archive_dir=policy.audit_archive_path,
+                   rotate=policy.audit.rotate, **sink_options(policy))
 
     def _reset_process_state(self) -> None:
         # Locks and descriptors do not survive fork() usefully; a child starts afresh.
@@ -85,6 +115,7 @@ class FileSink(SinkSettings):
         self._seq = 0
         self._hash = GENESIS_HASH
         self._checkpointed = 0
+        self._first_ts: float | None = None  # the active file's first entry, for rotate.every
 
     # -- writing --------------------------------------------------------------------------
 
@@ -104,7 +135,92 @@ class FileSink(SinkSettings):
         with self._locked():
             entries = build_run(prepared, self._seq, self._hash, self.key)
             self._write(entries)
+            if self.rotate_settings is not None:
+                self._rotate_if_due()
         return entries
+
+    def _write_locked(self, items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """:meth:`append_many` for a caller already holding the locks (retention)."""
+        prepared = [prepare(event, dict(fields), self._redact) for event, fields in items]
+        entries = build_run(prepared, self._seq, self._hash, self.key)
+        self._write(entries)
+        return entries
+
+    # -- rotation -------------------------------------------------------------------------
+
+    def rotate(self, *, force: bool = False) -> ArchiveFile | None:
+        """Archive the active file now when it is due (any time with ``force``, unless it
+        holds no entry); returns the archived file."""
+        with self._locked():
+            return self._rotate() if force else self._rotate_if_due()
+
+    def archives(self) -> list[ArchiveFile]:
+        return list_archives(self.archive_dir, self.stem)
+
+    @property
+    def prune_record_path(self) -> Path:
+        return prune_record_path(self.archive_dir, self.stem)
+
+    def prune_record(self) -> PruneRecord | None:
+        return read_prune_record(self.prune_record_path)
+
+    def compress_archives(self) -> int:
+        """gzip archived files that are still plain; returns how many (see
+        :func:`.archive.compress`)."""
+        return compress(self.archive_dir, self.stem)
+
+    def _rotate_if_due(self) -> ArchiveFile | None:
+        cfg = self.rotate_settings
+        if cfg is None or self._size <= 0:
+            return None
+        due = cfg.max_bytes is not None and self._size >= cfg.max_bytes
+        every = cfg.every_s
+        if every is not None and self._first_ts is not None:
+            due = due or time.time() - self._first_ts >= every
+        if not due:
+            return None
+        try:
+            return self._rotate()
+        except AuthorityError as exc:
+            # The entries are written and synced: a failed rotation must not fail the append.
+            # The active file keeps growing, and the next append tries again.
+            log.warning("audit log rotation failed: %s", exc.message)
+            return None
+
+    def _rotate(self) -> ArchiveFile | None:
+        """Called under the locks, the tail synced. Rename, sync both folders, start anew."""
+        fd = self._fd
+        assert fd is not None
+        if self._size <= 0:
+            return None
+        first = _first_entry(fd)
+        if first is None:
+            raise AuthorityUnavailable(f"audit log unavailable: cannot rotate {self.path}: its "
+                                       "first line is not an entry; run `authority audit verify`")
+        target = self.archive_dir / archive_name(self.stem, first["seq"], self._seq)
+        try:
+            if not self.archive_dir.exists():
+                self.archive_dir.mkdir(parents=True, exist_ok=True)
+                fsync_dir(self.archive_dir.parent)
+            if target.exists() or target.with_name(target.name + ".gz").exists():
+                raise FileExistsError(f"{target} already exists")
+            if not self.fsync:
+                _datasync(fd)  # an archived file is final: nothing in it may be taken back
+            crash_point("rotate:before_rename")
+            os.rename(self.path, target)
+            crash_point("rotate:after_rename")
+            fsync_dir(self.archive_dir)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise self._unavailable("cannot rotate", exc) from exc
+        # The new active file now, so readers find an (empty) file; the cached seq and hash
+        # are the archive's last, which the next entry links to.
+        seq, hsh = self._seq, self._hash
+        self._open_fd()
+        self._seq, self._hash, self._size, self._first_ts = seq, hsh, 0, None
+        crash_point("rotate:after_create")
+        log.info("audit log rotated: %s (seqs %d..%d)", target, first["seq"], seq)
+        return ArchiveFile(first["seq"], seq, target, False)
 
     def open(self) -> FileSink:
         """Open the file now: recover a torn last line, record losses, create the file."""
@@ -136,13 +252,32 @@ class FileSink(SinkSettings):
     # -- reading (never writes) -----------------------------------------------------------
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.path.exists() or bool(self.archives())
 
     def records(self) -> Iterator[Record]:
-        return read_records(self.path)
+        """Every record across the archive and the active file, oldest first."""
+        return self.records_from(None)
+
+    def records_from(self, position: int | None) -> Iterator[Record]:
+        """Records from ``position`` (a record's position) on, oldest first."""
+        snap = self._snapshot()
+        try:
+            yield from snap.records(position)
+        finally:
+            snap.close()
 
     def records_before(self, position: int | None = None) -> Iterator[Record]:
-        return records_before(self.path, position)
+        try:
+            snap = self._snapshot()
+        except FileNotFoundError:
+            return
+        try:
+            yield from snap.records_before(position)
+        finally:
+            snap.close()
+
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(self.path, self.archive_dir, self.stem, self.lock_path)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -204,7 +339,11 @@ class FileSink(SinkSettings):
                     f"audit log unavailable: {self.path} is corrupt near byte {off} (its last "
                     "lines are not audit entries); run `authority audit verify`")
             good_end = off
-        seq, hsh = (last["seq"], last["hash"]) if last is not None else (0, GENESIS_HASH)
+        if last is not None:
+            seq, hsh = last["seq"], last["hash"]
+        else:
+            seq, hsh = self._archived_tail()  # just rotated (or everything pruned)
+        self._first_ts = _first_ts(read, good_end)
 
         # What is known to have been written: this process's own appends, the store's head,
         # the checkpoint. Read before anything changes, so a loss is measured against them.
@@ -222,7 +361,7 @@ class FileSink(SinkSettings):
         def newest_first() -> Iterator[dict[str, Any] | None]:
             return (parse_entry(raw) for _off, raw in reverse_lines(read, good_end))
 
-        lost = losses(known, seq, hsh, newest_first)
+        lost = losses(known, seq, hsh, newest_first, older=self._archived_holds)
         torn: Prepared | None = None
         if good_end < size:
             length = size - good_end
@@ -240,6 +379,40 @@ class FileSink(SinkSettings):
             self._write([build(p, self._seq, self._hash, self.key, seq=skip_to)])
         if torn is not None:
             self._write([build(torn, self._seq, self._hash, self.key)])
+
+    def _archived_tail(self) -> tuple[int, str]:
+        archives = self.archives()
+        if archives:
+            _first, last = first_and_last(archives[-1])
+            if last is None:
+                raise AuthorityUnavailable(
+                    f"audit log unavailable: the last line of {archives[-1].path} is not an "
+                    "entry; run `authority audit verify`")
+            return last["seq"], last["hash"]
+        pruned = self.prune_record()
+        if pruned is not None:
+            return pruned.seq, pruned.hash
+        return 0, GENESIS_HASH
+
+    def _archived_holds(self, want: int, want_hash: str) -> bool:
+        """Is entry ``want`` (older than the active file) archived with ``want_hash``, or
+        accounted for (inside a recorded loss, or pruned up to the prune record)?"""
+        pruned = self.prune_record()
+        if pruned is not None and want <= pruned.seq:
+            return want < pruned.seq or pruned.hash == want_hash
+        for af in self.archives():
+            if not af.first <= want <= af.last:
+                continue
+            with open_archive(af) as f:
+                for raw in f:
+                    entry = parse_entry(raw.rstrip(b"\n"))
+                    if entry is None or entry["seq"] < want:
+                        continue
+                    if entry["seq"] == want:
+                        return bool(entry["hash"] == want_hash)
+                    lost = lost_range(entry)
+                    return lost is not None and lost[0] <= want <= lost[1]
+        return False
 
     def _read_checkpoint(self) -> Checkpoint | None:
         assert self.checkpoints is not None
@@ -275,6 +448,8 @@ class FileSink(SinkSettings):
                 os.ftruncate(fd, old_size)
             self._size = -1
             raise AuthorityUnavailable(f"audit log unavailable: short write to {self.path}")
+        if old_size == 0:
+            self._first_ts = _parse_ts(entries[0]["ts"])
         self._size = old_size + written
         last = entries[-1]
         self._seq, self._hash = last["seq"], last["hash"]
@@ -310,15 +485,34 @@ def open_for_policy(policy: Policy, head: AuditHead | None) -> FileSink:
     return FileSink.for_policy(policy, head)
 
 
-def _fsync_dir(path: Path) -> None:
+_fsync_dir = fsync_dir
+
+
+def _first_entry(fd: int) -> dict[str, Any] | None:
+    line = b""
+    offset = 0
+    while b"\n" not in line:
+        chunk = os.pread(fd, 64 * 1024, offset)
+        if not chunk:
+            break
+        line += chunk
+        offset += len(chunk)
+    return parse_entry(line.split(b"\n", 1)[0])
+
+
+def _first_ts(read: Any, end: int) -> float | None:
+    """The active file's first entry's time (for rotate.every), from its first bytes."""
+    if end <= 0:
+        return None
+    m = _TS.match(read(0, min(end, 128)))
+    return _parse_ts(m.group(1).decode("ascii", "replace")) if m else None
+
+
+def _parse_ts(ts: str) -> float | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported everywhere; the file's own sync still holds
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _datasync(fd: int) -> None:

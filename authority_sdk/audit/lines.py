@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 from .protocol import Record, last_entries
 
-__all__ = ["MAX_LINE", "MAX_SHOWN", "line_start", "parse_entry", "read_records", "records_before",
-           "reverse_lines", "tail"]
+__all__ = ["MAX_LINE", "MAX_SHOWN", "line_start", "parse_entry", "read_records",
+           "read_records_from", "records_before", "records_before_in", "reverse_lines", "tail"]
 
 Reader = Callable[[int, int], bytes]
 
@@ -85,32 +85,44 @@ def shown(raw: bytes, length: int | None = None) -> str:
     return text
 
 
-def _invalid(raw: bytes, offset: int, problem: str, length: int | None = None) -> Record:
+def _invalid(raw: bytes, offset: int, problem: str, length: int | None = None,
+             source: str | None = None) -> Record:
     size = len(raw) if length is None else length
-    return Record(offset, min(size, MAX_SHOWN), None, problem, shown(raw, size))
+    return Record(offset, min(size, MAX_SHOWN), None, problem, shown(raw, size), source)
 
 
 def read_records(path: str | os.PathLike[str]) -> Iterator[Record]:
     """Every line of the file as a record, oldest first. A missing file raises ``OSError``."""
     f = open(path, "rb")  # noqa: SIM115 - a generator: closed by the with below
     with f:
-        offset = 0
-        while raw := f.readline(MAX_LINE):
-            if not raw.endswith(b"\n"):
-                problem = (f"line longer than {MAX_LINE >> 20} MiB" if len(raw) == MAX_LINE
-                           else "torn line: no trailing newline (incomplete write)")
-                yield _invalid(raw, offset, problem)
-                return
-            try:
-                entry = json.loads(raw)
-            except (ValueError, RecursionError):
-                yield _invalid(raw[:-1], offset, "not valid JSON")
+        yield from read_records_from(f)
+
+
+def read_records_from(f: IO[bytes], *, base: int = 0, limit: int | None = None,
+                      source: str | None = None) -> Iterator[Record]:
+    """The lines of an open file from where it stands, oldest first; positions are ``base``
+    plus the offset. With ``limit``, bytes from there on are not read (appended later)."""
+    offset = 0
+    while limit is None or offset < limit:
+        want = MAX_LINE if limit is None else min(MAX_LINE, limit - offset)
+        raw = f.readline(want)
+        if not raw:
+            return
+        if not raw.endswith(b"\n"):
+            problem = (f"line longer than {MAX_LINE >> 20} MiB" if len(raw) == MAX_LINE
+                       else "torn line: no trailing newline (incomplete write)")
+            yield _invalid(raw, base + offset, problem, source=source)
+            return
+        try:
+            entry = json.loads(raw)
+        except (ValueError, RecursionError):
+            yield _invalid(raw[:-1], base + offset, "not valid JSON", source=source)
+        else:
+            if isinstance(entry, dict):
+                yield Record(base + offset, len(raw), entry, source=source)
             else:
-                if isinstance(entry, dict):
-                    yield Record(offset, len(raw), entry)
-                else:
-                    yield _invalid(raw[:-1], offset, "not a JSON object")
-            offset += len(raw)
+                yield _invalid(raw[:-1], base + offset, "not a JSON object", source=source)
+        offset += len(raw)
 
 
 def records_before(path: str | os.PathLike[str], position: int | None = None
@@ -125,26 +137,32 @@ def records_before(path: str | os.PathLike[str], position: int | None = None
     except FileNotFoundError:
         return
     with f:
-        def read(offset: int, n: int) -> bytes:
-            f.seek(offset)
-            data: bytes = f.read(n)
-            return data
+        yield from records_before_in(f, f.seek(0, os.SEEK_END), position)
 
-        size = f.seek(0, os.SEEK_END)
-        if position is None:
-            end = size
-            if size and read(size - 1, 1) != b"\n":
-                end = line_start(read, size)
-                yield _invalid(read(end, min(size - end, MAX_SHOWN)), end,
-                               "torn line: no trailing newline (incomplete write)", size - end)
-        else:
-            end = position
-            if not 0 <= end <= size or (end and read(end - 1, 1) != b"\n"):
-                raise ValueError(f"{position} is not the position of a record")
-        for off, raw in reverse_lines(read, end):
-            entry = parse_entry(raw)
-            yield (Record(off, len(raw) + 1, entry) if entry is not None
-                   else _invalid(raw, off, "not an audit entry"))
+
+def records_before_in(f: IO[bytes], size: int, position: int | None = None, *, base: int = 0,
+                      source: str | None = None) -> Iterator[Record]:
+    """:func:`records_before` on an open, seekable file of ``size`` bytes."""
+    def read(offset: int, n: int) -> bytes:
+        f.seek(offset)
+        data: bytes = f.read(n)
+        return data
+
+    if position is None:
+        end = size
+        if size and read(size - 1, 1) != b"\n":
+            end = line_start(read, size)
+            yield _invalid(read(end, min(size - end, MAX_SHOWN)), base + end,
+                           "torn line: no trailing newline (incomplete write)", size - end,
+                           source)
+    else:
+        end = position
+        if not 0 <= end <= size or (end and read(end - 1, 1) != b"\n"):
+            raise ValueError(f"{position} is not the position of a record")
+    for off, raw in reverse_lines(read, end):
+        entry = parse_entry(raw)
+        yield (Record(base + off, len(raw) + 1, entry, source=source) if entry is not None
+               else _invalid(raw, base + off, "not an audit entry", source=source))
 
 
 def tail(path: str | os.PathLike[str], n: int = 20) -> list[dict[str, Any]]:

@@ -26,11 +26,15 @@ __all__ = ["Known", "NewestFirst", "losses"]
 Known = tuple[str, int, str]
 # Entries newest first (None for an item that is not an entry).
 NewestFirst = Callable[[], Iterable["dict[str, Any] | None"]]
+Older = Callable[[int, str], bool]
 
 
-def losses(known: list[Known], seq: int, hsh: str,
-           newest_first: NewestFirst) -> list[tuple[Prepared, int | None]]:
-    """The recovery entries to append, each with the seq it must take (None: the next)."""
+def losses(known: list[Known], seq: int, hsh: str, newest_first: NewestFirst, *,
+           older: Older | None = None) -> list[tuple[Prepared, int | None]]:
+    """The recovery entries to append, each with the seq it must take (None: the next).
+
+    ``older(seq, hash)`` answers for a seq before everything ``newest_first`` walks (a file
+    sink's archive): does it hold that entry, or account for it?"""
     out: list[tuple[Prepared, int | None]] = []
     ahead = [k for k in known if k[1] > seq]
     if ahead:
@@ -41,7 +45,7 @@ def losses(known: list[Known], seq: int, hsh: str,
                                {"known_from": source, "known_hash": top_hash,
                                 "log_seq": seq, "log_hash": hsh}), top + 1))
     for source, kseq, khash in known:
-        if 0 < kseq <= seq and not _still_there(newest_first, kseq, khash, seq, hsh):
+        if 0 < kseq <= seq and not _still_there(newest_first, kseq, khash, seq, hsh, older):
             out.append((prepare("recovery", {
                 "reason": f"the log does not match {source} at seq {kseq} (hash "
                           f"{khash[:16]}…): entries rewritten",
@@ -52,7 +56,7 @@ def losses(known: list[Known], seq: int, hsh: str,
 
 
 def _still_there(newest_first: NewestFirst, want: int, want_hash: str, seq: int,
-                 hsh: str) -> bool:
+                 hsh: str, older: Older | None) -> bool:
     """Does the sink hold entry ``want`` with ``want_hash``, or record its loss?"""
     if want == seq:
         return hsh == want_hash
@@ -64,4 +68,4 @@ def _still_there(newest_first: NewestFirst, want: int, want_hash: str, seq: int,
         lost = lost_range(entry)
         if lost is not None and lost[0] <= want <= lost[1]:
             return True
-    return False
+    return older is not None and older(want, want_hash)

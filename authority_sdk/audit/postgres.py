@@ -14,6 +14,11 @@ head, and on first use the checkpoint — is compared with what the table holds,
 ``recovery`` entry records exactly the missing seqs. A transaction either commits whole
 or not at all, so there is no torn entry to set aside. Any database failure is
 :class:`~authority_sdk.errors.AuthorityUnavailable` (the gateway then denies).
+
+Retention (:meth:`PgAuditSink.prune`) deletes the oldest rows in the same transaction that
+appends the ``retention`` entry naming the last deleted seq and its hash: both or neither.
+That entry, MAC'd like every other, is the table's prune record (the file sink keeps a
+signed file beside its archive instead): verify starts the chain right after it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +40,19 @@ from .checkpoint import CheckpointFile
 from .lines import parse_entry
 from .losses import Known, losses
 from .protocol import AuditHead, Record, SinkSettings
+from .pruned import PruneRecord
 
 if TYPE_CHECKING:
     from ..policy import Policy
+    from .retention import PruneResult
 
 __all__ = ["PgAuditSink", "open_for_policy"]
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('authority-audit:' || current_schema()))"
+# Entries are text (see pg_schema); the event is matched loosely here and checked parsed.
+_RETENTION_LIKE = '%"event":"retention"%'
+_LAST_RETENTION = ("SELECT entry FROM authority_audit WHERE entry LIKE %s "
+                   "ORDER BY seq DESC LIMIT 1")
 _PAGE = 500
 
 
@@ -131,7 +143,11 @@ class PgAuditSink(SinkSettings):
         return bool(rows[0][0])
 
     def records(self) -> Iterator[Record]:
-        after = 0
+        return self.records_from(None)
+
+    def records_from(self, position: int | None) -> Iterator[Record]:
+        """Records from seq ``position`` on (a record's position is its seq), oldest first."""
+        after = 0 if position is None else position - 1
         while True:
             rows = self._read("SELECT seq, entry FROM authority_audit WHERE seq > %s "
                               "ORDER BY seq LIMIT %s", (after, _PAGE))
@@ -152,6 +168,66 @@ class PgAuditSink(SinkSettings):
             if len(rows) < _PAGE:
                 return
             before = int(rows[-1][0])
+
+    # -- retention --------------------------------------------------------------------------
+
+    def prune_record(self) -> PruneRecord | None:
+        """Where the kept chain starts: the newest ``retention`` entry (None: never pruned)."""
+        rows = self._read(_LAST_RETENTION, (_RETENTION_LIKE,))
+        return _prune_record(rows)
+
+    def prune(self, *, older_than_s: float, keep_after: int | None = None,
+              actor: str = "retention", now: float | None = None) -> PruneResult:
+        """Delete the oldest rows whose entries are older than ``older_than_s`` (none past seq
+        ``keep_after``, never the newest), in one transaction with the ``retention`` entry
+        that records it."""
+        from .file import _parse_ts
+        from .retention import PruneResult
+
+        cutoff = (time.time() if now is None else now) - older_than_s
+        found: dict[str, Any] = {}
+
+        def work(cur: Any) -> list[dict[str, Any]]:
+            last: tuple[int, str] | None = None
+            first: int | None = None
+            with cur.connection.cursor(name=f"authority_audit_prune_{secrets.token_hex(4)}"
+                                       ) as walk:
+                walk.itersize = 200
+                walk.execute("SELECT seq, entry FROM authority_audit ORDER BY seq")
+                for seq, raw in walk:
+                    entry = parse_entry(str(raw).encode("utf-8", "surrogatepass"))
+                    if entry is None:
+                        raise AuthorityUnavailable(
+                            f"audit log unavailable: the entry at seq {seq} of {self.location} "
+                            "is not an audit entry; run `authority audit verify` before pruning")
+                    ts = _parse_ts(str(entry.get("ts")))
+                    if int(seq) >= self._seq or ts is None or ts > cutoff:
+                        break
+                    if keep_after is not None and int(seq) > keep_after:
+                        found["held_back"] = (f"entries past seq {keep_after} are older than the "
+                                              "retention period but not yet checkpointed or "
+                                              "streamed")
+                        break
+                    first = int(seq) if first is None else first
+                    last = int(seq), str(entry["hash"])
+            if last is None:
+                return []
+            entries = build_run([prepare("retention", {
+                "actor": actor,
+                "reason": f"retention: entries up to seq {last[0]} deleted",
+                "details": {"pruned_through": last[0], "pruned_hash": last[1],
+                            "files": [], "older_than_s": older_than_s}})],
+                self._seq, self._hash, self.key)
+            self._insert(cur, entries)
+            cur.execute("DELETE FROM authority_audit WHERE seq <= %s", (last[0],))
+            found["range"] = (first, last[0])
+            return entries
+
+        self._locked(work)
+        if "range" not in found:
+            return PruneResult((), None, found.get("held_back"))
+        first, through = found["range"]
+        return PruneResult((f"seqs {first}..{through}",), through, found.get("held_back"))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -238,7 +314,13 @@ class PgAuditSink(SinkSettings):
         def newest_first() -> Iterator[dict[str, Any] | None]:
             return (r.entry for r in self._records_before_in(cur))
 
-        lost = losses(known, seq, hsh, newest_first)
+        def pruned_holds(want: int, want_hash: str) -> bool:
+            cur.execute(_LAST_RETENTION, (_RETENTION_LIKE,))
+            pruned = _prune_record(cur.fetchall())
+            return pruned is not None and want <= pruned.seq and (
+                want < pruned.seq or pruned.hash == want_hash)
+
+        lost = losses(known, seq, hsh, newest_first, older=pruned_holds)
         self._seq, self._hash = seq, hsh
         for p, skip_to in lost:
             self._insert(cur, [build(p, self._seq, self._hash, self.key, seq=skip_to)])
@@ -259,6 +341,20 @@ class PgAuditSink(SinkSettings):
                          for e in entries])
         last = entries[-1]
         self._seq, self._hash = last["seq"], last["hash"]
+
+
+def _prune_record(rows: list[tuple[Any, ...]]) -> PruneRecord | None:
+    if not rows:
+        return None
+    entry = parse_entry(str(rows[0][0]).encode("utf-8", "surrogatepass"))
+    details = entry.get("details") if entry is not None else None
+    if entry is None or entry.get("event") != "retention" or not isinstance(details, dict):
+        return None
+    through, hash_ = details.get("pruned_through"), details.get("pruned_hash")
+    if type(through) is not int or not isinstance(hash_, str):
+        return None
+    # Vouched for by the entry itself (its MAC is checked as verify walks the chain).
+    return PruneRecord(through, hash_, str(entry.get("ts")), (), None, in_chain=True)
 
 
 def open_for_policy(policy: Policy, head: AuditHead | None) -> PgAuditSink:

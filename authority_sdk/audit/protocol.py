@@ -43,6 +43,7 @@ class Record:
     entry: dict[str, Any] | None
     problem: str | None = None
     raw: str | None = None
+    source: str | None = None  # the file it was read from, when the chain spans several
 
 
 @runtime_checkable

@@ -1,4 +1,4 @@
-"""``authority audit tail|verify|acknowledge``.
+"""``authority audit tail|verify|acknowledge|export|rotate|prune|status``.
 
 ``verify`` exits 0 when the chain is intact, 1 when it is broken (edited, forged, cut,
 or the log deleted, as the head or the checkpoint show) or cannot be read, and 3 when
@@ -69,9 +69,14 @@ def _resolve(policy: str | None, file: Path | None) -> tuple[Path, Policy | None
 
 
 @app.command()
-def verify(policy: PolicyOpt = None, file: FileOpt = None) -> None:
-    """Check the chain: hashes, MACs (with the policy's key), the head kept in the state store
-    and the signed checkpoint. Exit 1 when broken, 3 on an unacknowledged loss."""
+def verify(policy: PolicyOpt = None, file: FileOpt = None,
+           against_stream: Annotated[Path | None, typer.Option(
+               "--against-stream", help="A receiver's copy of the audit stream (JSON lines or "
+               "syslog lines): every seq in it must be in the local chain with the same hash.",
+               dir_okay=False)] = None) -> None:
+    """Check the chain (across archived files too): hashes, MACs (with the policy's key), the
+    head kept in the state store, the signed checkpoint and prune record. Exit 1 when broken,
+    3 on an unacknowledged loss."""
     _, pol = _resolve(policy, file)
     head: tuple[int, str] | None = None
     notes: list[str] = []
@@ -105,8 +110,134 @@ def verify(policy: PolicyOpt = None, file: FileOpt = None) -> None:
         raise _fail(f"FAIL: {sink.location}: {where}{result.reason}", code)
     checked = [name for name, on in (("head", head is not None), ("MACs", sink.key is not None),
                                      ("checkpoint", sink.checkpoints is not None)) if on]
+    if against_stream is not None:
+        _compare_stream(sink, against_stream)
+        checked.append("stream copy")
     typer.echo(f"ok: {result.entries} entries, head seq {result.last_seq} hash "
                f"{result.last_hash[:16]}… (checked: {', '.join(checked) or 'hashes only'})")
+
+
+def _compare_stream(sink: AuditSink, path: Path) -> None:
+    from ..audit.stream_check import compare_with_stream, read_stream_copy
+
+    pruned = getattr(sink, "prune_record", lambda: None)()
+    try:
+        cmp = compare_with_stream(sink.records(), read_stream_copy(path),
+                                  pruned_through=pruned.seq if pruned else 0)
+    except OSError as exc:
+        raise _fail(f"error: cannot read {path}: {exc.strerror or exc}") from exc
+    for note in cmp.notes:
+        typer.echo(f"note: stream copy: {note}", err=True)
+    if not cmp.ok:
+        for problem in cmp.problems:
+            typer.echo(f"FAIL: stream copy {path}: {problem}", err=True)
+        raise typer.Exit(EXIT_BROKEN)
+    typer.echo(f"stream copy {path}: {cmp.compared} entries match the local chain")
+
+
+def _file_sink(pol: Policy, head: Any = None) -> FileSink:
+    sink = _sink(pol, None, head)
+    if not isinstance(sink, FileSink):
+        raise _fail(f"error: rotation applies to audit.backend: file, not {pol.audit.backend}",
+                    2)
+    return sink
+
+
+@app.command()
+def rotate(policy: PolicyOpt = None,
+           force: Annotated[bool, typer.Option(
+               "--force", help="Rotate now even if the policy's limits are not reached.")] = False
+           ) -> None:
+    """Move the active audit file into the archive (when due, or now with --force); the
+    chain continues in a new file. Compresses archived files when the policy says so."""
+    pol = policy_or_exit(policy)
+    store = _open_store(pol)
+    try:
+        sink = _file_sink(pol, store)
+        if pol.audit.rotate is None and not force:
+            raise _fail("error: the policy has no audit.rotate; use --force to rotate anyway", 2)
+        try:
+            archived = sink.rotate(force=force)
+            compressed = (sink.compress_archives()
+                          if pol.audit.rotate is not None and pol.audit.rotate.compress else 0)
+        except AuthorityError as exc:
+            raise _fail(f"error: {exc.message}") from exc
+        finally:
+            sink.close()
+    finally:
+        store.close()
+    if archived is None:
+        typer.echo("nothing to rotate: the active file is not due (or holds no entry)")
+    else:
+        typer.echo(f"rotated: seqs {archived.first}..{archived.last} -> {archived.path}")
+    if compressed:
+        typer.echo(f"compressed {compressed} archived file(s)")
+
+
+@app.command()
+def prune(policy: PolicyOpt = None) -> None:
+    """Delete archived files (the table's oldest rows, with audit.backend: postgres) older
+    than audit.retention, only what is checkpointed and streamed, after recording where the
+    kept chain starts (a retention entry and a signed prune record), so `verify` passes."""
+    from ..audit.lifecycle import can_prune, prune_now
+
+    pol = policy_or_exit(policy)
+    if not pol.audit.retention:
+        raise _fail("error: the policy names no audit.retention", 2)
+    store = _open_store(pol)
+    try:
+        sink = _sink(pol, None, store)
+        if not can_prune(sink):
+            raise _fail(f"error: audit.backend {pol.audit.backend} does not support retention",
+                        2)
+        try:
+            result = prune_now(pol, sink, actor="cli")
+        except AuthorityError as exc:
+            raise _fail(f"error: {exc.message}") from exc
+        finally:
+            sink.close()
+    finally:
+        store.close()
+    for name in result.deleted:
+        typer.echo(f"deleted: {name}")
+    if result.pruned_through is not None:
+        typer.echo(f"pruned through seq {result.pruned_through}")
+    else:
+        typer.echo("nothing to prune")
+    if result.held_back:
+        typer.echo(f"note: {result.held_back}", err=True)
+
+
+@app.command()
+def status(policy: PolicyOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> None:
+    """The log's files, what retention pruned, and each stream's position and lag."""
+    from ..audit.lifecycle import lifecycle_status
+
+    pol = policy_or_exit(policy)
+    sink = _sink(pol, None)
+    try:
+        info = lifecycle_status(pol, sink)
+    except (AuthorityError, OSError) as exc:
+        raise _fail(f"error: {exc.message if isinstance(exc, AuthorityError) else exc}"
+                    ) from exc
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"log: {info['location']} (last seq {info['last_seq']})")
+    if "archives" in info:
+        arch = info["archives"]
+        span = f", seqs {arch[0]['first']}..{arch[-1]['last']}" if arch else ""
+        typer.echo(f"active file: {info['active_bytes']} bytes; archived files: {len(arch)}"
+                   f"{span}")
+        if info.get("pruned_through"):
+            typer.echo(f"pruned by retention through seq {info['pruned_through']}")
+    for st in info["streams"]:
+        state = f"failing ({st['failures']}x: {st['last_error']})" if st["failures"] else "ok"
+        typer.echo(f"stream {st['name']} ({st['kind']}): sent through seq {st['seq']}, lag "
+                   f"{st['lag']} entries, {state}")
+        if st["divergence"]:
+            typer.echo(f"warning: stream {st['name']}: {st['divergence']}", err=True)
 
 
 @app.command()
@@ -152,7 +283,12 @@ def tail(
         if file is None and pol is not None and pol.audit.backend != "file":
             entries = last_entries(_sink(pol, None).records_before(None), n)
         else:
-            entries = tail_log(path, n)  # the file itself: no key or store needed to read it
+            # The files themselves (the archive too): no key or store needed to read them.
+            archive = pol.audit_archive_path if pol is not None and file is None else None
+            log = FileSink(path, fsync=False, archive_dir=archive)
+            if not log.exists():
+                tail_log(path, n)  # raises the OSError of a missing log
+            entries = last_entries(log.records_before(None), n)
     except OSError as exc:
         typer.echo(f"error: cannot read {path}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from exc
