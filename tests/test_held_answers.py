@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from helpers import audit_entries, tool, user
 from servers import HttpReceiver
@@ -78,6 +79,19 @@ def test_an_answer_with_an_effect_is_held_before_it_and_a_retry_replays_it(
     again = ask(gw, "rk-effect", *calls)
     assert again.authority["idempotency"]["replayed"] is True
     assert again.authority["original_request_id"] == first.authority["request_id"]
+    assert len(rx.requests) == 1
+
+
+def test_a_retry_key_with_other_bytes_is_refused_not_replayed(
+        write_policy: Callable[..., Path], rx: HttpReceiver, gateways: list[Gateway]) -> None:
+    """A retry key matches the very bytes an attempt sent (openai resends them as they were):
+    another body under a held key is a conflict, never the first body's answer."""
+    gw = Gateway(write_policy(refund_policy(rx)))
+    gateways.append(gw)
+    ask(gw, "rk-bytes", ("issue_refund", {"amount": 20, "order_id": "o-1"}))
+    with pytest.raises(openai.UnprocessableEntityError) as ei:
+        ask(gw, "rk-bytes", ("issue_refund", {"amount": 20, "order_id": "o-2"}))
+    assert ei.value.body["code"] == "idempotency_key_reused"  # type: ignore[index]
     assert len(rx.requests) == 1
 
 
