@@ -188,22 +188,79 @@ def action_entry(inp: GateInput, o: ActionOutcome, status: str | None = None) ->
                  "call_kind": o.call_kind, "arguments": args})
 
 
+class _NotHeld(Exception):
+    """The answer could not be held before its first effect: its claim was lost (``error``
+    None) or the store failed (``error``). Nothing of the answer has taken effect yet."""
+
+    def __init__(self, error: AuthorityUnavailable | None = None) -> None:
+        super().__init__("the answer could not be held")
+        self.error = error
+
+
+class _AnswerHold:
+    """The upstream answer kept in the request's idempotency claim, once, before anything
+    of it takes effect (a retry after a crash then re-gates this answer, never a new one).
+
+    A client's ``Idempotency-Key`` is held as soon as the answer has calls: a retry that
+    takes over a lapsed claim must not hand the app the same calls twice. The SDK's retry
+    key (a lazy claim) is held only before a call's first effect here (a limit charged, a
+    business key taken, an approval created, an executor run): openai retries only an
+    attempt the app got no answer from, so calls it would dispatch itself need no record,
+    and a plain tool-calling completion pays for no durable write but its audit entry."""
+
+    def __init__(self, inp: GateInput) -> None:
+        self.inp = inp
+        self.done = False
+
+    @property
+    def deferred(self) -> bool:
+        return self.inp.claim is None and self.inp.lazy_claim is not None
+
+    def hold_d(self) -> Decision[None]:
+        if self.done:
+            return
+        self.done = True
+        inp = self.inp
+        try:
+            if inp.claim is not None and inp.claim.record.get("answer") is None:
+                lost = not (yield from idempotency.checkpoint_d(inp.claim, inp.raw_answer))
+            elif inp.claim is None and inp.lazy_claim is not None:
+                lost = (yield from inp.lazy_claim.claim_d(inp.raw_answer)).state != "new"
+            else:
+                lost = False
+        except AuthorityUnavailable as exc:
+            raise _NotHeld(exc) from exc
+        if lost:
+            raise _NotHeld()
+
+
 def gate_d(inp: GateInput, answer: Answer, queue: AuditQueue) -> Decision[list[ActionOutcome]]:
     """Decide and handle every call of ``answer``; returns their outcomes in order."""
     calls = answer.calls
     if not calls:
         return []
-    lost = False
-    if inp.claim is not None and inp.claim.record.get("answer") is None:
-        lost = not (yield from idempotency.checkpoint_d(inp.claim, inp.raw_answer))
-    elif inp.claim is None and inp.lazy_claim is not None:
-        lost = (yield from inp.lazy_claim.claim_d(inp.raw_answer)).state != "new"
-    if lost:
+    hold = _AnswerHold(inp)
+    mark = len(queue.items)
+    try:
+        if not hold.deferred:
+            yield from hold.hold_d()
+        return (yield from _gate_calls_d(inp, calls, queue, hold))
+    except _NotHeld as stop:
+        # Nothing took effect (the hold precedes the first effect): what was decided so
+        # far is dropped, and the answer is treated as a whole, as before any call.
+        del queue.items[mark:]
+        inp.outcomes.clear()
+        if stop.error is not None:
+            raise stop.error from None
         # Our claim was taken over (our lease ran out), or a retry holds the key: that
         # request gates the answer. Running anything here too could run it twice.
         return [_deny(_outcome(inp, c, "act_none"), "idempotency_claim_lost",
                       "this request's idempotency claim was taken over by a retry; "
                       "nothing of it runs here", "idempotency") for c in calls]
+
+
+def _gate_calls_d(inp: GateInput, calls: list[Call], queue: AuditQueue,
+                  hold: _AnswerHold) -> Decision[list[ActionOutcome]]:
     kill = kill_engaged((yield S.kill_switch_state()), inp.environment)
     first_choice = min(c.choice for c in calls)
     tally = limits.LimitTally()
@@ -220,7 +277,9 @@ def gate_d(inp: GateInput, answer: Answer, queue: AuditQueue) -> Decision[list[A
         act = inp.trace.action(call) if inp.trace is not None else None
         try:
             yield from _one(inp, call, o, queue, kill=kill, alternative=call.choice != first_choice,
-                            over_cap=count > cap, tally=tally)
+                            over_cap=count > cap, tally=tally, hold=hold)
+        except _NotHeld:
+            raise
         except AuthorityUnavailable:
             if not queue.effects:
                 raise
@@ -244,7 +303,7 @@ def gate_d(inp: GateInput, answer: Answer, queue: AuditQueue) -> Decision[list[A
 
 def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
          kill: dict[str, Any] | None, alternative: bool, over_cap: bool,
-         tally: limits.LimitTally) -> Decision[None]:
+         tally: limits.LimitTally, hold: _AnswerHold) -> Decision[None]:
     policy = inp.policy
     if call.problem:
         _deny(o, call.problem_code or "invalid_arguments", call.problem, "validation")
@@ -287,6 +346,11 @@ def _one(inp: GateInput, call: Call, o: ActionOutcome, queue: AuditQueue, *,
 
     # None for an output tool (the app's structured answer): no limits, no business key.
     action = policy.actions.get(call.name)
+    if mode != Mode.AUTO_EXECUTE or res.dispatch != Dispatch.CLIENT or (
+            action is not None and (action.limits or action.dedupe_on)):
+        # From here on this call may take effect (a limit charged, a business key taken,
+        # an approval created, an executor run): the answer is held first.
+        yield from hold.hold_d()
     held: list[limits.Charge] = []
     override: list[limits.Charge] = []
     if action is not None and action.limits:

@@ -98,9 +98,11 @@ def begin_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
 
 @dataclass
 class LazyClaim:
-    """A key claimed only when an answer is about to take effect (the SDK's retry key: a
-    retry by openai's loop only follows an answer that ran nothing, so a plain completion
-    need not pay for a record)."""
+    """A key claimed only when an answer is about to take effect at the gateway (the SDK's
+    retry key: a retry by openai's loop only follows an attempt whose answer the app never
+    got, so a plain completion, or one whose calls all go back to the app to run, need not
+    pay for a record). The claim is taken before the first effect: a limit charged, a
+    business key taken, an approval created, an executor run (``actions._AnswerHold``)."""
 
     key: str
     fingerprint: str

@@ -40,7 +40,9 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 _KILL_SWITCH = "kill_switch"
-_AUDIT_HEAD = "audit_head"
+_AUDIT_HEAD = "audit_head"  # the head's record before it had its own table (still read)
+_HEAD_TABLE = ("CREATE TABLE IF NOT EXISTS authority_audit_head (id INTEGER PRIMARY KEY "
+               "CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL)")
 # Index and lease records use tuple keys: they can never collide with the engine's str
 # keys, and scans of records skip them.
 _PROBE = -1
@@ -218,6 +220,13 @@ class DiskStore:
             ) from exc
         (self._idem, self._budget, self._approvals, self._journal, self._dedupe,
          self._control, self._head, self._outbox) = self._caches
+        try:
+            self._head_sql(_HEAD_TABLE)
+        except _STORAGE_ERRORS as exc:
+            self.close()
+            raise AuthorityUnavailable(
+                f"state store unavailable: open: {_describe(exc)}"
+            ) from exc
         self._pending = _Index(self._approvals, "pending")
         self._jindex = {s: _Index(self._journal, s) for s in _JOURNAL_INDEXED}
         self._unaudited = _Index(self._journal, "unaudited")
@@ -566,25 +575,35 @@ class DiskStore:
 
     # -- audit chain head ----------------------------------------------------------------
 
+    def _head_sql(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        # The head's own table in the audit_head database, through the cache's connection
+        # (per thread and process, WAL, its busy timeout): written once per audit append,
+        # one autocommit statement costs a fraction of a diskcache transaction around a
+        # read and a write (BEGIN IMMEDIATE, SELECT, SELECT, UPDATE, cull, COMMIT).
+        return self._head._sql(sql, args)
+
     @_guarded
     def get_audit_head(self) -> tuple[int, str] | None:
-        head = _load(self._head.get(_AUDIT_HEAD))
-        if head is None:
-            return None
-        seq, digest = head.get("seq"), head.get("hash")
-        if type(seq) is not int or not isinstance(digest, str):
-            raise _CorruptRecord("audit head is malformed")
-        return seq, digest
+        rows = self._head_sql("SELECT seq, hash FROM authority_audit_head WHERE id = 1"
+                              ).fetchall()
+        heads = [(rows[0][0], rows[0][1])] if rows else []
+        # Versions before the table kept the head as a cache record: still honoured, so a
+        # store written by one is not read as having no head.
+        legacy = _load(self._head.get(_AUDIT_HEAD))
+        if legacy is not None:
+            heads.append((legacy.get("seq"), legacy.get("hash")))
+        for seq, digest in heads:
+            if type(seq) is not int or not isinstance(digest, str):
+                raise _CorruptRecord("audit head is malformed")
+        return max(heads, key=lambda h: h[0]) if heads else None
 
     @_guarded
     def set_audit_head(self, seq: int, hash: str) -> None:
-        cache = self._head
-        with cache.transact():
-            current = _load(cache.get(_AUDIT_HEAD))
-            if current is not None and type(current.get("seq")) is int and current["seq"] >= seq:
-                return
-            cache.set(_AUDIT_HEAD, _dump({"seq": seq, "hash": hash}))
-
+        # Forward only, in the one statement: a stale writer changes nothing.
+        self._head_sql(
+            "INSERT INTO authority_audit_head (id, seq, hash) VALUES (1, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash "
+            "WHERE excluded.seq > authority_audit_head.seq", (seq, hash))
 
     # -- moving to a shared backend (``authority db import-local``) -----------------------
 

@@ -86,3 +86,50 @@ def test_lock_held_past_timeout_is_unavailable(state_dir: Path) -> None:
     assert s.budget_reserve([("c", 1.0)], min_usd=0.1, max_usd=0.5, ttl_s=DAY) == 0.5
     s.health()
     s.close()
+
+
+# -- the audit chain's head -------------------------------------------------------------------
+
+def test_a_head_kept_as_a_cache_record_by_an_older_version_is_still_read(
+        state_dir: Path) -> None:
+    DiskStore(state_dir).close()
+    old = diskcache.Cache(str(state_dir / "audit_head"))
+    old.set("audit_head", '{"seq":41,"hash":"' + "ab" * 32 + '"}')
+    old.close()
+    s = DiskStore(state_dir)
+    try:
+        assert s.get_audit_head() == (41, "ab" * 32)
+        s.set_audit_head(40, "cd" * 32)  # behind the old record: the old record still wins
+        assert s.get_audit_head() == (41, "ab" * 32)
+        s.set_audit_head(42, "ef" * 32)
+        assert s.get_audit_head() == (42, "ef" * 32)
+    finally:
+        s.close()
+
+
+def test_a_head_is_one_statement_that_holds_while_another_writer_is_locked_out(
+        state_dir: Path) -> None:
+    """The head is written by one autocommit statement: under another writer's lock it
+    waits its busy timeout and then fails closed, it never half-writes."""
+    s = DiskStore(state_dir, timeout_s=0.2)
+    s.set_audit_head(5, "ab" * 32)
+    holder = sqlite3.connect(state_dir / "audit_head" / "cache.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(AuthorityUnavailable):
+            s.set_audit_head(6, "cd" * 32)
+        assert s.get_audit_head() == (5, "ab" * 32)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    s.set_audit_head(6, "cd" * 32)
+    assert s.get_audit_head() == (6, "cd" * 32)
+    s.close()
+
+
+def test_a_malformed_head_is_unavailable(store: DiskStore, state_dir: Path) -> None:
+    raw = sqlite3.connect(state_dir / "audit_head" / "cache.db", isolation_level=None)
+    raw.execute("INSERT INTO authority_audit_head (id, seq, hash) VALUES (1, 'x', 'y')")
+    raw.close()
+    with pytest.raises(AuthorityUnavailable):
+        store.get_audit_head()
