@@ -24,6 +24,9 @@ _LONE_SURROGATE = re.compile(
     rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD]")
+
+
 class StrictJSONError(ValueError):
     pass
 
@@ -54,15 +57,17 @@ def _float(text: str) -> float:
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
+    # Recursion visits only containers, and json.loads has already refused anything deep
+    # enough to exhaust the interpreter's stack; this is ~4x the speed of an explicit stack.
+    if limit <= 0:
+        return False
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        return True
+    for node in value.values() if kind is dict else value:
+        t = type(node)
+        if (t is dict or t is list) and not _depth_ok(node, limit - 1):
             return False
-        if type(node) is dict:
-            stack.extend((v, depth + 1) for v in node.values() if type(v) in (dict, list))
-        elif type(node) is list:
-            stack.extend((v, depth + 1) for v in node if type(v) in (dict, list))
     return True
 
 
@@ -83,11 +88,20 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+# Built once: json.loads with hooks builds a new decoder on every call (~4 us a parse).
+_DECODER = json.JSONDecoder(object_pairs_hook=unique_pairs, parse_constant=no_constant,
+                            parse_float=_float)
+
+
 def loads(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """The parsed body, or ``StrictJSONError`` saying precisely what is wrong."""
     try:
-        value = json.loads(body, object_pairs_hook=unique_pairs, parse_constant=no_constant,
-                           parse_float=_float)
+        # As json.loads reads bytes: UTF-8/16/32 by the first bytes, surrogatepass.
+        text = (body.decode(json.detect_encoding(body), "surrogatepass")
+                if isinstance(body, bytes | bytearray) else body)
+        if text.startswith("\ufeff"):
+            raise StrictJSONError("a byte order mark before the JSON text")
+        value = _DECODER.decode(text)
     except StrictJSONError:
         raise
     except RecursionError:
@@ -101,9 +115,9 @@ def loads(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
     # Only bodies with a suspicious escape pay for the walk that confirms it.
     # (json.loads decodes bytes with surrogatepass, so a raw 0xED lead byte can hide one too.)
-    # A plain substring test first: the regex (lookbehind on every escape) costs ~60 us on
-    # a 5 KB body, and most bodies have no surrogate escape at all.
-    suspicious = (((b"\\ud" in raw or b"\\uD" in raw)
+    # Cheapest test first: a backslash (memchr), then "\\u[dD]" in one short scan; the full
+    # regex (a lookbehind at every escape) costs ~60 us on a 5 KB body.
+    suspicious = ((b"\\" in raw and _SURROGATE_ESCAPE.search(raw) is not None
                    and _LONE_SURROGATE.search(raw) is not None) or b"\xed" in raw
                   or (isinstance(body, str) and not body.isascii()))
     if suspicious and _has_lone_surrogate(value):

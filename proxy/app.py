@@ -588,4 +588,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """Factory for uvicorn's worker processes: the policy path comes from the environment."""
+    from .logformat import lean_records
+
+    lean_records()  # a spawned worker starts with logging's defaults
     return create_app(default_policy_path())

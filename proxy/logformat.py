@@ -10,10 +10,34 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["JsonFormatter"]
+__all__ = ["JsonFormatter", "TextFormatter", "lean_records"]
+
+
+def lean_records() -> None:
+    """Records without what no line of the proxy prints: the caller's frame (a stack walk
+    per record), thread and multiprocessing names (logging HOWTO, "Optimization")."""
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+
+
+class TextFormatter(logging.Formatter):
+    """The text line, with its timestamp's seconds formatted once per second, not once
+    per line (two lines a request)."""
+
+    _second: int = -1
+    _prefix: str = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._second = second
+        return f"{self._prefix},{int(record.msecs):03d}"
 
 
 class JsonFormatter(logging.Formatter):

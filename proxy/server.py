@@ -45,7 +45,8 @@ def log_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
         cfg["formatters"]["authority"] = dict(json_formatter)
     else:
         cfg["formatters"]["authority"] = {
-            "format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"}
+            "()": "proxy.logformat.TextFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"}
     cfg["handlers"]["authority"] = {"class": "logging.StreamHandler",
                                     "formatter": "authority", "stream": "ext://sys.stderr"}
     cfg["loggers"]["authority"] = {"handlers": ["authority"], "level": level.upper(),
@@ -61,8 +62,10 @@ def run(policy_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: i
     from authority_sdk.policy import load_policy
 
     from .app import POLICY_ENV, create_app
+    from .logformat import lean_records
 
     logging.config.dictConfig(log_config(log_level, log_format))
+    lean_records()
     path = Path(policy_path).resolve()
     policy = load_policy(path)
     common: dict[str, Any] = {

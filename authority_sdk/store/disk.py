@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,16 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 _KILL_SWITCH = "kill_switch"
+# The kill switch is read on every request and written almost never: every write replaces
+# this file (a new inode), so a reader that finds it unchanged since its last read reuses
+# that read — one stat instead of a database query, and a change in any process is seen by
+# the next request. Stamps written within _STAMP_SETTLE_S of a read are not trusted (the
+# file clock ticks coarsely: a second write in the same tick could look unchanged), and no
+# read is reused for longer than _KILL_REUSE_S (bounds a writer that died between its
+# commit and its stamp).
+_KILL_STAMP = "kill_switch.stamp"
+_STAMP_SETTLE_S = 0.1
+_KILL_REUSE_S = 1.0
 _AUDIT_HEAD = "audit_head"  # the head's record before it had its own table (still read)
 _HEAD_TABLE = ("CREATE TABLE IF NOT EXISTS authority_audit_head (id INTEGER PRIMARY KEY "
                "CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL)")
@@ -233,6 +244,11 @@ class DiskStore:
         # Local SQLite calls take tens of microseconds: inline on the event loop costs
         # less than a hop to a worker thread (measured in benchmarks/micro.py).
         self.aio = InlineAsync(self)
+        self._stamp = self._path / _KILL_STAMP
+        # (stamp identity, reusable until (monotonic), the state's stored text)
+        self._kill_seen: tuple[tuple[int, int, int], float, Any] | None = None
+        if not self._stamp.exists():
+            self._touch_stamp()
 
     @property
     def path(self) -> Path:
@@ -341,8 +357,39 @@ class DiskStore:
 
     @_guarded
     def kill_switch_state(self, *, fresh: bool = False) -> dict[str, Record]:
-        # A local read is always fresh: no cache to bypass.
-        return _load(self._control.get(_KILL_SWITCH)) or {}
+        # The stamp is looked at before the state is read: a write landing between the two
+        # changes the stamp after this read, so the next call reads again.
+        stamp = self._stamp_id()
+        seen = self._kill_seen
+        if (not fresh and seen is not None and stamp is not None and seen[0] == stamp
+                and time.monotonic() < seen[1]):
+            raw = seen[2]
+        else:
+            raw = self._control.get(_KILL_SWITCH)
+            if stamp is not None and time.time() - stamp[1] / 1e9 > _STAMP_SETTLE_S:
+                self._kill_seen = (stamp, time.monotonic() + _KILL_REUSE_S, raw)
+            else:
+                self._kill_seen = None
+        return _load(raw) or {}
+
+    def _stamp_id(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._stamp)
+        except OSError:
+            return None  # no stamp yet (or unreadable): every read goes to the database
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _touch_stamp(self) -> None:
+        tmp = self._stamp.with_name(f"{_KILL_STAMP}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.write_text(f"{time.time_ns()} {os.getpid()}\n")
+            os.replace(tmp, self._stamp)
+        except OSError:
+            # Readers must not keep reusing a read: without a stamp they all query again.
+            with contextlib.suppress(OSError):
+                os.unlink(self._stamp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     @_guarded
     def set_kill_switch(self, scope: str, engaged: bool, *, reason: str | None,
@@ -355,6 +402,7 @@ class DiskStore:
             state = _load(cache.get(_KILL_SWITCH)) or {}
             state[scope] = entry
             cache.set(_KILL_SWITCH, _dump(state))
+        self._touch_stamp()
         return dict(entry)
 
     # -- approvals -------------------------------------------------------------------

@@ -5,7 +5,11 @@ The behaviour every backend shares is in ``test_contract.py``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,3 +137,88 @@ def test_a_malformed_head_is_unavailable(store: DiskStore, state_dir: Path) -> N
     raw.close()
     with pytest.raises(AuthorityUnavailable):
         store.get_audit_head()
+
+
+# -- the kill switch read on every request ---------------------------------------------------
+
+
+def _quiet_stamp(state_dir: Path) -> None:
+    """As if the switch was last written long ago (the stamp settles after 0.1 s)."""
+    stamp = state_dir / "kill_switch.stamp"
+    old = stamp.stat().st_mtime - 3600
+    os.utime(stamp, (old, old))
+
+
+def _counting_reads(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    reads: list[object] = []
+    control = store._control
+    real_get = control.get
+
+    def get(key: object, *args: object, **kwargs: object) -> object:
+        reads.append(key)
+        return real_get(key, *args, **kwargs)
+
+    monkeypatch.setattr(control, "get", get)
+    return reads
+
+
+def test_kill_switch_read_is_reused_until_the_stamp_changes(
+        store: DiskStore, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _quiet_stamp(state_dir)
+    reads = _counting_reads(store, monkeypatch)
+    assert store.kill_switch_state() == {}
+    assert store.kill_switch_state() == {}
+    assert len(reads) == 1  # the second read was one stat, no query
+    store.kill_switch_state(fresh=True)  # before an effect: always the database
+    assert len(reads) == 2
+
+
+def test_kill_switch_written_elsewhere_is_seen_by_the_next_read(
+        store: DiskStore, state_dir: Path) -> None:
+    other = DiskStore(state_dir)
+    try:
+        _quiet_stamp(state_dir)
+        assert store.kill_switch_state() == {}
+        other.set_kill_switch("*", True, reason="incident", actor="ops")
+        assert store.kill_switch_state()["*"]["engaged"] is True
+        # A second write in the same clock tick as the first is not missed either.
+        other.set_kill_switch("*", False, reason=None, actor="ops")
+        assert store.kill_switch_state()["*"]["engaged"] is False
+        other.set_kill_switch("prod", True, reason=None, actor="ops")
+        assert store.kill_switch_state()["prod"]["engaged"] is True
+    finally:
+        other.close()
+
+
+def test_kill_switch_engaged_by_another_process_refuses_the_next_read(
+        store: DiskStore, state_dir: Path) -> None:
+    _quiet_stamp(state_dir)
+    assert store.kill_switch_state() == {}
+    code = ("import sys; from authority_sdk.store import DiskStore; s = DiskStore(sys.argv[1]); "
+            "s.set_kill_switch('*', True, reason='cli', actor='ops'); s.close()")
+    subprocess.run([sys.executable, "-c", code, str(state_dir)], check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert store.kill_switch_state()["*"]["engaged"] is True
+
+
+def test_kill_switch_without_its_stamp_is_seen_within_the_reuse_bound(
+        store: DiskStore, state_dir: Path) -> None:
+    """A writer that died between its commit and its stamp: readers catch up within 1 s."""
+    _quiet_stamp(state_dir)
+    assert store.kill_switch_state() == {}
+    raw = diskcache.Cache(str(state_dir / "control"))
+    raw.set("kill_switch", '{"*": {"engaged": true, "reason": null, "actor": "x", "ts": 0}}')
+    raw.close()
+    deadline = time.monotonic() + 1.5
+    while not store.kill_switch_state() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert store.kill_switch_state()["*"]["engaged"] is True
+
+
+def test_kill_switch_without_a_stamp_file_reads_the_database_every_time(
+        store: DiskStore, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (state_dir / "kill_switch.stamp").unlink()
+    reads = _counting_reads(store, monkeypatch)
+    store.kill_switch_state()
+    store.kill_switch_state()
+    assert len(reads) == 2
