@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import AuthorityError
 
-__all__ = ["Caller", "GatewayRequest", "GatewayResponse", "canonical_json", "error_response"]
+__all__ = ["Caller", "GatewayRequest", "GatewayResponse", "canonical_json", "copy_json",
+           "error_response"]
 
 
 def canonical_json(obj: Any, *, ascii_only: bool = True) -> str:
@@ -26,6 +27,21 @@ def canonical_json(obj: Any, *, ascii_only: bool = True) -> str:
     keep it: a changed spelling would break every chain already written."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only,
                       default=str)
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of parsed JSON (dicts, lists, scalars), several times the speed of
+    ``copy.deepcopy``, which serves any object graph; anything else is deep-copied."""
+    t = type(value)
+    if t is dict:
+        return {k: copy_json(v) for k, v in value.items()}
+    if t is list:
+        return [copy_json(v) for v in value]
+    if t is str or t is int or t is float or t is bool or value is None:
+        return value
+    import copy
+
+    return copy.deepcopy(value)
 
 
 @dataclass(frozen=True)

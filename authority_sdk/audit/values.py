@@ -68,8 +68,12 @@ def _bound(value: Any, budget: _Budget, depth: int) -> Any:
                     budget.left -= len(k) + 2
                 else:
                     k = _string(k if isinstance(k, str) else str(k), budget, MAX_KEY)
-                if type(v) is str and len(v) <= 64 and v.isascii():
+                tv = type(v)
+                if tv is str and len(v) <= 64 and v.isascii():
                     budget.left -= len(v) + 2
+                    out[k] = v
+                elif v is None or tv is bool:
+                    budget.left -= 5
                     out[k] = v
                 else:
                     out[k] = _bound(v, budget, depth + 1)

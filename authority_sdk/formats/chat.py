@@ -10,7 +10,6 @@ call's problem only.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from .. import held_turns
 from ..audit import redact
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome, ActionStatus
+from ..wire import copy_json
 from .base import Answer, Call, ParsedRequest, Stateless, load_body
 from .sse import DONE, event_json, sse
 
@@ -333,9 +333,9 @@ class ChatCompletions(Stateless):
             return []
         turn: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
         if message.get("tool_calls"):
-            turn["tool_calls"] = copy.deepcopy(message["tool_calls"])
+            turn["tool_calls"] = copy_json(message["tool_calls"])
         if message.get("function_call") is not None:
-            turn["function_call"] = copy.deepcopy(message["function_call"])
+            turn["function_call"] = copy_json(message["function_call"])
         msgs = [turn]
         for o in mine:
             if o.status == ActionStatus.ALLOWED:

@@ -23,7 +23,6 @@ next ``input`` (each withheld call with its answer).
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import approvals, held_turns, served
 from ..effects import S
 from ..records import ActionOutcome, ActionStatus
+from ..wire import copy_json
 from .base import Answer, Call, ParsedRequest, load_body
 from .chat import followup_payload, summary_line
 from .responses_request import (
@@ -288,7 +288,7 @@ class Responses:
         kept = [i for i in items if not (isinstance(i.get("id"), str) and i["id"] in stored
                                          and i.get("type") not in OUTPUT_ITEMS)]
         answered = {_answered(i) for i in kept} - {None}
-        missing = [copy.deepcopy(o) for o in record.get("outputs") or []
+        missing = [copy_json(o) for o in record.get("outputs") or []
                    if _answered(o) not in answered]
         for held in record.get("pending_approvals") or []:
             # An MCP call held for a person: answered once decided, left open till then.
@@ -398,14 +398,14 @@ class Responses:
                     and o.tool_call["id"] is not None:
                 decided = _approval_response(o)
                 if decided is not None:  # pending: answered once a person decides
-                    items += [copy.deepcopy(item), decided]
+                    items += [copy_json(item), decided]
                 continue
             if o is None or item.get("type") not in CALL_ITEMS or o.tool_call["id"] is None:
                 continue  # a shape the app never sees and cannot answer
             if pending_reasoning is not None:
-                items.append(copy.deepcopy(pending_reasoning))
+                items.append(copy_json(pending_reasoning))
                 pending_reasoning = None
-            items.append(copy.deepcopy(item))
+            items.append(copy_json(item))
             said = json.dumps(followup_payload(o, redact_names), default=str)
             items.append(_output_item(item["type"], o.tool_call["id"], said, o.status))
             if item["type"] == "computer_call":
