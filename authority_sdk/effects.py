@@ -7,8 +7,9 @@ thrown into it). Two drivers run the same decisions:
 
 - :func:`run` (the SDK's transport, the CLI): performs each effect in turn;
 - :func:`arun` (the proxy): awaits each one, so its event loop never waits on
-  a database or an executor; a local backend runs its calls inline
-  (``store.aio``), where that measures faster than a thread hop. Audit appends are
+  a database or an executor; a local backend runs its reads inline (``store.aio``),
+  where that measures faster than a thread hop, and group-commits its writes off the
+  loop (``store/batched.py``) unless a request is alone. Audit appends are
   group-committed off the loop (``group_commit.py``): concurrent requests share a sync.
 
 The record comes before the effect by construction: a driver performs effects
@@ -82,6 +83,9 @@ class Runtime:
         self.executors = executors
         self.on_audit: Any = None  # called with the entries after each append
         self._group: Any = None
+        # Requests in the async driver now (Engine.ahandle): a lone request's store write
+        # runs inline where the store allows it, since its sync keeps nobody waiting.
+        self.in_flight = 0
 
     def _group_commit(self) -> Any:
         # One per event loop: its futures belong to the loop (an SDK app may run several).
@@ -109,7 +113,10 @@ class Runtime:
 
     async def aperform(self, effect: Effect) -> Any:
         if type(effect) is StoreOp:
-            return await getattr(self.store.aio, effect.method)(*effect.args, **effect.kwargs)
+            aio = self.store.aio
+            if self.in_flight <= 1 and getattr(aio, "inline_when_alone", False):
+                return getattr(self.store, effect.method)(*effect.args, **effect.kwargs)
+            return await getattr(aio, effect.method)(*effect.args, **effect.kwargs)
         if type(effect) is AuditOp:
             aio = getattr(self.audit, "aio", None)
             entries = await (aio or self._group_commit()).append_many(list(effect.items))

@@ -723,20 +723,25 @@ class Engine:
                       send: Callable[[CallContext], Awaitable[UpstreamReply]], *,
                       usable: Callable[[NamedUpstream], bool] | None = None) -> GatewayResponse:
         """The async front door: every effect is awaited (a network backend on its own
-        pool, executors on their async clients); a local store and the audit file run
-        inline, measured faster than a thread hop."""
-        trace = self.telemetry.start_call(req) if self.telemetry is not None else None
-        if trace is None:
-            return await self._ahandle(req, send, None, usable)
-        self.on_trace(trace.trace_id)
-        resp: GatewayResponse | None = None
+        pool, executors on their async clients); a local store's reads run inline, its
+        writes and the audit file's appends are group-committed (``effects`` says how)."""
+        rt = self.runtime
+        rt.in_flight += 1
         try:
-            resp = await self._ahandle(req, send, trace, usable)
-            return resp
+            trace = self.telemetry.start_call(req) if self.telemetry is not None else None
+            if trace is None:
+                return await self._ahandle(req, send, None, usable)
+            self.on_trace(trace.trace_id)
+            resp: GatewayResponse | None = None
+            try:
+                resp = await self._ahandle(req, send, trace, usable)
+                return resp
+            finally:
+                if resp is None or resp.astream is None:  # a stream's span ends with it
+                    trace.finish(None if resp is None else resp.status_code,
+                                 None if resp is None else resp.code)
         finally:
-            if resp is None or resp.astream is None:  # a stream's span ends with the stream
-                trace.finish(None if resp is None else resp.status_code,
-                             None if resp is None else resp.code)
+            rt.in_flight -= 1
 
     async def _ahandle(self, req: GatewayRequest,
                        send: Callable[[CallContext], Awaitable[UpstreamReply]],

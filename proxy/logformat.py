@@ -20,7 +20,7 @@ __all__ = ["JsonFormatter", "TextFormatter", "lean_records"]
 def lean_records() -> None:
     """Records without what no line of the proxy prints: the caller's frame (a stack walk
     per record), thread and multiprocessing names (logging HOWTO, "Optimization")."""
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
 

@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 import diskcache
 
 from ..errors import AuthorityUnavailable
-from .inline import InlineAsync
+from .batched import GroupedAsync
 from .protocol import ExpiryGuard, Record
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DiskStore"]
@@ -241,9 +241,13 @@ class DiskStore:
         self._pending = _Index(self._approvals, "pending")
         self._jindex = {s: _Index(self._journal, s) for s in _JOURNAL_INDEXED}
         self._unaudited = _Index(self._journal, "unaudited")
-        # Local SQLite calls take tens of microseconds: inline on the event loop costs
-        # less than a hop to a worker thread (measured in benchmarks/micro.py).
-        self.aio = InlineAsync(self)
+        # Local SQLite reads take microseconds: inline on the event loop costs less than a
+        # hop to a worker thread (measured in benchmarks/micro.py). The writes of a keyed,
+        # budgeted request each wait for a sync: those are group-committed off the loop.
+        idem, budget = self._batch(self._idem), self._batch(self._budget)
+        self.aio = GroupedAsync(self, {
+            "idem_claim": idem, "idem_replace": idem, "idem_delete": idem, "idem_put": idem,
+            "budget_reserve": budget, "budget_settle": budget})
         self._stamp = self._path / _KILL_STAMP
         # (stamp identity, reusable until (monotonic), the state's stored text)
         self._kill_seen: tuple[tuple[int, int, int], float, Any] | None = None
@@ -253,6 +257,21 @@ class DiskStore:
     @property
     def path(self) -> Path:
         return self._path
+
+    @staticmethod
+    def _batch(cache: diskcache.Cache) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        """The transaction a batch of grouped writes runs in (``store.batched``)."""
+
+        @contextlib.contextmanager
+        def transaction() -> Iterator[None]:
+            try:
+                with cache.transact():
+                    yield
+            except _STORAGE_ERRORS as exc:
+                raise AuthorityUnavailable(
+                    f"state store unavailable: batch: {_describe(exc)}") from exc
+
+        return transaction
 
     def close(self) -> None:
         for cache in self._caches:

@@ -1,0 +1,141 @@
+"""Group commit for a local store's writes on the async driver.
+
+A keyed, budgeted request writes the state store four times (claim, reservation, settle,
+finish), each a SQLite transaction synced to disk. Run inline, every one of those syncs
+stopped the proxy's event loop, one request after another. Here the writes of one
+database that arrive together run in ONE transaction, off the loop, with one sync: each
+write is the store's own method, nested in the batch's transaction (diskcache nests
+``transact()``), so its read-check-write is exactly as atomic as alone, and each caller
+continues only once the transaction holding its write has committed — durable, as before.
+What the callers share is the sync and the lock.
+
+A write that raises (a corrupt record, a bad argument) fails only its own caller; it
+raises before it writes (every method checks, then sets). A failed commit (disk full, the
+lock timing out) fails every caller of the batch, and none of their writes happened.
+Reads and rare writes stay inline (``InlineAsync``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from .inline import InlineAsync
+
+__all__ = ["GroupedAsync"]
+
+_Op = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+
+
+class _Group:
+    """The batches of one database, on one event loop."""
+
+    def __init__(self, transact: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.transact = transact
+        self.loop = loop
+        self.queue: list[_Op] = []
+        self.task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
+        self.batches = 0
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.queue.append((fn, args, kwargs, future))
+        if self.task is None:
+            self.task = self.loop.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                batch, self.queue = self.queue, []
+                try:
+                    outcomes = await asyncio.to_thread(self._run, batch)
+                except BaseException as exc:
+                    for *_, future in batch:
+                        _settle(future, exc=exc if isinstance(exc, Exception)
+                                else RuntimeError("the store's batch was cancelled"))
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                self.batches += 1
+                for (*_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    _settle(future, **({"result": value} if ok else {"exc": value}))
+        finally:
+            self.task = None
+
+    def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with self.transact():
+            for fn, args, kwargs, _ in batch:
+                try:
+                    outcomes.append((True, fn(*args, **kwargs)))
+                except Exception as exc:
+                    outcomes.append((False, exc))
+        return outcomes
+
+
+def _settle(future: asyncio.Future[Any], *, result: Any = None,
+            exc: Exception | None = None) -> None:
+    if future.done():  # its request was cancelled (the client went away)
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+async def _uninterrupted(future: asyncio.Future[Any]) -> Any:
+    """The write's result; a caller cancelled meanwhile is cancelled only once its write has
+    landed or failed, as an inline write could not be interrupted halfway: the cleanup that
+    follows the cancellation (releasing a claim, a reservation) sees the write."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if not future.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+        raise
+
+
+class GroupedAsync(InlineAsync):
+    """``store.aio`` of a local store: the methods in ``grouped`` (name → the transaction
+    of the database they write) batched per event loop; every other method inline."""
+
+    # A lone request (Runtime.in_flight) calls the store directly: with nobody to share a
+    # sync with or keep waiting, the hop to a thread would only add its latency.
+    inline_when_alone = True
+
+    def __init__(self, target: Any, grouped: Mapping[str, Callable[[], Any]]) -> None:
+        super().__init__(target)
+        self._grouped = dict(grouped)
+        self._groups: dict[tuple[int, int], _Group] = {}
+
+    def group_batches(self) -> int:
+        """How many committed batches carried grouped writes (tests and diagnostics)."""
+        return sum(g.batches for g in self._groups.values())
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        transact = self._grouped.get(name)
+        if transact is None:
+            return super().__getattr__(name)
+        fn = getattr(self._target, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            loop = asyncio.get_running_loop()
+            key = (id(loop), id(transact))
+            group = self._groups.get(key)
+            if group is None or group.loop is not loop:
+                self._forget_closed_loops()
+                group = self._groups[key] = _Group(transact, loop)
+            return await _uninterrupted(group.submit(fn, args, kwargs))
+
+        call.__name__ = name
+        return call
+
+    def _forget_closed_loops(self) -> None:
+        # An SDK app may run one asyncio.run after another: their groups are done.
+        for key in [k for k, g in self._groups.items() if g.loop.is_closed()]:
+            del self._groups[key]
