@@ -7,9 +7,11 @@ pg_bench (``Engine.begin_d`` + ``complete_d``, an Idempotency-Key per request, b
 the environment and the key, the audit chain in the database) runs a few turns on a
 database of its own whose sessions log every statement (``log_statement = all`` given as a
 connection option, so nothing else on the server changes), and the server's log is read
-back. A round trip is a statement the client waits for (``BEGIN`` and ``COMMIT`` included);
-a commit is a transaction block's ``COMMIT`` or an autocommitted write; a *flushed* commit
-waits for its WAL on disk (``synchronous_commit`` not turned off in it).
+back. Round trips are counted on the client's sockets (``ss``: the data segments the
+server sent, one per answer the client waited for); a commit is a transaction block's
+``COMMIT`` or an autocommitted write (a statement outside a block, or a relaxed one
+pipelined with its ``set_config``); a *flushed* commit waits for its WAL on disk
+(``synchronous_commit`` not turned off in it).
 
 Needs superuser rights (``log_statement`` is a superuser setting) and the log file
 (``AUTHORITY_COUNT_PG_LOG``, default Debian's). Prints a table per driver.
@@ -50,6 +52,7 @@ def _dsn(base: str, db: str, options: str = "") -> str:
 
 
 def _setup() -> tuple[str, str]:
+    """The database and a fresh schema in it; its DSN without and with statement logging."""
     import psycopg
 
     from authority_sdk.store.pg_schema import migrate
@@ -64,6 +67,29 @@ def _setup() -> tuple[str, str]:
     with psycopg.connect(_dsn(PG_DSN, DB, "-csearch_path%3Dcount"), autocommit=True) as conn:
         migrate(conn)
     return plain, _dsn(PG_DSN, DB, "-csearch_path%3Dcount%20-clog_statement%3Dall")
+
+
+def server_answers() -> int:
+    """Data segments this process received from the server, over all its connections. The
+    server flushes its answers at each Sync (or simple query, or Flush) and the client
+    waits for each: their count is the number of round trips. (Not the segments sent: a
+    pipeline goes out in several sends without waiting in between.)"""
+    import subprocess
+
+    out = subprocess.run(["ss", "-tinpH", f"dport = :{_port()}"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    total, mine = 0, False
+    for line in out:
+        if "users:" in line or line[:1].isalpha():
+            mine = f"pid={os.getpid()}," in line
+        elif mine and (m := re.search(r"data_segs_in:(\d+)", line)):
+            total += int(m.group(1))
+    return total
+
+
+def _port() -> int:
+    m = re.search(r":(\d+)/", PG_DSN)
+    return int(m.group(1)) if m else 5432
 
 
 def _parse(text: str) -> list[tuple[str, str]]:
@@ -87,7 +113,7 @@ def tally(statements: list[tuple[str, str]]) -> dict[str, int]:
     for pid, sql in statements:
         s = state.setdefault(pid, {"tx": False, "wrote": False, "relaxed": False})
         head = sql.strip().upper()
-        c["round trips"] += 1
+        c["server statements (with BEGIN/COMMIT)"] += 1
         if head.startswith("BEGIN"):
             s.update(tx=True, wrote=False, relaxed=False)
             continue
@@ -99,23 +125,27 @@ def tally(statements: list[tuple[str, str]]) -> dict[str, int]:
             continue
         c["statements"] += 1
         if "SYNCHRONOUS_COMMIT" in head and "OFF" in head:
+            # In a transaction block: until its end. Outside one: the store pipelines it
+            # with the next statement before one Sync (one implicit transaction).
             s["relaxed"] = True
             continue
         write = bool(_WRITE.match(sql)) or "SELECT PG_NOTIFY" in head
         if s["tx"]:
             s["wrote"] = s["wrote"] or write
-        elif write:
-            c["commits"] += 1
-            c["flushed commits"] += 1
+        else:
+            if write:
+                c["commits"] += 1
+                c["flushed commits"] += not s["relaxed"]
+            s["relaxed"] = False
     return dict(c)
 
 
 def main() -> int:
-    from authority_sdk.effects import arun
-    from authority_sdk.engine import Engine
     from mock_upstream import completion_body
 
-    plain, logged = _setup()
+    from authority_sdk.engine import Engine
+
+    _, logged = _setup()
     os.environ[pg_bench.DSN_ENV] = logged
     work = HERE / ".work" / "pg-count"
     answer = json.dumps(completion_body()).encode()
@@ -128,16 +158,19 @@ def main() -> int:
         for name in ("sync", "async"):
             time.sleep(0.3)
             start = LOG.stat().st_size
+            sends = server_answers()
             if name == "sync":
                 pg_bench._turns_sync(engine, TURNS, f"count-{time.time()}", answer)
             else:
                 loop.run_until_complete(pg_bench._turns_async(engine, TURNS,
                                                               f"count-a-{time.time()}", answer))
+            sends = server_answers() - sends
             time.sleep(0.3)  # the server writes its log asynchronously
             with LOG.open("rb") as f:
                 f.seek(start)
                 stmts = _parse(f.read().decode("utf-8", "replace"))
             total = tally(stmts)
+            total["round trips"] = sends
             report[name] = {k: v / TURNS for k, v in sorted(total.items())}
             if "-v" in sys.argv:
                 seen: Counter[str] = Counter(re.sub(r"\s+", " ", s)[:150] for _, s in stmts)

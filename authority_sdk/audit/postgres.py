@@ -49,11 +49,18 @@ if TYPE_CHECKING:
 __all__ = ["PgAuditSink", "open_for_policy"]
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('authority-audit:' || current_schema()))"
+_LAST = "SELECT seq, entry FROM authority_audit ORDER BY seq DESC LIMIT 1"
+# libpq >= 14: an append's statements go out pipelined (two round trips, see _append_fast).
+_PIPELINE = psycopg.Pipeline.is_supported()
 # Entries are text (see pg_schema); the event is matched loosely here and checked parsed.
 _RETENTION_LIKE = '%"event":"retention"%'
 _LAST_RETENTION = ("SELECT entry FROM authority_audit WHERE entry LIKE %s "
                    "ORDER BY seq DESC LIMIT 1")
 _PAGE = 500
+
+
+class _FullWay(Exception):
+    """The fast append found the table moved: take the full way."""
 
 
 def _record(seq: int, raw: str) -> Record:
@@ -99,7 +106,7 @@ class PgAuditSink(SinkSettings):
             self._insert(cur, entries)
             return entries
 
-        return self._locked(write)
+        return self._locked(write, append=True)
 
     def open(self) -> PgAuditSink:
         """Connect now and record what is missing (a broken sink fails the start)."""
@@ -251,21 +258,27 @@ class PgAuditSink(SinkSettings):
         except psycopg.Error as exc:
             raise self._unavailable(exc) from exc
 
-    def _locked(self, work: Any, *, catch_up: bool = False) -> list[dict[str, Any]]:
+    def _locked(self, work: Any, *, catch_up: bool = False,
+                append: bool = False) -> list[dict[str, Any]]:
         """Run ``work(cursor)`` in one transaction under the chain's lock, after recording
-        any loss; then move the head and the checkpoint past what it wrote."""
+        any loss; then move the head and the checkpoint past what it wrote. ``append``:
+        ``work`` only inserts entries (it may run pipelined, see :meth:`_append_fast`)."""
         with self._tlock:
             if self._pid != os.getpid():
                 self._reset_process_state()
             before = (self._seq, self._hash)
             try:
                 conn = self._connection()
-                with conn.transaction(), conn.cursor() as cur:
-                    if not self.fsync:
-                        cur.execute("SET LOCAL synchronous_commit TO off")
-                    cur.execute(_LOCK)
-                    self._catch_up_with_table(cur)
-                    entries = work(cur)
+                entries = None
+                if append and self._opened and _PIPELINE:
+                    entries = self._append_fast(conn, work)
+                if entries is None:
+                    with conn.transaction(), conn.cursor() as cur:
+                        if not self.fsync:
+                            cur.execute("SET LOCAL synchronous_commit TO off")
+                        cur.execute(_LOCK)
+                        self._catch_up_with_table(cur)
+                        entries = work(cur)
             except psycopg.Error as exc:
                 self._seq, self._hash = before  # rolled back: nothing of it was written
                 raise self._unavailable(exc) from exc
@@ -289,8 +302,42 @@ class PgAuditSink(SinkSettings):
                 self._checkpointed = self._seq
             return list(entries)
 
+    def _append_fast(self, conn: psycopg.Connection[Any], work: Any
+                     ) -> list[dict[str, Any]] | None:
+        """The common append, in two round trips where the full way takes five: BEGIN, the
+        lock and the read of the last entry go out together, then the inserts and COMMIT
+        (pipeline mode). The last entry is read by a statement of its own, after the lock
+        is held (a statement's snapshot predates the statement: read with the lock in one
+        statement, it could miss an append committed while we waited).
+
+        None when the table's last entry is not the one this process last wrote (another
+        replica appended, rows went, a corrupt entry): nothing written, the lock released,
+        and the caller takes the full way, which records losses (a walk back through the
+        table with a server-side cursor, which pipeline mode does not allow)."""
+        from ..store.postgres import pipelined_transaction
+
+        try:
+            with pipelined_transaction(conn) as pipe, conn.cursor() as cur:
+                if not self.fsync:
+                    cur.execute("SET LOCAL synchronous_commit TO off")
+                cur.execute(_LOCK)
+                last = conn.cursor()
+                last.execute(_LAST)
+                pipe.sync()
+                row = last.fetchone()
+                entry = (parse_entry(str(row[1]).encode("utf-8", "surrogatepass"))
+                         if row else None)
+                seen = (entry["seq"], entry["hash"]) if entry is not None else (
+                    (0, GENESIS_HASH) if row is None else None)
+                if seen != (self._seq, self._hash):
+                    raise _FullWay
+                result: list[dict[str, Any]] = work(cur)
+                return result
+        except _FullWay:  # rolled back: it held the lock, wrote nothing
+            return None
+
     def _catch_up_with_table(self, cur: Any) -> None:
-        cur.execute("SELECT seq, entry FROM authority_audit ORDER BY seq DESC LIMIT 1")
+        cur.execute(_LAST)
         row = cur.fetchone()
         last = parse_entry(str(row[1]).encode("utf-8", "surrogatepass")) if row else None
         if row is not None and last is None:

@@ -92,6 +92,93 @@ CREATE TABLE authority_audit (
     entry text NOT NULL
 );
 """),
+    # A reservation and a settlement each in one statement (one round trip, one implicit
+    # transaction) instead of a transaction of up to four (pg_plans.budget_reserve): the
+    # same steps, on the server. Unqualified names resolve through the caller's
+    # search_path, like every statement the gateway sends.
+    (3, """
+-- Lock the counter rows named (deduplicated) in name order, creating those missing: the
+-- existing rows first, then the new ones inserted and all of them locked again, so two
+-- reservations over overlapping counters take their locks in one order (no deadlock).
+-- used is 0 for a counter whose period ended (expired: a new period starts at 0).
+CREATE FUNCTION authority_counters_lock(wanted text[], OUT names text[],
+                                        OUT used double precision[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    ordered text[] := ARRAY(SELECT DISTINCT n FROM unnest(wanted) AS n ORDER BY n);
+BEGIN
+    FOR attempt IN 1..2 LOOP
+        SELECT array_agg(l.name ORDER BY l.name), array_agg(l.used ORDER BY l.name)
+          INTO names, used
+          FROM (SELECT c.name, CASE WHEN c.expires_at
+                                         > extract(epoch from clock_timestamp())::float8
+                                    THEN c.used ELSE 0 END AS used
+                  FROM authority_counters c WHERE c.name = ANY(ordered)
+                 ORDER BY c.name FOR UPDATE) AS l;
+        IF coalesce(cardinality(names), 0) = cardinality(ordered) THEN
+            RETURN;
+        END IF;
+        EXIT WHEN attempt = 2;
+        -- A new period: its rows do not exist yet.
+        INSERT INTO authority_counters (name, used, expires_at)
+            SELECT n, 0, 0 FROM unnest(ordered) AS n ORDER BY n ON CONFLICT DO NOTHING;
+    END LOOP;
+    RAISE EXCEPTION 'a counter row vanished under its lock';
+END
+$$;
+
+-- Reserve up to max_usd (at least min_usd) on every counter (name, limit): NULL when
+-- the room left on some counter is below min_usd, else the amount granted. A counter
+-- named twice keeps the lower of its two new values.
+CREATE FUNCTION authority_budget_reserve(names text[], limits double precision[],
+                                         min_usd double precision,
+                                         max_usd double precision,
+                                         ttl_s double precision)
+RETURNS double precision
+LANGUAGE plpgsql AS $$
+DECLARE
+    locked record;
+    room double precision;
+    granted double precision;
+BEGIN
+    SELECT * INTO locked FROM authority_counters_lock(names);
+    SELECT min(q.lim - u.used) INTO room
+      FROM unnest(names, limits) AS q(name, lim)
+      JOIN unnest(locked.names, locked.used) AS u(name, used) USING (name);
+    IF room < min_usd THEN
+        RETURN NULL;
+    END IF;
+    granted := least(max_usd, room);
+    -- Clamped, so float rounding of used + (limit - used) cannot pass the limit.
+    UPDATE authority_counters AS c
+       SET used = v.used, expires_at = extract(epoch from clock_timestamp())::float8 + ttl_s
+      FROM (SELECT q.name, min(least(u.used + granted, greatest(q.lim, u.used))) AS used
+              FROM unnest(names, limits) AS q(name, lim)
+              JOIN unnest(locked.names, locked.used) AS u(name, used) USING (name)
+             GROUP BY q.name) AS v
+     WHERE c.name = v.name;
+    RETURN granted;
+END
+$$;
+
+-- Add delta (actual - reserved) to every counter named; a counter whose period ended
+-- meanwhile starts again at 0 and never goes negative.
+CREATE FUNCTION authority_budget_settle(names text[], delta double precision,
+                                        ttl_s double precision)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    locked record;
+BEGIN
+    SELECT * INTO locked FROM authority_counters_lock(names);
+    UPDATE authority_counters AS c
+       SET used = greatest(u.used + delta, 0),
+           expires_at = extract(epoch from clock_timestamp())::float8 + ttl_s
+      FROM unnest(locked.names, locked.used) AS u(name, used)
+     WHERE c.name = u.name;
+END
+$$;
+"""),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
