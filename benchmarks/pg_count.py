@@ -39,7 +39,7 @@ PG_DSN = os.environ.get("AUTHORITY_BENCH_PG_DSN", "postgresql://postgres@127.0.0
 LOG = Path(os.environ.get("AUTHORITY_COUNT_PG_LOG",
                           "/var/log/postgresql/postgresql-15-main.log"))
 DB = "authority_pg_count"
-TURNS = 10
+TURNS = int(os.environ.get("PG_COUNT_TURNS", "10"))
 # "<ts> UTC [pid] user@db LOG:  statement: SQL" or "... LOG:  execute <unnamed>: SQL"
 _LINE = re.compile(r"\[(\d+)\] \S*@(\S+) LOG:  (?:statement|execute [^:]*): (.*)$")
 _WRITE = re.compile(r"^\s*(WITH\b.*\b(INSERT|UPDATE|DELETE)\b|INSERT|UPDATE|DELETE|SELECT\s+"
@@ -172,7 +172,10 @@ def main() -> int:
             total = tally(stmts)
             total["round trips"] = sends
             report[name] = {k: v / TURNS for k, v in sorted(total.items())}
-            if "-v" in sys.argv:
+            if "-vv" in sys.argv:
+                for pid, sql in stmts:
+                    print(f"[{pid}] {re.sub(r'[ ]+', ' ', sql)[:120]}")
+            elif "-v" in sys.argv:
                 seen: Counter[str] = Counter(re.sub(r"\s+", " ", s)[:150] for _, s in stmts)
                 for sql, n in seen.most_common():
                     print(f"{n / TURNS:5.1f}  {sql}")
