@@ -97,33 +97,31 @@ CREATE TABLE authority_audit (
     # same steps, on the server. Unqualified names resolve through the caller's
     # search_path, like every statement the gateway sends.
     (3, """
--- Lock the counter rows named (deduplicated) in name order, creating those missing: the
--- existing rows first, then the new ones inserted and all of them locked again, so two
--- reservations over overlapping counters take their locks in one order (no deadlock).
+-- Lock the counter rows named (deduplicated), one at a time in name order, creating those
+-- missing (a new period): an existing row is locked and not written (the DO UPDATE's
+-- WHERE is false, the lock stays), a missing one is inserted and ours until commit.
+-- Every reservation and settlement takes its rows in this one order, new rows included,
+-- so none waits for another that waits for it. (Locking the existing rows first and
+-- inserting the missing ones after, as schema version 2's gateway did, deadlocks when
+-- two reservations over overlapping counters start a period together.)
 -- used is 0 for a counter whose period ended (expired: a new period starts at 0).
 CREATE FUNCTION authority_counters_lock(wanted text[], OUT names text[],
                                         OUT used double precision[])
 LANGUAGE plpgsql AS $$
-DECLARE
-    ordered text[] := ARRAY(SELECT DISTINCT n FROM unnest(wanted) AS n ORDER BY n);
 BEGIN
-    FOR attempt IN 1..2 LOOP
-        SELECT array_agg(l.name ORDER BY l.name), array_agg(l.used ORDER BY l.name)
-          INTO names, used
-          FROM (SELECT c.name, CASE WHEN c.expires_at
-                                         > extract(epoch from clock_timestamp())::float8
-                                    THEN c.used ELSE 0 END AS used
-                  FROM authority_counters c WHERE c.name = ANY(ordered)
-                 ORDER BY c.name FOR UPDATE) AS l;
-        IF coalesce(cardinality(names), 0) = cardinality(ordered) THEN
-            RETURN;
-        END IF;
-        EXIT WHEN attempt = 2;
-        -- A new period: its rows do not exist yet.
-        INSERT INTO authority_counters (name, used, expires_at)
-            SELECT n, 0, 0 FROM unnest(ordered) AS n ORDER BY n ON CONFLICT DO NOTHING;
-    END LOOP;
-    RAISE EXCEPTION 'a counter row vanished under its lock';
+    INSERT INTO authority_counters AS c (name, used, expires_at)
+        SELECT DISTINCT n, 0::float8, 0::float8 FROM unnest(wanted) AS n ORDER BY n
+        ON CONFLICT (name) DO UPDATE SET used = c.used WHERE false;
+    -- A statement of its own: its snapshot is taken once every lock is held.
+    SELECT array_agg(c.name ORDER BY c.name),
+           array_agg(CASE WHEN c.expires_at > extract(epoch from clock_timestamp())::float8
+                          THEN c.used ELSE 0 END ORDER BY c.name)
+      INTO names, used
+      FROM authority_counters c WHERE c.name = ANY(wanted);
+    IF coalesce(cardinality(names), 0)
+       <> (SELECT count(DISTINCT n) FROM unnest(wanted) AS n) THEN
+        RAISE EXCEPTION 'a counter row vanished under its lock';
+    END IF;
 END
 $$;
 
