@@ -279,6 +279,7 @@ class PgAuditSink(SinkSettings):
                         cur.execute(_LOCK)
                         self._catch_up_with_table(cur)
                         entries = work(cur)
+                        self._head_in_tx(cur, before, entries)
             except psycopg.Error as exc:
                 self._seq, self._hash = before  # rolled back: nothing of it was written
                 raise self._unavailable(exc) from exc
@@ -287,7 +288,7 @@ class PgAuditSink(SinkSettings):
                 raise
             self._opened = True
             written = (self._seq, self._hash) != before or entries
-            if written and self._head is not None:
+            if written and self._head is not None and not self._head_shares_db():
                 try:
                     self._head.set_audit_head(self._seq, self._hash)
                 except AuthorityError:
@@ -332,9 +333,29 @@ class PgAuditSink(SinkSettings):
                 if seen != (self._seq, self._hash):
                     raise _FullWay
                 result: list[dict[str, Any]] = work(cur)
+                self._head_in_tx(cur, seen, result)
                 return result
         except _FullWay:  # rolled back: it held the lock, wrote nothing
             return None
+
+    def _head_shares_db(self) -> bool:
+        """The head is the state store in this very database (``audit.dsn_env`` unset)."""
+        from ..store.postgres import PgStore
+
+        return isinstance(self._head, PgStore) and self._head.dsn == self.dsn
+
+    def _head_in_tx(self, cur: Any, before: tuple[int, str] | None,
+                    entries: list[dict[str, Any]]) -> None:
+        """Move the head in the appending transaction when it lives in this database: no
+        round trip nor commit of its own, and never behind nor ahead of the entries it
+        points at (committed with them, or rolled back with them)."""
+        if ((self._seq, self._hash) == before and not entries) or not self._head_shares_db():
+            return
+        from ..store import pg_plans
+
+        plan = pg_plans.set_audit_head(self._seq, self._hash)
+        for sql, params in plan:
+            cur.execute(sql, params)
 
     def _catch_up_with_table(self, cur: Any) -> None:
         cur.execute(_LAST)

@@ -115,35 +115,40 @@ def test_a_reservation_keeps_every_rule_of_the_python_one(store: Any) -> None:
 def test_reservations_over_overlapping_counters_in_any_order_never_pass_a_limit(
         store: Any, pg: PostgresBackend) -> None:
     """Threads of two stores (two replicas' pools) reserve and release on counters that do
-    not exist yet (so their rows are created under contention), each naming an overlapping
-    pair in its own order: no deadlock, no limit passed, every grant accounted for."""
+    not exist yet, each naming an overlapping pair in its own order, period after period
+    (a period's rows are created under contention: locking the existing rows first and
+    inserting the missing ones after deadlocked here): no deadlock, no limit passed, every
+    grant accounted for."""
     other = pg.open()
     limits = {"x": 2.0, "y": 3.0, "z": 1.5}
     pairs = [("x", "y"), ("y", "x"), ("y", "z"), ("z", "y"), ("z", "x"), ("x", "z")]
+    periods = 4
     lock = threading.Lock()
-    held = dict.fromkeys(limits, 0.0)
+    held = {f"{n}:{p}": 0.0 for n in limits for p in range(periods)}
     barrier = threading.Barrier(len(pairs) * 2)
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
         s = store if i % 2 else other
-        names = pairs[i % len(pairs)]
         rnd = random.Random(i)
         try:
-            barrier.wait()
-            for _ in range(40):
-                got = s.budget_reserve([(n, limits[n]) for n in names], min_usd=0.01,
-                                       max_usd=0.13, ttl_s=DAY)
-                if got is None:
-                    continue
-                kept = got if rnd.random() < 0.7 else 0.0  # some are released again
-                if kept != got:
-                    s.budget_settle(list(names), reserved=got, actual=kept, ttl_s=DAY)
-                with lock:
-                    for n in names:
-                        held[n] += kept
+            for period in range(periods):
+                names = [f"{n}:{period}" for n in pairs[i % len(pairs)]]
+                barrier.wait()  # the period starts for everyone at once
+                for _ in range(12):
+                    got = s.budget_reserve([(n, limits[n[0]]) for n in names],
+                                           min_usd=0.01, max_usd=0.13, ttl_s=DAY)
+                    if got is None:
+                        continue
+                    kept = got if rnd.random() < 0.7 else 0.0  # some are released again
+                    if kept != got:
+                        s.budget_settle(names, reserved=got, actual=kept, ttl_s=DAY)
+                    with lock:
+                        for n in names:
+                            held[n] += kept
         except BaseException as exc:
             errors.append(exc)
+            barrier.abort()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(pairs) * 2)]
     for t in threads:
@@ -151,11 +156,11 @@ def test_reservations_over_overlapping_counters_in_any_order_never_pass_a_limit(
     for t in threads:
         t.join(120)
     other.close()
-    assert not errors, errors
-    for name, limit in limits.items():
+    assert not errors, errors[:3]
+    for name, total in held.items():
         used = store.budget_used(name)
-        assert used <= limit
-        assert used == pytest.approx(held[name], abs=1e-9)
+        assert used <= limits[name[0]]
+        assert used == pytest.approx(total, abs=1e-9)
 
 
 # -- how plans run -------------------------------------------------------------------------
@@ -166,17 +171,26 @@ def _pid_and_sync() -> Any:
     return rows[0]
 
 
-def test_a_relaxed_statement_relaxes_its_own_transaction_only(store: Any) -> None:
-    def twice() -> Any:
-        first = yield ("SELECT pg_backend_pid(), current_setting('synchronous_commit')", ())
-        second = yield ("SELECT pg_backend_pid(), current_setting('synchronous_commit')", ())
-        return [first[0], second[0]]
+def test_a_relaxed_statement_relaxes_its_own_transaction_only(pg: PostgresBackend) -> None:
+    import psycopg
 
-    relaxed = store._run("idem_delete", twice())
-    assert [setting for _, setting in relaxed] == ["off", "off"]  # each statement relaxed
-    after = store._run("idem_get", _pid_and_sync())
-    assert after[0] == relaxed[0][0]  # the same pooled connection…
-    assert after[1] == "on"  # …back to flushing: the setting ended with its transaction
+    from authority_sdk.store.postgres import _run_sync
+
+    def twice() -> Any:
+        first = yield ("SELECT current_setting('synchronous_commit')", ())
+        second = yield ("SELECT current_setting('synchronous_commit')", ())
+        return [first[0][0], second[0][0]]
+
+    def one() -> Any:
+        rows = yield ("SELECT current_setting('synchronous_commit')", ())
+        return rows[0][0]
+
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:  # one connection, as pooled
+        assert _run_sync(conn, "idem_delete", twice()) == ["off", "off"]  # each relaxed
+        # …and back to flushing after: the setting ended with each statement's transaction.
+        assert _run_sync(conn, "idem_get", one()) == "on"
+        assert _run_sync(conn, "approval_transition", one()) == "on"
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
 
 
 def test_a_transactional_plan_is_rolled_back_whole_on_any_error(store: Any) -> None:
@@ -269,3 +283,45 @@ def test_two_writers_alternating_keep_one_chain_and_the_fast_way_when_alone(
         a.close()
         b.close()
         head.close()
+
+
+def test_a_head_in_the_same_database_moves_in_the_appending_transaction(
+        pg: PostgresBackend, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No round trip nor commit of its own: the state store is never asked, the head is
+    still where the entries end (the full way, the fast way, two writers)."""
+    from authority_sdk.audit.postgres import PgAuditSink
+
+    asked: list[tuple[int, str]] = []
+    real = type(store).set_audit_head
+
+    def spy(self: Any, seq: int, hash: str) -> None:
+        asked.append((seq, hash))
+        real(self, seq, hash)
+
+    monkeypatch.setattr(type(store), "set_audit_head", spy)
+    a = PgAuditSink(pg.dsn, fsync=False, head=store)
+    b = PgAuditSink(pg.dsn, fsync=False, head=store)
+    try:
+        for i in range(3):
+            last = a.append("request", request_id=f"a{i}")
+            assert store.get_audit_head() == (last["seq"], last["hash"])
+        last = b.append_many([("request", {"request_id": "b"}),
+                              ("action", {"request_id": "b"})])[-1]
+        assert store.get_audit_head() == (5, last["hash"])
+        last = a.append("request", request_id="a3")
+        assert store.get_audit_head() == (6, last["hash"])
+        assert asked == []
+        result = verify_sink(PgAuditSink(pg.dsn), store.get_audit_head())
+        assert (result.ok, result.last_seq) == (True, 6), result.reason
+    finally:
+        a.close()
+        b.close()
+    # Another database's head (here: a local store) is still moved after the commit.
+    local = DiskStore(pg.directory / "head")
+    c = PgAuditSink(pg.dsn, fsync=False, head=local)
+    try:
+        last = c.append("request", request_id="c")
+        assert local.get_audit_head() == (7, last["hash"])
+    finally:
+        c.close()
+        local.close()
