@@ -95,7 +95,9 @@ CREATE TABLE authority_audit (
     # A reservation and a settlement each in one statement (one round trip, one implicit
     # transaction) instead of a transaction of up to four (pg_plans.budget_reserve): the
     # same steps, on the server. Unqualified names resolve through the caller's
-    # search_path, like every statement the gateway sends.
+    # search_path, like every statement the gateway sends. Generic plans: a statement over
+    # an array parameter otherwise gets a custom plan, planned anew on every call (half
+    # the function's time: a settlement took 260 µs of server time, 110 µs so).
     (3, """
 -- Lock the counter rows named (deduplicated), one at a time in name order, creating those
 -- missing (a new period): an existing row is locked and not written (the DO UPDATE's
@@ -107,7 +109,7 @@ CREATE TABLE authority_audit (
 -- used is 0 for a counter whose period ended (expired: a new period starts at 0).
 CREATE FUNCTION authority_counters_lock(wanted text[], OUT names text[],
                                         OUT used double precision[])
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     INSERT INTO authority_counters AS c (name, used, expires_at)
         SELECT DISTINCT n, 0::float8, 0::float8 FROM unnest(wanted) AS n ORDER BY n
@@ -133,7 +135,7 @@ CREATE FUNCTION authority_budget_reserve(names text[], limits double precision[]
                                          max_usd double precision,
                                          ttl_s double precision)
 RETURNS double precision
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     locked record;
     room double precision;
@@ -164,7 +166,7 @@ $$;
 CREATE FUNCTION authority_budget_settle(names text[], delta double precision,
                                         ttl_s double precision)
 RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     locked record;
 BEGIN
