@@ -10,7 +10,7 @@ connection option, so nothing else on the server changes), and the server's log 
 back. Round trips are counted on the client's sockets (``ss``: the data segments the
 server sent, one per answer the client waited for); a commit is a transaction block's
 ``COMMIT`` or an autocommitted write (a statement outside a block, or a relaxed one
-pipelined with its ``set_config``); a *flushed* commit waits for its WAL on disk
+sent with its ``set_config``); a *flushed* commit waits for its WAL on disk
 (``synchronous_commit`` not turned off in it).
 
 Needs superuser rights (``log_statement`` is a superuser setting) and the log file
@@ -106,11 +106,26 @@ def _parse(text: str) -> list[tuple[str, str]]:
     return out
 
 
+_RELAX_PREFIX = "SELECT set_config('synchronous_commit', 'off', true); "
+
+
+def _split(statements: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A relaxed statement goes out as one simple query of two (the relax, then it): the
+    log shows them as one line."""
+    out: list[tuple[str, str]] = []
+    for pid, sql in statements:
+        if sql.startswith(_RELAX_PREFIX):
+            out += [(pid, _RELAX_PREFIX[:-2]), (pid, sql[len(_RELAX_PREFIX):])]
+        else:
+            out.append((pid, sql))
+    return out
+
+
 def tally(statements: list[tuple[str, str]]) -> dict[str, int]:
     """Round trips, statements, commits and flushed commits, per session in order."""
     c: Counter[str] = Counter()
     state: dict[str, dict[str, bool]] = {}
-    for pid, sql in statements:
+    for pid, sql in _split(statements):
         s = state.setdefault(pid, {"tx": False, "wrote": False, "relaxed": False})
         head = sql.strip().upper()
         c["server statements (with BEGIN/COMMIT)"] += 1
@@ -125,8 +140,8 @@ def tally(statements: list[tuple[str, str]]) -> dict[str, int]:
             continue
         c["statements"] += 1
         if "SYNCHRONOUS_COMMIT" in head and "OFF" in head:
-            # In a transaction block: until its end. Outside one: the store pipelines it
-            # with the next statement before one Sync (one implicit transaction).
+            # In a transaction block: until its end. Outside one: the store sends it with
+            # the next statement as one simple query (one implicit transaction).
             s["relaxed"] = True
             continue
         write = bool(_WRITE.match(sql)) or "SELECT PG_NOTIFY" in head

@@ -57,8 +57,8 @@ SYNC_APP, ASYNC_APP, LISTENER_APP = "authority-sync", "authority-async", "author
 KILL_SWITCH_CACHE_S = 0.5
 
 # pg_plans.RELAXED: this transaction's commit does not wait for its WAL flush. A function
-# call, not SET LOCAL: it also applies to an implicit transaction (statements pipelined
-# before one Sync), which SET LOCAL warns about. The setting is read at commit.
+# call, not SET LOCAL: it also applies to an implicit transaction (two statements in one
+# simple query), which SET LOCAL warns about. The setting is read at commit.
 _RELAX = "SELECT set_config('synchronous_commit', 'off', true)"
 # libpq >= 14 (psycopg-binary ships one): statements go out together, a round trip for all.
 # Without it, the same transactions with BEGIN/COMMIT each a round trip of their own.
@@ -115,8 +115,10 @@ async def _adrive(plan: Plan, execute: Callable[[str, tuple[Any, ...]], Awaitabl
 #   transactional   BEGIN [relax] stmt1 | stmt2 | … | stmtn | COMMIT   n + 1 (pipelined:
 #                   BEGIN rides with the first statement, COMMIT alone; each | a Sync,
 #                   which inside BEGIN … COMMIT ends nothing)
-#   relaxed         relax stmt | relax stmt | …                           n (each statement
-#                   an implicit transaction of its own, committed at its Sync)
+#   relaxed         relax; stmt | relax; stmt | …                         n (each statement
+#                   sent with the relax as one simple query of two statements, which
+#                   PostgreSQL runs as one implicit transaction: one send, no pipeline;
+#                   parameters bound client-side by psycopg, quoted as literals)
 #   other           stmt | stmt | …                                       n (autocommit)
 # Without pipeline mode: BEGIN, SET LOCAL and COMMIT are a round trip each, as before.
 
@@ -187,11 +189,12 @@ def _run_sync(conn: psycopg.Connection[Any], name: str, plan: Plan) -> Any:
 
             return _drive(plan, in_tx)
     if relaxed:
+        one = psycopg.ClientCursor(conn)
+
         def own_tx(sql: str, params: tuple[Any, ...]) -> Rows:
-            with conn.pipeline():
-                conn.cursor().execute(_RELAX)
-                cur.execute(sql, params)
-            return _rows(cur)
+            one.execute(f"{_RELAX}; {sql}", params)
+            one.nextset()
+            return _rows(one)
 
         return _drive(plan, own_tx)
 
@@ -228,11 +231,12 @@ async def _run_async(conn: psycopg.AsyncConnection[Any], name: str, plan: Plan) 
 
             return await _adrive(plan, in_tx)
     if relaxed:
+        one = psycopg.AsyncClientCursor(conn)
+
         async def own_tx(sql: str, params: tuple[Any, ...]) -> Rows:
-            async with conn.pipeline():
-                await conn.cursor().execute(_RELAX)
-                await cur.execute(sql, params)
-            return await cur.fetchall() if cur.description else []
+            await one.execute(f"{_RELAX}; {sql}", params)
+            one.nextset()
+            return await one.fetchall() if one.description else []
 
         return await _adrive(plan, own_tx)
 
