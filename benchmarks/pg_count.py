@@ -69,11 +69,12 @@ def _setup() -> tuple[str, str]:
     return plain, _dsn(PG_DSN, DB, "-csearch_path%3Dcount%20-clog_statement%3Dall")
 
 
-def server_answers() -> int:
+def server_answers(field: str = "data_segs_in") -> int:
     """Data segments this process received from the server, over all its connections. The
     server flushes its answers at each Sync (or simple query, or Flush) and the client
     waits for each: their count is the number of round trips. (Not the segments sent: a
-    pipeline goes out in several sends without waiting in between.)"""
+    pipeline goes out in several sends without waiting in between; ``data_segs_out``
+    counts those sends.)"""
     import subprocess
 
     out = subprocess.run(["ss", "-tinpH", f"dport = :{_port()}"], capture_output=True,
@@ -82,7 +83,7 @@ def server_answers() -> int:
     for line in out:
         if "users:" in line or line[:1].isalpha():
             mine = f"pid={os.getpid()}," in line
-        elif mine and (m := re.search(r"data_segs_in:(\d+)", line)):
+        elif mine and (m := re.search(rf"{field}:(\d+)", line)):
             total += int(m.group(1))
     return total
 
@@ -106,19 +107,25 @@ def _parse(text: str) -> list[tuple[str, str]]:
     return out
 
 
-_RELAX_PREFIX = "SELECT set_config('synchronous_commit', 'off', true); "
+def _statements(sql: str) -> list[str]:
+    """The statements of one simple query, split at semicolons outside quoted literals."""
+    out, cur, quoted = [], [], False
+    for ch in sql:
+        if ch == "'":
+            quoted = not quoted  # '' (an escaped quote) toggles twice
+        if ch == ";" and not quoted:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return [s for s in out if s]
 
 
 def _split(statements: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A relaxed statement goes out as one simple query of two (the relax, then it): the
-    log shows them as one line."""
-    out: list[tuple[str, str]] = []
-    for pid, sql in statements:
-        if sql.startswith(_RELAX_PREFIX):
-            out += [(pid, _RELAX_PREFIX[:-2]), (pid, sql[len(_RELAX_PREFIX):])]
-        else:
-            out.append((pid, sql))
-    return out
+    """Several statements sent as one simple query (a relaxed statement with its relax, an
+    audit append) are one line of the log: back into statements."""
+    return [(pid, one) for pid, sql in statements for one in _statements(sql)]
 
 
 def tally(statements: list[tuple[str, str]]) -> dict[str, int]:
@@ -174,18 +181,21 @@ def main() -> int:
             time.sleep(0.3)
             start = LOG.stat().st_size
             sends = server_answers()
+            outs = server_answers("data_segs_out")
             if name == "sync":
                 pg_bench._turns_sync(engine, TURNS, f"count-{time.time()}", answer)
             else:
                 loop.run_until_complete(pg_bench._turns_async(engine, TURNS,
                                                               f"count-a-{time.time()}", answer))
             sends = server_answers() - sends
+            outs = server_answers("data_segs_out") - outs
             time.sleep(0.3)  # the server writes its log asynchronously
             with LOG.open("rb") as f:
                 f.seek(start)
                 stmts = _parse(f.read().decode("utf-8", "replace"))
             total = tally(stmts)
             total["round trips"] = sends
+            total["client sends"] = outs
             report[name] = {k: v / TURNS for k, v in sorted(total.items())}
             if "-vv" in sys.argv:
                 for pid, sql in stmts:

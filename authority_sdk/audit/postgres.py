@@ -50,8 +50,6 @@ __all__ = ["PgAuditSink", "open_for_policy"]
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('authority-audit:' || current_schema()))"
 _LAST = "SELECT seq, entry FROM authority_audit ORDER BY seq DESC LIMIT 1"
-# libpq >= 14: an append's statements go out pipelined (two round trips, see _append_fast).
-_PIPELINE = psycopg.Pipeline.is_supported()
 # Entries are text (see pg_schema); the event is matched loosely here and checked parsed.
 _RETENTION_LIKE = '%"event":"retention"%'
 _LAST_RETENTION = ("SELECT entry FROM authority_audit WHERE entry LIKE %s "
@@ -59,8 +57,21 @@ _LAST_RETENTION = ("SELECT entry FROM authority_audit WHERE entry LIKE %s "
 _PAGE = 500
 
 
-class _FullWay(Exception):
-    """The fast append found the table moved: take the full way."""
+_IN_TX = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
+
+
+class _Batch:
+    """Stands in for a cursor: collects the statements an append would run, to be sent
+    together as one simple query."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, tuple[Any, ...]]] = []
+
+    def execute(self, sql: str, params: Any = ()) -> None:
+        self.items.append((sql, tuple(params)))
+
+    def executemany(self, sql: str, seq: Iterable[Any]) -> None:
+        self.items += [(sql, tuple(params)) for params in seq]
 
 
 def _record(seq: int, raw: str) -> Record:
@@ -270,7 +281,7 @@ class PgAuditSink(SinkSettings):
             try:
                 conn = self._connection()
                 entries = None
-                if append and self._opened and _PIPELINE:
+                if append and self._opened:
                     entries = self._append_fast(conn, work)
                 if entries is None:
                     with conn.transaction(), conn.cursor() as cur:
@@ -305,38 +316,40 @@ class PgAuditSink(SinkSettings):
 
     def _append_fast(self, conn: psycopg.Connection[Any], work: Any
                      ) -> list[dict[str, Any]] | None:
-        """The common append, in two round trips where the full way takes five: BEGIN, the
-        lock and the read of the last entry go out together, then the inserts and COMMIT
-        (pipeline mode). The last entry is read by a statement of its own, after the lock
-        is held (a statement's snapshot predates the statement: read with the lock in one
-        statement, it could miss an append committed while we waited).
+        """The common append, in two round trips (one send each) where the full way takes
+        five: BEGIN, the lock and the read of the last entry go out as one simple query,
+        then the inserts, the head and COMMIT as another (parameters bound client-side).
+        The last entry is read by a statement of its own, after the lock is held (a
+        statement's snapshot predates the statement: read with the lock in one statement,
+        it could miss an append committed while we waited).
 
         None when the table's last entry is not the one this process last wrote (another
-        replica appended, rows went, a corrupt entry): nothing written, the lock released,
-        and the caller takes the full way, which records losses (a walk back through the
-        table with a server-side cursor, which pipeline mode does not allow)."""
-        from ..store.postgres import pipelined_transaction
-
+        replica appended, rows went, a corrupt entry): rolled back, nothing written, and
+        the caller takes the full way, which records losses."""
+        cur = psycopg.ClientCursor(conn)
         try:
-            with pipelined_transaction(conn) as pipe, conn.cursor() as cur:
-                if not self.fsync:
-                    cur.execute("SET LOCAL synchronous_commit TO off")
-                cur.execute(_LOCK)
-                last = conn.cursor()
-                last.execute(_LAST)
-                pipe.sync()
-                row = last.fetchone()
-                entry = (parse_entry(str(row[1]).encode("utf-8", "surrogatepass"))
-                         if row else None)
-                seen = (entry["seq"], entry["hash"]) if entry is not None else (
-                    (0, GENESIS_HASH) if row is None else None)
-                if seen != (self._seq, self._hash):
-                    raise _FullWay
-                result: list[dict[str, Any]] = work(cur)
-                self._head_in_tx(cur, seen, result)
-                return result
-        except _FullWay:  # rolled back: it held the lock, wrote nothing
-            return None
+            relax = "" if self.fsync else "SET LOCAL synchronous_commit TO off; "
+            cur.execute(f"BEGIN; {relax}{_LOCK}; {_LAST}")
+            while cur.nextset():
+                pass
+            row = cur.fetchone()
+            entry = parse_entry(str(row[1]).encode("utf-8", "surrogatepass")) if row else None
+            seen = (entry["seq"], entry["hash"]) if entry is not None else (
+                (0, GENESIS_HASH) if row is None else None)
+            if seen != (self._seq, self._hash):
+                conn.rollback()
+                return None
+            batch = _Batch()
+            result: list[dict[str, Any]] = work(batch)
+            self._head_in_tx(batch, seen, result)
+            cur.execute("; ".join([*(sql for sql, _ in batch.items), "COMMIT"]),
+                        [p for _, params in batch.items for p in params])
+            return result
+        except BaseException:
+            if conn.pgconn.transaction_status in _IN_TX:
+                with contextlib.suppress(psycopg.Error):
+                    conn.rollback()
+            raise
 
     def _head_shares_db(self) -> bool:
         """The head is the state store in this very database (``audit.dsn_env`` unset)."""
