@@ -49,11 +49,29 @@ if TYPE_CHECKING:
 __all__ = ["PgAuditSink", "open_for_policy"]
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('authority-audit:' || current_schema()))"
+_LAST = "SELECT seq, entry FROM authority_audit ORDER BY seq DESC LIMIT 1"
 # Entries are text (see pg_schema); the event is matched loosely here and checked parsed.
 _RETENTION_LIKE = '%"event":"retention"%'
 _LAST_RETENTION = ("SELECT entry FROM authority_audit WHERE entry LIKE %s "
                    "ORDER BY seq DESC LIMIT 1")
 _PAGE = 500
+
+
+_IN_TX = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
+
+
+class _Batch:
+    """Stands in for a cursor: collects the statements an append would run, to be sent
+    together as one simple query."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, tuple[Any, ...]]] = []
+
+    def execute(self, sql: str, params: Any = ()) -> None:
+        self.items.append((sql, tuple(params)))
+
+    def executemany(self, sql: str, seq: Iterable[Any]) -> None:
+        self.items += [(sql, tuple(params)) for params in seq]
 
 
 def _record(seq: int, raw: str) -> Record:
@@ -99,7 +117,7 @@ class PgAuditSink(SinkSettings):
             self._insert(cur, entries)
             return entries
 
-        return self._locked(write)
+        return self._locked(write, append=True)
 
     def open(self) -> PgAuditSink:
         """Connect now and record what is missing (a broken sink fails the start)."""
@@ -251,21 +269,28 @@ class PgAuditSink(SinkSettings):
         except psycopg.Error as exc:
             raise self._unavailable(exc) from exc
 
-    def _locked(self, work: Any, *, catch_up: bool = False) -> list[dict[str, Any]]:
+    def _locked(self, work: Any, *, catch_up: bool = False,
+                append: bool = False) -> list[dict[str, Any]]:
         """Run ``work(cursor)`` in one transaction under the chain's lock, after recording
-        any loss; then move the head and the checkpoint past what it wrote."""
+        any loss; then move the head and the checkpoint past what it wrote. ``append``:
+        ``work`` only inserts entries (it may run pipelined, see :meth:`_append_fast`)."""
         with self._tlock:
             if self._pid != os.getpid():
                 self._reset_process_state()
             before = (self._seq, self._hash)
             try:
                 conn = self._connection()
-                with conn.transaction(), conn.cursor() as cur:
-                    if not self.fsync:
-                        cur.execute("SET LOCAL synchronous_commit TO off")
-                    cur.execute(_LOCK)
-                    self._catch_up_with_table(cur)
-                    entries = work(cur)
+                entries = None
+                if append and self._opened:
+                    entries = self._append_fast(conn, work)
+                if entries is None:
+                    with conn.transaction(), conn.cursor() as cur:
+                        if not self.fsync:
+                            cur.execute("SET LOCAL synchronous_commit TO off")
+                        cur.execute(_LOCK)
+                        self._catch_up_with_table(cur)
+                        entries = work(cur)
+                        self._head_in_tx(cur, before, entries)
             except psycopg.Error as exc:
                 self._seq, self._hash = before  # rolled back: nothing of it was written
                 raise self._unavailable(exc) from exc
@@ -274,7 +299,7 @@ class PgAuditSink(SinkSettings):
                 raise
             self._opened = True
             written = (self._seq, self._hash) != before or entries
-            if written and self._head is not None:
+            if written and self._head is not None and not self._head_shares_db():
                 try:
                     self._head.set_audit_head(self._seq, self._hash)
                 except AuthorityError:
@@ -289,8 +314,64 @@ class PgAuditSink(SinkSettings):
                 self._checkpointed = self._seq
             return list(entries)
 
+    def _append_fast(self, conn: psycopg.Connection[Any], work: Any
+                     ) -> list[dict[str, Any]] | None:
+        """The common append, in two round trips (one send each) where the full way takes
+        five: BEGIN, the lock and the read of the last entry go out as one simple query,
+        then the inserts, the head and COMMIT as another (parameters bound client-side).
+        The last entry is read by a statement of its own, after the lock is held (a
+        statement's snapshot predates the statement: read with the lock in one statement,
+        it could miss an append committed while we waited).
+
+        None when the table's last entry is not the one this process last wrote (another
+        replica appended, rows went, a corrupt entry): rolled back, nothing written, and
+        the caller takes the full way, which records losses."""
+        cur = psycopg.ClientCursor(conn)
+        try:
+            relax = "" if self.fsync else "SET LOCAL synchronous_commit TO off; "
+            cur.execute(f"BEGIN; {relax}{_LOCK}; {_LAST}")
+            while cur.nextset():
+                pass
+            row = cur.fetchone()
+            entry = parse_entry(str(row[1]).encode("utf-8", "surrogatepass")) if row else None
+            seen = (entry["seq"], entry["hash"]) if entry is not None else (
+                (0, GENESIS_HASH) if row is None else None)
+            if seen != (self._seq, self._hash):
+                conn.rollback()
+                return None
+            batch = _Batch()
+            result: list[dict[str, Any]] = work(batch)
+            self._head_in_tx(batch, seen, result)
+            cur.execute("; ".join([*(sql for sql, _ in batch.items), "COMMIT"]),
+                        [p for _, params in batch.items for p in params])
+            return result
+        except BaseException:
+            if conn.pgconn.transaction_status in _IN_TX:
+                with contextlib.suppress(psycopg.Error):
+                    conn.rollback()
+            raise
+
+    def _head_shares_db(self) -> bool:
+        """The head is the state store in this very database (``audit.dsn_env`` unset)."""
+        from ..store.postgres import PgStore
+
+        return isinstance(self._head, PgStore) and self._head.dsn == self.dsn
+
+    def _head_in_tx(self, cur: Any, before: tuple[int, str] | None,
+                    entries: list[dict[str, Any]]) -> None:
+        """Move the head in the appending transaction when it lives in this database: no
+        round trip nor commit of its own, and never behind nor ahead of the entries it
+        points at (committed with them, or rolled back with them)."""
+        if ((self._seq, self._hash) == before and not entries) or not self._head_shares_db():
+            return
+        from ..store import pg_plans
+
+        plan = pg_plans.set_audit_head(self._seq, self._hash)
+        for sql, params in plan:
+            cur.execute(sql, params)
+
     def _catch_up_with_table(self, cur: Any) -> None:
-        cur.execute("SELECT seq, entry FROM authority_audit ORDER BY seq DESC LIMIT 1")
+        cur.execute(_LAST)
         row = cur.fetchone()
         last = parse_entry(str(row[1]).encode("utf-8", "surrogatepass")) if row else None
         if row is not None and last is None:

@@ -10,7 +10,8 @@ Atomicity comes from the database, never from a read-then-write in Python withou
 lock: claims are ``INSERT … ON CONFLICT`` (which locks the conflicting row, so the
 follow-up read sees the live owner), compare-and-set reads the row ``FOR UPDATE``,
 multi-row reservations lock their rows in key order (no deadlock between two
-reservations over overlapping counters). Expiry uses the database's clock, the one
+reservations over overlapping counters; the reservation and the settlement are server-side
+functions, schema version 3, so each is one statement). Expiry uses the database's clock, the one
 clock all replicas share.
 """
 
@@ -151,51 +152,22 @@ def idem_put(key: str, record: Record, *, ttl_s: float) -> Plan:
 # -- counters ------------------------------------------------------------------------------
 
 
-def _lock_counters(names: list[str]) -> Plan:
-    """Lock every counter row in name order (creating, already expired, those missing);
-    returns ``name -> used`` (0 for an expired counter)."""
-    ordered = sorted(set(names))
-    lock = (f"SELECT name, CASE WHEN expires_at > {NOW} THEN used ELSE 0 END "
-            f"FROM authority_counters WHERE name = ANY(%s) ORDER BY name FOR UPDATE")
-    rows = yield (lock, (ordered,))
-    if len(rows) != len(ordered):  # a new period: its rows do not exist yet
-        yield ("INSERT INTO authority_counters (name, used, expires_at) "
-               "SELECT n, 0, 0 FROM unnest(%s::text[]) AS n ORDER BY n "
-               "ON CONFLICT DO NOTHING", (ordered,))
-        rows = yield (lock, (ordered,))
-    used = {str(name): float(value) for name, value in rows}
-    if len(used) != len(ordered):
-        raise CorruptRecord("a counter row vanished under its lock")
-    return used
-
-
-def _write_counters(values: dict[str, float], ttl_s: float) -> Plan:
-    names = sorted(values)
-    yield (f"UPDATE authority_counters AS c SET used = v.used, expires_at = {NOW} + %s "
-           f"FROM unnest(%s::text[], %s::float8[]) AS v(name, used) WHERE c.name = v.name",
-           (ttl_s, names, [values[n] for n in names]))
-    return None
-
-
 def budget_reserve(counters: list[tuple[str, float]], *, min_usd: float, max_usd: float,
                    ttl_s: float) -> Plan:
+    """One statement: the server-side function (schema version 3) locks the counters in
+    name order (creating those of a new period), checks the room on each and writes the
+    grant — one round trip where a transaction of up to four took five."""
     _check_ttl("ttl_s", ttl_s)
     if min_usd < 0 or max_usd < min_usd:
         raise ValueError(f"need 0 <= min_usd <= max_usd, got {min_usd!r}, {max_usd!r}")
     if not counters:
         return max_usd
-    used = yield from _lock_counters([name for name, _ in counters])
-    room = min(limit - used[name] for name, limit in counters)
-    if room < min_usd:
-        return None
-    grant = min(max_usd, room)
-    # Clamp so float rounding of used + (limit - used) cannot pass the limit.
-    new: dict[str, float] = {}
-    for name, limit in counters:
-        value = min(used[name] + grant, max(limit, used[name]))
-        new[name] = min(new.get(name, value), value)
-    yield from _write_counters(new, ttl_s)
-    return grant
+    rows = yield ("SELECT authority_budget_reserve(%s::text[], %s::float8[], %s::float8, "
+                  "%s::float8, %s::float8)",
+                  ([name for name, _ in counters], [float(limit) for _, limit in counters],
+                   float(min_usd), float(max_usd), float(ttl_s)))
+    granted = rows[0][0] if rows else None
+    return None if granted is None else float(granted)
 
 
 def budget_settle(counters: list[str], *, reserved: float, actual: float,
@@ -204,9 +176,8 @@ def budget_settle(counters: list[str], *, reserved: float, actual: float,
     delta = actual - reserved
     if delta == 0 or not counters:
         return None
-    used = yield from _lock_counters(counters)
-    # A counter that expired meanwhile (new period) must not go negative.
-    yield from _write_counters({n: max(v + delta, 0.0) for n, v in used.items()}, ttl_s)
+    yield ("SELECT authority_budget_settle(%s::text[], %s::float8, %s::float8)",
+           (list(counters), float(delta), float(ttl_s)))
     return None
 
 
@@ -450,10 +421,9 @@ def get_audit_head() -> Plan:
 
 
 def set_audit_head(seq: int, hash: str) -> Plan:
-    # Without waiting for the WAL flush: the log line it points at is already durable, and
-    # a head one step behind the log is what a crash leaves and what verify accepts (as on
-    # diskcache). Saves a disk flush per audited request.
-    yield ("SET LOCAL synchronous_commit TO off", ())
+    # Committed without waiting for the WAL flush (RELAXED): the log line it points at is
+    # already durable, and a head one step behind the log is what a crash leaves and what
+    # verify accepts (as on diskcache). Saves a disk flush per audited request.
     # Only forward: a stale writer (a replica behind another) cannot move the head back.
     yield ("INSERT INTO authority_audit_head (id, seq, hash) VALUES (1, %s, %s) "
            "ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash "
@@ -492,10 +462,10 @@ def sweep(batch: int = 1000) -> Plan:
 
 
 # Plans of several statements that must see one another's locks: run in one transaction.
-# Every other plan is one statement, atomic by itself, run without BEGIN/COMMIT (a round
-# trip each saved; the claims retry instead, see _claim).
-TRANSACTIONAL = frozenset({"budget_reserve", "budget_settle", "approval_transition",
-                           "journal_update", "set_kill_switch", "set_audit_head"})
+# Every other plan's statements are atomic each by itself (one statement, or a claim that
+# retries, see _claim; the reservation and the settlement are server-side functions), run
+# without BEGIN/COMMIT: a round trip each saved.
+TRANSACTIONAL = frozenset({"approval_transition", "journal_update", "set_kill_switch"})
 
 # Writes committed without waiting for their WAL flush (``synchronous_commit = off``, for
 # that transaction only). Committed is committed for every replica at once, and a replica
@@ -508,7 +478,10 @@ TRANSACTIONAL = frozenset({"budget_reserve", "budget_settle", "approval_transiti
 # replicas").
 # ("idem_replace_lazy": ``idem_replace(flush=False)``, the finished answer; the answer kept
 # before any effect is flushed, so a retry after a database crash re-gates that same answer.)
-RELAXED = frozenset({"idem_claim", "idem_replace_lazy", "idem_delete", "budget_settle"})
+# ("set_audit_head": see the plan.) A relaxed plan that is not TRANSACTIONAL runs each
+# statement in an implicit transaction of its own, relaxed in the same round trip.
+RELAXED = frozenset({"idem_claim", "idem_replace_lazy", "idem_delete", "budget_settle",
+                     "set_audit_head"})
 
 PLANS: dict[str, Any] = {fn.__name__: fn for fn in (
     idem_claim, idem_get, idem_replace, idem_delete, idem_put,

@@ -92,6 +92,93 @@ CREATE TABLE authority_audit (
     entry text NOT NULL
 );
 """),
+    # A reservation and a settlement each in one statement (one round trip, one implicit
+    # transaction) instead of a transaction of up to four (pg_plans.budget_reserve): the
+    # same steps, on the server. Unqualified names resolve through the caller's
+    # search_path, like every statement the gateway sends. Generic plans: a statement over
+    # an array parameter otherwise gets a custom plan, planned anew on every call (half
+    # the function's time: a settlement took 260 µs of server time, 110 µs so).
+    (3, """
+-- Lock the counter rows named (deduplicated), one at a time in name order, creating those
+-- missing (a new period): an existing row is locked and not written (the DO UPDATE's
+-- WHERE is false, the lock stays), a missing one is inserted and ours until commit.
+-- Every reservation and settlement takes its rows in this one order, new rows included,
+-- so none waits for another that waits for it. (Locking the existing rows first and
+-- inserting the missing ones after, as schema version 2's gateway did, deadlocks when
+-- two reservations over overlapping counters start a period together.)
+-- used is 0 for a counter whose period ended (expired: a new period starts at 0).
+CREATE FUNCTION authority_counters_lock(wanted text[], OUT names text[],
+                                        OUT used double precision[])
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    INSERT INTO authority_counters AS c (name, used, expires_at)
+        SELECT DISTINCT n, 0::float8, 0::float8 FROM unnest(wanted) AS n ORDER BY n
+        ON CONFLICT (name) DO UPDATE SET used = c.used WHERE false;
+    -- A statement of its own: its snapshot is taken once every lock is held.
+    SELECT array_agg(c.name ORDER BY c.name),
+           array_agg(CASE WHEN c.expires_at > extract(epoch from clock_timestamp())::float8
+                          THEN c.used ELSE 0 END ORDER BY c.name)
+      INTO names, used
+      FROM authority_counters c WHERE c.name = ANY(wanted);
+    IF coalesce(cardinality(names), 0)
+       <> (SELECT count(DISTINCT n) FROM unnest(wanted) AS n) THEN
+        RAISE EXCEPTION 'a counter row vanished under its lock';
+    END IF;
+END
+$$;
+
+-- Reserve up to max_usd (at least min_usd) on every counter (name, limit): NULL when
+-- the room left on some counter is below min_usd, else the amount granted. A counter
+-- named twice keeps the lower of its two new values.
+CREATE FUNCTION authority_budget_reserve(names text[], limits double precision[],
+                                         min_usd double precision,
+                                         max_usd double precision,
+                                         ttl_s double precision)
+RETURNS double precision
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    locked record;
+    room double precision;
+    granted double precision;
+BEGIN
+    SELECT * INTO locked FROM authority_counters_lock(names);
+    SELECT min(q.lim - u.used) INTO room
+      FROM unnest(names, limits) AS q(name, lim)
+      JOIN unnest(locked.names, locked.used) AS u(name, used) USING (name);
+    IF room < min_usd THEN
+        RETURN NULL;
+    END IF;
+    granted := least(max_usd, room);
+    -- Clamped, so float rounding of used + (limit - used) cannot pass the limit.
+    UPDATE authority_counters AS c
+       SET used = v.used, expires_at = extract(epoch from clock_timestamp())::float8 + ttl_s
+      FROM (SELECT q.name, min(least(u.used + granted, greatest(q.lim, u.used))) AS used
+              FROM unnest(names, limits) AS q(name, lim)
+              JOIN unnest(locked.names, locked.used) AS u(name, used) USING (name)
+             GROUP BY q.name) AS v
+     WHERE c.name = v.name;
+    RETURN granted;
+END
+$$;
+
+-- Add delta (actual - reserved) to every counter named; a counter whose period ended
+-- meanwhile starts again at 0 and never goes negative.
+CREATE FUNCTION authority_budget_settle(names text[], delta double precision,
+                                        ttl_s double precision)
+RETURNS void
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    locked record;
+BEGIN
+    SELECT * INTO locked FROM authority_counters_lock(names);
+    UPDATE authority_counters AS c
+       SET used = greatest(u.used + delta, 0),
+           expires_at = extract(epoch from clock_timestamp())::float8 + ttl_s
+      FROM unnest(locked.names, locked.used) AS u(name, used)
+     WHERE c.name = u.name;
+END
+$$;
+"""),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

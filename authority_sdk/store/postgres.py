@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -56,8 +56,13 @@ SYNC_APP, ASYNC_APP, LISTENER_APP = "authority-sync", "authority-async", "author
 # The bound on how stale a replica's view of the kill switch can be (without LISTEN).
 KILL_SWITCH_CACHE_S = 0.5
 
-# pg_plans.RELAXED: this transaction's commit does not wait for its WAL flush.
-_RELAX = "SET LOCAL synchronous_commit TO off"
+# pg_plans.RELAXED: this transaction's commit does not wait for its WAL flush. A function
+# call, not SET LOCAL: it also applies to an implicit transaction (two statements in one
+# simple query), which SET LOCAL warns about. The setting is read at commit.
+_RELAX = "SELECT set_config('synchronous_commit', 'off', true)"
+# libpq >= 14 (psycopg-binary ships one): statements go out together, a round trip for all.
+# Without it, the same transactions with BEGIN/COMMIT each a round trip of their own.
+PIPELINE = psycopg.Pipeline.is_supported()
 
 _ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, CorruptRecord,
            OSError)
@@ -94,15 +99,152 @@ def _drive(plan: Plan, execute: Callable[[str, tuple[Any, ...]], Rows]) -> Any:
         rows = execute(sql, params)
 
 
-async def _adrive(plan: Plan, cur: Any) -> Any:
+async def _adrive(plan: Plan, execute: Callable[[str, tuple[Any, ...]], Awaitable[Rows]]
+                  ) -> Any:
     rows: Rows | None = None
     while True:
         try:
             sql, params = plan.send(rows)  # type: ignore[arg-type]
         except StopIteration as stop:
             return stop.value
+        rows = await execute(sql, params)
+
+
+# How a plan runs, by its kind (pg_plans.TRANSACTIONAL, pg_plans.RELAXED), in round trips
+# for a plan of n statements:
+#   transactional   BEGIN [relax] stmt1 | stmt2 | … | stmtn | COMMIT   n + 1 (pipelined:
+#                   BEGIN rides with the first statement, COMMIT alone; each | a Sync,
+#                   which inside BEGIN … COMMIT ends nothing)
+#   relaxed         relax; stmt | relax; stmt | …                         n (each statement
+#                   sent with the relax as one simple query of two statements, which
+#                   PostgreSQL runs as one implicit transaction: one send, no pipeline;
+#                   parameters bound client-side by psycopg, quoted as literals)
+#   other           stmt | stmt | …                                       n (autocommit)
+# Without pipeline mode: BEGIN, SET LOCAL and COMMIT are a round trip each, as before.
+
+
+_IN_TX = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
+
+
+@contextlib.contextmanager
+def pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Pipeline]:
+    """BEGIN … COMMIT in pipeline mode, sent as statements: BEGIN goes out with the first
+    statement, COMMIT with the last Sync. (psycopg's ``transaction()`` in a pipeline syncs
+    on entering and before leaving: two round trips more.) Rolled back on any error."""
+    try:
+        with conn.pipeline() as pipe:
+            conn.execute("BEGIN")
+            yield pipe
+            conn.execute("COMMIT")
+    except BaseException:
+        if conn.pgconn.transaction_status in _IN_TX:
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
+        raise
+
+
+@contextlib.asynccontextmanager
+async def apipelined_transaction(conn: psycopg.AsyncConnection[Any]
+                                 ) -> AsyncIterator[psycopg.AsyncPipeline]:
+    """:func:`pipelined_transaction` for an ``AsyncConnection``."""
+    try:
+        async with conn.pipeline() as pipe:
+            await conn.execute("BEGIN")
+            yield pipe
+            await conn.execute("COMMIT")
+    except BaseException:
+        if conn.pgconn.transaction_status in _IN_TX:
+            with contextlib.suppress(psycopg.Error):
+                await conn.rollback()
+        raise
+
+
+def _rows(cur: Any) -> Rows:
+    return cur.fetchall() if cur.description else []
+
+
+def _run_sync(conn: psycopg.Connection[Any], name: str, plan: Plan) -> Any:
+    cur = conn.cursor()
+    relaxed = name in pg_plans.RELAXED
+    if not PIPELINE:
+        def plain(sql: str, params: tuple[Any, ...]) -> Rows:
+            cur.execute(sql, params)
+            return _rows(cur)
+
+        if not relaxed and name not in pg_plans.TRANSACTIONAL:
+            return _drive(plan, plain)
+        with conn.transaction():
+            if relaxed:
+                cur.execute(_RELAX)
+            return _drive(plan, plain)
+    if name in pg_plans.TRANSACTIONAL:
+        with pipelined_transaction(conn) as pipe:
+            if relaxed:
+                conn.cursor().execute(_RELAX)
+
+            def in_tx(sql: str, params: tuple[Any, ...]) -> Rows:
+                cur.execute(sql, params)
+                pipe.sync()
+                return _rows(cur)
+
+            return _drive(plan, in_tx)
+    if relaxed:
+        one = psycopg.ClientCursor(conn)
+
+        def own_tx(sql: str, params: tuple[Any, ...]) -> Rows:
+            one.execute(f"{_RELAX}; {sql}", params)
+            one.nextset()
+            return _rows(one)
+
+        return _drive(plan, own_tx)
+
+    def autocommit(sql: str, params: tuple[Any, ...]) -> Rows:
+        cur.execute(sql, params)
+        return _rows(cur)
+
+    return _drive(plan, autocommit)
+
+
+async def _run_async(conn: psycopg.AsyncConnection[Any], name: str, plan: Plan) -> Any:
+    cur = conn.cursor()
+    relaxed = name in pg_plans.RELAXED
+    if not PIPELINE:
+        async def plain(sql: str, params: tuple[Any, ...]) -> Rows:
+            await cur.execute(sql, params)
+            return await cur.fetchall() if cur.description else []
+
+        if not relaxed and name not in pg_plans.TRANSACTIONAL:
+            return await _adrive(plan, plain)
+        async with conn.transaction():
+            if relaxed:
+                await cur.execute(_RELAX)
+            return await _adrive(plan, plain)
+    if name in pg_plans.TRANSACTIONAL:
+        async with apipelined_transaction(conn) as pipe:
+            if relaxed:
+                await conn.cursor().execute(_RELAX)
+
+            async def in_tx(sql: str, params: tuple[Any, ...]) -> Rows:
+                await cur.execute(sql, params)
+                await pipe.sync()
+                return await cur.fetchall() if cur.description else []
+
+            return await _adrive(plan, in_tx)
+    if relaxed:
+        one = psycopg.AsyncClientCursor(conn)
+
+        async def own_tx(sql: str, params: tuple[Any, ...]) -> Rows:
+            await one.execute(f"{_RELAX}; {sql}", params)
+            one.nextset()
+            return await one.fetchall() if one.description else []
+
+        return await _adrive(plan, own_tx)
+
+    async def autocommit(sql: str, params: tuple[Any, ...]) -> Rows:
         await cur.execute(sql, params)
-        rows = await cur.fetchall() if cur.description else []
+        return await cur.fetchall() if cur.description else []
+
+    return await _adrive(plan, autocommit)
 
 
 class _KillSwitchCache:
@@ -245,15 +387,7 @@ class _AsyncView:
     @staticmethod
     async def _run_on(pool: psycopg_pool.AsyncConnectionPool, name: str, plan: Plan) -> Any:
         async with pool.connection() as conn:
-            cur = conn.cursor()
-            if name in pg_plans.RELAXED:
-                async with conn.transaction():
-                    await cur.execute(_RELAX)
-                    return await _adrive(plan, cur)
-            if name not in pg_plans.TRANSACTIONAL:
-                return await _adrive(plan, cur)
-            async with conn.transaction():
-                return await _adrive(plan, cur)
+            return await _run_async(conn, name, plan)
 
     async def kill_switch_state(self, *, fresh: bool = False) -> dict[str, Record]:
         cache = self._store._ks_cache
@@ -350,20 +484,7 @@ class PgStore:
     def _run(self, name: str, plan: Plan) -> Any:
         try:
             with self._pool.connection() as conn:
-                cur = conn.cursor()
-
-                def execute(sql: str, params: tuple[Any, ...]) -> Rows:
-                    cur.execute(sql, params)
-                    return cur.fetchall() if cur.description else []
-
-                if name in pg_plans.RELAXED:
-                    with conn.transaction():
-                        cur.execute(_RELAX)
-                        return _drive(plan, execute)
-                if name not in pg_plans.TRANSACTIONAL:
-                    return _drive(plan, execute)
-                with conn.transaction():
-                    return _drive(plan, execute)
+                return _run_sync(conn, name, plan)
         except _ERRORS as exc:
             raise _unavailable(name, exc) from exc
 
