@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "settle_future"]
 
 Items = list[tuple[str, dict[str, Any]]]
 
@@ -63,7 +63,7 @@ class GroupCommit:
             # Refused while the entries were prepared, before anything was written: one
             # request's malformed entry must not fail the others.
             if len(batch) == 1:
-                _settle(batch[0][1], exc=exc)
+                settle_future(batch[0][1], exc=exc)
             else:
                 for one in batch:
                     await self._write([one])
@@ -72,20 +72,21 @@ class GroupCommit:
             # The log could not take the write (or its sync): nothing here is durable, and
             # trying again might duplicate what did reach the file. Every waiter is told.
             for _, future in batch:
-                _settle(future, exc=exc)
+                settle_future(future, exc=exc)
             return
         self.batches += 1
         start = 0
         for items, future in batch:
-            _settle(future, result=entries[start:start + len(items)])
+            settle_future(future, result=entries[start:start + len(items)])
             start += len(items)
 
 
-def _settle(future: asyncio.Future[list[dict[str, Any]]], *,
-            result: list[dict[str, Any]] | None = None, exc: Exception | None = None) -> None:
+def settle_future(future: asyncio.Future[Any], *, result: Any = None,
+                  exc: Exception | None = None) -> None:
+    """Answer one waiter of a batch (also the store's batches, ``store/batched.py``)."""
     if future.done():  # its request was cancelled (the client went away)
         return
     if exc is not None:
         future.set_exception(exc)
     else:
-        future.set_result(result or [])
+        future.set_result(result)

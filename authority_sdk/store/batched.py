@@ -22,6 +22,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from ..group_commit import settle_future
 from .inline import InlineAsync
 
 __all__ = ["GroupedAsync"]
@@ -55,14 +56,14 @@ class _Group:
                     outcomes = await asyncio.to_thread(self._run, batch)
                 except BaseException as exc:
                     for *_, future in batch:
-                        _settle(future, exc=exc if isinstance(exc, Exception)
+                        settle_future(future, exc=exc if isinstance(exc, Exception)
                                 else RuntimeError("the store's batch was cancelled"))
                     if not isinstance(exc, Exception):
                         raise
                     continue
                 self.batches += 1
                 for (*_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                    _settle(future, **({"result": value} if ok else {"exc": value}))
+                    settle_future(future, **({"result": value} if ok else {"exc": value}))
         finally:
             self.task = None
 
@@ -75,16 +76,6 @@ class _Group:
                 except Exception as exc:
                     outcomes.append((False, exc))
         return outcomes
-
-
-def _settle(future: asyncio.Future[Any], *, result: Any = None,
-            exc: Exception | None = None) -> None:
-    if future.done():  # its request was cancelled (the client went away)
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
 
 
 async def _uninterrupted(future: asyncio.Future[Any]) -> Any:
