@@ -36,6 +36,12 @@ class GroupCommit:
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # how many writes carried the entries (for tests and metrics)
 
+    @property
+    def busy(self) -> bool:
+        """A batch is being written or waits to be (an inline append would queue behind
+        it on the sink's lock, blocking the loop meanwhile)."""
+        return self._writing
+
     async def append_many(self, items: Items) -> list[dict[str, Any]]:
         future: asyncio.Future[list[dict[str, Any]]] = self.loop.create_future()
         self._queue.append((items, future))

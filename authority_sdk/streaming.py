@@ -96,6 +96,9 @@ class StreamGate:
     async def _aiter(self) -> AsyncIterator[bytes]:
         assert self.reply.achunks is not None
         rt = self.engine.runtime
+        # Still in flight: Engine.ahandle returned when the stream began, and while this
+        # one streams, another request's writes must not block the loop on their sync.
+        rt.in_flight += 1
         try:
             async for raw in self.reply.achunks:
                 for part in self._feed(raw):
@@ -115,16 +118,19 @@ class StreamGate:
             yield await arun(self.engine.stream_error_d(
                 self.ctx, UpstreamError(f"the upstream stream broke: {type(exc).__name__}")), rt)
         finally:
-            if not self.finished and not self.ctx.done:
-                await arun(self.engine.stream_error_d(self.ctx, UpstreamError(
-                    "the client closed the stream before its end", code="client_closed_stream")),
-                    rt)
-            if self.reply.close:
-                res = self.reply.close()
-                if hasattr(res, "__await__"):
-                    await res
-            if self.ctx.trace is not None:
-                self.ctx.trace.finish(200)  # an error event set its code
+            try:
+                if not self.finished and not self.ctx.done:
+                    await arun(self.engine.stream_error_d(self.ctx, UpstreamError(
+                        "the client closed the stream before its end",
+                        code="client_closed_stream")), rt)
+                if self.reply.close:
+                    res = self.reply.close()
+                    if hasattr(res, "__await__"):
+                        await res
+                if self.ctx.trace is not None:
+                    self.ctx.trace.finish(200)  # an error event set its code
+            finally:
+                rt.in_flight -= 1
 
     def response(self) -> GatewayResponse:
         return GatewayResponse(200, self._headers(), stream=self._iter(),

@@ -78,3 +78,88 @@ def test_a_failed_write_fails_every_request_it_carried(tmp_path: Path,
     assert [e["request_id"] for e in map(json.loads, (tmp_path / "audit.jsonl").read_text()
                                          .split("\n")[:-1])] == ["first", "after"]
     assert verify(tmp_path / "audit.jsonl").ok
+
+
+# -- through the engine: who writes, and where ----------------------------------------------
+
+
+def _record_threads(gateway: Any) -> list[bool]:
+    """Each audit append of the gateway: True when it ran on the event loop's thread."""
+    import threading
+
+    sink = gateway.runtime.audit
+    on_loop: list[bool] = []
+    real = sink.append_many
+    loop_thread = threading.get_ident()
+
+    def append_many(items: Any) -> Any:
+        on_loop.append(threading.get_ident() == loop_thread)
+        return real(items)
+
+    sink.append_many = append_many
+    return on_loop
+
+
+def test_a_lone_request_appends_inline_and_concurrent_ones_share_the_writer(
+        write_policy: Any) -> None:
+    from helpers import user
+
+    from authority_sdk.client import AsyncAuthorityClient
+    from authority_sdk.engine import Gateway
+
+    gateway = Gateway(write_policy())
+
+    async def main() -> tuple[list[bool], list[bool]]:
+        client = AsyncAuthorityClient(gateway=gateway, max_retries=0)
+        on_loop = _record_threads(gateway)
+        for i in range(3):  # one after another: nobody to share a sync with
+            await client.chat.completions.create(model="gpt-4o-mini",
+                                                 messages=user(f"SAY alone {i}"))
+        alone = list(on_loop)
+        on_loop.clear()
+        await asyncio.gather(*(client.chat.completions.create(
+            model="gpt-4o-mini", messages=user(f"SAY together {i}")) for i in range(8)))
+        await client.close()
+        return alone, on_loop
+
+    try:
+        alone, together = asyncio.run(main())
+    finally:
+        gateway.close()
+    assert alone == [True, True, True]
+    # Concurrent requests went through the writer thread (the first may still go alone).
+    assert together.count(False) >= 1 and sum(together) <= 1
+
+
+def test_an_open_stream_counts_as_in_flight(write_policy: Any) -> None:
+    """A stream ends after Engine.ahandle returned: while it is open, another request is
+    not alone, so its append goes to the shared writer instead of blocking the loop."""
+    from helpers import user
+
+    from authority_sdk.client import AsyncAuthorityClient
+    from authority_sdk.engine import Gateway
+
+    gateway = Gateway(write_policy())
+
+    async def main() -> tuple[list[bool], int, int]:
+        client = AsyncAuthorityClient(gateway=gateway, max_retries=0)
+        on_loop = _record_threads(gateway)
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=user("SAY a long answer in pieces"), stream=True)
+        chunks = stream.__aiter__()
+        await chunks.__anext__()  # the stream is open
+        during = gateway.runtime.in_flight
+        await client.chat.completions.create(model="gpt-4o-mini",
+                                             messages=user("SAY meanwhile"))
+        async for _ in chunks:
+            pass
+        await client.close()
+        return on_loop, during, gateway.runtime.in_flight
+
+    try:
+        on_loop, during, after = asyncio.run(main())
+    finally:
+        gateway.close()
+    assert during == 1 and after == 0
+    assert on_loop[0] is False  # the plain request, while the stream was open
+    assert on_loop[-1] is True  # the stream's own record, alone by then
