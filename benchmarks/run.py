@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.request
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from harness import (  # noqa: E402
     Goal,
     Server,
     WrkResult,
+    cpu_seconds,
     fmt,
     free_port,
     fsync_probe,
@@ -94,6 +95,7 @@ class Target:
     server: Server | None  # None: the mock itself (direct)
     requests: int = 0  # sent by wrk so far (the RSS checkpoints count them)
     script: str = "body.lua"  # keyed.lua: a new Idempotency-Key on every request
+    cpu_ms: list[float] = field(default_factory=list)  # the server's CPU per request, by run
 
 
 class Bench:
@@ -228,7 +230,11 @@ class Bench:
                               script=HERE / target.script,
                               body=self.stream_body if stream else self.body,
                               token=target.token, cpu=WRK_CPU)
+            before = cpu_seconds(target.server.pid) if target.server is not None else 0.0
             res, _ = run_wrk(cmd)
+            if target.server is not None and res.requests:
+                target.cpu_ms.append(
+                    (cpu_seconds(target.server.pid) - before) * 1e3 / res.requests)
         finally:
             if direct:
                 pin_pid(self.mock.pid, {int(WRK_CPU)})
@@ -276,19 +282,23 @@ class Bench:
             "--timeout=10s -s benchmarks/body.lua URL -- WORK/body.json TOKEN   "
             "# C in 1 16 64; WORK/body-stream.json for the streamed runs")
         runs: dict[str, list[WrkResult]] = {}
+        cpu: dict[str, list[float]] = {}  # the server's CPU ms per request, each run
         cases = [(c, False) for c in CONCURRENCY] + [(STREAM_CONCURRENCY, True)]
         for rep in range(self.plan.repeats):
             for conc, stream in cases:
                 for t in targets:
                     say(f"rep {rep + 1}/{self.plan.repeats} {t.name:9} c={conc:<2} "
                         f"{'stream' if stream else 'json'}")
+                    t.cpu_ms.clear()
                     res = self.wrk(t, conc, self.plan.duration_s, stream=stream)
                     runs.setdefault(f"{t.name}|{conc}|{int(stream)}", []).append(res)
+                    cpu.setdefault(f"{t.name}|{conc}|{int(stream)}", []).extend(t.cpu_ms)
         self.results["matrix"] = {
             key: {"rps": median([r.rps for r in rs]), "p50_ms": median([r.p50_ms for r in rs]),
                   "p99_ms": median([r.p99_ms for r in rs]), "rps_min": min(r.rps for r in rs),
                   "rps_max": max(r.rps for r in rs), "errors": sum(r.errors for r in rs),
-                  "requests": sum(r.requests for r in rs), "runs": len(rs)}
+                  "requests": sum(r.requests for r in rs), "runs": len(rs),
+                  "cpu_ms": median(cpu[key]) if cpu.get(key) else None}
             for key, rs in runs.items()}
         if self.litellm is not None:
             self.results["litellm_rss_kib"] = rss_kib(self.litellm.pid)
@@ -478,9 +488,11 @@ def summary_table(r: dict[str, Any]) -> str:
             if not c:
                 continue
             added = f"+{fmt(c['p50_ms'] - d['p50_ms'])}" if d and name != "direct" else ""
+            cpu_ms = c.get("cpu_ms")
             rows.append([f"proxy c={conc}", name, f"{fmt(c['rps'])} req/s",
                          f"p50 {fmt(c['p50_ms'])} ms {added}".strip(),
-                         f"p99 {fmt(c['p99_ms'])} ms", _err(c)])
+                         f"p99 {fmt(c['p99_ms'])} ms",
+                         f"CPU {fmt(cpu_ms)} ms/req" if cpu_ms is not None else "", _err(c)])
     d = m.get(f"direct|{STREAM_CONCURRENCY}|1")
     for name in ("direct", "authority", "litellm"):
         c = m.get(f"{name}|{STREAM_CONCURRENCY}|1")
@@ -538,7 +550,25 @@ def summary_table(r: dict[str, Any]) -> str:
     if "litellm_rss_kib" in r:
         rows.append(["memory", "litellm RSS after its runs",
                      f"{r['litellm_rss_kib'] / 1024:.1f} MiB", "", "", ""])
-    return markdown_table(["measurement", "subject", "figure", "", "", ""], rows)
+    width = max(len(row) for row in rows) if rows else 6
+    return markdown_table(["measurement", "subject", "figure", *[""] * (width - 3)],
+                          [row + [""] * (width - len(row)) for row in rows])
+
+
+def cpu_note(r: dict[str, Any]) -> list[str]:
+    """The c=64 ratios again from the servers' CPU per request, which does not move with
+    the shared machine's load as throughput does (a server pinned to one core and
+    saturated serves about 1 / its CPU per request)."""
+    m = r.get("matrix", {})
+    cpu = {name: (m.get(f"{name}|64|0") or {}).get("cpu_ms")
+           for name in ("bare", "authority", "authority-keyed", "litellm")}
+    bare = cpu["bare"]
+    if not bare or not cpu["authority"]:
+        return []
+    parts = [f"{name} {fmt(ms)} ms ({100 * bare / ms:.1f} % of bare's rate)"
+             for name, ms in cpu.items() if ms and name != "bare"]
+    return [f"CPU per request at c=64 (each server's own, from /proc): bare {fmt(bare)} ms; "
+            + "; ".join(parts) + ".", ""]
 
 
 def _err(c: dict[str, Any]) -> str:
@@ -556,7 +586,7 @@ def render(r: dict[str, Any], info: dict[str, str], commands: dict[str, str], qu
              "same run.", "", "## Goals", "",
              markdown_table(["goal", "measured", "target", "ratio", "status", "detail"],
                             goal_rows(gs + ([check] if check else []))), "",
-             "## All figures", "", summary_table(r), ""]
+             *cpu_note(r), "## All figures", "", summary_table(r), ""]
     body = r.get("body", {})
     lines += ["Request body: a support-agent conversation of "
               f"{body.get('messages', '?')} messages, {body.get('prompt_tokens', '?')} prompt "
