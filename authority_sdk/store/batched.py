@@ -6,8 +6,9 @@ stopped the proxy's event loop, one request after another. Here the writes of on
 database that arrive together run in ONE transaction, off the loop, with one sync: each
 write is the store's own method, nested in the batch's transaction (diskcache nests
 ``transact()``), so its read-check-write is exactly as atomic as alone, and each caller
-continues only once the transaction holding its write has committed — durable, as before.
-What the callers share is the sync and the lock.
+continues only once the transaction holding its write has committed — durable, as before
+(the batch is synced when any write it carries must be: ``DiskStore._UNFLUSHED`` names the
+few that need not). What the callers share is the sync and the lock.
 
 A write that raises (a corrupt record, a bad argument) fails only its own caller; it
 raises before it writes (every method checks, then sets). A failed commit (disk full, the
@@ -28,13 +29,22 @@ from .inline import InlineAsync
 __all__ = ["GroupedAsync"]
 
 _Op = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+# (method name, its keyword arguments) -> must this write be on disk before its caller
+# goes on? A batch is synced when any write it carries must be.
+Flushes = Callable[[str, dict[str, Any]], bool]
+
+
+def _always(name: str, kwargs: dict[str, Any]) -> bool:
+    return True
 
 
 class _Group:
     """The batches of one database, on one event loop."""
 
-    def __init__(self, transact: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transact: Callable[[bool], Any], loop: asyncio.AbstractEventLoop,
+                 flushes: Flushes = _always) -> None:
         self.transact = transact
+        self.flushes = flushes
         self.loop = loop
         self.queue: list[_Op] = []
         self.task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
@@ -69,7 +79,8 @@ class _Group:
 
     def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
-        with self.transact():
+        durable = any(self.flushes(fn.__name__, kwargs) for fn, _, kwargs, _ in batch)
+        with self.transact(durable):
             for fn, args, kwargs, _ in batch:
                 try:
                     outcomes.append((True, fn(*args, **kwargs)))
@@ -93,15 +104,18 @@ async def _uninterrupted(future: asyncio.Future[Any]) -> Any:
 
 class GroupedAsync(InlineAsync):
     """``store.aio`` of a local store: the methods in ``grouped`` (name → the transaction
-    of the database they write) batched per event loop; every other method inline."""
+    of the database they write, given whether the batch must be synced) batched per event
+    loop; every other method inline."""
 
     # A lone request (Runtime.in_flight) calls the store directly: with nobody to share a
     # sync with or keep waiting, the hop to a thread would only add its latency.
     inline_when_alone = True
 
-    def __init__(self, target: Any, grouped: Mapping[str, Callable[[], Any]]) -> None:
+    def __init__(self, target: Any, grouped: Mapping[str, Callable[[bool], Any]], *,
+                 flushes: Flushes = _always) -> None:
         super().__init__(target)
         self._grouped = dict(grouped)
+        self._flushes = flushes
         self._groups: dict[tuple[int, int], _Group] = {}
 
     def group_batches(self) -> int:
@@ -120,7 +134,7 @@ class GroupedAsync(InlineAsync):
             group = self._groups.get(key)
             if group is None or group.loop is not loop:
                 self._forget_closed_loops()
-                group = self._groups[key] = _Group(transact, loop)
+                group = self._groups[key] = _Group(transact, loop, self._flushes)
             return await _uninterrupted(group.submit(fn, args, kwargs))
 
         call.__name__ = name

@@ -57,6 +57,9 @@ _HEAD_TABLE = ("CREATE TABLE IF NOT EXISTS authority_audit_head (id INTEGER PRIM
 # Index and lease records use tuple keys: they can never collide with the engine's str
 # keys, and scans of records skip them.
 _PROBE = -1
+# Set while a group-committed batch runs on this thread: the batch's transaction decides
+# whether the writes it carries are flushed (DiskStore._batch), not each write.
+_BATCH = threading.local()
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -193,9 +196,10 @@ class DiskStore:
     """``Store`` on diskcache: one SQLite database per concern under ``path``.
 
     Nothing is evicted (``eviction_policy="none"``): records leave only by their
-    own TTL. With ``durable`` (the default) every commit is fsynced
+    own TTL. With ``durable`` (the default) commits are fsynced
     (``synchronous=FULL``), so a power cut cannot forget a ``started`` journal
-    entry and let an action run twice.
+    entry and let an action run twice — except the few writes in ``_UNFLUSHED``, which
+    nothing rests on alone (see there).
     """
 
     name = "diskcache"
@@ -206,10 +210,27 @@ class DiskStore:
     # fsynced first, and a head one step behind the log is what a crash leaves and
     # what verify accepts. Skipping its fsync halves the audit cost of a request.
     _LAZY_SYNC = frozenset({"audit_head"})
+    # Writes committed without their own fsync (synchronous=NORMAL for their transaction):
+    # the writes PostgreSQL commits without waiting for its WAL flush (pg_plans.RELAXED),
+    # on the same argument, made per database here. Each database has one WAL, synced in
+    # order: an unflushed commit is on disk as soon as any later commit of the same
+    # database is. A killed process loses no committed transaction (the kernel has it);
+    # only a power cut can, and then:
+    # - a claim (idempotency): before any answer with calls leaves, and before any effect,
+    #   the answer is checkpointed in the claim with a flushed write (actions._AnswerHold),
+    #   which puts the claim on disk too; an answer without calls, its claim lost, costs a
+    #   retry a second upstream call, never a second answer whose calls the app could run;
+    # - the finished answer (idem_replace with flush=False) and a released claim
+    #   (idem_delete): the flushed checkpoint still holds the answer a retry re-gates, and a
+    #   release lost holds the key until its lease ends;
+    # - a settlement (budget): the reservation stays counted in full, so the budget
+    #   over-counts until a later flushed reservation carries it, never under-counts.
+    _UNFLUSHED = frozenset({"idem_claim", "idem_delete", "budget_settle"})
 
     def __init__(self, path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  durable: bool = True) -> None:
         self._path = Path(path)
+        self._durable = durable
         self._caches: list[diskcache.Cache] = []
         try:
             self._path.mkdir(parents=True, exist_ok=True)
@@ -247,7 +268,7 @@ class DiskStore:
         idem, budget = self._batch(self._idem), self._batch(self._budget)
         self.aio = GroupedAsync(self, {
             "idem_claim": idem, "idem_replace": idem, "idem_delete": idem, "idem_put": idem,
-            "budget_reserve": budget, "budget_settle": budget})
+            "budget_reserve": budget, "budget_settle": budget}, flushes=self._flushes)
         self._stamp = self._path / _KILL_STAMP
         # (stamp identity, reusable until (monotonic), the state's stored text)
         self._kill_seen: tuple[tuple[int, int, int], float, Any] | None = None
@@ -258,20 +279,53 @@ class DiskStore:
     def path(self) -> Path:
         return self._path
 
-    @staticmethod
-    def _batch(cache: diskcache.Cache) -> Callable[[], contextlib.AbstractContextManager[None]]:
-        """The transaction a batch of grouped writes runs in (``store.batched``)."""
+    def _batch(self, cache: diskcache.Cache
+               ) -> Callable[[bool], contextlib.AbstractContextManager[None]]:
+        """The transaction a batch of grouped writes runs in (``store.batched``): flushed
+        when any of its writes must be (``durable``), else committed like each of them."""
 
         @contextlib.contextmanager
-        def transaction() -> Iterator[None]:
+        def transaction(durable: bool) -> Iterator[None]:
             try:
-                with cache.transact():
-                    yield
+                with contextlib.nullcontext() if durable else self._unflushed(cache):
+                    _BATCH.active = True  # the batch decides for the writes it carries
+                    try:
+                        with cache.transact():
+                            yield
+                    finally:
+                        _BATCH.active = False
             except _STORAGE_ERRORS as exc:
                 raise AuthorityUnavailable(
                     f"state store unavailable: batch: {_describe(exc)}") from exc
 
         return transaction
+
+    @classmethod
+    def _flushes(cls, name: str, kwargs: dict[str, Any]) -> bool:
+        """Must this write be on disk before its caller goes on (see ``_UNFLUSHED``)?"""
+        if name == "idem_replace":
+            return kwargs.get("flush", True) is not False
+        return name not in cls._UNFLUSHED
+
+    @contextlib.contextmanager
+    def _unflushed(self, cache: diskcache.Cache) -> Iterator[None]:
+        """The transaction inside commits without an fsync (``_UNFLUSHED``); the
+        connection is back to FULL afterwards, for every write that must be flushed."""
+        if not self._durable or getattr(_BATCH, "active", False):
+            yield
+            return
+        con = cache._con  # this thread's connection: the pragma is per connection
+        con.execute("PRAGMA synchronous = 1")
+        try:
+            yield
+        finally:
+            try:
+                con.execute("PRAGMA synchronous = 2")
+            except _STORAGE_ERRORS:
+                # Never leave a connection that skips syncs for the writes that need them:
+                # drop it, and the next write opens one with the cache's FULL setting.
+                with contextlib.suppress(*_STORAGE_ERRORS):
+                    cache.close()
 
     def close(self) -> None:
         for cache in self._caches:
@@ -293,7 +347,7 @@ class DiskStore:
     def idem_claim(self, key: str, record: Record, *, ttl_s: float) -> Record | None:
         _check_ttl("ttl_s", ttl_s)
         cache = self._idem
-        with cache.transact():
+        with self._unflushed(cache), cache.transact():
             existing = _load(cache.get(key))
             if existing is not None:
                 return existing
@@ -307,11 +361,9 @@ class DiskStore:
     @_guarded
     def idem_replace(self, key: str, claim_id: str, record: Record, *,
                      ttl_s: float, flush: bool = True) -> bool:
-        # One database per concern: a later fsync elsewhere would not carry this record,
-        # so every write here is flushed whatever ``flush`` says.
         _check_ttl("ttl_s", ttl_s)
         cache = self._idem
-        with cache.transact():
+        with (contextlib.nullcontext() if flush else self._unflushed(cache)), cache.transact():
             current = _load(cache.get(key))
             if current is None or current.get("claim_id") != claim_id:
                 return False
@@ -321,7 +373,7 @@ class DiskStore:
     @_guarded
     def idem_delete(self, key: str, claim_id: str) -> bool:
         cache = self._idem
-        with cache.transact():
+        with self._unflushed(cache), cache.transact():
             current = _load(cache.get(key))
             if current is None or current.get("claim_id") != claim_id:
                 return False
@@ -363,7 +415,7 @@ class DiskStore:
         if delta == 0 or not counters:
             return
         cache = self._budget
-        with cache.transact():
+        with self._unflushed(cache), cache.transact():
             for name in counters:
                 # A counter that expired meanwhile (new period) must not go negative.
                 cache.set(name, max(_as_float(cache.get(name)) + delta, 0.0), expire=ttl_s)

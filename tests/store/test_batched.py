@@ -116,3 +116,139 @@ def test_a_caller_cancelled_mid_write_ends_only_once_its_write_landed(
     assert seen == {"claim_id": "1"}
     assert rest == [None] * 4
     assert all(store.idem_get(f"k{i}") == {"claim_id": "2"} for i in range(4))
+
+
+# -- which commits are synced -----------------------------------------------------------
+# SQLite is told per connection: the statements every connection of the store sends are
+# recorded, and each COMMIT is read under the synchronous mode set last on its connection
+# (2 = FULL, fsynced; 1 = NORMAL, on disk with the next FULL commit of that database).
+
+
+@pytest.fixture
+def commits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int]]]:
+    """(database folder name, synchronous mode) of each COMMIT, in order."""
+    out: list[tuple[str, int]] = []
+    original = diskcache.Cache._con
+    traced: set[int] = set()
+
+    def con(self: diskcache.Cache) -> sqlite3.Connection:
+        c = original.fget(self)  # type: ignore[attr-defined]
+        if id(c) not in traced:
+            traced.add(id(c))
+            mode = [2]  # the store opens its idempotency and budget databases FULL
+            db = Path(self.directory).name
+
+            def trace(sql: str) -> None:
+                text = sql.strip().upper()
+                if text.startswith("PRAGMA SYNCHRONOUS ="):
+                    mode[0] = int(text.rsplit("=", 1)[1])
+                elif text == "COMMIT":
+                    out.append((db, mode[0]))
+
+            c.set_trace_callback(trace)
+        return c
+
+    monkeypatch.setattr(diskcache.Cache, "_con", property(con))
+    yield out
+
+
+def test_each_write_alone_is_synced_unless_nothing_rests_on_it(
+        tmp_path: Path, commits: list[tuple[str, int]]) -> None:
+    s = DiskStore(tmp_path / "state")
+    s.idem_claim("k", {"claim_id": "1"}, ttl_s=TTL)
+    assert commits[-1] == ("idempotency", 1)  # a claim: the checkpoint will flush it
+    s.idem_replace("k", "1", {"claim_id": "1", "answer": {}}, ttl_s=TTL)
+    assert commits[-1] == ("idempotency", 2)  # the checkpoint, before anything takes effect
+    s.idem_replace("k", "1", {"claim_id": "1", "status": "done"}, ttl_s=TTL, flush=False)
+    assert commits[-1] == ("idempotency", 1)  # the finished answer
+    s.idem_put("p", {"claim_id": "2"}, ttl_s=TTL)
+    assert commits[-1] == ("idempotency", 2)  # after an unflushed write, FULL again
+    assert s.idem_delete("p", "2")
+    assert commits[-1] == ("idempotency", 1)
+    s.budget_reserve([("env", 10.0)], min_usd=1.0, max_usd=1.0, ttl_s=TTL)
+    assert commits[-1] == ("budget", 2)  # a reservation: the limit holds after a power cut
+    s.budget_settle(["env"], reserved=1.0, actual=0.5, ttl_s=TTL)
+    assert commits[-1] == ("budget", 1)  # a settlement lost only over-counts
+    s.budget_reserve([("env", 10.0)], min_usd=1.0, max_usd=1.0, ttl_s=TTL)
+    assert commits[-1] == ("budget", 2)
+    for db in ("idempotency", "budget"):
+        mode = getattr(s, "_idem" if db == "idempotency" else "_budget")._con.execute(
+            "PRAGMA synchronous").fetchone()[0]
+        assert mode == 2
+    s.close()
+
+
+def test_an_unflushed_write_that_fails_leaves_its_connection_full(
+        tmp_path: Path, commits: list[tuple[str, int]]) -> None:
+    s = DiskStore(tmp_path / "state")
+    raw = diskcache.Cache(str(tmp_path / "state" / "idempotency"))
+    raw.set("bad", "{not json")
+    raw.close()
+    with pytest.raises(AuthorityUnavailable):
+        s.idem_delete("bad", "1")
+    assert s._idem._con.execute("PRAGMA synchronous").fetchone()[0] == 2
+    s.idem_put("p", {"claim_id": "2"}, ttl_s=TTL)
+    assert commits[-1] == ("idempotency", 2)
+    s.close()
+
+
+def test_a_batch_is_synced_when_any_write_it_carries_must_be(
+        store: DiskStore, commits: list[tuple[str, int]]) -> None:
+    async def claims_only() -> None:
+        await asyncio.gather(*(store.aio.idem_claim(f"a{i}", {"claim_id": "x"}, ttl_s=TTL)
+                               for i in range(8)))
+
+    asyncio.run(claims_only())
+    idem = [mode for db, mode in commits if db == "idempotency"]
+    assert idem and set(idem) == {1}
+    commits.clear()
+
+    async def with_a_checkpoint() -> None:
+        await asyncio.gather(
+            *(store.aio.idem_claim(f"b{i}", {"claim_id": "x"}, ttl_s=TTL) for i in range(4)),
+            store.aio.idem_replace("a0", "x", {"claim_id": "x", "answer": {}}, ttl_s=TTL),
+            *(store.aio.idem_claim(f"c{i}", {"claim_id": "x"}, ttl_s=TTL) for i in range(4)))
+
+    asyncio.run(with_a_checkpoint())
+    idem = [mode for db, mode in commits if db == "idempotency"]
+    # The first claim may go alone; the batch that carried the checkpoint was synced.
+    assert 2 in idem
+    assert store.idem_get("a0") == {"claim_id": "x", "answer": {}}
+    assert all(store.idem_get(f"{p}{i}") == {"claim_id": "x"} for p in "bc" for i in range(4))
+
+
+def test_a_store_without_durability_never_switches(
+        tmp_path: Path, commits: list[tuple[str, int]]) -> None:
+    s = DiskStore(tmp_path / "state", durable=False)
+    s.idem_claim("k", {"claim_id": "1"}, ttl_s=TTL)
+    s.budget_reserve([("env", 10.0)], min_usd=1.0, max_usd=1.0, ttl_s=TTL)
+    assert s._idem._con.execute("PRAGMA synchronous").fetchone()[0] == 1
+    s.close()
+
+
+def test_a_connection_that_cannot_be_set_back_to_full_is_dropped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never a connection that skips syncs left for the writes that need them."""
+    s = DiskStore(tmp_path / "state")
+    real = s._idem._con
+
+    class Refusing:
+        def execute(self, sql: str, *args: object) -> object:
+            if sql.strip() == "PRAGMA synchronous = 2":
+                raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    original = diskcache.Cache._con
+    monkeypatch.setattr(diskcache.Cache, "_con", property(
+        lambda self: Refusing() if self is s._idem
+        else original.fget(self)))  # type: ignore[attr-defined]
+    assert s.idem_claim("k", {"claim_id": "1"}, ttl_s=TTL) is None  # the write stands
+    monkeypatch.undo()
+    fresh = s._idem._con
+    assert fresh is not real  # the old connection was closed and dropped
+    assert fresh.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert s.idem_get("k") == {"claim_id": "1"}
+    s.close()
