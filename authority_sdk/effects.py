@@ -123,9 +123,11 @@ class Runtime:
             return await getattr(aio, effect.method)(*effect.args, **effect.kwargs)
         if type(effect) is AuditOp:
             aio = getattr(self.audit, "aio", None)
-            if aio is None and self.in_flight <= 1 and not self._group_busy():
-                # Alone, a sync keeps nobody waiting: the hop to the writer thread and
-                # back would only add its latency (~0.15 ms) to the request.
+            if (aio is None and self.in_flight <= 1 and not self._group_busy()
+                    and getattr(self.audit, "inline_when_alone", False)):
+                # A local file, alone: its sync keeps nobody waiting, and the hop to the
+                # writer thread and back would only add its latency (~0.15 ms). A sink on
+                # the network (PostgreSQL) never blocks the loop: it goes through the writer.
                 entries = self.audit.append_many(list(effect.items))
             else:
                 entries = await (aio or self._group_commit()).append_many(list(effect.items))

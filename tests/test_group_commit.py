@@ -163,3 +163,38 @@ def test_an_open_stream_counts_as_in_flight(write_policy: Any) -> None:
     assert during == 1 and after == 0
     assert on_loop[0] is False  # the plain request, while the stream was open
     assert on_loop[-1] is True  # the stream's own record, alone by then
+
+
+@pytest.mark.parametrize("audit_backend", ["file", "postgres"])
+def test_a_lone_request_never_waits_on_postgres_on_the_loop(
+        write_policy: Any, tmp_path: Path, audit_backend: str) -> None:
+    """Inline only where nothing of the append leaves the machine: with the state (so the
+    file's head) or the audit table in PostgreSQL, the append goes through the writer."""
+    from helpers import PostgresBackend, user
+
+    from authority_sdk.client import AsyncAuthorityClient
+    from authority_sdk.engine import Gateway
+
+    pg = PostgresBackend(tmp_path / "pg")
+    try:
+        overrides: dict[str, Any] = pg.policy_overrides()
+        if audit_backend == "postgres":
+            overrides["audit"] = {"backend": "postgres"}
+        gateway = Gateway(write_policy(overrides))
+
+        async def main() -> list[bool]:
+            client = AsyncAuthorityClient(gateway=gateway, max_retries=0)
+            on_loop = _record_threads(gateway)
+            for i in range(2):
+                await client.chat.completions.create(model="gpt-4o-mini",
+                                                     messages=user(f"SAY alone {i}"))
+            await client.close()
+            return on_loop
+
+        try:
+            on_loop = asyncio.run(main())
+        finally:
+            gateway.close()
+        assert on_loop == [False, False]
+    finally:
+        pg.cleanup()

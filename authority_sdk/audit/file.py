@@ -104,6 +104,15 @@ class FileSink(SinkSettings):
         return cls(policy.audit_path, head=head, archive_dir=policy.audit_archive_path,
                    rotate=policy.audit.rotate, **sink_options(policy))
 
+    @property
+    def inline_when_alone(self) -> bool:
+        """May a request alone in the proxy append on its event loop (``effects``)? Only
+        when nothing of the append leaves this machine: the file, and a head kept in a
+        local store (not in PostgreSQL, which the loop never waits on)."""
+        head = self._head
+        return head is None or bool(getattr(getattr(head, "aio", None), "inline_when_alone",
+                                            False))
+
     def _reset_process_state(self) -> None:
         # Locks and descriptors do not survive fork() usefully; a child starts afresh.
         self._pid = os.getpid()
