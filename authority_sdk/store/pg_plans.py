@@ -565,9 +565,12 @@ _ITEMS: dict[str, Any] = {
 # The writes a request makes on the async driver that are group-committed (postgres.py).
 BATCHED = frozenset(_ITEMS)
 
-STATE_BATCH_SQL = ("SELECT authority_state_batch(%s, %s::text[], %s::text[], %s::text[], "
-                   "%s::text[], %s::text[], %s::float8[], %s::float8[], %s::float8[], "
-                   "%s::int4[], %s::int4[], %s::text[], %s::float8[])")
+# Binary parameters: a text array would be quoted and escaped element by element in
+# Python (the records are JSON: kilobytes full of quotes), which cost more than the rest
+# of the batch together; binary elements go out as they are, length-prefixed.
+STATE_BATCH_SQL = ("SELECT authority_state_batch(%b, %b::text[], %b::text[], %b::text[], "
+                   "%b::text[], %b::text[], %b::float8[], %b::float8[], %b::float8[], "
+                   "%b::int4[], %b::int4[], %b::text[], %b::float8[])")
 
 
 def state_batch(items: Sequence[BatchItem]) -> tuple[list[int], Query]:
