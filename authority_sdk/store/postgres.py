@@ -370,6 +370,7 @@ class _Batcher:
         self.batches = 0  # statements that carried writes (tests and diagnostics)
         self.items = 0
         self.alone = 0  # writes sent by themselves, in flight now
+        self.refused = 0  # statements the server refused (their writes went one by one)
 
     @property
     def idle(self) -> bool:
@@ -431,6 +432,7 @@ class _Batcher:
                 settle_future(future, exc=failure)
             return
         if refused is not None or not isinstance(results, list) or len(results) != len(batch):
+            self.refused += 1
             log.debug("state batch refused (%s): its writes one by one",
                       _describe(refused) if refused is not None else "no result")
             await asyncio.gather(*(self._alone(item, plan, future)
