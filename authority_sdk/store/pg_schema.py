@@ -295,6 +295,43 @@ BEGIN
     RETURN out;
 END
 $$;
+
+-- The audit sink's common append in one round trip (audit/postgres.py): under the chain's
+-- lock, iff the table's last entry is still the one the appender last wrote or saw
+-- (expect_seq, expect_hash; NULL: an empty table), insert the entries and, when the state
+-- store's head lives in this database, move it (only ever forward). false: another
+-- replica appended meanwhile (or rows went): nothing written, the appender takes its full
+-- way, which records what it finds.
+CREATE FUNCTION authority_audit_append(relax boolean, expect_seq bigint, expect_hash text,
+                                       seqs bigint[], entries text[], head_seq bigint,
+                                       head_hash text)
+RETURNS boolean
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    last_seq bigint;
+    last_entry text;
+BEGIN
+    IF relax THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('authority-audit:' || current_schema()));
+    -- A statement of its own: its snapshot is taken once the lock is held, so it sees an
+    -- append that committed while this one waited.
+    SELECT a.seq, a.entry INTO last_seq, last_entry
+      FROM authority_audit a ORDER BY a.seq DESC LIMIT 1;
+    IF last_seq IS DISTINCT FROM expect_seq
+       OR (last_entry::json ->> 'hash') IS DISTINCT FROM expect_hash THEN
+        RETURN false;
+    END IF;
+    INSERT INTO authority_audit (seq, entry) SELECT * FROM unnest(seqs, entries);
+    IF head_seq IS NOT NULL THEN
+        INSERT INTO authority_audit_head (id, seq, hash) VALUES (1, head_seq, head_hash)
+        ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash
+        WHERE authority_audit_head.seq < EXCLUDED.seq;
+    END IF;
+    RETURN true;
+END
+$$;
 """),
 ]
 

@@ -417,3 +417,85 @@ def test_migrate_upgrades_version_3_and_serve_refuses_it_before(schema_at_3: str
         assert store.idem_get("open") == {"claim_id": "c", "done": 1}
     finally:
         store.close()
+
+
+# -- the audit append in one statement (schema version 4) ------------------------------------
+
+
+def _spy_sends(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    from authority_sdk.audit.postgres import PgAuditSink
+
+    calls = {"fast": 0, "two sends": 0}
+    fast, two = PgAuditSink._append_fast, PgAuditSink._append_two_sends
+
+    def spy_fast(self: Any, conn: Any, work: Any) -> Any:
+        out = fast(self, conn, work)
+        calls["fast"] += out is not None
+        return out
+
+    def spy_two(self: Any, conn: Any, work: Any) -> Any:
+        calls["two sends"] += 1
+        return two(self, conn, work)
+
+    monkeypatch.setattr(PgAuditSink, "_append_fast", spy_fast)
+    monkeypatch.setattr(PgAuditSink, "_append_two_sends", spy_two)
+    return calls
+
+
+def test_an_audit_append_is_one_statement_from_an_empty_table_on(
+        pg: PostgresBackend, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from authority_sdk.audit import verify_sink
+    from authority_sdk.audit.postgres import PgAuditSink
+
+    calls = _spy_sends(monkeypatch)
+    sink = PgAuditSink(pg.dsn, head=store).open()  # an empty table, opened the full way
+    try:
+        for i in range(4):
+            sink.append_many([("request", {"request_id": f"r{i}"}),
+                              ("action", {"request_id": f"r{i}"})])
+        assert calls == {"fast": 4, "two sends": 0}
+        assert store.get_audit_head() == (8, sink._hash)  # moved in the same statement
+        result = verify_sink(PgAuditSink(pg.dsn), store.get_audit_head())
+        assert (result.ok, result.last_seq) == (True, 8), result.reason
+    finally:
+        sink.close()
+
+
+def test_an_audit_table_without_the_function_takes_the_two_sends(
+        pg: PostgresBackend, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An audit table in a database of an older schema (``audit.dsn_env``)."""
+    from authority_sdk.audit import verify_sink
+    from authority_sdk.audit.postgres import PgAuditSink
+
+    _sql(pg.dsn, "DROP FUNCTION authority_audit_append")
+    calls = _spy_sends(monkeypatch)
+    sink = PgAuditSink(pg.dsn, head=store)
+    try:
+        for i in range(4):
+            sink.append("request", request_id=f"r{i}")
+        assert calls["two sends"] == 3 and not sink._one_send
+        result = verify_sink(PgAuditSink(pg.dsn), store.get_audit_head())
+        assert (result.ok, result.last_seq) == (True, 4), result.reason
+    finally:
+        sink.close()
+
+
+def test_an_audit_append_behind_another_writer_writes_nothing_then_goes_the_full_way(
+        pg: PostgresBackend, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from authority_sdk.audit import verify_sink
+    from authority_sdk.audit.postgres import PgAuditSink
+
+    a, b = PgAuditSink(pg.dsn, head=store), PgAuditSink(pg.dsn, head=store)
+    try:
+        a.append("request", request_id="a0")
+        b.append("request", request_id="b0")  # a's cached last entry is no longer last
+        calls = _spy_sends(monkeypatch)
+        a.append("request", request_id="a1")
+        assert calls == {"fast": 0, "two sends": 0}  # refused whole, then the full way
+        rows = _sql(pg.dsn, "SELECT seq FROM authority_audit ORDER BY seq")
+        assert [r[0] for r in rows] == [1, 2, 3]
+        result = verify_sink(PgAuditSink(pg.dsn), store.get_audit_head())
+        assert (result.ok, result.last_seq) == (True, 3), result.reason
+    finally:
+        a.close()
+        b.close()
