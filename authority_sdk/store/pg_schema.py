@@ -256,7 +256,8 @@ BEGIN
         ELSIF kind = 'reserve' THEN
             -- As authority_budget_reserve, on rows this batch already holds (and may have
             -- written: an earlier item's grant counts).
-            SELECT min(q.lim - CASE WHEN c.expires_at > extract(epoch from clock_timestamp())::float8
+            SELECT min(q.lim - CASE WHEN c.expires_at
+                                         > extract(epoch from clock_timestamp())::float8
                                     THEN c.used ELSE 0 END) INTO room
               FROM unnest(c_name[c_lo[i]:c_hi[i]], c_limit[c_lo[i]:c_hi[i]]) AS q(name, lim)
               JOIN authority_counters c ON c.name = q.name;

@@ -418,8 +418,9 @@ class _Batcher:
                     cur = await conn.execute(sql, params)
                     row = await cur.fetchone()
                 except psycopg.Error as exc:
-                    if conn.broken or isinstance(exc, psycopg.OperationalError) and \
-                            getattr(exc, "sqlstate", None) is None:
+                    lost = isinstance(exc, psycopg.OperationalError) and getattr(
+                        exc, "sqlstate", None) is None
+                    if conn.broken or lost:
                         raise
                     refused = exc  # a server error; rolled back whole: nothing written
                     return None
@@ -539,18 +540,18 @@ class _AsyncView:
         """How many statements carried grouped writes (tests and diagnostics)."""
         return sum(b.batches for b in self._batchers.values())
 
-    async def _grouped(self, method: str, args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> Any:
+    async def _grouped(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                       together: bool = False) -> Any:
         item = pg_plans.batch_item(method, args, kwargs)
         if isinstance(item, pg_plans.Done):
             return item.value
         plain = {k: v for k, v in kwargs.items() if k != "flush"}
 
         def plan() -> Plan:
-            return pg_plans.PLANS[method](*args, **plain)  # type: ignore[no-any-return]
+            return pg_plans.PLANS[method](*args, **plain)
 
         batcher = self._batcher()
-        if batcher.idle:
+        if batcher.idle and not together:
             # Nothing else in flight: a statement of its own costs this loop less than a
             # batch of one, and there is nobody to share a commit with.
             batcher.alone += 1
@@ -575,6 +576,24 @@ class _AsyncView:
             scope, engaged, reason=reason, actor=actor))
         self._store._ks_cache.drop()
         return dict(entry)
+
+    async def together(self, ops: Sequence[Any]) -> list[tuple[bool, Any]]:
+        """Independent writes of one request (``effects.StoreOps``) in ONE statement: the
+        grouped ones go into one batch together, even with nothing else in flight (the
+        others run as usual). One outcome per write: ``(True, result)`` or ``(False,
+        exception)``."""
+        async def one(op: Any) -> Any:
+            if op.method not in pg_plans.BATCHED:
+                return await getattr(self, op.method)(*op.args, **op.kwargs)
+            return await self._grouped(op.method, tuple(op.args), dict(op.kwargs),
+                                       together=True)
+
+        outcomes: list[tuple[bool, Any]] = []
+        for result in await asyncio.gather(*(one(op) for op in ops), return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            outcomes.append((False, result) if isinstance(result, Exception) else (True, result))
+        return outcomes
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         build = pg_plans.PLANS.get(name)

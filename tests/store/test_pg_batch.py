@@ -7,11 +7,15 @@ connection fails the batch and writes nothing, batches of two replicas never dea
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -499,3 +503,80 @@ def test_an_audit_append_behind_another_writer_writes_nothing_then_goes_the_full
     finally:
         a.close()
         b.close()
+
+
+# -- writes of one request sent together (effects.StoreOps) ---------------------------------
+
+
+def test_writes_sent_together_go_in_one_statement_even_alone(store: Any) -> None:
+    from authority_sdk.effects import Runtime, S, StoreOps
+
+    rt = Runtime(store, None, None)  # type: ignore[arg-type]
+    store.idem_claim("k", {"claim_id": "1"}, ttl_s=TTL)
+    store.budget_reserve([("e", 1.0)], min_usd=0.5, max_usd=0.5, ttl_s=TTL)
+
+    async def main() -> list[Any]:
+        out = await rt.aperform(StoreOps((
+            S.budget_settle(["e"], reserved=0.5, actual=0.2, ttl_s=TTL),
+            S.idem_replace("k", "1", {"claim_id": "1", "answer": "a"}, ttl_s=TTL),
+            S.idem_replace("k", "nope", {"claim_id": "x"}, ttl_s=TTL),
+            S.idem_claim("j", {"claim_id": "2"}, ttl_s=-1.0),  # refused before sending
+            S.budget_settle(["e"], reserved=1.0, actual=1.0, ttl_s=TTL),  # nothing to send
+            S.idem_get("k"))))  # not a grouped write: as usual
+        await store.aio.aclose()
+        return out
+
+    out = asyncio.run(main())
+    assert out[:3] == [(True, None), (True, True), (True, False)]
+    assert out[3][0] is False and isinstance(out[3][1], ValueError)
+    assert out[4] == (True, None) and out[5][0] is True
+    assert store.budget_used("e") == pytest.approx(0.2)
+    assert store.idem_get("k") == {"claim_id": "1", "answer": "a"}
+    batchers = list(store.aio._batchers.values())
+    assert [(b.batches, b.items) for b in batchers] == [(1, 3)]
+
+
+def test_a_keyed_request_settles_and_checkpoints_in_one_statement(pg: PostgresBackend,
+                                                                  tmp_path: Path) -> None:
+    """The gate of a keyed, budgeted request whose answer has calls, on the async driver:
+    the settlement and the checkpoint go out together; the answer is kept, the cost
+    settled, a replay answers the same."""
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import pg_bench
+        from mock_upstream import completion_body
+    finally:
+        sys.path.remove(str(bench))
+    from authority_sdk.effects import arun
+    from authority_sdk.engine import Engine
+
+    os.environ[pg_bench.DSN_ENV] = pg.dsn
+    answer = json.dumps(completion_body()).encode()
+    assert json.loads(answer)["choices"][0]["message"].get("tool_calls")
+    engine = Engine(pg_bench.write_policy(tmp_path / "p", "postgres", "http://127.0.0.1:9/v1"))
+
+    async def main() -> list[Any]:
+        out = []
+        rt = engine.runtime
+        for _ in range(2):  # the second is a replay
+            req = pg_bench._request(0, "together")
+            ctx = await arun(engine.begin_d(req), rt)
+            if hasattr(ctx, "status_code"):
+                out.append(ctx)
+                continue
+            out.append(await arun(engine.complete_d(ctx, 200, answer), rt))
+        await engine.store.aio.aclose()
+        return out
+
+    try:
+        first, again = asyncio.run(main())
+        batchers = list(engine.store.aio._batchers.values())
+        assert [(b.batches, b.items, b.refused) for b in batchers] == [(1, 2, 0)]
+        assert first.status_code == 200 and again.status_code == 200
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert json.loads(again.body)["choices"] == json.loads(first.body)["choices"]
+        spent = [n for (n,) in _sql(pg.dsn, "SELECT name FROM authority_counters")]
+        assert spent and all(0 < engine.store.budget_used(n) < 1.0 for n in spent)
+    finally:
+        engine.close()
