@@ -11,6 +11,8 @@ thrown into it). Two drivers run the same decisions:
   where that measures faster than a thread hop, and group-commits its writes off the
   loop (``store/batched.py``) unless a request is alone. Audit appends are
   group-committed off the loop (``group_commit.py``): concurrent requests share a sync.
+  PostgreSQL group-commits its writes on its async pool (``store/postgres.py``), and
+  sends a request's independent writes (``StoreOps``) in one round trip.
 
 The record comes before the effect by construction: a driver performs effects
 in exactly the order a decision yields them, and a decision yields the audit

@@ -13,6 +13,12 @@ multi-row reservations lock their rows in key order (no deadlock between two
 reservations over overlapping counters; the reservation and the settlement are server-side
 functions, schema version 3, so each is one statement). Expiry uses the database's clock, the one
 clock all replicas share.
+
+The async driver's group commit sends many writes as one statement instead
+(:func:`state_batch`, ``authority_state_batch`` of schema version 4): each write becomes a
+:class:`BatchItem`, checked exactly as its plan checks it, and the function applies every
+item with the same SQL steps, in an order that never deadlocks (counters first, in name
+order, then the idempotency rows in key order).
 """
 
 from __future__ import annotations

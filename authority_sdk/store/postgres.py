@@ -15,6 +15,14 @@ always reads the table.
 
 Every failure to reach or use the database is ``AuthorityUnavailable`` (fail closed);
 the pools wait at most :data:`CONNECT_TIMEOUT_S` for a connection.
+
+On the async driver the writes of a keyed, budgeted request (``pg_plans.BATCHED``:
+idempotency claims, replacements, deletions and puts, reservations and settlements) are
+group-committed (:class:`_Batcher`): what arrives while a batch is out goes next as ONE
+statement (``authority_state_batch``, schema version 4), one round trip and one commit for
+all of them, each caller answered once its own write committed. A write with nothing else
+in flight goes by itself, as before; the writes of one request that do not depend on each
+other (``effects.StoreOps``) go together (``aio.together``).
 """
 
 from __future__ import annotations
