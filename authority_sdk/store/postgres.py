@@ -20,9 +20,9 @@ On the async driver the writes of a keyed, budgeted request (``pg_plans.BATCHED`
 idempotency claims, replacements, deletions and puts, reservations and settlements) are
 group-committed (:class:`_Batcher`): what arrives while a batch is out goes next as ONE
 statement (``authority_state_batch``, schema version 4), one round trip and one commit for
-all of them, each caller answered once its own write committed. A write with nothing else
-in flight goes by itself, as before; the writes of one request that do not depend on each
-other (``effects.StoreOps``) go together (``aio.together``).
+all of them, each caller answered once its own write committed. A write (but a claim) with
+nothing else in flight goes by itself, as before; the writes of one request that do not
+depend on each other (``effects.StoreOps``) go together (``aio.together``).
 """
 
 from __future__ import annotations
@@ -356,9 +356,10 @@ class _Batcher:
     one implicit transaction, one commit — flushed unless every item may skip the flush —
     for all of them, each item with its own result. A caller is answered only once the
     transaction holding its write has committed. While a batch is out, the next one
-    gathers. A lone request's write is a batch of one: the same single round trip as its
-    own statement (and its server-side plan is cached, where a one-off statement is
-    planned anew).
+    gathers. With nothing else in flight a write goes by itself (its own statement costs
+    this loop less than a batch of one), except a claim: as a batch of one it is the same
+    single round trip, and the function's plan is cached where the claim's own statement
+    is planned anew each time (half its server time).
 
     If the statement fails on a connection that is still up (a server error: nothing of
     the batch was written, the transaction rolled back whole), each write is sent again
@@ -559,9 +560,10 @@ class _AsyncView:
             return pg_plans.PLANS[method](*args, **plain)
 
         batcher = self._batcher()
-        if batcher.idle and not together:
+        if batcher.idle and not together and item.kind != "claim":
             # Nothing else in flight: a statement of its own costs this loop less than a
-            # batch of one, and there is nobody to share a commit with.
+            # batch of one, and there is nobody to share a commit with (a claim excepted,
+            # see the class doc).
             batcher.alone += 1
             try:
                 return await self.run(item.method, plan())

@@ -253,7 +253,7 @@ def test_a_batch_whose_connection_is_lost_fails_every_caller_and_writes_nothing(
     async def main() -> list[Any]:
         aio = store.aio
         assert await aio.idem_claim("warm", {"claim_id": "w"}, ttl_s=TTL) is None
-        first = aio.idem_claim("k0", {"claim_id": "0"}, ttl_s=TTL)  # by itself: not held
+        first = aio.idem_put("k0", {"claim_id": "0"}, ttl_s=TTL)  # by itself: not held
         batch = [aio.budget_reserve([("env", 10.0)], min_usd=1.0, max_usd=1.0, ttl_s=TTL),
                  *(aio.idem_claim(f"k{i}", {"claim_id": str(i)}, ttl_s=TTL)
                    for i in range(1, 10))]
@@ -572,7 +572,9 @@ def test_a_keyed_request_settles_and_checkpoints_in_one_statement(pg: PostgresBa
     try:
         first, again = asyncio.run(main())
         batchers = list(engine.store.aio._batchers.values())
-        assert [(b.batches, b.items, b.refused) for b in batchers] == [(1, 2, 0)]
+        # Each request's claim (a batch of one), and the first's settlement and checkpoint
+        # together; the rest went by themselves.
+        assert [(b.batches, b.items, b.refused) for b in batchers] == [(3, 4, 0)]
         assert first.status_code == 200 and again.status_code == 200
         assert again.headers.get("idempotent-replayed") == "true"
         assert json.loads(again.body)["choices"] == json.loads(first.body)["choices"]
