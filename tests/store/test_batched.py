@@ -116,4 +116,3 @@ def test_a_caller_cancelled_mid_write_ends_only_once_its_write_landed(
     assert seen == {"claim_id": "1"}
     assert rest == [None] * 4
     assert all(store.idem_get(f"k{i}") == {"claim_id": "2"} for i in range(4))
-
