@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import dedupe, idempotency, limits, notifications, strictjson
 from .audit import redact
-from .effects import AuditOp, Decision, S
+from .effects import AuditOp, Decision, Outcome, S
 from .errors import AuthorityError, AuthorityUnavailable
 from .execution import run_once_d
 from .formats.base import Answer, Call
@@ -139,6 +139,9 @@ class GateInput:
     raw_answer: Any = None  # checkpointed before the first effect
     trace: CallTrace | None = None  # the call's span, when telemetry is on
     outcomes: list[ActionOutcome] = field(default_factory=list)
+    # The claim's checkpoint, already sent with the cost's settlement (engine.finalize_d):
+    # its outcome, (True, kept?) or (False, the error), for the hold to take as its own.
+    held: Outcome | None = None
 
 
 def _args_for_key(arguments: str) -> Any:
@@ -222,7 +225,12 @@ class _AnswerHold:
         self.done = True
         inp = self.inp
         try:
-            if inp.claim is not None and inp.claim.record.get("answer") is None:
+            if inp.held is not None:
+                ok, value = inp.held
+                if not ok:
+                    raise value
+                lost = not value
+            elif inp.claim is not None and inp.claim.record.get("answer") is None:
                 lost = not (yield from idempotency.checkpoint_d(inp.claim, inp.raw_answer))
             elif inp.claim is None and inp.lazy_claim is not None:
                 lost = (yield from inp.lazy_claim.claim_d(inp.raw_answer)).state != "new"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .effects import Decision, S
+from .effects import Decision, S, StoreOp
 from .errors import BudgetExceeded, CostCeilingExceeded, ModelPriceUnknown, UnpriceableContent
 from .formats.base import ParsedRequest
 from .policy import Budget, Policy
@@ -264,12 +264,21 @@ def plan_cost(policy: Policy, environment: str, caller_budget: Budget | None,
 def settle_d(plan: CostPlan, usage: dict[str, Any] | None) -> Decision[float]:
     """Turn the reservation into the actual cost; returns the actual cost in USD (the
     answer's, plus what abandoned attempts may have cost)."""
+    actual, op = settle_op(plan, usage)
+    if op is not None:
+        yield op
+    return actual
+
+
+def settle_op(plan: CostPlan, usage: dict[str, Any] | None) -> tuple[float, StoreOp | None]:
+    """The actual cost and the write that settles it (None: no counters), for a caller
+    that sends it together with another write (``effects.StoreOps``)."""
     actual = (actual_usd(plan.pricing, usage) if usage else plan.estimate_usd) \
         + plan.billed_usd
-    if plan.counters:
-        yield S.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=actual,
-                              ttl_s=plan.budget_ttl_s)
-    return actual
+    if not plan.counters:
+        return actual, None
+    return actual, S.budget_settle(plan.counters, reserved=plan.reserved_usd, actual=actual,
+                                   ttl_s=plan.budget_ttl_s)
 
 
 def release_d(plan: CostPlan) -> Decision[None]:

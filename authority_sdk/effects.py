@@ -11,6 +11,8 @@ thrown into it). Two drivers run the same decisions:
   where that measures faster than a thread hop, and group-commits its writes off the
   loop (``store/batched.py``) unless a request is alone. Audit appends are
   group-committed off the loop (``group_commit.py``): concurrent requests share a sync.
+  PostgreSQL group-commits its writes on its async pool (``store/postgres.py``), and
+  sends a request's independent writes (``StoreOps``) in one round trip.
 
 The record comes before the effect by construction: a driver performs effects
 in exactly the order a decision yields them, and a decision yields the audit
@@ -26,8 +28,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from .executors import ExecutorRegistry
 
-__all__ = ["AuditOp", "Decision", "Effect", "ExecuteOp", "Runtime", "S", "StoreOp", "arun",
-           "run", "run_on_store"]
+__all__ = ["AuditOp", "Decision", "Effect", "ExecuteOp", "Outcome", "Runtime", "S", "StoreOp",
+           "StoreOps", "arun", "run", "run_on_store"]
 
 T = TypeVar("T")
 
@@ -39,6 +41,17 @@ class StoreOp:
     method: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOps:
+    """Several store writes that do not depend on one another, performed together: ONE
+    round trip and commit where the store groups its writes (PostgreSQL on the async
+    driver), one after the other elsewhere. Returns one outcome per write, in order:
+    ``(True, result)`` or ``(False, the exception it raised)`` — each write succeeds or
+    fails by itself, as it would alone."""
+
+    ops: tuple[StoreOp, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +71,8 @@ class ExecuteOp:
     action_key: str
 
 
-Effect = StoreOp | AuditOp | ExecuteOp
+Effect = StoreOp | StoreOps | AuditOp | ExecuteOp
+Outcome = tuple[bool, Any]
 Decision = Generator[Effect, Any, T]
 
 
@@ -106,6 +120,14 @@ class Runtime:
     def perform(self, effect: Effect) -> Any:
         if type(effect) is StoreOp:
             return getattr(self.store, effect.method)(*effect.args, **effect.kwargs)
+        if type(effect) is StoreOps:
+            out: list[Outcome] = []
+            for op in effect.ops:
+                try:
+                    out.append((True, self.perform(op)))
+                except Exception as exc:
+                    out.append((False, exc))
+            return out
         if type(effect) is AuditOp:
             entries = self.audit.append_many(list(effect.items))
             if self.on_audit is not None:
@@ -121,6 +143,17 @@ class Runtime:
             if self.in_flight <= 1 and getattr(aio, "inline_when_alone", False):
                 return getattr(self.store, effect.method)(*effect.args, **effect.kwargs)
             return await getattr(aio, effect.method)(*effect.args, **effect.kwargs)
+        if type(effect) is StoreOps:
+            together = getattr(self.store.aio, "together", None)
+            if together is not None:
+                return await together(effect.ops)
+            out: list[Outcome] = []
+            for op in effect.ops:
+                try:
+                    out.append((True, await self.aperform(op)))
+                except Exception as exc:
+                    out.append((False, exc))
+            return out
         if type(effect) is AuditOp:
             aio = getattr(self.audit, "aio", None)
             if (aio is None and self.in_flight <= 1 and not self._group_busy()

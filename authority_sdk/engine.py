@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from . import admission, idempotency, rate_limits, served
 from .actions import AuditQueue, GateInput, gate_d, kill_engaged
 from .audit import AuditSink, open_sink
-from .costs import CostPlan, plan_d, release_d, settle_d
-from .effects import AuditOp, Decision, Runtime, S, arun, run
+from .costs import CostPlan, plan_d, release_d, settle_d, settle_op
+from .effects import AuditOp, Decision, Outcome, Runtime, S, StoreOp, StoreOps, arun, run
 from .errors import (
     AuthorityError,
     AuthorityUnavailable,
@@ -534,8 +534,20 @@ class Engine:
         ctx.done = True
         usage = answer.usage
         reason = None
+        held: Outcome | None = None
         if ctx.plan is not None:
-            actual = yield from settle_d(ctx.plan, usage)
+            actual, settle = settle_op(ctx.plan, usage)
+            early = self._first_hold(ctx, answer) if settle is not None else None
+            if settle is not None and early is not None:
+                # The settlement and the checkpoint gating holds first thing: independent
+                # writes, sent together (one round trip where the store groups writes).
+                (settled, why), held = yield StoreOps((settle, early[0]))
+                if held[0] and ctx.claim is not None:
+                    idempotency.checkpointed(ctx.claim, early[1], held[1])
+                if not settled:
+                    raise why
+            elif settle is not None:
+                yield settle
             with contextlib.suppress(AuthorityError):  # a slot left behind ends with its lease
                 yield from rate_limits.settle_d(ctx.rate, usage)
             ceiling = ctx.plan.ceiling_usd
@@ -570,7 +582,7 @@ class Engine:
             action_base=ctx.action_base, tool_schemas=ctx.parsed.tool_schemas,
             idempotency_ttl_s=self.idempotency_ttl, post_ceiling_reason=reason,
             claim=ctx.claim if ctx.takeover_answer is None else None,
-            lazy_claim=ctx.lazy_claim, raw_answer=answer.body, trace=ctx.trace)
+            lazy_claim=ctx.lazy_claim, raw_answer=answer.body, trace=ctx.trace, held=held)
         try:
             outcomes = yield from gate_d(inp, answer, queue)
         finally:
@@ -616,6 +628,16 @@ class Engine:
         if ctx.trace is not None:
             ctx.trace.answered(answer, authority, started)
         return authority
+
+    @staticmethod
+    def _first_hold(ctx: CallContext, answer: Answer) -> tuple[StoreOp, dict[str, Any]] | None:
+        """The checkpoint gating would write first thing (``actions.gate_d``: an answer with
+        calls under a client's claim that holds no answer yet), and its record."""
+        claim = ctx.claim
+        if (not answer.calls or ctx.takeover_answer is not None or claim is None
+                or claim.record.get("answer") is not None):
+            return None
+        return idempotency.checkpoint_op(claim, answer.body)
 
     def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
                        body: bytes) -> Decision[None]:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .effects import Decision, S, run_on_store
+from .effects import Decision, S, StoreOp, run_on_store
 from .errors import AuthorityUnavailable
 from .liveness import owner_alive_d, process_owner
 
@@ -134,9 +134,19 @@ def claim_fresh_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
 
 def checkpoint_d(claim: Claim, answer: Any) -> Decision[bool]:
     """Keep the upstream answer in our claim before anything of it takes effect."""
+    op, record = checkpoint_op(claim, answer)
+    return checkpointed(claim, record, (yield op))
+
+
+def checkpoint_op(claim: Claim, answer: Any) -> tuple[StoreOp, dict[str, Any]]:
+    """The checkpoint's write and the record it keeps, for a caller that sends it together
+    with another write (``effects.StoreOps``); :func:`checkpointed` takes its result."""
     record = {**claim.record, "answer": answer}
-    ok = yield S.idem_replace(claim.key, claim.record["claim_id"], record,
-                              ttl_s=claim.ttl_s or 86400.0)
+    return S.idem_replace(claim.key, claim.record["claim_id"], record,
+                          ttl_s=claim.ttl_s or 86400.0), record
+
+
+def checkpointed(claim: Claim, record: dict[str, Any], ok: Any) -> bool:
     if ok:
         claim.record = record
     return bool(ok)

@@ -42,6 +42,12 @@ DB = "authority_pg_count"
 TURNS = int(os.environ.get("PG_COUNT_TURNS", "10"))
 # "<ts> UTC [pid] user@db LOG:  statement: SQL" or "... LOG:  execute <unnamed>: SQL"
 _LINE = re.compile(r"\[(\d+)\] \S*@(\S+) LOG:  (?:statement|execute [^:]*): (.*)$")
+# The parameters of an extended-protocol statement, on a DETAIL line of their own.
+_PARAMS = re.compile(r"\[(\d+)\] \S*@(\S+) DETAIL:  parameters: (.*)$")
+# Server-side functions that commit without the WAL flush when their first argument is true
+# (schema version 4: the state batch, the audit append of a sink without fsync).
+_RELAXED_INSIDE = "/* relaxed inside */"
+_RELAXING = re.compile(r"^SELECT authority_(state_batch|audit_append)\(\$1\b", re.I)
 _WRITE = re.compile(r"^\s*(WITH\b.*\b(INSERT|UPDATE|DELETE)\b|INSERT|UPDATE|DELETE|SELECT\s+"
                     r"authority_\w+\()", re.S | re.I)
 
@@ -102,6 +108,10 @@ def _parse(text: str) -> list[tuple[str, str]]:
         if m:
             if m.group(2) == DB:
                 out.append((m.group(1), m.group(3)))
+        elif (d := _PARAMS.search(line)) is not None:
+            if d.group(2) == DB and out and out[-1][0] == d.group(1) \
+                    and _RELAXING.match(out[-1][1]) and d.group(3).startswith("$1 = 't'"):
+                out[-1] = (out[-1][0], out[-1][1] + " " + _RELAXED_INSIDE)
         elif line.startswith(("\t", " ")) and out:
             out[-1] = (out[-1][0], out[-1][1] + " " + line.strip())
     return out
@@ -151,6 +161,8 @@ def tally(statements: list[tuple[str, str]]) -> dict[str, int]:
             # the next statement as one simple query (one implicit transaction).
             s["relaxed"] = True
             continue
+        if _RELAXED_INSIDE.upper() in head:
+            s["relaxed"] = True
         write = bool(_WRITE.match(sql)) or "SELECT PG_NOTIFY" in head
         if s["tx"]:
             s["wrote"] = s["wrote"] or write

@@ -50,6 +50,7 @@ __all__ = ["PgAuditSink", "open_for_policy"]
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('authority-audit:' || current_schema()))"
 _LAST = "SELECT seq, entry FROM authority_audit ORDER BY seq DESC LIMIT 1"
+_INSERT = "INSERT INTO authority_audit (seq, entry) VALUES (%s, %s)"
 # Entries are text (see pg_schema); the event is matched loosely here and checked parsed.
 _RETENTION_LIKE = '%"event":"retention"%'
 _LAST_RETENTION = ("SELECT entry FROM authority_audit WHERE entry LIKE %s "
@@ -101,6 +102,7 @@ class PgAuditSink(SinkSettings):
         self._hash = GENESIS_HASH
         self._checkpointed = 0
         self._opened = False
+        self._one_send = True  # authority_audit_append is there (until it is found not to be)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -316,6 +318,37 @@ class PgAuditSink(SinkSettings):
 
     def _append_fast(self, conn: psycopg.Connection[Any], work: Any
                      ) -> list[dict[str, Any]] | None:
+        """The common append in ONE round trip (``authority_audit_append``, schema version
+        4): the lock, the check that the table's last entry is the one this process last
+        wrote, the inserts and the head, one statement, one implicit transaction. On a
+        schema without the function, :meth:`_append_two_sends`. None: see there."""
+        if self._one_send:
+            before = (self._seq, self._hash)
+            batch = _Batch()
+            result: list[dict[str, Any]] = work(batch)
+            rows = [params for sql, params in batch.items if sql == _INSERT]
+            shares = self._head_shares_db()
+            try:
+                row = conn.execute(
+                    "SELECT authority_audit_append(%b, %b::int8, %b, %b::int8[], %b::text[], "
+                    "%b::int8, %b)", (not self.fsync, before[0] or None,
+                            before[1] if before[0] else None,
+                            [int(r[0]) for r in rows], [str(r[1]) for r in rows],
+                            self._seq if shares else None,
+                            self._hash if shares else None)).fetchone()
+            except psycopg.errors.UndefinedFunction:
+                # An audit table in a database of an older schema: the two sends.
+                self._one_send = False
+                self._seq, self._hash = before
+                return self._append_two_sends(conn, work)
+            if not row or not row[0]:
+                self._seq, self._hash = before
+                return None
+            return result
+        return self._append_two_sends(conn, work)
+
+    def _append_two_sends(self, conn: psycopg.Connection[Any], work: Any
+                          ) -> list[dict[str, Any]] | None:
         """The common append, in two round trips (one send each) where the full way takes
         five: BEGIN, the lock and the read of the last entry go out as one simple query,
         then the inserts, the head and COMMIT as another (parameters bound client-side).
@@ -417,7 +450,7 @@ class PgAuditSink(SinkSettings):
                 yield _record(int(seq), str(raw))
 
     def _insert(self, cur: Any, entries: list[dict[str, Any]]) -> None:
-        cur.executemany("INSERT INTO authority_audit (seq, entry) VALUES (%s, %s)",
+        cur.executemany(_INSERT,
                         [(e["seq"], json.dumps(e, separators=(",", ":"), ensure_ascii=False))
                          for e in entries])
         last = entries[-1]

@@ -13,6 +13,12 @@ multi-row reservations lock their rows in key order (no deadlock between two
 reservations over overlapping counters; the reservation and the settlement are server-side
 functions, schema version 3, so each is one statement). Expiry uses the database's clock, the one
 clock all replicas share.
+
+The async driver's group commit sends many writes as one statement instead
+(:func:`state_batch`, ``authority_state_batch`` of schema version 4): each write becomes a
+:class:`BatchItem`, checked exactly as its plan checks it, and the function applies every
+item with the same SQL steps, in an order that never deadlocks (counters first, in name
+order, then the idempotency rows in key order).
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import json
 import math
 import time
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .protocol import ExpiryGuard, Record
 
-__all__ = ["KILL_SWITCH_CHANNEL", "PLANS", "RELAXED", "TRANSACTIONAL", "CorruptRecord", "Plan"]
+__all__ = ["BATCHED", "KILL_SWITCH_CHANNEL", "PLANS", "RELAXED", "TRANSACTIONAL", "BatchItem",
+           "CorruptRecord", "Done", "Plan", "batch_item", "state_batch"]
 
 Query = tuple[str, tuple[Any, ...]]
 Rows = list[tuple[Any, ...]]
@@ -459,6 +467,155 @@ def sweep(batch: int = 1000) -> Plan:
                       f"WHERE {column} <= {NOW} LIMIT %s) RETURNING 1", (batch,))
         gone += len(rows)
     return gone
+
+
+# -- group commit (schema version 4) ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BatchItem:
+    """One store write as an item of ``authority_state_batch`` (see pg_schema, version 4):
+    the arguments of the one-item plan, checked the same way, and how to read its result."""
+
+    method: str  # the store method, whose own plan runs it alone (the fallback)
+    kind: str  # claim | replace | delete | put | reserve | settle
+    relaxed: bool  # may commit without waiting for the WAL flush (RELAXED)
+    key: str | None = None
+    expect: str | None = None
+    claim_id: str | None = None
+    record: str | None = None
+    ttl: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+    counters: tuple[tuple[str, float], ...] = ()
+
+    def result(self, raw: str | None) -> Any:
+        kind = self.kind
+        if kind == "claim":
+            return None if raw is None else _load(raw)
+        if kind in ("replace", "delete"):
+            return raw == "1"
+        if kind == "reserve":
+            return None if raw is None else float(raw)
+        return None
+
+
+class Done:
+    """A write with nothing to send (no counters, nothing to settle): its result now."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def batch_item(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BatchItem | Done:
+    """The batch item for ``store.method(*args, **kwargs)`` (one of :data:`BATCHED`); raises
+    what the method's own plan raises for a bad argument, before anything is sent."""
+    return _ITEMS[method](*args, **kwargs)
+
+
+def _idem_claim_item(key: str, record: Record, *, ttl_s: float) -> BatchItem:
+    _check_ttl("ttl_s", ttl_s)
+    return BatchItem("idem_claim", "claim", True, key=key,
+                     claim_id=_opt_str(record.get("claim_id")), record=_dump(record),
+                     ttl=float(ttl_s))
+
+
+def _idem_replace_item(key: str, claim_id: str, record: Record, *, ttl_s: float,
+                       flush: bool = True) -> BatchItem:
+    _check_ttl("ttl_s", ttl_s)
+    return BatchItem("idem_replace" if flush else "idem_replace_lazy", "replace", not flush,
+                     key=key, expect=claim_id, claim_id=_opt_str(record.get("claim_id")),
+                     record=_dump(record), ttl=float(ttl_s))
+
+
+def _idem_delete_item(key: str, claim_id: str) -> BatchItem:
+    return BatchItem("idem_delete", "delete", True, key=key, expect=claim_id)
+
+
+def _idem_put_item(key: str, record: Record, *, ttl_s: float) -> BatchItem:
+    _check_ttl("ttl_s", ttl_s)
+    return BatchItem("idem_put", "put", False, key=key,
+                     claim_id=_opt_str(record.get("claim_id")), record=_dump(record),
+                     ttl=float(ttl_s))
+
+
+def _budget_reserve_item(counters: list[tuple[str, float]], *, min_usd: float,
+                         max_usd: float, ttl_s: float) -> BatchItem | Done:
+    _check_ttl("ttl_s", ttl_s)
+    if min_usd < 0 or max_usd < min_usd:
+        raise ValueError(f"need 0 <= min_usd <= max_usd, got {min_usd!r}, {max_usd!r}")
+    if not counters:
+        return Done(max_usd)
+    return BatchItem("budget_reserve", "reserve", False, lo=float(min_usd), hi=float(max_usd),
+                     ttl=float(ttl_s),
+                     counters=tuple((str(n), float(limit)) for n, limit in counters))
+
+
+def _budget_settle_item(counters: list[str], *, reserved: float, actual: float,
+                        ttl_s: float) -> BatchItem | Done:
+    _check_ttl("ttl_s", ttl_s)
+    delta = actual - reserved
+    if delta == 0 or not counters:
+        return Done(None)
+    return BatchItem("budget_settle", "settle", True, lo=float(delta), ttl=float(ttl_s),
+                     counters=tuple((str(n), 0.0) for n in counters))
+
+
+_ITEMS: dict[str, Any] = {
+    "idem_claim": _idem_claim_item, "idem_replace": _idem_replace_item,
+    "idem_delete": _idem_delete_item, "idem_put": _idem_put_item,
+    "budget_reserve": _budget_reserve_item, "budget_settle": _budget_settle_item}
+
+# The writes a request makes on the async driver that are group-committed (postgres.py).
+BATCHED = frozenset(_ITEMS)
+
+# Binary parameters: a text array would be quoted and escaped element by element in
+# Python (the records are JSON: kilobytes full of quotes), which cost more than the rest
+# of the batch together; binary elements go out as they are, length-prefixed.
+STATE_BATCH_SQL = ("SELECT authority_state_batch(%b, %b::text[], %b::text[], %b::text[], "
+                   "%b::text[], %b::text[], %b::float8[], %b::float8[], %b::float8[], "
+                   "%b::int4[], %b::int4[], %b::text[], %b::float8[])")
+
+
+def state_batch(items: Sequence[BatchItem]) -> tuple[list[int], Query]:
+    """The one statement that runs ``items``, and the order it runs them in: counters'
+    items first (their rows are all locked first, in name order, by the function), then
+    the idempotency items in key order, so two batches never wait on each other in a
+    circle. ``order[j]`` is the index in ``items`` of the statement's j-th item."""
+    order = sorted(range(len(items)), key=lambda i: (
+        (0, "") if items[i].key is None else (1, items[i].key)))
+    kinds: list[str] = []
+    keys: list[str | None] = []
+    expect: list[str | None] = []
+    claim_ids: list[str | None] = []
+    records: list[str | None] = []
+    ttls: list[float | None] = []
+    lo: list[float | None] = []
+    hi: list[float | None] = []
+    c_lo: list[int] = []
+    c_hi: list[int] = []
+    c_name: list[str] = []
+    c_limit: list[float] = []
+    for i in order:
+        it = items[i]
+        kinds.append(it.kind)
+        keys.append(it.key)
+        expect.append(it.expect)
+        claim_ids.append(it.claim_id)
+        records.append(it.record)
+        ttls.append(it.ttl)
+        lo.append(it.lo)
+        hi.append(it.hi)
+        c_lo.append(len(c_name) + 1)
+        for name, limit in it.counters:
+            c_name.append(name)
+            c_limit.append(limit)
+        c_hi.append(len(c_name))
+    relax = all(it.relaxed for it in items)
+    return order, (STATE_BATCH_SQL, (relax, kinds, keys, expect, claim_ids, records, ttls,
+                                     lo, hi, c_lo, c_hi, c_name, c_limit))
 
 
 # Plans of several statements that must see one another's locks: run in one transaction.

@@ -179,6 +179,161 @@ BEGIN
 END
 $$;
 """),
+    # Group commit on the async driver (postgres.py, _Batcher): the idempotency writes and
+    # the budget reservations and settlements of many concurrent requests in ONE statement,
+    # one implicit transaction, one commit (and at most one WAL flush) for all of them,
+    # each item with its own result. The same steps as the one-item statements, in this
+    # order: every counter of the batch locked first, in name order (as every reservation
+    # takes them), then the items, the idempotency ones in key order (the caller sorts):
+    # two batches never wait for each other in a circle. The commit waits for its WAL
+    # flush unless every item may skip it (relax, pg_plans.RELAXED).
+    (4, """
+-- kinds[i]: claim | replace | delete | put (an idempotency record under keys[i]: the
+-- claim_id column claim_ids[i], the record records[i], living ttls[i] seconds; replace and
+-- delete only if the live record's claim_id is expect[i]) | reserve | settle (counters
+-- c_name[c_lo[i]:c_hi[i]], with limits c_limit[…]; reserve: at least lo[i], at most
+-- hi[i]; settle: add lo[i], never below 0; the counters live ttls[i] seconds).
+-- Result per item: claim NULL (claimed) or the record in the way; replace, delete, put
+-- '1' or '0'; reserve the amount granted or NULL; settle NULL.
+CREATE FUNCTION authority_state_batch(relax boolean, kinds text[], keys text[],
+                                      expect text[], claim_ids text[], records text[],
+                                      ttls double precision[], lo double precision[],
+                                      hi double precision[], c_lo integer[],
+                                      c_hi integer[], c_name text[],
+                                      c_limit double precision[])
+RETURNS text[]
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    out text[] := array_fill(NULL::text, ARRAY[cardinality(kinds)]);
+    i integer;
+    kind text;
+    found_record text;
+    room double precision;
+    granted double precision;
+BEGIN
+    IF relax THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    IF coalesce(cardinality(c_name), 0) > 0 THEN
+        PERFORM authority_counters_lock(c_name);
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(kinds), 0) LOOP
+        kind := kinds[i];
+        IF kind = 'claim' THEN
+            -- An existing live row is locked and left as it is (the WHERE is false): the
+            -- next statement, with a snapshot of its own, reads the record in the way.
+            INSERT INTO authority_idem AS t (key, claim_id, record, expires_at)
+            VALUES (keys[i], claim_ids[i], records[i],
+                    extract(epoch from clock_timestamp())::float8 + ttls[i])
+            ON CONFLICT (key) DO UPDATE SET claim_id = EXCLUDED.claim_id,
+                record = EXCLUDED.record, expires_at = EXCLUDED.expires_at
+            WHERE t.expires_at <= extract(epoch from clock_timestamp())::float8;
+            IF NOT FOUND THEN
+                SELECT t.record INTO found_record FROM authority_idem t WHERE t.key = keys[i];
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'an idempotency row vanished under its lock';
+                END IF;
+                out[i] := found_record;
+            END IF;
+        ELSIF kind = 'replace' THEN
+            UPDATE authority_idem SET claim_id = claim_ids[i], record = records[i],
+                   expires_at = extract(epoch from clock_timestamp())::float8 + ttls[i]
+             WHERE key = keys[i] AND claim_id = expect[i]
+               AND expires_at > extract(epoch from clock_timestamp())::float8;
+            out[i] := CASE WHEN FOUND THEN '1' ELSE '0' END;
+        ELSIF kind = 'delete' THEN
+            DELETE FROM authority_idem
+             WHERE key = keys[i] AND claim_id = expect[i]
+               AND expires_at > extract(epoch from clock_timestamp())::float8;
+            out[i] := CASE WHEN FOUND THEN '1' ELSE '0' END;
+        ELSIF kind = 'put' THEN
+            INSERT INTO authority_idem (key, claim_id, record, expires_at)
+            VALUES (keys[i], claim_ids[i], records[i],
+                    extract(epoch from clock_timestamp())::float8 + ttls[i])
+            ON CONFLICT (key) DO UPDATE SET claim_id = EXCLUDED.claim_id,
+                record = EXCLUDED.record, expires_at = EXCLUDED.expires_at;
+            out[i] := '1';
+        ELSIF kind = 'reserve' THEN
+            -- As authority_budget_reserve, on rows this batch already holds (and may have
+            -- written: an earlier item's grant counts).
+            SELECT min(q.lim - CASE WHEN c.expires_at
+                                         > extract(epoch from clock_timestamp())::float8
+                                    THEN c.used ELSE 0 END) INTO room
+              FROM unnest(c_name[c_lo[i]:c_hi[i]], c_limit[c_lo[i]:c_hi[i]]) AS q(name, lim)
+              JOIN authority_counters c ON c.name = q.name;
+            IF room IS NULL OR room < lo[i] THEN
+                CONTINUE;
+            END IF;
+            granted := least(hi[i], room);
+            UPDATE authority_counters AS c
+               SET used = v.used,
+                   expires_at = extract(epoch from clock_timestamp())::float8 + ttls[i]
+              FROM (SELECT q.name,
+                           min(least(u.used + granted, greatest(q.lim, u.used))) AS used
+                      FROM unnest(c_name[c_lo[i]:c_hi[i]], c_limit[c_lo[i]:c_hi[i]])
+                           AS q(name, lim)
+                      JOIN (SELECT c2.name,
+                                   CASE WHEN c2.expires_at
+                                             > extract(epoch from clock_timestamp())::float8
+                                        THEN c2.used ELSE 0 END AS used
+                              FROM authority_counters c2
+                             WHERE c2.name = ANY(c_name[c_lo[i]:c_hi[i]])) AS u
+                           USING (name)
+                     GROUP BY q.name) AS v
+             WHERE c.name = v.name;
+            out[i] := granted::text;
+        ELSIF kind = 'settle' THEN
+            UPDATE authority_counters AS c
+               SET used = greatest(CASE WHEN c.expires_at
+                                             > extract(epoch from clock_timestamp())::float8
+                                        THEN c.used ELSE 0 END + lo[i], 0),
+                   expires_at = extract(epoch from clock_timestamp())::float8 + ttls[i]
+             WHERE c.name = ANY(c_name[c_lo[i]:c_hi[i]]);
+        ELSE
+            RAISE EXCEPTION 'unknown batch item kind %', kind;
+        END IF;
+    END LOOP;
+    RETURN out;
+END
+$$;
+
+-- The audit sink's common append in one round trip (audit/postgres.py): under the chain's
+-- lock, iff the table's last entry is still the one the appender last wrote or saw
+-- (expect_seq, expect_hash; NULL: an empty table), insert the entries and, when the state
+-- store's head lives in this database, move it (only ever forward). false: another
+-- replica appended meanwhile (or rows went): nothing written, the appender takes its full
+-- way, which records what it finds.
+CREATE FUNCTION authority_audit_append(relax boolean, expect_seq bigint, expect_hash text,
+                                       seqs bigint[], entries text[], head_seq bigint,
+                                       head_hash text)
+RETURNS boolean
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    last_seq bigint;
+    last_entry text;
+BEGIN
+    IF relax THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('authority-audit:' || current_schema()));
+    -- A statement of its own: its snapshot is taken once the lock is held, so it sees an
+    -- append that committed while this one waited.
+    SELECT a.seq, a.entry INTO last_seq, last_entry
+      FROM authority_audit a ORDER BY a.seq DESC LIMIT 1;
+    IF last_seq IS DISTINCT FROM expect_seq
+       OR (last_entry::json ->> 'hash') IS DISTINCT FROM expect_hash THEN
+        RETURN false;
+    END IF;
+    INSERT INTO authority_audit (seq, entry) SELECT * FROM unnest(seqs, entries);
+    IF head_seq IS NOT NULL THEN
+        INSERT INTO authority_audit_head (id, seq, hash) VALUES (1, head_seq, head_hash)
+        ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash
+        WHERE authority_audit_head.seq < EXCLUDED.seq;
+    END IF;
+    RETURN true;
+END
+$$;
+"""),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -15,6 +15,14 @@ always reads the table.
 
 Every failure to reach or use the database is ``AuthorityUnavailable`` (fail closed);
 the pools wait at most :data:`CONNECT_TIMEOUT_S` for a connection.
+
+On the async driver the writes of a keyed, budgeted request (``pg_plans.BATCHED``:
+idempotency claims, replacements, deletions and puts, reservations and settlements) are
+group-committed (:class:`_Batcher`): what arrives while a batch is out goes next as ONE
+statement (``authority_state_batch``, schema version 4), one round trip and one commit for
+all of them, each caller answered once its own write committed. A write (but a claim) with
+nothing else in flight goes by itself, as before; the writes of one request that do not
+depend on each other (``effects.StoreOps``) go together (``aio.together``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import psycopg
 import psycopg_pool
 
 from ..errors import AuthorityUnavailable
+from ..group_commit import settle_future
 from . import pg_plans
 from .pg_plans import CorruptRecord, Plan, Rows
 from .pg_schema import SCHEMA_VERSION, schema_version
@@ -338,6 +347,141 @@ class _LoopPool:
             await self.pool.close(timeout=2.0)
 
 
+class _Batcher:
+    """Group commit of one event loop's state writes (``pg_plans.BATCHED``: idempotency
+    claims, replacements, deletions and puts, budget reservations and settlements).
+
+    A write is queued; one drainer sends everything queued so far as ONE statement
+    (``authority_state_batch``, schema version 4) on one pooled connection: one round trip,
+    one implicit transaction, one commit — flushed unless every item may skip the flush —
+    for all of them, each item with its own result. A caller is answered only once the
+    transaction holding its write has committed. While a batch is out, the next one
+    gathers. With nothing else in flight a write goes by itself (its own statement costs
+    this loop less than a batch of one), except a claim: as a batch of one it is the same
+    single round trip, and the function's plan is cached where the claim's own statement
+    is planned anew each time (half its server time).
+
+    If the statement fails on a connection that is still up (a server error: nothing of
+    the batch was written, the transaction rolled back whole), each write is sent again
+    by itself, so a failing write fails only its own caller. If the connection or the
+    pool fails, every caller of the batch gets ``AuthorityUnavailable`` (fail closed), as
+    each would have alone.
+    """
+
+    MAX_ITEMS = 256  # per statement; more wait for the next one
+
+    def __init__(self, view: _AsyncView, loop: asyncio.AbstractEventLoop) -> None:
+        self.view = view
+        self.loop = loop
+        self.queue: list[tuple[pg_plans.BatchItem, Callable[[], Plan],
+                               asyncio.Future[Any]]] = []
+        self.task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
+        self.batches = 0  # statements that carried writes (tests and diagnostics)
+        self.items = 0
+        self.alone = 0  # writes sent by themselves, in flight now
+        self.refused = 0  # statements the server refused (their writes went one by one)
+
+    @property
+    def idle(self) -> bool:
+        """No grouped write in flight nor queued: the next one may go by itself."""
+        return self.task is None and not self.alone
+
+    def submit(self, item: pg_plans.BatchItem, plan: Callable[[], Plan]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.queue.append((item, plan, future))
+        if self.task is None:
+            self.task = self.loop.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                batch = self.queue[:self.MAX_ITEMS]
+                del self.queue[:self.MAX_ITEMS]
+                try:
+                    await self._send(batch)
+                except BaseException as exc:
+                    for *_, future in batch:
+                        settle_future(future, exc=exc if isinstance(exc, Exception)
+                                      else AuthorityUnavailable(
+                                          "state store unavailable: the batch was cancelled"))
+                    if not isinstance(exc, Exception):
+                        raise
+        finally:
+            self.task = None
+            if self.queue and not self.loop.is_closed():  # queued while cancelled
+                for *_, future in self.queue:
+                    settle_future(future, exc=AuthorityUnavailable(
+                        "state store unavailable: the batch was cancelled"))
+                self.queue.clear()
+
+    async def _send(self, batch: list[tuple[pg_plans.BatchItem, Callable[[], Plan],
+                                            asyncio.Future[Any]]]) -> None:
+        items = [item for item, _, _ in batch]
+        order, (sql, params) = pg_plans.state_batch(items)
+        refused: psycopg.Error | None = None
+        try:
+            async def statement(conn: psycopg.AsyncConnection[Any]) -> Any:
+                nonlocal refused
+                try:
+                    cur = await conn.execute(sql, params)
+                    row = await cur.fetchone()
+                except psycopg.Error as exc:
+                    lost = isinstance(exc, psycopg.OperationalError) and getattr(
+                        exc, "sqlstate", None) is None
+                    if conn.broken or lost:
+                        raise
+                    refused = exc  # a server error; rolled back whole: nothing written
+                    return None
+                return row[0] if row else None
+
+            results = await self.view.on_connection(statement)
+        except _ERRORS as exc:
+            failure = _unavailable("state batch", exc)
+            for *_, future in batch:
+                settle_future(future, exc=failure)
+            return
+        if refused is not None or not isinstance(results, list) or len(results) != len(batch):
+            self.refused += 1
+            log.debug("state batch refused (%s): its writes one by one",
+                      _describe(refused) if refused is not None else "no result")
+            await asyncio.gather(*(self._alone(item, plan, future)
+                                   for item, plan, future in batch))
+            return
+        self.batches += 1
+        self.items += len(batch)
+        for j, i in enumerate(order):
+            item, _, future = batch[i]
+            try:
+                value = item.result(results[j])
+            except CorruptRecord as exc:
+                settle_future(future, exc=_unavailable(item.method, exc))
+                continue
+            settle_future(future, result=value)
+
+    async def _alone(self, item: pg_plans.BatchItem, plan: Callable[[], Plan],
+                     future: asyncio.Future[Any]) -> None:
+        try:
+            value = await self.view.run(item.method, plan())
+        except Exception as exc:
+            settle_future(future, exc=exc)
+        else:
+            settle_future(future, result=value)
+
+
+async def _uninterrupted(future: asyncio.Future[Any]) -> Any:
+    """The write's result; a caller cancelled meanwhile is cancelled only once its write
+    has landed or failed (as a write of its own could not be taken back halfway): the
+    cleanup that follows the cancellation (releasing a claim, a reservation) sees it."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if not future.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+        raise
+
+
 class _AsyncView:
     """``store.aio``: the same primitives as coroutines on an ``AsyncConnectionPool``.
 
@@ -351,6 +495,7 @@ class _AsyncView:
         self._store = store
         self._current: _LoopPool | None = None
         self._lock = threading.Lock()
+        self._batchers: dict[int, _Batcher] = {}
 
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool:
         loop = asyncio.get_running_loop()
@@ -371,23 +516,60 @@ class _AsyncView:
 
     async def run(self, name: str, plan: Plan) -> Any:
         try:
-            pool = await self._get_pool()
-            try:
-                return await self._run_on(pool, name, plan)
-            except psycopg_pool.PoolClosed:
-                cur = self._current
-                if cur is not None and cur.pool is pool:
-                    raise
-                # aclose() closed it between taking it and asking it (nothing was sent):
-                # once more, on the pool that replaces it.
-                return await self._run_on(await self._get_pool(), name, plan)
+            return await self.on_connection(lambda conn: _run_async(conn, name, plan))
         except _ERRORS as exc:
             raise _unavailable(name, exc) from exc
 
-    @staticmethod
-    async def _run_on(pool: psycopg_pool.AsyncConnectionPool, name: str, plan: Plan) -> Any:
-        async with pool.connection() as conn:
-            return await _run_async(conn, name, plan)
+    async def on_connection(self, work: Callable[[psycopg.AsyncConnection[Any]],
+                                                 Awaitable[Any]]) -> Any:
+        """``work(conn)`` on a connection of this loop's pool (psycopg's errors as raised)."""
+        pool = await self._get_pool()
+        try:
+            async with pool.connection() as conn:
+                return await work(conn)
+        except psycopg_pool.PoolClosed:
+            cur = self._current
+            if cur is not None and cur.pool is pool:
+                raise
+            # aclose() closed it between taking it and asking it (nothing was sent): once
+            # more, on the pool that replaces it.
+            async with (await self._get_pool()).connection() as conn:
+                return await work(conn)
+
+    def _batcher(self) -> _Batcher:
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(id(loop))
+        if batcher is None or batcher.loop is not loop:
+            for key in [k for k, b in self._batchers.items() if b.loop.is_closed()]:
+                del self._batchers[key]
+            batcher = self._batchers[id(loop)] = _Batcher(self, loop)
+        return batcher
+
+    def group_batches(self) -> int:
+        """How many statements carried grouped writes (tests and diagnostics)."""
+        return sum(b.batches for b in self._batchers.values())
+
+    async def _grouped(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                       together: bool = False) -> Any:
+        item = pg_plans.batch_item(method, args, kwargs)
+        if isinstance(item, pg_plans.Done):
+            return item.value
+        plain = {k: v for k, v in kwargs.items() if k != "flush"}
+
+        def plan() -> Plan:
+            return pg_plans.PLANS[method](*args, **plain)
+
+        batcher = self._batcher()
+        if batcher.idle and not together and item.kind != "claim":
+            # Nothing else in flight: a statement of its own costs this loop less than a
+            # batch of one, and there is nobody to share a commit with (a claim excepted,
+            # see the class doc).
+            batcher.alone += 1
+            try:
+                return await self.run(item.method, plan())
+            finally:
+                batcher.alone -= 1
+        return await _uninterrupted(batcher.submit(item, plan))
 
     async def kill_switch_state(self, *, fresh: bool = False) -> dict[str, Record]:
         cache = self._store._ks_cache
@@ -405,18 +587,35 @@ class _AsyncView:
         self._store._ks_cache.drop()
         return dict(entry)
 
-    async def idem_replace(self, key: str, claim_id: str, record: Record, *,
-                           ttl_s: float, flush: bool = True) -> bool:
-        return bool(await self.run("idem_replace" if flush else "idem_replace_lazy",
-                                   pg_plans.idem_replace(key, claim_id, record, ttl_s=ttl_s)))
+    async def together(self, ops: Sequence[Any]) -> list[tuple[bool, Any]]:
+        """Independent writes of one request (``effects.StoreOps``) in ONE statement: the
+        grouped ones go into one batch together, even with nothing else in flight (the
+        others run as usual). One outcome per write: ``(True, result)`` or ``(False,
+        exception)``."""
+        async def one(op: Any) -> Any:
+            if op.method not in pg_plans.BATCHED:
+                return await getattr(self, op.method)(*op.args, **op.kwargs)
+            return await self._grouped(op.method, tuple(op.args), dict(op.kwargs),
+                                       together=True)
+
+        outcomes: list[tuple[bool, Any]] = []
+        for result in await asyncio.gather(*(one(op) for op in ops), return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            outcomes.append((False, result) if isinstance(result, Exception) else (True, result))
+        return outcomes
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         build = pg_plans.PLANS.get(name)
         if build is None:
             raise AttributeError(name)
 
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            return await self.run(name, build(*args, **kwargs))
+        if name in pg_plans.BATCHED:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                return await self._grouped(name, args, kwargs)
+        else:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                return await self.run(name, build(*args, **kwargs))
 
         call.__name__ = name
         return call
