@@ -354,6 +354,12 @@ class TcpRelay:
                 client.close()
                 continue
             with self._lock:
+                # A cut while this connection was being made: it must not outlive the cut
+                # (a pool refilling in the background would otherwise get through).
+                if not self._open.is_set():
+                    client.close()
+                    upstream.close()
+                    continue
                 self._socks += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -370,8 +376,8 @@ class TcpRelay:
                 s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
-        self._open.clear()
         with self._lock:
+            self._open.clear()
             socks, self._socks = self._socks, []
         for s in socks:
             with contextlib.suppress(OSError):
