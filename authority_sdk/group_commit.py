@@ -1,4 +1,8 @@
-"""Group commit for the async driver: many requests' audit entries, one write and one sync.
+"""Group commit for the async driver: many requests' writes, one write and one sync.
+
+``Batches`` is the queue every group commit shares (the audit log's here, the state
+stores' in ``store/batched.py`` and ``store/postgres.py``); ``GroupCommit`` is the audit
+log's.
 
 With the audit log synced on every append, a proxy under load spends its time waiting on
 the disk one request after another, on its event loop. Here each request queues its
@@ -17,51 +21,107 @@ record, as for a direct append).
 
 from __future__ import annotations
 
+import abc
 import asyncio
-from typing import Any
+import contextlib
+from typing import Any, Generic, TypeVar
 
-__all__ = ["GroupCommit", "settle_future"]
+from .errors import AuthorityUnavailable
+
+__all__ = ["Batches", "GroupCommit", "settle_future", "uninterrupted"]
 
 Items = list[tuple[str, dict[str, Any]]]
+T = TypeVar("T")
 
 
-class GroupCommit:
-    """An awaitable ``append_many`` over a sync audit sink, for one event loop."""
+class Batches(abc.ABC, Generic[T]):
+    """One event loop's writes that go out together (the audit log's here, the state
+    stores' in ``store/batched.py`` and ``store/postgres.py``): whatever is queued while a
+    batch is out goes in the next one (at most ``max_items``), drained by one task.
 
-    def __init__(self, sink: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self.sink = sink
+    ``_flush`` writes a batch and answers each of its waiters (``settle_future``). If it
+    raises, every waiter of the batch not yet answered gets the error; if the drain is
+    cancelled, they and everything queued behind them get ``cancelled()`` (fail closed:
+    nobody waits for a write that will never be made).
+    """
+
+    max_items = 0  # 0: everything queued
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._queue: list[tuple[Items, asyncio.Future[list[dict[str, Any]]]]] = []
-        self._writing = False
-        self._task: asyncio.Task[None] | None = None
-        self.batches = 0  # how many writes carried the entries (for tests and metrics)
+        self.queue: list[tuple[T, asyncio.Future[Any]]] = []
+        self.task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
+        self.batches = 0  # how many writes carried the items (tests and diagnostics)
 
     @property
     def busy(self) -> bool:
-        """A batch is being written or waits to be (an inline append would queue behind
-        it on the sink's lock, blocking the loop meanwhile)."""
-        return self._writing
+        """A batch is being written or waits to be."""
+        return self.task is not None
 
-    async def append_many(self, items: Items) -> list[dict[str, Any]]:
-        future: asyncio.Future[list[dict[str, Any]]] = self.loop.create_future()
-        self._queue.append((items, future))
-        if not self._writing:
-            self._writing = True
-            # Held here: the loop keeps only a weak reference to a task, and a writer
-            # collected mid-batch would leave every waiter hanging.
-            self._task = self.loop.create_task(self._drain())
-        return await future
+    def submit(self, item: T) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.queue.append((item, future))
+        if self.task is None:
+            self.task = self.loop.create_task(self._drain())
+        return future
+
+    @abc.abstractmethod
+    async def _flush(self, batch: list[tuple[T, asyncio.Future[Any]]]) -> None:
+        """Write ``batch`` and answer each of its waiters."""
+
+    def cancelled(self) -> Exception:
+        return AuthorityUnavailable("state store unavailable: the batch was cancelled")
 
     async def _drain(self) -> None:
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                await self._write(batch)
+            while self.queue:
+                n = self.max_items or len(self.queue)
+                batch = self.queue[:n]
+                del self.queue[:n]
+                try:
+                    await self._flush(batch)
+                except BaseException as exc:
+                    failure = exc if isinstance(exc, Exception) else self.cancelled()
+                    for _, future in batch:
+                        settle_future(future, exc=failure)
+                    if not isinstance(exc, Exception):
+                        raise
         finally:
-            self._writing = False
+            self.task = None
+            if self.queue and not self.loop.is_closed():  # queued while cancelled
+                for _, future in self.queue:
+                    settle_future(future, exc=self.cancelled())
+                self.queue.clear()
 
-    async def _write(self, batch: list[tuple[Items, asyncio.Future[list[dict[str, Any]]]]]
-                     ) -> None:
+
+async def uninterrupted(future: asyncio.Future[Any]) -> Any:
+    """A batched write's result; a caller cancelled meanwhile is cancelled only once its
+    write has landed or failed, as a write of its own could not be interrupted halfway:
+    the cleanup that follows the cancellation (releasing a claim, a reservation) sees it."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if not future.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+        raise
+
+
+class GroupCommit(Batches[Items]):
+    """An awaitable ``append_many`` over a sync audit sink, for one event loop."""
+
+    def __init__(self, sink: Any, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.sink = sink
+
+    async def append_many(self, items: Items) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.submit(items)
+        return result
+
+    def cancelled(self) -> Exception:
+        return AuthorityUnavailable("audit log unavailable: the append was cancelled")
+
+    async def _flush(self, batch: list[tuple[Items, asyncio.Future[Any]]]) -> None:
         everything = [item for items, _ in batch for item in items]
         try:
             entries = await asyncio.to_thread(self.sink.append_many, everything)
@@ -72,7 +132,7 @@ class GroupCommit:
                 settle_future(batch[0][1], exc=exc)
             else:
                 for one in batch:
-                    await self._write([one])
+                    await self._flush([one])
             return
         except Exception as exc:
             # The log could not take the write (or its sync): nothing here is durable, and
@@ -89,7 +149,7 @@ class GroupCommit:
 
 def settle_future(future: asyncio.Future[Any], *, result: Any = None,
                   exc: Exception | None = None) -> None:
-    """Answer one waiter of a batch (also the store's batches, ``store/batched.py``)."""
+    """Answer one waiter of a batch (unless its request was cancelled meanwhile)."""
     if future.done():  # its request was cancelled (the client went away)
         return
     if exc is not None:

@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -251,21 +251,25 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` and all its descendants (uvicorn workers are children), in KiB."""
-    total = 0
+def _tree(pid: int) -> Iterator[int]:
+    """``pid`` and all its descendants (uvicorn workers are children)."""
     stack = [pid]
     while stack:
         p = stack.pop()
+        yield p
+        stack.extend(_children(p))
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and all its descendants, in KiB."""
+    total = 0
+    for p in _tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
+                total += next((int(line.split()[1]) for line in f
+                               if line.startswith("VmRSS:")), 0)
         except OSError:
             continue
-        stack.extend(_children(p))
     return total
 
 
@@ -275,16 +279,13 @@ def cpu_seconds(pid: int) -> float:
     throughput on a shared machine does."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     total = 0
-    stack = [pid]
-    while stack:
-        p = stack.pop()
+    for p in _tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
-        stack.extend(_children(p))
     return total / tick
 
 

@@ -19,16 +19,16 @@ Reads and rare writes stay inline (``InlineAsync``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from ..group_commit import settle_future
+from ..group_commit import Batches, settle_future, uninterrupted
 from .inline import InlineAsync
 
 __all__ = ["GroupedAsync"]
 
-_Op = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+# A write: the store's method and its arguments.
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 # (method name, its keyword arguments) -> must this write be on disk before its caller
 # goes on? A batch is synced when any write it carries must be.
 Flushes = Callable[[str, dict[str, Any]], bool]
@@ -38,68 +38,32 @@ def _always(name: str, kwargs: dict[str, Any]) -> bool:
     return True
 
 
-class _Group:
-    """The batches of one database, on one event loop."""
+class _Group(Batches[_Call]):
+    """The batches of one database, on one event loop: each runs in one transaction of the
+    store, off the loop."""
 
     def __init__(self, transact: Callable[[bool], Any], loop: asyncio.AbstractEventLoop,
                  flushes: Flushes = _always) -> None:
+        super().__init__(loop)
         self.transact = transact
         self.flushes = flushes
-        self.loop = loop
-        self.queue: list[_Op] = []
-        self.task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
-        self.batches = 0
 
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self.queue.append((fn, args, kwargs, future))
-        if self.task is None:
-            self.task = self.loop.create_task(self._drain())
-        return future
+    async def _flush(self, batch: list[tuple[_Call, asyncio.Future[Any]]]) -> None:
+        outcomes = await asyncio.to_thread(self._run, [call for call, _ in batch])
+        self.batches += 1
+        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+            settle_future(future, **({"result": value} if ok else {"exc": value}))
 
-    async def _drain(self) -> None:
-        try:
-            while self.queue:
-                batch, self.queue = self.queue, []
-                try:
-                    outcomes = await asyncio.to_thread(self._run, batch)
-                except BaseException as exc:
-                    for *_, future in batch:
-                        settle_future(future, exc=exc if isinstance(exc, Exception)
-                                else RuntimeError("the store's batch was cancelled"))
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                self.batches += 1
-                for (*_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                    settle_future(future, **({"result": value} if ok else {"exc": value}))
-        finally:
-            self.task = None
-
-    def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+    def _run(self, calls: list[_Call]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
-        durable = any(self.flushes(fn.__name__, kwargs) for fn, _, kwargs, _ in batch)
+        durable = any(self.flushes(fn.__name__, kwargs) for fn, _, kwargs in calls)
         with self.transact(durable):
-            for fn, args, kwargs, _ in batch:
+            for fn, args, kwargs in calls:
                 try:
                     outcomes.append((True, fn(*args, **kwargs)))
                 except Exception as exc:
                     outcomes.append((False, exc))
         return outcomes
-
-
-async def _uninterrupted(future: asyncio.Future[Any]) -> Any:
-    """The write's result; a caller cancelled meanwhile is cancelled only once its write has
-    landed or failed, as an inline write could not be interrupted halfway: the cleanup that
-    follows the cancellation (releasing a claim, a reservation) sees the write."""
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        if not future.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(future)
-        raise
 
 
 class GroupedAsync(InlineAsync):
@@ -135,7 +99,7 @@ class GroupedAsync(InlineAsync):
             if group is None or group.loop is not loop:
                 self._forget_closed_loops()
                 group = self._groups[key] = _Group(transact, loop, self._flushes)
-            return await _uninterrupted(group.submit(fn, args, kwargs))
+            return await uninterrupted(group.submit((fn, args, kwargs)))
 
         call.__name__ = name
         return call

@@ -41,7 +41,7 @@ import psycopg
 import psycopg_pool
 
 from ..errors import AuthorityUnavailable
-from ..group_commit import settle_future
+from ..group_commit import Batches, settle_future, uninterrupted
 from . import pg_plans
 from .pg_plans import CorruptRecord, Plan, Rows
 from .pg_schema import SCHEMA_VERSION, schema_version
@@ -347,7 +347,11 @@ class _LoopPool:
             await self.pool.close(timeout=2.0)
 
 
-class _Batcher:
+# A grouped write, and the plan that sends it by itself (when its batch is refused).
+_Write = tuple[pg_plans.BatchItem, Callable[[], Plan]]
+
+
+class _Batcher(Batches[_Write]):
     """Group commit of one event loop's state writes (``pg_plans.BATCHED``: idempotency
     claims, replacements, deletions and puts, budget reservations and settlements).
 
@@ -368,15 +372,11 @@ class _Batcher:
     each would have alone.
     """
 
-    MAX_ITEMS = 256  # per statement; more wait for the next one
+    max_items = 256  # per statement; more wait for the next one
 
     def __init__(self, view: _AsyncView, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
         self.view = view
-        self.loop = loop
-        self.queue: list[tuple[pg_plans.BatchItem, Callable[[], Plan],
-                               asyncio.Future[Any]]] = []
-        self.task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
-        self.batches = 0  # statements that carried writes (tests and diagnostics)
         self.items = 0
         self.alone = 0  # writes sent by themselves, in flight now
         self.refused = 0  # statements the server refused (their writes went one by one)
@@ -386,38 +386,8 @@ class _Batcher:
         """No grouped write in flight nor queued: the next one may go by itself."""
         return self.task is None and not self.alone
 
-    def submit(self, item: pg_plans.BatchItem, plan: Callable[[], Plan]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self.queue.append((item, plan, future))
-        if self.task is None:
-            self.task = self.loop.create_task(self._drain())
-        return future
-
-    async def _drain(self) -> None:
-        try:
-            while self.queue:
-                batch = self.queue[:self.MAX_ITEMS]
-                del self.queue[:self.MAX_ITEMS]
-                try:
-                    await self._send(batch)
-                except BaseException as exc:
-                    for *_, future in batch:
-                        settle_future(future, exc=exc if isinstance(exc, Exception)
-                                      else AuthorityUnavailable(
-                                          "state store unavailable: the batch was cancelled"))
-                    if not isinstance(exc, Exception):
-                        raise
-        finally:
-            self.task = None
-            if self.queue and not self.loop.is_closed():  # queued while cancelled
-                for *_, future in self.queue:
-                    settle_future(future, exc=AuthorityUnavailable(
-                        "state store unavailable: the batch was cancelled"))
-                self.queue.clear()
-
-    async def _send(self, batch: list[tuple[pg_plans.BatchItem, Callable[[], Plan],
-                                            asyncio.Future[Any]]]) -> None:
-        items = [item for item, _, _ in batch]
+    async def _flush(self, batch: list[tuple[_Write, asyncio.Future[Any]]]) -> None:
+        items = [item for (item, _), _ in batch]
         order, (sql, params) = pg_plans.state_batch(items)
         refused: psycopg.Error | None = None
         try:
@@ -438,7 +408,7 @@ class _Batcher:
             results = await self.view.on_connection(statement)
         except _ERRORS as exc:
             failure = _unavailable("state batch", exc)
-            for *_, future in batch:
+            for _, future in batch:
                 settle_future(future, exc=failure)
             return
         if refused is not None or not isinstance(results, list) or len(results) != len(batch):
@@ -446,12 +416,12 @@ class _Batcher:
             log.debug("state batch refused (%s): its writes one by one",
                       _describe(refused) if refused is not None else "no result")
             await asyncio.gather(*(self._alone(item, plan, future)
-                                   for item, plan, future in batch))
+                                   for (item, plan), future in batch))
             return
         self.batches += 1
         self.items += len(batch)
         for j, i in enumerate(order):
-            item, _, future = batch[i]
+            (item, _), future = batch[i]
             try:
                 value = item.result(results[j])
             except CorruptRecord as exc:
@@ -467,19 +437,6 @@ class _Batcher:
             settle_future(future, exc=exc)
         else:
             settle_future(future, result=value)
-
-
-async def _uninterrupted(future: asyncio.Future[Any]) -> Any:
-    """The write's result; a caller cancelled meanwhile is cancelled only once its write
-    has landed or failed (as a write of its own could not be taken back halfway): the
-    cleanup that follows the cancellation (releasing a claim, a reservation) sees it."""
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        if not future.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(future)
-        raise
 
 
 class _AsyncView:
@@ -569,7 +526,7 @@ class _AsyncView:
                 return await self.run(item.method, plan())
             finally:
                 batcher.alone -= 1
-        return await _uninterrupted(batcher.submit(item, plan))
+        return await uninterrupted(batcher.submit((item, plan)))
 
     async def kill_switch_state(self, *, fresh: bool = False) -> dict[str, Record]:
         cache = self._store._ks_cache
