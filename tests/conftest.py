@@ -111,3 +111,11 @@ def pg(tmp_path: Path) -> Iterator[Any]:
     backend = PostgresBackend(tmp_path)
     yield backend
     backend.cleanup()
+
+
+@pytest.fixture
+def pg_store(pg: Any) -> Iterator[Any]:
+    """A ``PgStore`` on ``pg``'s schema, closed after the test."""
+    s = pg.open()
+    yield s
+    s.close()

@@ -5,11 +5,12 @@ name clash."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ T = TypeVar("T")
 __all__ = ["AUDIT_SINKS", "BASE_POLICY", "PG_DSN", "STORE_BACKENDS", "AuditSinkBackend",
            "PostgresBackend", "ScriptedServer", "StoreBackend", "audit_entries", "concurrently",
            "deep_merge", "free_port", "pg_dsn", "postgres_unavailable", "requires_postgres",
-           "tool", "user", "write_policy_file"]
+           "schema_at", "tool", "user", "write_policy_file"]
 
 
 class ScriptedServer:
@@ -310,6 +311,32 @@ def pg_dsn(schema: str) -> str:
     """The test server's DSN with ``search_path`` set to ``schema``."""
     sep = "&" if "?" in PG_DSN else "?"
     return f"{PG_DSN}{sep}options=-csearch_path%3D{schema}"
+
+
+@contextlib.contextmanager
+def schema_at(version: int, *rows: str) -> Iterator[str]:
+    """A schema as an earlier gateway left it: migrations 1 to ``version`` and that version
+    recorded, with ``rows`` (SQL) written by it; dropped afterwards."""
+    import psycopg
+
+    from authority_sdk.store.pg_schema import _META, MIGRATIONS
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        with psycopg.connect(pg_dsn(name), autocommit=True) as conn:
+            conn.execute(_META)
+            for at, sql in MIGRATIONS:
+                if at <= version:
+                    conn.execute(sql)
+            conn.execute("INSERT INTO authority_meta (id, version) VALUES (1, %s)", (version,))
+            for row in rows:
+                conn.execute(row)
+        yield name
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
 class PostgresBackend(StoreBackend):

@@ -252,3 +252,27 @@ def test_a_connection_that_cannot_be_set_back_to_full_is_dropped(
     assert fresh.execute("PRAGMA synchronous").fetchone()[0] == 2
     assert s.idem_get("k") == {"claim_id": "1"}
     s.close()
+
+
+# -- effects.StoreOps: independent writes of one request sent together (one round trip on
+# PostgreSQL, tests/store/test_pg_batch.py; one after the other here) ------------------
+
+
+def test_writes_sent_together_each_succeed_or_fail_by_themselves(store: DiskStore) -> None:
+    """``effects.StoreOps`` on a store that does not group them: one after the other, on
+    both drivers, each with its own outcome."""
+    from authority_sdk.effects import Runtime, S, StoreOps
+
+    rt = Runtime(store, None, None)  # type: ignore[arg-type]
+    store.idem_claim("k", {"claim_id": "1"}, ttl_s=TTL)
+    ops = StoreOps((S.idem_replace("k", "1", {"claim_id": "1", "a": 1}, ttl_s=TTL),
+                    S.idem_claim("j", {"claim_id": "2"}, ttl_s=-1.0),  # a bad argument
+                    S.idem_replace("k", "nope", {"claim_id": "x"}, ttl_s=TTL)))
+    out = rt.perform(ops)
+    assert out[0] == (True, True) and out[2] == (True, False)
+    assert out[1][0] is False and isinstance(out[1][1], ValueError)
+    out = asyncio.run(rt.aperform(StoreOps((
+        S.budget_reserve([("e", 1.0)], min_usd=0.5, max_usd=0.5, ttl_s=TTL),
+        S.idem_delete("k", "1")))))
+    assert out == [(True, 0.5), (True, True)]
+    assert store.idem_get("k") is None and store.budget_used("e") == 0.5

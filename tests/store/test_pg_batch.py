@@ -13,13 +13,12 @@ import random
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PG_DSN, PostgresBackend, pg_dsn, requires_postgres
+from helpers import PG_DSN, PostgresBackend, pg_dsn, requires_postgres, schema_at
 
 from authority_sdk.errors import AuthorityUnavailable
 from authority_sdk.store import pg_plans
@@ -30,10 +29,8 @@ TTL = 3600.0
 
 
 @pytest.fixture
-def store(pg: PostgresBackend) -> Iterator[Any]:
-    s = pg.open()
-    yield s
-    s.close()
+def store(pg_store: Any) -> Any:
+    return pg_store
 
 
 def _batch(dsn: str, *calls: tuple[str, tuple[Any, ...], dict[str, Any]]) -> list[Any]:
@@ -378,26 +375,11 @@ def test_batches_of_two_replicas_over_shared_keys_and_counters_never_deadlock(
 
 @pytest.fixture
 def schema_at_3() -> Iterator[str]:
-    """A schema as the previous gateway left it: migrations 1 to 3, version 3."""
-    import psycopg
-
-    from authority_sdk.store.pg_schema import _META, MIGRATIONS
-
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    with psycopg.connect(pg_dsn(name), autocommit=True) as conn:
-        conn.execute(_META)
-        for version, sql in MIGRATIONS:
-            if version <= 3:
-                conn.execute(sql)
-        conn.execute("INSERT INTO authority_meta (id, version) VALUES (1, 3)")
-        conn.execute("INSERT INTO authority_idem (key, claim_id, record, expires_at) VALUES "
-                     "('open', 'c', '{\"claim_id\":\"c\"}', "
-                     "extract(epoch from clock_timestamp()) + 3600)")
-    yield name
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    """A schema as the previous gateway left it (version 3), one claim open."""
+    with schema_at(3, "INSERT INTO authority_idem (key, claim_id, record, expires_at) VALUES "
+                      "('open', 'c', '{\"claim_id\":\"c\"}', "
+                      "extract(epoch from clock_timestamp()) + 3600)") as name:
+        yield name
 
 
 def test_migrate_upgrades_version_3_and_serve_refuses_it_before(schema_at_3: str) -> None:

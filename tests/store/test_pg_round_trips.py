@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PG_DSN, PostgresBackend, pg_dsn, requires_postgres
+from helpers import PostgresBackend, pg_dsn, requires_postgres, schema_at
 
 from authority_sdk.audit import verify_sink
 from authority_sdk.errors import AuthorityUnavailable
@@ -26,34 +25,16 @@ DAY = 86400.0
 
 
 @pytest.fixture
-def store(pg: PostgresBackend) -> Iterator[Any]:
-    s = pg.open()
-    yield s
-    s.close()
+def store(pg_store: Any) -> Any:
+    return pg_store
 
 
 @pytest.fixture
 def schema_at_2() -> Iterator[str]:
-    """A schema as the previous gateway left it: migrations 1 and 2, version 2."""
-    import psycopg
-
-    from authority_sdk.store.pg_schema import _META, MIGRATIONS
-
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    with psycopg.connect(pg_dsn(name), autocommit=True) as conn:
-        conn.execute(_META)
-        for version, sql in MIGRATIONS:
-            if version <= 2:
-                conn.execute(sql)
-        conn.execute("INSERT INTO authority_meta (id, version) VALUES (1, 2)")
-        # This period's spending, recorded by the previous version.
-        conn.execute("INSERT INTO authority_counters (name, used, expires_at) VALUES "
-                     "('env', 0.4, extract(epoch from clock_timestamp()) + 3600)")
-    yield name
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    """A schema as the previous gateway left it (version 2), with this period's spending."""
+    with schema_at(2, "INSERT INTO authority_counters (name, used, expires_at) VALUES "
+                      "('env', 0.4, extract(epoch from clock_timestamp()) + 3600)") as name:
+        yield name
 
 
 # -- schema version 3 ----------------------------------------------------------------------
