@@ -153,6 +153,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
 MAX_WAIT_S = 60.0
 POLL_S = 0.25
 
+
+def _unsettled(approval: dict[str, Any]) -> bool:
+    """Still moving: pending, or approved and being executed by the gateway right now (the
+    caller waits for the outcome, not for the moment between the decision and the effect)."""
+    status = approval.get("status")
+    return status == "pending" or (status == "approved" and approval.get("dispatch") == "gateway"
+                                   and bool(approval.get("executor")))
+
+
 Agent = Annotated[Identity, Depends(RoleCheck("agent"))]
 Approver = Annotated[Identity, Depends(RoleCheck("approver"))]
 Reader = Annotated[Identity, Depends(RoleCheck("approver", "admin"))]
@@ -460,7 +469,8 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     async def get_approval(approval_id: ApprovalId, ident: AppOrReader, wait: Annotated[
             float, Query(ge=0, le=MAX_WAIT_S, description="Long-poll: hold the answer up "
                          f"to this many seconds (at most {MAX_WAIT_S}) while the approval is "
-                         "pending; it returns as soon as it is decided or expires")] = 0
+                         "pending (or approved and being executed by the gateway); it returns "
+                         "as soon as it is rejected, expired or approved with its outcome")] = 0
             ) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
@@ -471,7 +481,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
                 # An app's key learns the fate of its own actions only (DESIGN.md §4).
                 raise NotFound(f"no approval {approval_id!r}")
             left = deadline - asyncio.get_running_loop().time()
-            if got.get("status") != "pending" or left <= 0:
+            if not _unsettled(got) or left <= 0:
                 return got
             # Polling the store, not a wake-up: a decision may come from another process.
             await asyncio.sleep(min(POLL_S, left))

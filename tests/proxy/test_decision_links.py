@@ -260,6 +260,30 @@ def test_long_poll_returns_when_decided_and_apps_see_only_their_own(
                    params={"wait": 61}).status_code == 400
 
 
+def test_long_poll_waits_through_the_execution_for_the_outcome(px: RunningProxy) -> None:
+    """Approved and gateway-dispatched means executing: the poll answers with the outcome,
+    not with the moment between the decision and the effect (as another replica would leave
+    it mid-execution, driven here from outside the proxy)."""
+    apr = hold(px, "executing elsewhere")
+    gw = Gateway(px.policy_path)
+    try:
+        assert gw.store.approval_transition(apr, "pending", "approved", decided_by="approver")
+
+        def finish() -> None:
+            time.sleep(0.8)
+            gw.store.approval_transition(apr, "approved", "executed", result={"ok": True})
+
+        finisher = threading.Thread(target=finish)
+        finisher.start()
+        t0 = time.monotonic()
+        r = px.http("GET", f"/authority/approvals/{apr}", AGENT_KEY, params={"wait": 20})
+        waited = time.monotonic() - t0
+        finisher.join()
+    finally:
+        gw.close()
+    assert r.json()["status"] == "executed" and 0.6 <= waited < 5, (r.json(), waited)
+
+
 @contextlib.contextmanager
 def link_browser(binary: str, tmp_path: Path) -> Iterator[tuple[Browser, Path]]:
     """A headless chromium, and where its screenshots go (kept as test artefacts)."""
