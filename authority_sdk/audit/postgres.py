@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from ..errors import AuthorityError, AuthorityUnavailable
+from ..store.pg_arrays import Int8Array, TextArray
 from .chain import GENESIS_HASH, build, build_run, prepare
 from .checkpoint import CheckpointFile
 from .lines import parse_entry
@@ -333,7 +334,8 @@ class PgAuditSink(SinkSettings):
                     "SELECT authority_audit_append(%b, %b::int8, %b, %b::int8[], %b::text[], "
                     "%b::int8, %b)", (not self.fsync, before[0] or None,
                             before[1] if before[0] else None,
-                            [int(r[0]) for r in rows], [str(r[1]) for r in rows],
+                            Int8Array([int(r[0]) for r in rows]),
+                            TextArray([str(r[1]) for r in rows]),
                             self._seq if shares else None,
                             self._hash if shares else None)).fetchone()
             except psycopg.errors.UndefinedFunction:

@@ -30,6 +30,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .pg_arrays import FloatArray, Int4Array, TextArray
 from .protocol import ExpiryGuard, Record
 
 __all__ = ["BATCHED", "KILL_SWITCH_CHANNEL", "PLANS", "RELAXED", "TRANSACTIONAL", "BatchItem",
@@ -170,9 +171,10 @@ def budget_reserve(counters: list[tuple[str, float]], *, min_usd: float, max_usd
         raise ValueError(f"need 0 <= min_usd <= max_usd, got {min_usd!r}, {max_usd!r}")
     if not counters:
         return max_usd
-    rows = yield ("SELECT authority_budget_reserve(%s::text[], %s::float8[], %s::float8, "
+    rows = yield ("SELECT authority_budget_reserve(%b::text[], %b::float8[], %s::float8, "
                   "%s::float8, %s::float8)",
-                  ([name for name, _ in counters], [float(limit) for _, limit in counters],
+                  (TextArray([name for name, _ in counters]),
+                   FloatArray([float(limit) for _, limit in counters]),
                    float(min_usd), float(max_usd), float(ttl_s)))
     granted = rows[0][0] if rows else None
     return None if granted is None else float(granted)
@@ -614,8 +616,10 @@ def state_batch(items: Sequence[BatchItem]) -> tuple[list[int], Query]:
             c_limit.append(limit)
         c_hi.append(len(c_name))
     relax = all(it.relaxed for it in items)
-    return order, (STATE_BATCH_SQL, (relax, kinds, keys, expect, claim_ids, records, ttls,
-                                     lo, hi, c_lo, c_hi, c_name, c_limit))
+    return order, (STATE_BATCH_SQL, (
+        relax, TextArray(kinds), TextArray(keys), TextArray(expect), TextArray(claim_ids),
+        TextArray(records), FloatArray(ttls), FloatArray(lo), FloatArray(hi), Int4Array(c_lo),
+        Int4Array(c_hi), TextArray(c_name), FloatArray(c_limit)))
 
 
 # Plans of several statements that must see one another's locks: run in one transaction.
