@@ -169,9 +169,11 @@ def test_an_open_stream_counts_as_in_flight(write_policy: Any) -> None:
 def test_a_lone_request_never_waits_on_postgres_on_the_loop(
         write_policy: Any, tmp_path: Path, audit_backend: str) -> None:
     """Inline only where nothing of the append leaves the machine: with the state (so the
-    file's head) or the audit table in PostgreSQL, the append goes through the writer."""
+    file's head) or the audit table in PostgreSQL, the sync append goes through the writer;
+    the audit table's common append is awaited on the loop's own pool instead."""
     from helpers import PostgresBackend, user
 
+    from authority_sdk.audit.verify import verify_sink
     from authority_sdk.client import AsyncAuthorityClient
     from authority_sdk.engine import Gateway
 
@@ -182,10 +184,22 @@ def test_a_lone_request_never_waits_on_postgres_on_the_loop(
             overrides["audit"] = {"backend": "postgres"}
         gateway = Gateway(write_policy(overrides))
 
+        awaited: list[int] = []
+        sink = gateway.runtime.audit
+        if audit_backend == "postgres":
+            real = sink.aappend_many
+
+            async def aappend_many(items: Any) -> Any:
+                got = await real(items)
+                awaited.append(len(got) if got is not None else -1)
+                return got
+
+            sink.aappend_many = aappend_many
+
         async def main() -> list[bool]:
             client = AsyncAuthorityClient(gateway=gateway, max_retries=0)
             on_loop = _record_threads(gateway)
-            for i in range(2):
+            for i in range(3):
                 await client.chat.completions.create(model="gpt-4o-mini",
                                                      messages=user(f"SAY alone {i}"))
             await client.close()
@@ -193,8 +207,16 @@ def test_a_lone_request_never_waits_on_postgres_on_the_loop(
 
         try:
             on_loop = asyncio.run(main())
+            verified = verify_sink(sink) if audit_backend == "postgres" else None
         finally:
             gateway.close()
-        assert on_loop == [False, False]
+        if audit_backend == "file":
+            assert on_loop == [False, False, False]
+        else:
+            # The first append opens the chain on the writer's thread; then each request's
+            # entries go out on the loop's pool, one statement each.
+            assert True not in on_loop and len(on_loop) <= 1, on_loop
+            assert len(on_loop) + sum(1 for n in awaited if n > 0) == 3, (on_loop, awaited)
+            assert verified is not None and verified.ok and verified.entries == 3, verified
     finally:
         pg.cleanup()

@@ -36,6 +36,7 @@ import psycopg
 
 from ..errors import AuthorityError, AuthorityUnavailable
 from ..store.pg_arrays import Int8Array, TextArray
+from ..store.postgres import DB_ERRORS
 from .chain import GENESIS_HASH, build, build_run, prepare
 from .checkpoint import CheckpointFile
 from .lines import parse_entry
@@ -309,13 +310,17 @@ class PgAuditSink(SinkSettings):
                     raise
                 except Exception as exc:
                     raise AuthorityUnavailable(f"audit head not recorded: {exc}") from exc
-            if self.checkpoints is not None and (
-                    (catch_up and self._seq > self._checkpointed)
-                    or self._seq // self.checkpoint_every
-                    > self._checkpointed // self.checkpoint_every):
-                self.checkpoints.write(self._seq, self._hash)
-                self._checkpointed = self._seq
+            self._checkpoint(catch_up=catch_up)
             return list(entries)
+
+    def _checkpoint(self, *, catch_up: bool = False) -> None:
+        """Every ``checkpoint_every`` entries (or at shutdown), the checkpoint file."""
+        if self.checkpoints is not None and (
+                (catch_up and self._seq > self._checkpointed)
+                or self._seq // self.checkpoint_every
+                > self._checkpointed // self.checkpoint_every):
+            self.checkpoints.write(self._seq, self._hash)
+            self._checkpointed = self._seq
 
     def _append_fast(self, conn: psycopg.Connection[Any], work: Any
                      ) -> list[dict[str, Any]] | None:
@@ -330,14 +335,7 @@ class PgAuditSink(SinkSettings):
             rows = [params for sql, params in batch.items if sql == _INSERT]
             shares = self._head_shares_db()
             try:
-                row = conn.execute(
-                    "SELECT authority_audit_append(%b, %b::int8, %b, %b::int8[], %b::text[], "
-                    "%b::int8, %b)", (not self.fsync, before[0] or None,
-                            before[1] if before[0] else None,
-                            Int8Array([int(r[0]) for r in rows]),
-                            TextArray([str(r[1]) for r in rows]),
-                            self._seq if shares else None,
-                            self._hash if shares else None)).fetchone()
+                row = conn.execute(*self._one_send_query(before, rows, shares)).fetchone()
             except psycopg.errors.UndefinedFunction:
                 # An audit table in a database of an older schema: the two sends.
                 self._one_send = False
@@ -348,6 +346,68 @@ class PgAuditSink(SinkSettings):
                 return None
             return result
         return self._append_two_sends(conn, work)
+
+    def _one_send_query(self, before: tuple[int, str], rows: list[tuple[Any, ...]],
+                        shares: bool) -> tuple[str, tuple[Any, ...]]:
+        """``authority_audit_append`` of the rows ``_insert`` made, after ``before``."""
+        return ("SELECT authority_audit_append(%b, %b::int8, %b, %b::int8[], %b::text[], "
+                "%b::int8, %b)", (not self.fsync, before[0] or None,
+                                  before[1] if before[0] else None,
+                                  Int8Array([int(r[0]) for r in rows]),
+                                  TextArray([str(r[1]) for r in rows]),
+                                  self._seq if shares else None,
+                                  self._hash if shares else None))
+
+    async def aappend_many(self, items: list[tuple[str, dict[str, Any]]]
+                           ) -> list[dict[str, Any]] | None:
+        """The common append on the calling event loop, on the state store's pool of that
+        loop (the head in this very database): the same one statement as
+        :meth:`_append_fast`, without the hop to a writer thread and back. The loop never
+        waits on the database; it awaits it.
+
+        None when this way does not apply — before the first append, on a schema without
+        the function, with the head elsewhere, while a thread of this process appends, or
+        when the table's last entry is not this process's (another replica appended): the
+        caller then appends with :meth:`append_many` on a thread, which takes the full way
+        and records any loss. Nothing was written then."""
+        head = self._head
+        if not (self._opened and self._one_send and self._pid == os.getpid()
+                and self._head_shares_db()):
+            return None
+        prepared = [prepare(event, dict(fields), self._redact) for event, fields in items]
+        if not prepared:
+            return []
+        if not self._tlock.acquire(blocking=False):
+            return None  # a sync append is under way on another thread: queue behind it there
+        before = (self._seq, self._hash)
+        done = False
+        try:
+            entries = build_run(prepared, before[0], before[1], self.key)
+            batch = _Batch()
+            self._insert(batch, entries)
+            sql, params = self._one_send_query(
+                before, [p for q, p in batch.items if q == _INSERT], True)
+
+            async def statement(conn: psycopg.AsyncConnection[Any]) -> Any:
+                cur = await conn.execute(sql, params)
+                return await cur.fetchone()
+
+            try:
+                row = await head.aio.on_connection(statement)  # type: ignore[union-attr]
+            except psycopg.errors.UndefinedFunction:
+                self._one_send = False
+                return None
+            except DB_ERRORS as exc:
+                raise self._unavailable(exc) from exc
+            if not row or not row[0]:
+                return None
+            done = True
+            self._checkpoint()
+            return entries
+        finally:
+            if not done:  # rolled back, or never sent: nothing of it was written
+                self._seq, self._hash = before
+            self._tlock.release()
 
     def _append_two_sends(self, conn: psycopg.Connection[Any], work: Any
                           ) -> list[dict[str, Any]] | None:

@@ -73,7 +73,7 @@ _RELAX = "SELECT set_config('synchronous_commit', 'off', true)"
 # Without it, the same transactions with BEGIN/COMMIT each a round trip of their own.
 PIPELINE = psycopg.Pipeline.is_supported()
 
-_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, CorruptRecord,
+DB_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, CorruptRecord,
            OSError)
 
 
@@ -406,7 +406,7 @@ class _Batcher(Batches[_Write]):
                 return row[0] if row else None
 
             results = await self.view.on_connection(statement)
-        except _ERRORS as exc:
+        except DB_ERRORS as exc:
             failure = _unavailable("state batch", exc)
             for _, future in batch:
                 settle_future(future, exc=failure)
@@ -474,7 +474,7 @@ class _AsyncView:
     async def run(self, name: str, plan: Plan) -> Any:
         try:
             return await self.on_connection(lambda conn: _run_async(conn, name, plan))
-        except _ERRORS as exc:
+        except DB_ERRORS as exc:
             raise _unavailable(name, exc) from exc
 
     async def on_connection(self, work: Callable[[psycopg.AsyncConnection[Any]],
@@ -627,7 +627,7 @@ class PgStore:
         try:
             with psycopg.connect(self.dsn, **_conn_kwargs()) as conn, conn.cursor() as cur:
                 version = schema_version(cur)
-        except _ERRORS as exc:
+        except DB_ERRORS as exc:
             raise _unavailable("connect", exc) from exc
         if version != SCHEMA_VERSION:
             what = "has no gateway schema" if version == 0 else (
@@ -641,7 +641,7 @@ class PgStore:
         try:
             with self._pool.connection() as conn:
                 return _run_sync(conn, name, plan)
-        except _ERRORS as exc:
+        except DB_ERRORS as exc:
             raise _unavailable(name, exc) from exc
 
     def _listen(self) -> None:
