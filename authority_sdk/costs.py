@@ -27,8 +27,8 @@ from .pricing import (
 from .tokens import PromptCount, TokenCounter
 from .vision import image_rule
 
-__all__ = ["MIN_OUTPUT_TOKENS", "CostPlan", "budget_counter", "plan_cost", "plan_d", "release_d",
-           "settle_d"]
+__all__ = ["MIN_OUTPUT_TOKENS", "CostPlan", "PlanDraft", "Reservation", "budget_counter",
+           "draft_plan", "finish_plan", "plan_cost", "plan_d", "release_d", "settle_d"]
 
 # The smallest answer worth asking for: a short reply or one small tool call.
 # Below this the request is refused rather than sent with a useless limit.
@@ -104,6 +104,77 @@ def plan_d(
     fallbacks): every attempt but the last may time out after the provider billed it, so
     the budget reserves each one's estimate. The per-request ceiling applies to one
     answer."""
+    draft = draft_plan(policy, environment, caller_budget, caller_name, req, prices=prices,
+                       counter=counter, attempts=attempts)
+    ask = draft.reservation
+    granted = None if ask is None else (yield S.budget_reserve(
+        ask.counters, min_usd=ask.min_usd, max_usd=ask.max_usd, ttl_s=ask.ttl_s))
+    return finish_plan(draft, granted)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What a plan asks the budget for (``store.budget_reserve``'s arguments)."""
+
+    counters: list[tuple[str, float]]
+    min_usd: float
+    max_usd: float
+    ttl_s: float
+
+
+@dataclass
+class PlanDraft:
+    """A plan up to its reservation: the estimate and the ceiling checked, the counters to
+    reserve against named. :func:`finish_plan` completes it with what was granted, so a
+    caller may send the reservation together with another write (the engine, with the
+    idempotency claim)."""
+
+    req: ParsedRequest
+    pricing: ModelPricing
+    counted: PromptCount
+    prompt: int
+    unseen: int
+    modal: dict[str, int]
+    reserve_prompt: int
+    ceiling: float | None
+    window: int
+    out: int
+    counters: list[tuple[str, float]]
+    rules: list[str]
+    ttl: float
+    attempts: int
+
+    def est(self, out: int) -> float:
+        return estimate_usd(self.pricing, self.reserve_prompt, out * self.req.n, **self.modal)
+
+    def affordable(self, usd: float) -> int:
+        return max_affordable_output_tokens(self.pricing, self.reserve_prompt, usd,
+                                            **self.modal)
+
+    @property
+    def reservation(self) -> Reservation | None:
+        """What to reserve; None with no budget on the request."""
+        if not self.counters:
+            return None
+        req = self.req
+        one = self.est(self.out) if req.explicit_limit is not None or not req.has_output \
+            else self.est(min(self.out, MIN_OUTPUT_TOKENS))
+        return Reservation(self.counters, one * self.attempts,
+                           self.est(self.out) * self.attempts, self.ttl)
+
+
+def draft_plan(
+    policy: Policy,
+    environment: str,
+    caller_budget: Budget | None,
+    caller_name: str,
+    req: ParsedRequest,
+    *,
+    prices: PriceBook,
+    counter: TokenCounter,
+    attempts: int = 1,
+) -> PlanDraft:
+    """:func:`plan_d` up to the reservation: raises what it refuses before it."""
     model = req.model
     pricing = prices.lookup(model)
     if pricing is None:
@@ -173,25 +244,33 @@ def plan_d(
         rules.append(f"keys.{caller_name}.budget")
         ttl = max(ttl, _PERIOD_SECONDS[caller_budget.period] * 2)
 
+    return PlanDraft(req=req, pricing=pricing, counted=counted, prompt=prompt, unseen=unseen,
+                     modal=modal, reserve_prompt=reserve_prompt, ceiling=ceiling, window=window,
+                     out=out, counters=counters, rules=rules, ttl=ttl, attempts=attempts)
+
+
+def finish_plan(draft: PlanDraft, granted: float | None) -> CostPlan:
+    """The plan, given what its reservation was granted (``None``: refused; ignored for a
+    plan with no budget). Raises :class:`BudgetExceeded` on a refusal."""
+    d, req = draft, draft.req
+    out, n, window, attempts = d.out, req.n, d.window, d.attempts
+    explicit = req.explicit_limit
     reserved = 0.0
-    if counters:
-        one = est(out) if explicit is not None or not req.has_output \
-            else est(min(out, MIN_OUTPUT_TOKENS))
-        low = one * attempts
-        granted = yield S.budget_reserve(counters, min_usd=low, max_usd=est(out) * attempts,
-                                         ttl_s=ttl)
+    ask = d.reservation
+    if ask is not None:
         if granted is None:
+            counters = ask.counters
             raise BudgetExceeded(
                 f"the budget of {_budget_names(counters)} cannot pay for this request "
-                f"(needs at least ${low:.6f}: {_prompt_words(prompt, counted, unseen)} on "
-                f"{model}"
+                f"(needs at least ${ask.min_usd:.6f}: "
+                f"{_prompt_words(d.prompt, d.counted, d.unseen)} on {req.model}"
                 + (f", reserved for {attempts} attempts: the upstream and its fallbacks"
                    if attempts > 1 else "") + ")",
-                needed_usd=low, decided_by=" and ".join(rules),
+                needed_usd=ask.min_usd, decided_by=" and ".join(d.rules),
             )
         reserved = granted
-        if explicit is None and req.has_output and granted < est(out) * attempts:
-            out = min(out, affordable(granted / attempts) // n)
+        if explicit is None and req.has_output and granted < d.est(out) * attempts:
+            out = min(out, d.affordable(granted / attempts) // n)
             # Rounding can make the largest affordable limit dip below the floor we reserved for.
             out = max(out, min(MIN_OUTPUT_TOKENS, window))
 
@@ -199,10 +278,10 @@ def plan_d(
     if injected:
         req.data[req.limit_field] = out
     return CostPlan(
-        model=model, pricing=pricing, prompt_tokens=prompt, output_limit=out, n=n,
-        injected_limit=injected, estimate_usd=est(out), ceiling_usd=ceiling,
-        reserved_usd=reserved, counters=[c for c, _ in counters], budget_ttl_s=ttl or 86400.0,
-        attempts=attempts,
+        model=req.model, pricing=d.pricing, prompt_tokens=d.prompt, output_limit=out, n=n,
+        injected_limit=injected, estimate_usd=d.est(out), ceiling_usd=d.ceiling,
+        reserved_usd=reserved, counters=[c for c, _ in d.counters],
+        budget_ttl_s=d.ttl or 86400.0, attempts=attempts,
     )
 
 

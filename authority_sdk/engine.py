@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from . import admission, idempotency, rate_limits, served
 from .actions import AuditQueue, GateInput, gate_d, kill_engaged
 from .audit import AuditSink, open_sink
-from .costs import CostPlan, plan_d, release_d, settle_d, settle_op
+from .costs import CostPlan, PlanDraft, draft_plan, finish_plan, release_d, settle_d, settle_op
 from .effects import AuditOp, Decision, Outcome, Runtime, S, StoreOp, StoreOps, arun, run
 from .errors import (
     AuthorityError,
@@ -196,6 +196,11 @@ class Engine:
         return self._store
 
     @property
+    def _claims_reserving(self) -> bool:
+        """The store takes a claim and its reservation in one write (PostgreSQL)."""
+        return hasattr(self.store, "idem_claim_reserve")
+
+    @property
     def audit(self) -> AuditSink:
         if self._audit is None:
             store = self.store
@@ -304,27 +309,42 @@ class Engine:
             if ctx.environment not in self.policy.environments:
                 raise InvalidRequest(f"unknown environment {ctx.environment!r}",
                                      decided_by="environment")
-            replay = yield from self._claim_d(ctx, req, may_wait=may_wait)
+            key_cfg = self._keys.get(ctx.caller.name)
+            draft: PlanDraft | None = None
+            refused: AuthorityError | None = None
+            if req.header("idempotency-key") and (
+                    self.policy.environments[ctx.environment].budget is not None
+                    or (key_cfg is not None and key_cfg.budget is not None)):
+                # A client's key and a budget: admit first, so the reservation goes with
+                # the claim (one write where the store offers it). A refusal waits for the
+                # claim, as before: a replay is answered whatever admission says now.
+                try:
+                    draft = yield from self._admit_d(ctx, key_cfg, usable)
+                except AuthorityError as exc:
+                    refused = exc
+            ask = draft.reservation if draft is not None else None
+            replay = yield from self._claim_d(
+                ctx, req, may_wait=may_wait,
+                reserve=None if ask is None else S.budget_reserve(
+                    ask.counters, min_usd=ask.min_usd, max_usd=ask.max_usd, ttl_s=ask.ttl_s))
             if replay is not None:
                 return replay
             if ctx.takeover_answer is not None:
                 return ctx  # already paid for and admitted: re-gate it, ask no one again
-            kill = kill_engaged((yield S.kill_switch_state()), ctx.environment)
-            if kill is not None:
-                why = f": {kill['reason']}" if kill.get("reason") else ""
-                raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}",
-                                        decided_by=f"kill_switch:{kill['scope']}")
-            admission.check_model(self.policy, ctx.environment, ctx.model)
-            ctx.route = self._route(ctx.model, usable)
-            admission.check_hosted_tools(self.policy, ctx.environment, parsed.hosted_tools)
-            admission.check_mcp_servers(self.policy, ctx.environment, parsed.mcp_servers)
-            yield from fmt.prepare_d(parsed, caller=ctx.caller.name,
-                                     environment=ctx.environment)
-            key_cfg = self._keys.get(ctx.caller.name)
-            ctx.plan = yield from plan_d(self.policy, ctx.environment,
-                                         key_cfg.budget if key_cfg else None, ctx.caller.name,
-                                         parsed, prices=self.prices, counter=self.counter,
-                                         attempts=len(ctx.route))
+            if refused is not None:
+                raise refused
+            if draft is None:
+                draft = yield from self._admit_d(ctx, key_cfg, usable)
+                ask = draft.reservation
+            grant = ctx.claim.grant if ctx.claim is not None else None
+            if grant is None:
+                granted = None if ask is None else (yield S.budget_reserve(
+                    ask.counters, min_usd=ask.min_usd, max_usd=ask.max_usd, ttl_s=ask.ttl_s))
+            elif not grant[0]:
+                raise grant[1]
+            else:
+                granted = grant[1]
+            ctx.plan = finish_plan(draft, granted)
             if key_cfg is not None and key_cfg.rate_limit is not None:
                 try:
                     ctx.rate = yield from rate_limits.admit_d(
@@ -340,6 +360,27 @@ class Engine:
         except AuthorityError as exc:
             return (yield from self._deny_early_d(ctx, exc))
 
+    def _admit_d(self, ctx: CallContext, key_cfg: KeyConfig | None,
+                 usable: Callable[[NamedUpstream], bool] | None) -> Decision[PlanDraft]:
+        """Admission up to the budget's reservation: the kill switch, the model, the route,
+        hosted tools and MCP servers, the format's own preparation, the cost plan."""
+        assert ctx.fmt is not None and ctx.parsed is not None
+        kill = kill_engaged((yield S.kill_switch_state()), ctx.environment)
+        if kill is not None:
+            why = f": {kill['reason']}" if kill.get("reason") else ""
+            raise KillSwitchEngaged(f"the {kill['scope']} kill switch is engaged{why}",
+                                    decided_by=f"kill_switch:{kill['scope']}")
+        parsed = ctx.parsed
+        admission.check_model(self.policy, ctx.environment, ctx.model)
+        ctx.route = self._route(ctx.model, usable)
+        admission.check_hosted_tools(self.policy, ctx.environment, parsed.hosted_tools)
+        admission.check_mcp_servers(self.policy, ctx.environment, parsed.mcp_servers)
+        yield from ctx.fmt.prepare_d(parsed, caller=ctx.caller.name,
+                                     environment=ctx.environment)
+        return draft_plan(self.policy, ctx.environment, key_cfg.budget if key_cfg else None,
+                          ctx.caller.name, parsed, prices=self.prices, counter=self.counter,
+                          attempts=len(ctx.route))
+
     def _route(self, model: str, usable: Callable[[NamedUpstream], bool] | None
                ) -> tuple[NamedUpstream, ...]:
         chain = self.policy.route(model)
@@ -350,9 +391,11 @@ class Engine:
                 + ")", decided_by="upstreams")
         return (chain[0], *(u for u in chain[1:] if usable is None or usable(u)))
 
-    def _claim_d(self, ctx: CallContext, req: GatewayRequest,
-                 *, may_wait: bool) -> Decision[GatewayResponse | _Wait | None]:
-        """Idempotency: the client's key, the SDK's retry key, or a keyless openai retry."""
+    def _claim_d(self, ctx: CallContext, req: GatewayRequest, *, may_wait: bool,
+                 reserve: StoreOp | None = None) -> Decision[GatewayResponse | _Wait | None]:
+        """Idempotency: the client's key, the SDK's retry key, or a keyless openai retry.
+        ``reserve``: the budget's reservation, made with a client key's claim (its outcome
+        in the claim's ``grant``); any other kind of key leaves it to the caller."""
         assert ctx.parsed is not None
         key = req.header("idempotency-key")
         kind = "client"
@@ -388,8 +431,9 @@ class Engine:
             ctx.claim = yield from idempotency.claim_fresh_d(
                 store_key, fingerprint, claim_id=ctx.request_id, ttl_s=ttl, lease_s=lease)
             return None
-        got = yield from idempotency.begin_d(store_key, fingerprint, claim_id=ctx.request_id,
-                                             ttl_s=ttl, lease_s=lease)
+        got = yield from idempotency.begin_d(
+            store_key, fingerprint, claim_id=ctx.request_id, ttl_s=ttl, lease_s=lease,
+            reserve=reserve if kind == "client" else None, together=self._claims_reserving)
         if got.state in ("new", "takeover"):
             ctx.claim = got
             ctx.takeover_answer = got.answer

@@ -42,6 +42,10 @@ class Claim:
     key: str
     record: dict[str, Any]  # ours for new/takeover; the other's otherwise
     ttl_s: float = 0.0
+    # The reservation asked for with the claim (begin_d's ``reserve``), made only if the
+    # claim was taken on the first try: ``(True, the grant or None)`` or ``(False, the
+    # error)``; None when it was not made (the caller reserves by itself).
+    grant: tuple[bool, Any] | None = None
 
     @property
     def answer(self) -> Any:
@@ -65,17 +69,28 @@ def _stale_d(record: dict[str, Any], now: float) -> Decision[bool]:
     return not (yield from owner_alive_d(record.get("owner")))
 
 
-def begin_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
-            lease_s: float) -> Decision[Claim]:
-    """Claim ``key`` for this request, or say why not."""
+def begin_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float, lease_s: float,
+            reserve: StoreOp | None = None, together: bool = False) -> Decision[Claim]:
+    """Claim ``key`` for this request, or say why not.
+
+    ``reserve`` (a ``budget_reserve``): the request's reservation, made only if the claim
+    is taken (a replayed or refused request holds no budget), in one write with it where
+    the store offers one (``together``: ``idem_claim_reserve``), else right after it; its
+    outcome is the claim's ``grant``."""
     keep = max(ttl_s, lease_s)
-    for _ in range(_TAKEOVER_TRIES):
+    for attempt in range(_TAKEOVER_TRIES):
         t = time.time()
         claim = {"claim_id": claim_id, "status": "in_flight", "fingerprint": fingerprint,
                  "lease_until": t + lease_s, "claimed_at": t, "owner": process_owner()}
-        existing = yield S.idem_claim(key, claim, ttl_s=keep)
-        if existing is None:
-            return Claim("new", key, claim, keep)
+        if attempt == 0 and reserve is not None:
+            existing, grant = yield from _claim_reserving_d(key, claim, keep, reserve,
+                                                            together)
+            if existing is None:
+                return Claim("new", key, claim, keep, grant=grant)
+        else:
+            existing = yield S.idem_claim(key, claim, ttl_s=keep)
+            if existing is None:
+                return Claim("new", key, claim, keep)
         existing = _valid(existing)
         same = existing.get("fingerprint") == fingerprint
         if (yield from _stale_d(existing, t)):
@@ -94,6 +109,24 @@ def begin_d(key: str, fingerprint: str, *, claim_id: str, ttl_s: float,
             return Claim("in_progress", key, existing)
         return Claim("replay", key, existing)
     raise AuthorityUnavailable("state store unavailable: idempotency key contended")
+
+
+def _claim_reserving_d(key: str, claim: dict[str, Any], keep: float, reserve: StoreOp,
+                       together: bool) -> Decision[tuple[Any, tuple[bool, Any] | None]]:
+    """The claim, and the reservation if the claim was taken: ``(the record in the way,
+    None)`` or ``(None, the reservation's outcome)``."""
+    if together:
+        counters, = reserve.args
+        return (yield S.idem_claim_reserve(
+            key, claim, ttl_s=keep, counters=counters, min_usd=reserve.kwargs["min_usd"],
+            max_usd=reserve.kwargs["max_usd"], budget_ttl_s=reserve.kwargs["ttl_s"]))
+    existing = yield S.idem_claim(key, claim, ttl_s=keep)
+    if existing is not None:
+        return existing, None
+    try:
+        return None, (True, (yield reserve))
+    except Exception as exc:  # the claim is taken: its caller handles the failure with it
+        return None, (False, exc)
 
 
 @dataclass

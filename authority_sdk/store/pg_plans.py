@@ -167,8 +167,7 @@ def budget_reserve(counters: list[tuple[str, float]], *, min_usd: float, max_usd
     name order (creating those of a new period), checks the room on each and writes the
     grant — one round trip where a transaction of up to four took five."""
     _check_ttl("ttl_s", ttl_s)
-    if min_usd < 0 or max_usd < min_usd:
-        raise ValueError(f"need 0 <= min_usd <= max_usd, got {min_usd!r}, {max_usd!r}")
+    _check_grant(min_usd, max_usd)
     if not counters:
         return max_usd
     rows = yield ("SELECT authority_budget_reserve(%b::text[], %b::float8[], %s::float8, "
@@ -178,6 +177,37 @@ def budget_reserve(counters: list[tuple[str, float]], *, min_usd: float, max_usd
                    float(min_usd), float(max_usd), float(ttl_s)))
     granted = rows[0][0] if rows else None
     return None if granted is None else float(granted)
+
+
+def _check_grant(min_usd: float, max_usd: float) -> None:
+    if min_usd < 0 or max_usd < min_usd:
+        raise ValueError(f"need 0 <= min_usd <= max_usd, got {min_usd!r}, {max_usd!r}")
+
+
+def idem_claim_reserve(key: str, record: Record, *, ttl_s: float,
+                       counters: list[tuple[str, float]], min_usd: float, max_usd: float,
+                       budget_ttl_s: float) -> Plan:
+    """:func:`idem_claim` and, only if the claim is taken, :func:`budget_reserve`, in one
+    statement (schema version 5, ``authority_claim_reserve``). Returns ``(the record in the
+    way or None, the grant or None)``: a held key reserves nothing."""
+    _check_ttl("ttl_s", ttl_s)
+    _check_ttl("budget_ttl_s", budget_ttl_s)
+    _check_grant(min_usd, max_usd)
+    if not counters:
+        raise ValueError("a reservation names at least one counter")
+    rows = yield ("SELECT authority_claim_reserve(%b, %b, %b, %b::float8, %b::text[], "
+                  "%b::float8[], %b::float8, %b::float8, %b::float8)",
+                  (key, _opt_str(record.get("claim_id")), _dump(record), float(ttl_s),
+                   TextArray([name for name, _ in counters]),
+                   FloatArray([float(limit) for _, limit in counters]), float(min_usd),
+                   float(max_usd), float(budget_ttl_s)))
+    pair = rows[0][0] if rows else None
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise CorruptRecord(f"authority_claim_reserve answered {pair!r}")
+    found, granted = pair
+    if found is not None:
+        return _load(found), None
+    return None, None if granted is None else float(granted)
 
 
 def budget_settle(counters: list[str], *, reserved: float, actual: float,
@@ -546,8 +576,7 @@ def _idem_put_item(key: str, record: Record, *, ttl_s: float) -> BatchItem:
 def _budget_reserve_item(counters: list[tuple[str, float]], *, min_usd: float,
                          max_usd: float, ttl_s: float) -> BatchItem | Done:
     _check_ttl("ttl_s", ttl_s)
-    if min_usd < 0 or max_usd < min_usd:
-        raise ValueError(f"need 0 <= min_usd <= max_usd, got {min_usd!r}, {max_usd!r}")
+    _check_grant(min_usd, max_usd)
     if not counters:
         return Done(max_usd)
     return BatchItem("budget_reserve", "reserve", False, lo=float(min_usd), hi=float(max_usd),
@@ -645,7 +674,7 @@ RELAXED = frozenset({"idem_claim", "idem_replace_lazy", "idem_delete", "budget_s
                      "set_audit_head"})
 
 PLANS: dict[str, Any] = {fn.__name__: fn for fn in (
-    idem_claim, idem_get, idem_replace, idem_delete, idem_put,
+    idem_claim, idem_get, idem_replace, idem_delete, idem_put, idem_claim_reserve,
     budget_reserve, budget_settle, budget_used,
     kill_switch_state, set_kill_switch,
     approval_create, approval_get, approval_list, approval_transition,

@@ -334,6 +334,42 @@ BEGIN
 END
 $$;
 """),
+    (5, """
+-- A keyed request's claim and its budget reservation in one statement: one round trip and
+-- one commit where they took two. The counters are locked first, as every state batch
+-- locks them, so no two statements wait on each other in a circle; then the claim, as
+-- kind 'claim' of the state batch makes it; only a request whose claim was taken
+-- reserves, so a replayed or refused request never holds budget, not even for a moment
+-- (it is one transaction). Returns {the record in the way, NULL} when the key is held,
+-- else {NULL, the grant} (the grant NULL: refused, the claim taken all the same).
+CREATE FUNCTION authority_claim_reserve(p_key text, p_claim_id text, p_record text,
+                                        p_ttl double precision, names text[],
+                                        limits double precision[],
+                                        min_usd double precision, max_usd double precision,
+                                        budget_ttl double precision)
+RETURNS text[]
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    found_record text;
+BEGIN
+    PERFORM authority_counters_lock(names);
+    INSERT INTO authority_idem AS t (key, claim_id, record, expires_at)
+    VALUES (p_key, p_claim_id, p_record, extract(epoch from clock_timestamp())::float8 + p_ttl)
+    ON CONFLICT (key) DO UPDATE SET claim_id = EXCLUDED.claim_id,
+        record = EXCLUDED.record, expires_at = EXCLUDED.expires_at
+    WHERE t.expires_at <= extract(epoch from clock_timestamp())::float8;
+    IF NOT FOUND THEN
+        SELECT t.record INTO found_record FROM authority_idem t WHERE t.key = p_key;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'an idempotency row vanished under its lock';
+        END IF;
+        RETURN ARRAY[found_record, NULL];
+    END IF;
+    RETURN ARRAY[NULL, authority_budget_reserve(names, limits, min_usd, max_usd,
+                                                budget_ttl)::text];
+END
+$$;
+"""),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

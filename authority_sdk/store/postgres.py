@@ -528,6 +528,30 @@ class _AsyncView:
                 batcher.alone -= 1
         return await uninterrupted(batcher.submit((item, plan)))
 
+    async def idem_claim_reserve(self, key: str, record: Record, *, ttl_s: float,
+                                 counters: list[tuple[str, float]], min_usd: float,
+                                 max_usd: float, budget_ttl_s: float
+                                 ) -> tuple[Record | None, tuple[bool, Any] | None]:
+        """:meth:`PgStore.idem_claim_reserve`. Alone, the one statement; with writes in
+        flight, the claim and then (only if taken) the reservation as two items of the
+        group commit, so they share its commits — the reservation's failure is then
+        answered as ``(None, (False, exc))``: the claim was taken."""
+        if self._batcher().idle:
+            existing, granted = await self.run(
+                "idem_claim_reserve", pg_plans.idem_claim_reserve(
+                    key, record, ttl_s=ttl_s, counters=counters, min_usd=min_usd,
+                    max_usd=max_usd, budget_ttl_s=budget_ttl_s))
+            return (existing, None) if existing is not None else (None, (True, granted))
+        existing = await self._grouped("idem_claim", (key, record), {"ttl_s": ttl_s})
+        if existing is not None:
+            return existing, None
+        try:
+            return None, (True, await self._grouped(
+                "budget_reserve", (counters,),
+                {"min_usd": min_usd, "max_usd": max_usd, "ttl_s": budget_ttl_s}))
+        except Exception as exc:
+            return None, (False, exc)
+
     async def kill_switch_state(self, *, fresh: bool = False) -> dict[str, Record]:
         cache = self._store._ks_cache
         if not fresh and (cached := cache.get()) is not None:
@@ -700,6 +724,17 @@ class PgStore:
 
     def idem_put(self, key: str, record: Record, *, ttl_s: float) -> None:
         self._run("idem_put", pg_plans.idem_put(key, record, ttl_s=ttl_s))
+
+    def idem_claim_reserve(self, key: str, record: Record, *, ttl_s: float,
+                           counters: list[tuple[str, float]], min_usd: float, max_usd: float,
+                           budget_ttl_s: float) -> tuple[Record | None, tuple[bool, Any] | None]:
+        """``idem_claim`` and, only if the claim is taken, ``budget_reserve``, as one
+        statement (``pg_plans.idem_claim_reserve``): ``(the record in the way, None)`` or
+        ``(None, (True, the grant or None))``. A failure raises, nothing written."""
+        existing, granted = self._run("idem_claim_reserve", pg_plans.idem_claim_reserve(
+            key, record, ttl_s=ttl_s, counters=counters, min_usd=min_usd, max_usd=max_usd,
+            budget_ttl_s=budget_ttl_s))
+        return (existing, None) if existing is not None else (None, (True, granted))
 
     # -- counters ------------------------------------------------------------------------
 
