@@ -91,12 +91,18 @@ def crash(policy: Path, workdir: Path, procs: list[BaseProcess], *, auto: bool =
     gw = Gateway(policy)
     try:
         settled = {s["action_key"]: s for s in control.recover(gw)}
+        # A proxy running on the same policy may have recovered an entry first (its worker
+        # notices a dead pid at once): then the journal says so, not this recovery's report.
+        keys = {name: lines(Path(v[1]["runs"])) for name, v in started.items()}
+        for found in keys.values():
+            if len(found) == 1 and found[0] not in settled:
+                settled[found[0]] = gw.store.journal_get(found[0]) or {}
     finally:
         gw.close()
     out: dict[str, Crashed] = {}
     for name, (_, args, script, idem_key, approval_id) in started.items():
-        [key] = lines(Path(args["runs"]))  # the one real run, under its action key
-        assert settled[key]["status"] == "in_doubt", settled
+        [key] = keys[name]  # the one real run, under its action key
+        assert settled[key].get("status") == "in_doubt", settled
         out[name] = Crashed(key, Path(args["runs"]), script, idem_key, approval_id)
     return out
 
