@@ -103,6 +103,9 @@ class CallContext:
     route: tuple[NamedUpstream, ...] = ()
     upstream: NamedUpstream | None = None
     done: bool = False
+    # An answer without calls settles its cost after its audit, with its finished answer
+    # (``store_answer_d``): nothing of it takes effect, and the two writes share one.
+    settle_after: StoreOp | None = None
     takeover_answer: Any = None  # a dead attempt's answer, re-gated instead of asked again
     trace: CallTrace | None = None  # its span, when telemetry is on (authority_sdk.telemetry)
 
@@ -489,6 +492,7 @@ class Engine:
         return error_response(exc, request_id=ctx.request_id)
 
     def _abandon_d(self, ctx: CallContext) -> Decision[None]:
+        yield from self._settle_after_d(ctx)
         if ctx.claim is not None:
             claim, ctx.claim = ctx.claim, None
             # On failure the lease expires; the answer already says what went wrong.
@@ -590,6 +594,10 @@ class Engine:
                     idempotency.checkpointed(ctx.claim, early[1], held[1])
                 if not settled:
                     raise why
+            elif settle is not None and not answer.calls:
+                # The reservation (never less than the cost) holds until then: the budget
+                # over-counts for a moment, never under-counts.
+                ctx.settle_after = settle
             elif settle is not None:
                 yield settle
             with contextlib.suppress(AuthorityError):  # a slot left behind ends with its lease
@@ -683,22 +691,37 @@ class Engine:
             return None
         return idempotency.checkpoint_op(claim, answer.body)
 
+    @staticmethod
+    def _settle_after_d(ctx: CallContext) -> Decision[None]:
+        settle, ctx.settle_after = ctx.settle_after, None
+        if settle is not None:
+            with contextlib.suppress(AuthorityError):  # the reservation stays: over-counts
+                yield settle
+
     def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
                        body: bytes) -> Decision[None]:
+        """Keep the answer for replays, with the settlement of an answer without calls."""
         if ctx.claim is None:
+            yield from self._settle_after_d(ctx)
             return
         ttl = self.idempotency_ttl if ctx.key_kind == "client" \
             else self.policy.defaults.retry_window_s
+        finish = idempotency.finish_op(ctx.claim, {
+            "status_code": status, "headers": headers, "body": body.decode(),
+            "request_id": ctx.request_id}, ttl_s=ttl)
+        settle, ctx.settle_after = ctx.settle_after, None
         with contextlib.suppress(AuthorityError):
-            yield from idempotency.finish_d(ctx.claim, {
-                "status_code": status, "headers": headers, "body": body.decode(),
-                "request_id": ctx.request_id}, ttl_s=ttl)
+            if settle is None:
+                yield finish
+            else:  # independent writes: one round trip where the store groups them
+                yield StoreOps((settle, finish))
 
     def stream_error_d(self, ctx: CallContext, exc: AuthorityError) -> Decision[bytes]:
         """A stream that broke (or that the client abandoned) before its end: it may have
         been billed, so the reservation is charged; none of its actions run."""
         if ctx.trace is not None:
             ctx.trace.refused(exc, "error")
+        yield from self._settle_after_d(ctx)  # finalized, then failed: its cost is known
         if not ctx.done and ctx.plan is not None:
             ctx.done = True
             try:

@@ -28,7 +28,7 @@ from .errors import AuthorityUnavailable
 from .liveness import owner_alive_d, process_owner
 
 __all__ = ["Claim", "LazyClaim", "abandon", "abandon_d", "begin", "begin_d", "checkpoint",
-           "checkpoint_d", "finish", "finish_d"]
+           "checkpoint_d", "finish", "finish_d", "finish_op"]
 
 ClaimState = Literal["new", "replay", "conflict", "in_progress", "takeover"]
 
@@ -187,13 +187,18 @@ def checkpointed(claim: Claim, record: dict[str, Any], ok: Any) -> bool:
 
 def finish_d(claim: Claim, response: dict[str, Any], *, ttl_s: float) -> Decision[bool]:
     """Store the finished answer for replays (only if the key is still ours)."""
+    return bool((yield finish_op(claim, response, ttl_s=ttl_s)))
+
+
+def finish_op(claim: Claim, response: dict[str, Any], *, ttl_s: float) -> StoreOp:
+    """:func:`finish_d`'s write, for a caller that sends it with another one."""
     record = {"claim_id": claim.record["claim_id"], "status": "done",
               "fingerprint": claim.record["fingerprint"], "response": response,
               "finished_at": time.time()}
     # Not flushed on its own (store protocol): the answer kept before any effect was, so
     # losing this in a database crash costs a retry a re-gating, never a second effect.
-    return bool((yield S.idem_replace(claim.key, claim.record["claim_id"], record,
-                                      ttl_s=ttl_s, flush=False)))
+    return S.idem_replace(claim.key, claim.record["claim_id"], record, ttl_s=ttl_s,
+                          flush=False)
 
 
 def abandon_d(claim: Claim) -> Decision[bool]:
