@@ -1,13 +1,15 @@
 """Where a keyed request's time goes, effect by effect: diskcache against PostgreSQL.
 
-    .venv/bin/python benchmarks/pg_effects.py [--turns 300]   # ~30 s, a local PostgreSQL
+    .venv/bin/python benchmarks/pg_effects.py [--turns 300] [--no-calls]   # ~30 s
 
 The gate per turn of pg_bench (``Engine.begin_d`` + ``complete_d`` on the async driver, an
 Idempotency-Key and budgets on every request, the audit chain in the database for
 PostgreSQL) with each effect the engine awaits timed where the runtime performs it: the
 claim, the reservation, the settlement with the checkpoint, the audit append, the finished
-answer. What pg_count.py counts (round trips, commits), this times; the rest of a turn is
-the gateway's own work between effects. Prints a table per store and the figures as JSON.
+answer (``--no-calls``: an answer without tool calls, which needs no checkpoint and settles
+with its finished answer). What pg_count.py counts (round trips, commits), this times; the
+rest of a turn is the gateway's own work between effects. Prints a table per store and the
+figures as JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ def _label(effect: Any) -> str:
     return kind
 
 
-def measure(backend: str, turns: int, work: Path) -> dict[str, Any]:
+def _answer(calls: bool) -> bytes:
+    body = completion_body()
+    if not calls:
+        body["choices"][0]["message"] = {"role": "assistant", "content": "Done."}
+        body["choices"][0]["finish_reason"] = "stop"
+    return json.dumps(body).encode()
+
+
+def measure(backend: str, turns: int, work: Path, *, calls: bool = True) -> dict[str, Any]:
     from authority_sdk import effects
     from authority_sdk.engine import Engine
 
@@ -59,7 +69,7 @@ def measure(backend: str, turns: int, work: Path) -> dict[str, Any]:
                 timings[_label(effect)].append(time.perf_counter() - t0)
 
     engine = Engine(pg_bench.write_policy(work / backend, backend, "http://127.0.0.1:9/v1"))
-    answer = json.dumps(completion_body()).encode()
+    answer = _answer(calls)
     loop = asyncio.new_event_loop()
     effects.Runtime.aperform = timed  # type: ignore[method-assign]
     try:
@@ -86,13 +96,16 @@ def measure(backend: str, turns: int, work: Path) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--turns", type=int, default=300)
+    ap.add_argument("--no-calls", action="store_true",
+                    help="an answer without tool calls (default: one client-dispatched call)")
     args = ap.parse_args()
     schema = pg_bench.Schema()
     os.environ[pg_bench.DSN_ENV] = schema.dsn
     out: dict[str, Any] = {}
     try:
         for backend in ("diskcache", "postgres"):
-            out[backend] = r = measure(backend, args.turns, HERE / ".work" / "pg-effects")
+            out[backend] = r = measure(backend, args.turns, HERE / ".work" / "pg-effects",
+                                       calls=not args.no_calls)
             print(f"\n{backend}: turn p50 {r['turn_p50_ms']:.3f} ms (mean "
                   f"{r['turn_mean_ms']:.3f})", file=sys.stderr)
             print(f"  {'effect':34s} {'n/turn':>6s} {'p50 ms':>8s} {'ms/turn':>8s}",
