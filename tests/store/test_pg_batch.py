@@ -519,11 +519,11 @@ def test_writes_sent_together_go_in_one_statement_even_alone(store: Any) -> None
     assert [(b.batches, b.items) for b in batchers] == [(1, 3)]
 
 
-def test_an_answer_without_calls_settles_with_its_finished_answer(pg: PostgresBackend,
-                                                                   tmp_path: Path) -> None:
-    """A keyed, budgeted request whose answer has no calls: nothing of it takes effect, so
-    its settlement waits for its audit entry and goes with the finished answer, one
-    statement; the cost is settled all the same and a replay answers the same."""
+def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool
+                 ) -> tuple[Any, Any, Any]:
+    """pg_bench's gate of a keyed, budgeted request on the async driver, sent twice (the
+    second is a replay), with an answer with one tool call or none: the engine (closed by
+    the caller) and the two responses."""
     bench = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench))
     try:
@@ -536,16 +536,18 @@ def test_an_answer_without_calls_settles_with_its_finished_answer(pg: PostgresBa
 
     os.environ[pg_bench.DSN_ENV] = pg.dsn
     body = completion_body()
-    body["choices"][0]["message"] = {"role": "assistant", "content": "no calls here"}
-    body["choices"][0]["finish_reason"] = "stop"
+    if not calls:
+        body["choices"][0]["message"] = {"role": "assistant", "content": "no calls here"}
+        body["choices"][0]["finish_reason"] = "stop"
+    assert bool(body["choices"][0]["message"].get("tool_calls")) is calls
     answer = json.dumps(body).encode()
     engine = Engine(pg_bench.write_policy(tmp_path / "p", "postgres", "http://127.0.0.1:9/v1"))
 
     async def main() -> list[Any]:
         out = []
         rt = engine.runtime
-        for _ in range(2):  # the second is a replay
-            ctx = await arun(engine.begin_d(pg_bench._request(0, "plain")), rt)
+        for _ in range(2):
+            ctx = await arun(engine.begin_d(pg_bench._request(0, f"calls-{calls}")), rt)
             if hasattr(ctx, "status_code"):
                 out.append(ctx)
                 continue
@@ -555,10 +557,23 @@ def test_an_answer_without_calls_settles_with_its_finished_answer(pg: PostgresBa
 
     try:
         first, again = asyncio.run(main())
+    except BaseException:
+        engine.close()
+        raise
+    assert first.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
+    assert json.loads(again.body)["choices"] == json.loads(first.body)["choices"]
+    return engine, first, again
+
+
+def test_an_answer_without_calls_settles_with_its_finished_answer(pg: PostgresBackend,
+                                                                   tmp_path: Path) -> None:
+    """A keyed, budgeted request whose answer has no calls: nothing of it takes effect, so
+    its settlement waits for its audit entry and goes with the finished answer, one
+    statement; the cost is settled all the same and a replay answers the same."""
+    engine, first, _ = _keyed_twice(pg, tmp_path, calls=False)
+    try:
         batchers = list(engine.store.aio._batchers.values())
         assert [(b.batches, b.items, b.refused) for b in batchers] == [(1, 2, 0)]
-        assert first.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
-        assert json.loads(again.body)["choices"] == json.loads(first.body)["choices"]
         spent = [n for (n,) in _sql(pg.dsn, "SELECT name FROM authority_counters")]
         # Settled to the answer's actual cost, far below the reservation (the estimate).
         cost = json.loads(first.body)["authority"]["cost"]
@@ -574,43 +589,12 @@ def test_a_keyed_request_settles_and_checkpoints_in_one_statement(pg: PostgresBa
     """The gate of a keyed, budgeted request whose answer has calls, on the async driver:
     the settlement and the checkpoint go out together; the answer is kept, the cost
     settled, a replay answers the same."""
-    bench = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(bench))
+    engine, _, _ = _keyed_twice(pg, tmp_path, calls=True)
     try:
-        import pg_bench
-        from mock_upstream import completion_body
-    finally:
-        sys.path.remove(str(bench))
-    from authority_sdk.effects import arun
-    from authority_sdk.engine import Engine
-
-    os.environ[pg_bench.DSN_ENV] = pg.dsn
-    answer = json.dumps(completion_body()).encode()
-    assert json.loads(answer)["choices"][0]["message"].get("tool_calls")
-    engine = Engine(pg_bench.write_policy(tmp_path / "p", "postgres", "http://127.0.0.1:9/v1"))
-
-    async def main() -> list[Any]:
-        out = []
-        rt = engine.runtime
-        for _ in range(2):  # the second is a replay
-            req = pg_bench._request(0, "together")
-            ctx = await arun(engine.begin_d(req), rt)
-            if hasattr(ctx, "status_code"):
-                out.append(ctx)
-                continue
-            out.append(await arun(engine.complete_d(ctx, 200, answer), rt))
-        await engine.store.aio.aclose()
-        return out
-
-    try:
-        first, again = asyncio.run(main())
         batchers = list(engine.store.aio._batchers.values())
         # Each request's claim goes with its reservation (one statement of its own, not a
         # batch); the first's settlement and checkpoint together; the rest by themselves.
         assert [(b.batches, b.items, b.refused) for b in batchers] == [(1, 2, 0)]
-        assert first.status_code == 200 and again.status_code == 200
-        assert again.headers.get("idempotent-replayed") == "true"
-        assert json.loads(again.body)["choices"] == json.loads(first.body)["choices"]
         spent = [n for (n,) in _sql(pg.dsn, "SELECT name FROM authority_counters")]
         assert spent and all(0 < engine.store.budget_used(n) < 1.0 for n in spent)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -73,56 +74,47 @@ def test_bad_arguments_are_refused_before_anything_is_sent(pg_store: PgStore) ->
     assert pg_store.idem_get("k") is None
 
 
-def test_many_processes_one_key_one_claim_one_charge(pg: PostgresBackend) -> None:
-    stores = [pg.open() for _ in range(6)]
-    out: list[Any] = []
-    barrier = threading.Barrier(len(stores))
+def _on_replicas(pg: PostgresBackend, n: int, work: Any) -> tuple[list[Any], list[float]]:
+    """``work(store, i)`` on ``n`` stores of their own (each its own pool, as replicas),
+    released together; their results (an exception in one fails the test), and the
+    counters' values after."""
+    stores = [pg.open() for _ in range(n)]
+    barrier = threading.Barrier(n)
 
-    def go(i: int) -> None:
+    def one(i: int) -> Any:
         barrier.wait()
-        out.append(stores[i].idem_claim_reserve("same", _claim(i), **_ask()))
+        return work(stores[i], i)
 
     try:
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(stores))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        won = [r for r in out if r[0] is None]
-        assert len(won) == 1 and won[0][1] == (True, 0.2)
-        assert all(r[1] is None for r in out if r[0] is not None)
-        assert _used(stores[0]) == [0.2, 0.2]
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(one, range(n))), _used(stores[0])
     finally:
         for s in stores:
             s.close()
 
 
-def test_distinct_keys_never_pass_the_limit(pg: PostgresBackend) -> None:
-    stores = [pg.open() for _ in range(4)]
-    grants: list[float] = []
-    lock = threading.Lock()
+def test_replicas_on_one_key_make_one_claim_and_one_charge(pg: PostgresBackend) -> None:
+    out, used = _on_replicas(pg, 6, lambda store, i: store.idem_claim_reserve(
+        "same", _claim(i), **_ask()))
+    won = [r for r in out if r[0] is None]
+    assert len(won) == 1 and won[0][1] == (True, 0.2)
+    assert all(r[1] is None for r in out if r[0] is not None)
+    assert used == [0.2, 0.2]
 
-    def go(i: int) -> None:
-        for j in range(10):
-            existing, grant = stores[i].idem_claim_reserve(f"k{i}-{j}", _claim(f"{i}{j}"),
-                                                           **_ask(max_usd=0.05))
-            assert existing is None and grant is not None and grant[0]
-            if grant[1] is not None:
-                with lock:
-                    grants.append(grant[1])
 
-    try:
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(stores))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        # The key's budget (0.5) bounds it: ten grants of 0.05, the rest refused.
-        assert sum(grants) == pytest.approx(0.5) and len(grants) == 10
-        assert max(_used(stores[0])) <= 1.0 and _used(stores[0])[1] <= 0.5 + 1e-9
-    finally:
-        for s in stores:
-            s.close()
+def test_replicas_on_distinct_keys_never_pass_the_limit(pg: PostgresBackend) -> None:
+    def ten(store: PgStore, i: int) -> list[Any]:
+        return [store.idem_claim_reserve(f"k{i}-{j}", _claim(f"{i}{j}"), **_ask(max_usd=0.05))
+                for j in range(10)]
+
+    out, used = _on_replicas(pg, 4, ten)
+    results = [r for per in out for r in per]
+    assert all(existing is None and grant is not None and grant[0]
+               for existing, grant in results)  # every claim taken, every reservation asked
+    grants = [grant[1] for _, grant in results if grant[1] is not None]
+    # The key's budget (0.5) bounds it: ten grants of 0.05, the rest refused.
+    assert sum(grants) == pytest.approx(0.5) and len(grants) == 10
+    assert used[0] <= 1.0 and used[1] <= 0.5 + 1e-9
 
 
 def test_the_async_driver_alone_and_under_load_keeps_the_same_rules(
