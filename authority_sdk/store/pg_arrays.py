@@ -13,6 +13,7 @@ cursor (``ClientCursor``, the relaxed statements) quotes text literals and takes
 
 from __future__ import annotations
 
+import abc
 import struct
 from typing import Any
 
@@ -70,8 +71,9 @@ class _ArrayDumper(Dumper):
             raise psycopg.DataError(f"{self.element}[] parameter: {exc}") from None
         return _HEAD.pack(1, nulls, self.element_oid, len(obj), 1) + body
 
+    @abc.abstractmethod
     def elements(self, obj: Any) -> tuple[int, bytes]:
-        raise NotImplementedError
+        """Whether any element is NULL (1 or 0), and the elements, length-prefixed."""
 
 
 class _TextArrayDumper(_ArrayDumper):
