@@ -107,8 +107,7 @@ def plan_d(
     draft = draft_plan(policy, environment, caller_budget, caller_name, req, prices=prices,
                        counter=counter, attempts=attempts)
     ask = draft.reservation
-    granted = None if ask is None else (yield S.budget_reserve(
-        ask.counters, min_usd=ask.min_usd, max_usd=ask.max_usd, ttl_s=ask.ttl_s))
+    granted = None if ask is None else (yield ask.op())
     return finish_plan(draft, granted)
 
 
@@ -120,6 +119,10 @@ class Reservation:
     min_usd: float
     max_usd: float
     ttl_s: float
+
+    def op(self) -> StoreOp:
+        return S.budget_reserve(self.counters, min_usd=self.min_usd, max_usd=self.max_usd,
+                                ttl_s=self.ttl_s)
 
 
 @dataclass

@@ -326,10 +326,8 @@ class Engine:
                 except AuthorityError as exc:
                     refused = exc
             ask = draft.reservation if draft is not None else None
-            replay = yield from self._claim_d(
-                ctx, req, may_wait=may_wait,
-                reserve=None if ask is None else S.budget_reserve(
-                    ask.counters, min_usd=ask.min_usd, max_usd=ask.max_usd, ttl_s=ask.ttl_s))
+            replay = yield from self._claim_d(ctx, req, may_wait=may_wait,
+                                              reserve=None if ask is None else ask.op())
             if replay is not None:
                 return replay
             if ctx.takeover_answer is not None:
@@ -341,8 +339,7 @@ class Engine:
                 ask = draft.reservation
             grant = ctx.claim.grant if ctx.claim is not None else None
             if grant is None:
-                granted = None if ask is None else (yield S.budget_reserve(
-                    ask.counters, min_usd=ask.min_usd, max_usd=ask.max_usd, ttl_s=ask.ttl_s))
+                granted = None if ask is None else (yield ask.op())
             elif not grant[0]:
                 raise grant[1]
             else:
