@@ -86,26 +86,10 @@ class CostPlan:
         }
 
 
-def plan_d(
-    policy: Policy,
-    environment: str,
-    caller_budget: Budget | None,
-    caller_name: str,
-    req: ParsedRequest,
-    *,
-    prices: PriceBook,
-    counter: TokenCounter,
-    attempts: int = 1,
-) -> Decision[CostPlan]:
-    """Estimate, check the ceiling, reserve the budget. May set the output limit in the
-    request (``req.data[req.limit_field]``). Each refusal names the setting that decided it.
-
-    ``attempts`` is the length of the request's upstream chain (its upstream and the
-    fallbacks): every attempt but the last may time out after the provider billed it, so
-    the budget reserves each one's estimate. The per-request ceiling applies to one
-    answer."""
-    draft = draft_plan(policy, environment, caller_budget, caller_name, req, prices=prices,
-                       counter=counter, attempts=attempts)
+def plan_d(draft: PlanDraft) -> Decision[CostPlan]:
+    """The plan :func:`draft_plan` began — its estimate and ceiling checked — with its budget
+    reserved. May set the output limit in the request (``req.data[req.limit_field]``). Each
+    refusal names the setting that decided it."""
     ask = draft.reservation
     granted = None if ask is None else (yield ask.op())
     return finish_plan(draft, granted)
@@ -177,7 +161,13 @@ def draft_plan(
     counter: TokenCounter,
     attempts: int = 1,
 ) -> PlanDraft:
-    """:func:`plan_d` up to the reservation: raises what it refuses before it."""
+    """Estimate and check the ceiling, up to the reservation (:func:`plan_d` makes it);
+    raises what it refuses before it.
+
+    ``attempts`` is the length of the request's upstream chain (its upstream and the
+    fallbacks): every attempt but the last may time out after the provider billed it, so
+    the budget reserves each one's estimate. The per-request ceiling applies to one
+    answer."""
     model = req.model
     pricing = prices.lookup(model)
     if pricing is None:
@@ -338,9 +328,9 @@ def plan_cost(policy: Policy, environment: str, caller_budget: Budget | None,
 
     req = ChatCompletions().from_data(body)
     chain = policy.route(req.model) or ()
-    return run_on_store(plan_d(policy, environment, caller_budget, caller_name, req,
-                               prices=prices, counter=counter, attempts=max(1, len(chain))),
-                        store)
+    return run_on_store(plan_d(draft_plan(
+        policy, environment, caller_budget, caller_name, req, prices=prices, counter=counter,
+        attempts=max(1, len(chain)))), store)
 
 
 def settle_d(plan: CostPlan, usage: dict[str, Any] | None) -> Decision[float]:

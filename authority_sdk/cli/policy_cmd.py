@@ -197,7 +197,7 @@ def _explain_request(p: Policy, environment: str | None, model: str, max_tokens:
     the same code the engine runs, with budgets read from the state store, not reserved."""
     from ..actions import kill_engaged
     from ..admission import matching_glob
-    from ..costs import plan_d
+    from ..costs import draft_plan, plan_d
     from ..effects import StoreOp
     from ..errors import AuthorityError
     from ..formats import ChatCompletions
@@ -244,9 +244,10 @@ def _explain_request(p: Policy, environment: str | None, model: str, max_tokens:
         row("decided by", f"kill_switch:{kill['scope']}")
         return
     key_cfg = next((k for k in p.keys if k.name == key), None)
-    decision = plan_d(p, env_name, key_cfg.budget if key_cfg else None, key or "sdk", req,
-                      prices=PriceBook(p.pricing), counter=default_counter)
     try:
+        decision = plan_d(draft_plan(p, env_name, key_cfg.budget if key_cfg else None,
+                                     key or "sdk", req, prices=PriceBook(p.pricing),
+                                     counter=default_counter))
         effect = next(decision)
         while True:  # answer the budget reservation from the store's counters, read-only
             assert isinstance(effect, StoreOp) and effect.method == "budget_reserve"
