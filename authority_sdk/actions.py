@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import dedupe, idempotency, limits, notifications, strictjson
 from .audit import redact
-from .effects import AuditOp, Decision, Outcome, S
+from .effects import AuditOp, Decision, Outcome, S, StoreOp, StoreOps
 from .errors import AuthorityError, AuthorityUnavailable
 from .execution import run_once_d
 from .formats.base import Answer, Call
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from .policy import Policy
     from .telemetry import CallTrace
 
-__all__ = ["AuditQueue", "GateInput", "action_hash", "action_key", "gate_d", "kill_engaged"]
+__all__ = ["AuditQueue", "GateInput", "Ride", "action_hash", "action_key", "claim_lost", "gate_d",
+           "kill_engaged"]
 
 MAX_NAME_CHARS = 256
 
@@ -93,13 +94,23 @@ class AuditQueue:
         """The entry just added records an execution's outcome: mark it audited once written."""
         self._pending_keys.append((key, status))
 
-    def flush_d(self) -> Decision[None]:
+    def flush_d(self, first: tuple[StoreOp, ...] = ()) -> Decision[list[Outcome] | None]:
+        """Write the queued entries. ``first``: writes that must take effect before them
+        (``AuditOp.first``); their outcomes are returned, and if one did not take effect
+        nothing was written and the entries stay queued."""
         if not self.items:
-            return
+            return None
         items, self.items = self.items, []
         keys, self._pending_keys = self._pending_keys, []
+        outcomes: list[Outcome] | None = None
         try:
-            yield AuditOp(tuple(items))
+            if first:
+                outcomes, entries = yield AuditOp(tuple(items), first)
+                if entries is None:
+                    self.items, self._pending_keys = items + self.items, keys
+                    return outcomes
+            else:
+                yield AuditOp(tuple(items))
         except AuthorityUnavailable:
             if not self.effects:
                 raise  # nothing happened yet: fail closed, the caller answers 503
@@ -112,12 +123,13 @@ class AuditQueue:
                 except AuthorityError:
                     parked = False  # the journal still holds the executions themselves
             if not parked:
-                return
+                return outcomes
         for key, status in keys:
             # Left unaudited on failure: recovery writes its entry again, marked as recovered.
             with contextlib.suppress(AuthorityError):
                 yield S.journal_update(key, status, {"audited": True}, ttl_s=None
                                        if status == "in_doubt" else self.journal_ttl_s)
+        return outcomes
 
 
 @dataclass
@@ -139,9 +151,39 @@ class GateInput:
     raw_answer: Any = None  # checkpointed before the first effect
     trace: CallTrace | None = None  # the call's span, when telemetry is on
     outcomes: list[ActionOutcome] = field(default_factory=list)
-    # The claim's checkpoint, already sent with the cost's settlement (engine.finalize_d):
-    # its outcome, (True, kept?) or (False, the error), for the hold to take as its own.
-    held: Outcome | None = None
+    # The claim's checkpoint not sent yet (engine.finalize_d): it goes out with the audit
+    # entries unless a call needs the answer held before an effect of its own.
+    ride: Ride | None = None
+
+
+@dataclass(frozen=True)
+class Ride:
+    """A client's claim's checkpoint (last), with the cost's settlement when there is one:
+    independent writes that go out together. The answer must be held before anything of it
+    takes effect, and before the app sees its calls (a retry that takes over a lapsed
+    claim must re-gate this answer, never hand the app new calls as well). Sent with the
+    request's audit entries (``AuditOp.first``: one transaction where the store allows),
+    so a request whose calls the app dispatches itself makes one write for both; or
+    earlier, before the first effect of a call here (``_AnswerHold``)."""
+
+    ops: tuple[StoreOp, ...]
+    record: dict[str, Any]
+
+    def held_d(self, claim: idempotency.Claim | None) -> Decision[bool]:
+        """Send the writes by themselves; see :meth:`held`."""
+        outcomes = yield StoreOps(self.ops)
+        return self.held(claim, outcomes)
+
+    def held(self, claim: idempotency.Claim | None, outcomes: list[Outcome]) -> bool:
+        """Whether the writes' ``outcomes`` hold the answer (False: the claim is no longer
+        ours); raises the error of a write that failed."""
+        ok, kept = outcomes[-1]
+        if ok and claim is not None:
+            idempotency.checkpointed(claim, self.record, kept)
+        for ok, value in outcomes:
+            if not ok:
+                raise value
+        return bool(kept)
 
 
 def _args_for_key(arguments: str) -> Any:
@@ -217,7 +259,8 @@ class _AnswerHold:
 
     @property
     def deferred(self) -> bool:
-        return self.inp.claim is None and self.inp.lazy_claim is not None
+        return self.inp.ride is not None or (
+            self.inp.claim is None and self.inp.lazy_claim is not None)
 
     def hold_d(self) -> Decision[None]:
         if self.done:
@@ -225,11 +268,9 @@ class _AnswerHold:
         self.done = True
         inp = self.inp
         try:
-            if inp.held is not None:
-                ok, value = inp.held
-                if not ok:
-                    raise value
-                lost = not value
+            if inp.ride is not None:
+                ride, inp.ride = inp.ride, None
+                lost = not (yield from ride.held_d(inp.claim))
             elif inp.claim is not None and inp.claim.record.get("answer") is None:
                 lost = not (yield from idempotency.checkpoint_d(inp.claim, inp.raw_answer))
             elif inp.claim is None and inp.lazy_claim is not None:
@@ -260,11 +301,16 @@ def gate_d(inp: GateInput, answer: Answer, queue: AuditQueue) -> Decision[list[A
         inp.outcomes.clear()
         if stop.error is not None:
             raise stop.error from None
-        # Our claim was taken over (our lease ran out), or a retry holds the key: that
-        # request gates the answer. Running anything here too could run it twice.
-        return [_deny(_outcome(inp, c, "act_none"), "idempotency_claim_lost",
-                      "this request's idempotency claim was taken over by a retry; "
-                      "nothing of it runs here", "idempotency") for c in calls]
+        return claim_lost(inp, calls)
+
+
+def claim_lost(inp: GateInput, calls: list[Call]) -> list[ActionOutcome]:
+    """Every call denied: our claim was taken over (our lease ran out), or a retry holds
+    the key, before the answer could be held. That request gates the answer; running
+    anything here too could run it twice."""
+    return [_deny(_outcome(inp, c, "act_none"), "idempotency_claim_lost",
+                  "this request's idempotency claim was taken over by a retry; "
+                  "nothing of it runs here", "idempotency") for c in calls]
 
 
 def _gate_calls_d(inp: GateInput, calls: list[Call], queue: AuditQueue,

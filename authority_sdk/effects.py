@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .executors import ExecutorRegistry
 
 __all__ = ["AuditOp", "Decision", "Effect", "ExecuteOp", "Outcome", "Runtime", "S", "StoreOp",
-           "StoreOps", "arun", "run", "run_on_store"]
+           "StoreOps", "arun", "run", "run_on_store", "took_effect"]
 
 T = TypeVar("T")
 
@@ -56,9 +56,18 @@ class StoreOps:
 
 @dataclass(frozen=True, slots=True)
 class AuditOp:
-    """Append entries to the audit log in one write (and one sync); returns the entries."""
+    """Append entries to the audit log in one write (and one sync); returns the entries.
+
+    ``first``: store writes that must all take effect before the entries are written (a
+    write that raises, or answers False — a claim no longer ours — did not). They are
+    performed first, and where the audit sink shares the store's database, in the same
+    transaction as the append: one round trip and one commit for both. If one of them did
+    not take effect, nothing is appended. With ``first`` the result is ``(outcomes,
+    entries)``: one outcome per write as :class:`StoreOps` gives them, and the entries, or
+    None when nothing was appended."""
 
     items: tuple[tuple[str, dict[str, Any]], ...]
+    first: tuple[StoreOp, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +138,11 @@ class Runtime:
                     out.append((False, exc))
             return out
         if type(effect) is AuditOp:
+            if effect.first:
+                outcomes = self.perform(StoreOps(effect.first))
+                if not took_effect(outcomes):
+                    return outcomes, None
+                return outcomes, self.perform(AuditOp(effect.items))
             entries = self.audit.append_many(list(effect.items))
             if self.on_audit is not None:
                 self.on_audit(effect.items)
@@ -155,6 +169,8 @@ class Runtime:
                     out.append((False, exc))
             return out
         if type(effect) is AuditOp:
+            if effect.first:
+                return await self._append_after(effect)
             aio = getattr(self.audit, "aio", None)
             if (aio is None and self.in_flight <= 1 and not self._group_busy()
                     and getattr(self.audit, "inline_when_alone", False)):
@@ -170,6 +186,32 @@ class Runtime:
         assert type(effect) is ExecuteOp
         executor = self.executors.get(effect.executor)
         return await executor.aexecute(effect.action_type, effect.arguments, effect.action_key)
+
+
+    async def _append_after(self, effect: AuditOp) -> tuple[list[Outcome], Any]:
+        together = getattr(self.audit, "aappend_after", None)
+        if together is not None and not self._group_busy():
+            # With no append of this loop in flight: the writes and the append in one
+            # transaction (None: that way does not apply now, nothing was sent).
+            got = await together(effect.first, list(effect.items))
+            if got is not None:
+                outcomes, entries = got
+                if entries is None and took_effect(outcomes):
+                    # The writes took effect; the chain had moved (another replica
+                    # appended): the append takes its full way.
+                    entries = await self.aperform(AuditOp(effect.items))
+                elif entries is not None and self.on_audit is not None:
+                    self.on_audit(effect.items)
+                return outcomes, entries
+        outcomes = await self.aperform(StoreOps(effect.first))
+        if not took_effect(outcomes):
+            return outcomes, None
+        return outcomes, await self.aperform(AuditOp(effect.items))
+
+
+def took_effect(outcomes: list[Outcome]) -> bool:
+    """Every write of ``outcomes`` took effect (see :class:`AuditOp`)."""
+    return all(ok and value is not False for ok, value in outcomes)
 
 
 def _advance(decision: Decision[T], value: Any,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import admission, idempotency, rate_limits, served
-from .actions import AuditQueue, GateInput, gate_d, kill_engaged
+from .actions import AuditQueue, GateInput, Ride, claim_lost, gate_d, kill_engaged
 from .audit import AuditSink, open_sink
 from .costs import CostPlan, PlanDraft, draft_plan, finish_plan, release_d, settle_d, settle_op
 from .effects import AuditOp, Decision, Outcome, Runtime, S, StoreOp, StoreOps, arun, run
@@ -579,18 +579,16 @@ class Engine:
         ctx.done = True
         usage = answer.usage
         reason = None
-        held: Outcome | None = None
+        early = self._first_hold(ctx, answer)
+        ride: Ride | None = None
+        if early is not None:
+            ride = Ride((early[0],), early[1])
         if ctx.plan is not None:
             actual, settle = settle_op(ctx.plan, usage)
-            early = self._first_hold(ctx, answer) if settle is not None else None
-            if settle is not None and early is not None:
-                # The settlement and the checkpoint gating holds first thing: independent
-                # writes, sent together (one round trip where the store groups writes).
-                (settled, why), held = yield StoreOps((settle, early[0]))
-                if held[0] and ctx.claim is not None:
-                    idempotency.checkpointed(ctx.claim, early[1], held[1])
-                if not settled:
-                    raise why
+            if ride is not None and settle is not None:
+                # The settlement rides with the checkpoint: independent writes, sent with
+                # the audit entries unless a call needs the answer held earlier.
+                ride = Ride((settle, *ride.ops), ride.record)
             elif settle is not None and not answer.calls:
                 # The reservation (never less than the cost) holds until then: the budget
                 # over-counts for a moment, never under-counts.
@@ -631,14 +629,32 @@ class Engine:
             action_base=ctx.action_base, tool_schemas=ctx.parsed.tool_schemas,
             idempotency_ttl_s=self.idempotency_ttl, post_ceiling_reason=reason,
             claim=ctx.claim if ctx.takeover_answer is None else None,
-            lazy_claim=ctx.lazy_claim, raw_answer=answer.body, trace=ctx.trace, held=held)
+            lazy_claim=ctx.lazy_claim, raw_answer=answer.body, trace=ctx.trace, ride=ride)
+        mark = len(queue.items)
+        gated = False
+        firsts: list[Outcome] | None = None
         try:
             outcomes = yield from gate_d(inp, answer, queue)
+            gated = True
         finally:
             if ctx.lazy_claim is not None and ctx.lazy_claim.claim is not None:
                 ctx.claim = ctx.lazy_claim.claim
+            ride, inp.ride = inp.ride, None  # None: a call needed it held, it was sent
             # Whatever happened to the calls, what was decided and done goes on the record.
             with _suppress_after_effects(queue):
+                if ride is not None and not gated:
+                    yield StoreOps(ride.ops)  # gating failed: the cost is known all the same
+                    ride = None
+                firsts = yield from queue.flush_d(ride.ops if ride is not None else ())
+        if ride is not None:
+            if firsts is None:  # nothing was queued to carry it (never so: the request's entry)
+                firsts = yield StoreOps(ride.ops)
+            if not ride.held(ctx.claim, firsts):
+                # The claim went to a retry before the answer was held: nothing was written,
+                # and nothing of the answer runs here or reaches the app.
+                del queue.items[mark:]
+                inp.outcomes.clear()
+                outcomes = claim_lost(inp, answer.calls)
                 yield from queue.flush_d()
         if queue.degraded:
             self.audit_degraded = True

@@ -8,6 +8,7 @@ needs no record, since openai retries only an attempt whose answer the app never
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from helpers import audit_entries, tool, user
 from servers import HttpReceiver
 
 from authority_sdk.client import AuthorityClient
-from authority_sdk.effects import run
+from authority_sdk.effects import arun, run
 from authority_sdk.engine import CallContext, Gateway
 from authority_sdk.liveness import process_owner
 from authority_sdk.wire import Caller, GatewayRequest
@@ -162,3 +163,39 @@ def test_an_answer_without_effects_leaves_a_key_taken_meanwhile_alone(
     [action] = json.loads(resp.body)["authority"]["actions"]
     assert (action["status"], action["dispatch"]) == ("allowed", "client")
     assert retry_record(gw, "rk-other") == theirs
+
+
+def _begin_keyed(gw: Gateway, key: str) -> CallContext:
+    body = json.dumps({"model": MODEL, "messages": user("hello"), "tools": TOOLS}).encode()
+    req = GatewayRequest(caller=Caller(name="sdk", environment="prod"), body=body,
+                         headers={"idempotency-key": key})
+    ctx = run(gw.begin_d(req), gw.runtime)
+    assert isinstance(ctx, CallContext) and ctx.claim is not None
+    return ctx
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_client_key_taken_before_its_answer_was_held_hands_the_app_no_call(
+        write_policy: Callable[..., Path], rx: HttpReceiver, gateways: list[Gateway],
+        tmp_path: Path, driver: str) -> None:
+    """A client's key is held before the app sees the answer's calls, even calls it
+    dispatches itself (its checkpoint goes with the audit entries, ``actions.Ride``): when
+    a retry took the key meanwhile, nothing of the answer reaches the app, and the record
+    shows the request, not an allowed action."""
+    gw = Gateway(write_policy(refund_policy(rx)))
+    gateways.append(gw)
+    ctx = _begin_keyed(gw, "ck-lost")
+    assert ctx.claim is not None
+    theirs = {**ctx.claim.record, "claim_id": "req_theirs", "owner": process_owner()}
+    assert gw.store.idem_replace(ctx.claim.key, ctx.claim.record["claim_id"], theirs,
+                                 ttl_s=600)
+    gate = gw.complete_d(ctx, 200, _completion(("lookup_customer", {"customer_id": "C-1"})))
+    resp = run(gate, gw.runtime) if driver == "sync" else asyncio.run(arun(gate, gw.runtime))
+
+    [action] = json.loads(resp.body)["authority"]["actions"]
+    assert (action["status"], action["code"]) == ("denied", "idempotency_claim_lost")
+    assert json.loads(resp.body)["choices"][0]["message"].get("tool_calls") in (None, [])
+    mine = [e for e in audit_entries(tmp_path / "audit.jsonl")
+            if e["request_id"] == ctx.request_id]
+    assert [e["event"] for e in mine] == ["request"]
+    assert gw.store.idem_get(ctx.claim.key) == theirs

@@ -409,6 +409,81 @@ class PgAuditSink(SinkSettings):
                 self._seq, self._hash = before
             self._tlock.release()
 
+    async def aappend_after(self, first: Any, items: list[tuple[str, dict[str, Any]]]
+                            ) -> tuple[list[tuple[bool, Any]], list[dict[str, Any]] | None] | None:
+        """``effects.AuditOp`` with ``first``: the state store's writes ``first`` and then,
+        only if every one took effect, the entries — ONE statement on the loop's pool
+        (``pg_plans.state_batch_then``): one round trip, one commit for both. Returns the
+        writes' outcomes and the entries (None: not appended — a write did not take effect,
+        or the chain moved, which the caller tells apart by the outcomes).
+
+        None when this way does not apply (as :meth:`aappend_many`; also with the log's
+        commits relaxed, ``fsync: false``, which must not relax the writes before it; for
+        writes the statement cannot carry; or when the server refused the statement):
+        nothing was written, and the caller sends the writes and the append its usual way."""
+        from ..store import pg_plans
+
+        head = self._head
+        if not (self.fsync and self._opened and self._one_send and self._pid == os.getpid()
+                and self._head_shares_db()):
+            return None
+        try:
+            built = [pg_plans.batch_item(op.method, tuple(op.args), dict(op.kwargs))
+                     for op in first]
+        except (KeyError, TypeError, ValueError):
+            return None  # the usual way raises it for the write alone
+        batch = [it for it in built if isinstance(it, pg_plans.BatchItem)]
+        if not batch or any(it.kind not in pg_plans.THEN_KINDS for it in batch):
+            return None
+        prepared = [prepare(event, dict(fields), self._redact) for event, fields in items]
+        if not prepared or not self._tlock.acquire(blocking=False):
+            return None
+        before = (self._seq, self._hash)
+        done = False
+        try:
+            entries = build_run(prepared, before[0], before[1], self.key)
+            rows = _Batch()
+            self._insert(rows, entries)
+            order, (sql, params) = pg_plans.state_batch_then(batch, self._one_send_query(
+                before, [p for q, p in rows.items if q == _INSERT], True))
+            refused = False
+
+            async def statement(conn: psycopg.AsyncConnection[Any]) -> Any:
+                nonlocal refused
+                try:
+                    cur = await conn.execute(sql, params)
+                    return await cur.fetchone()
+                except psycopg.Error as exc:
+                    lost = isinstance(exc, psycopg.OperationalError) and getattr(
+                        exc, "sqlstate", None) is None
+                    if conn.broken or lost:
+                        raise
+                    refused = True  # a server error: rolled back whole, nothing written
+                    return None
+
+            try:
+                row = await head.aio.on_connection(statement)  # type: ignore[union-attr]
+            except DB_ERRORS as exc:
+                raise self._unavailable(exc) from exc
+            if refused or not row or not isinstance(row[0], list) \
+                    or len(row[0]) != len(batch):
+                return None
+            results: list[Any] = [None] * len(batch)
+            for j, i in enumerate(order):
+                results[i] = batch[i].result(row[0][j])
+            sent = iter(results)
+            outcomes = [(True, it.value if isinstance(it, pg_plans.Done) else next(sent))
+                        for it in built]
+            if row[1] is not True:
+                return outcomes, None
+            done = True
+            self._checkpoint()
+            return outcomes, entries
+        finally:
+            if not done:  # rolled back, never sent, or not appended: nothing of it written
+                self._seq, self._hash = before
+            self._tlock.release()
+
     def _append_two_sends(self, conn: psycopg.Connection[Any], work: Any
                           ) -> list[dict[str, Any]] | None:
         """The common append, in two round trips (one send each) where the full way takes

@@ -651,6 +651,32 @@ def state_batch(items: Sequence[BatchItem]) -> tuple[list[int], Query]:
         Int4Array(c_hi), TextArray(c_name), FloatArray(c_limit)))
 
 
+# The kinds of batch item whose result says whether the write took effect ('1' or '0'), or
+# that always do: what may go before another statement in ``state_batch_then``.
+THEN_KINDS = frozenset({"replace", "delete", "put", "settle"})
+
+
+def state_batch_then(items: Sequence[BatchItem], then: Query) -> tuple[list[int], Query]:
+    """``items`` (all of :data:`THEN_KINDS`) as :func:`state_batch` runs them, then — only
+    if every one took effect (no replace or delete found its claim gone) — ``then``, a
+    SELECT of one value: ONE statement, one transaction, one commit, never relaxed (what
+    goes before is flushed with what follows). Its row: the batch's results, and
+    ``then``'s value or NULL when it did not run."""
+    if not items or any(it.kind not in THEN_KINDS for it in items):
+        raise ValueError("state_batch_then takes replace, delete, put and settle items")
+    order, (sql, params) = state_batch(items)
+    took = " AND ".join(f"b.r[{j + 1}] = '1'" for j, i in enumerate(order)
+                        if items[i].kind in ("replace", "delete")) or "true"
+    then_sql, then_params = then
+    if not then_sql.startswith("SELECT "):
+        raise ValueError("state_batch_then runs a SELECT of one value after the batch")
+    # MATERIALIZED: the batch runs once, before the outer query looks at its result; a
+    # CASE evaluates a volatile function only in the branch taken.
+    return order, (f"WITH b(r) AS MATERIALIZED ({sql}) SELECT b.r, CASE WHEN {took} "
+                   f"THEN {then_sql.removeprefix('SELECT ')} END FROM b",
+                   (False, *params[1:], *then_params))
+
+
 # Plans of several statements that must see one another's locks: run in one transaction.
 # Every other plan's statements are atomic each by itself (one statement, or a claim that
 # retries, see _claim; the reservation and the settlement are server-side functions), run

@@ -7,6 +7,7 @@ connection fails the batch and writes nothing, batches of two replicas never dea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -519,11 +520,31 @@ def test_writes_sent_together_go_in_one_statement_even_alone(store: Any) -> None
     assert [(b.batches, b.items) for b in batchers] == [(1, 3)]
 
 
-def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool
-                 ) -> tuple[Any, Any, Any]:
+@contextlib.contextmanager
+def _statements(sent: list[list[str]]) -> Iterator[None]:
+    """Every statement the async driver sends meanwhile, into ``sent[-1]`` (once the
+    caller appended a list there)."""
+    import psycopg
+
+    real_execute = psycopg.AsyncCursor.execute
+
+    async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if sent:
+            sent[-1].append(str(query))
+        return await real_execute(self, query, *args, **kwargs)
+
+    psycopg.AsyncCursor.execute = execute  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        psycopg.AsyncCursor.execute = real_execute  # type: ignore[method-assign]
+
+
+def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool,
+                 sent: list[list[str]] | None = None) -> tuple[Any, Any, Any]:
     """pg_bench's gate of a keyed, budgeted request on the async driver, sent twice (the
     second is a replay), with an answer with one tool call or none: the engine (closed by
-    the caller) and the two responses."""
+    the caller) and the two responses. ``sent``: gets the statements each request sent."""
     bench = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench))
     try:
@@ -546,7 +567,10 @@ def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool
     async def main() -> list[Any]:
         out = []
         rt = engine.runtime
+        await engine.store.aio.kill_switch_state()  # read once, then cached: not counted
         for _ in range(2):
+            if sent is not None:
+                sent.append([])
             ctx = await arun(engine.begin_d(pg_bench._request(0, f"calls-{calls}")), rt)
             if hasattr(ctx, "status_code"):
                 out.append(ctx)
@@ -556,7 +580,8 @@ def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool
         return out
 
     try:
-        first, again = asyncio.run(main())
+        with _statements(sent if sent is not None else []):
+            first, again = asyncio.run(main())
     except BaseException:
         engine.close()
         raise
@@ -584,18 +609,88 @@ def test_an_answer_without_calls_settles_with_its_finished_answer(pg: PostgresBa
         engine.close()
 
 
-def test_a_keyed_request_settles_and_checkpoints_in_one_statement(pg: PostgresBackend,
-                                                                  tmp_path: Path) -> None:
-    """The gate of a keyed, budgeted request whose answer has calls, on the async driver:
-    the settlement and the checkpoint go out together; the answer is kept, the cost
-    settled, a replay answers the same."""
-    engine, _, _ = _keyed_twice(pg, tmp_path, calls=True)
+def test_a_keyed_request_settles_checkpoints_and_audits_in_one_statement(
+        pg: PostgresBackend, tmp_path: Path) -> None:
+    """The gate of a keyed, budgeted request whose answer has a call the app dispatches
+    itself, on the async driver: three statements — the claim with its reservation; the
+    settlement, the checkpoint and the audit entries in one; the finished answer. The
+    answer is kept, the cost settled, the chain whole, a replay answers the same."""
+    sent: list[list[str]] = []
+    engine, first, _ = _keyed_twice(pg, tmp_path, calls=True, sent=sent)
     try:
+        mine = sent[0]
+        assert len(mine) == 3, mine
+        assert "authority_claim_reserve" in mine[0]
+        assert "authority_state_batch" in mine[1] and "authority_audit_append" in mine[1]
+        assert "UPDATE authority_idem" in mine[2]
         batchers = list(engine.store.aio._batchers.values())
-        # Each request's claim goes with its reservation (one statement of its own, not a
-        # batch); the first's settlement and checkpoint together; the rest by themselves.
-        assert [(b.batches, b.items, b.refused) for b in batchers] == [(1, 2, 0)]
+        assert [(b.batches, b.refused) for b in batchers] == [(0, 0)]
         spent = [n for (n,) in _sql(pg.dsn, "SELECT name FROM authority_counters")]
         assert spent and all(0 < engine.store.budget_used(n) < 1.0 for n in spent)
+        rid = json.loads(first.body)["authority"]["request_id"]
+        events = [json.loads(e)["event"] for (e,) in _sql(
+            pg.dsn, "SELECT entry FROM authority_audit ORDER BY seq")
+            if json.loads(e)["request_id"] == rid]
+        assert events == ["request", "action"]
+        [action] = json.loads(first.body)["authority"]["actions"]
+        assert (action["status"], action["dispatch"]) == ("allowed", "client")
+    finally:
+        engine.close()
+
+
+def test_a_key_taken_before_the_answer_was_held_writes_the_settlement_only(
+        pg: PostgresBackend, tmp_path: Path) -> None:
+    """The statement that carries the checkpoint with the audit entries finds the claim
+    gone to a retry: the cost is settled, the entries stay out; the request goes on the
+    record by itself, its call denied and kept from the app."""
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import pg_bench
+        from mock_upstream import completion_body
+    finally:
+        sys.path.remove(str(bench))
+    from authority_sdk.effects import arun
+    from authority_sdk.engine import Engine
+
+    os.environ[pg_bench.DSN_ENV] = pg.dsn
+    engine = Engine(pg_bench.write_policy(tmp_path / "p", "postgres", "http://127.0.0.1:9/v1"))
+
+    answer = json.dumps(completion_body()).encode()
+    sent: list[list[str]] = []
+
+    async def main() -> Any:
+        rt = engine.runtime
+        for i, key in enumerate(("warm", "taken")):  # the first opens the audit table
+            ctx = await arun(engine.begin_d(pg_bench._request(i, key)), rt)
+            theirs = {**ctx.claim.record, "claim_id": "req_theirs"}
+            if key == "taken":
+                assert engine.store.idem_replace(
+                    ctx.claim.key, ctx.claim.record["claim_id"], theirs, ttl_s=600)
+                sent.append([])
+            resp = await arun(engine.complete_d(ctx, 200, answer), rt)
+        await engine.store.aio.aclose()
+        return ctx, theirs, resp
+
+    try:
+        with _statements(sent):
+            ctx, theirs, resp = asyncio.run(main())
+        # The settlement and the checkpoint went with the entries, which stayed out; the
+        # request's entry by itself after it.
+        assert "authority_state_batch" in sent[0][0] and "authority_audit_append" in sent[0][0]
+        assert "authority_audit_append" in sent[0][1]
+        [action] = json.loads(resp.body)["authority"]["actions"]
+        assert (action["status"], action["code"]) == ("denied", "idempotency_claim_lost")
+        assert json.loads(resp.body)["choices"][0]["message"].get("tool_calls") in (None, [])
+        events = [json.loads(e)["event"] for (e,) in _sql(
+            pg.dsn, "SELECT entry FROM authority_audit ORDER BY seq")
+            if json.loads(e)["request_id"] == ctx.request_id]
+        assert events == ["request"]
+        assert engine.store.idem_get(ctx.claim.key) == theirs
+        cost = json.loads(resp.body)["authority"]["cost"]
+        spent = [n for (n,) in _sql(pg.dsn, "SELECT name FROM authority_counters")]
+        # Settled to the answer's cost, as the warm request (the same answer) was.
+        assert spent and all(engine.store.budget_used(n) == pytest.approx(
+            2 * cost["actual_usd"]) for n in spent)
     finally:
         engine.close()

@@ -1,0 +1,159 @@
+"""Store writes that must take effect before audit entries, with them in one statement
+(``effects.AuditOp.first``, ``PgAuditSink.aappend_after``): both or — when a write did not
+take effect — only the writes; another replica's append in between, and writes the
+statement cannot carry, still end with every write made and one whole chain."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from helpers import PostgresBackend, requires_postgres
+
+from authority_sdk.audit.postgres import PgAuditSink
+from authority_sdk.audit.verify import verify_sink
+from authority_sdk.effects import AuditOp, Runtime, S
+
+pytestmark = requires_postgres()
+
+KEY = "idem:app:prod:k-1"
+
+
+def _entry(i: int, who: str = "loop") -> tuple[str, dict[str, Any]]:
+    return ("request", {"request_id": f"req_{who}_{i}", "environment": "prod",
+                        "decision": "allow", "actor": who, "details": {"i": i}})
+
+
+def _claimed(store: Any, claim_id: str = "req_mine") -> dict[str, Any]:
+    record = {"claim_id": claim_id, "status": "in_flight", "fingerprint": "f"}
+    assert store.idem_claim(KEY, record, ttl_s=600) is None
+    return record
+
+
+def _first(claim_id: str = "req_mine") -> tuple[Any, ...]:
+    """The cost's settlement and the checkpoint, as the engine sends them."""
+    kept = {"claim_id": claim_id, "status": "in_flight", "fingerprint": "f",
+            "answer": {"id": "chatcmpl-1"}}
+    return (S.budget_settle(["budget:prod"], reserved=0.5, actual=0.25, ttl_s=3600),
+            S.idem_replace(KEY, claim_id, kept, ttl_s=600))
+
+
+class _Counted:
+    """A store whose async view counts the statements sent on its pool."""
+
+    def __init__(self, pg: PostgresBackend) -> None:
+        self.store = pg.open()
+        self.sent = 0
+        real = self.store.aio.on_connection
+
+        async def on_connection(work: Any) -> Any:
+            self.sent += 1
+            return await real(work)
+
+        self.store.aio.on_connection = on_connection  # type: ignore[method-assign]
+        self.sink = PgAuditSink(self.store.dsn, head=self.store).open()
+        self.sink.append_many([_entry(0, "opening")])
+
+    def run(self, effect: AuditOp) -> Any:
+        rt = Runtime(self.store, self.sink, None)  # type: ignore[arg-type]
+
+        async def main() -> Any:
+            try:
+                return await rt.aperform(effect)
+            finally:
+                await self.store.aio.aclose()
+
+        return asyncio.run(main())
+
+    def close(self) -> None:
+        self.sink.close()
+        self.store.close()
+
+
+def test_the_writes_and_the_entries_go_in_one_statement(pg: PostgresBackend) -> None:
+    db = _Counted(pg)
+    try:
+        db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
+                                ttl_s=3600)
+        _claimed(db.store)
+        outcomes, entries = db.run(AuditOp((_entry(1), _entry(2)), _first()))
+        assert outcomes == [(True, None), (True, True)]
+        assert [e["request_id"] for e in entries] == ["req_loop_1", "req_loop_2"]
+        assert db.sent == 1
+        assert db.store.idem_get(KEY)["answer"] == {"id": "chatcmpl-1"}
+        assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
+        result = verify_sink(db.sink)
+        assert result.ok and result.entries == 3 and not result.losses, result
+    finally:
+        db.close()
+
+
+def test_a_claim_no_longer_ours_keeps_the_entries_out(pg: PostgresBackend) -> None:
+    """The checkpoint finds the claim gone to a retry: the settlement is made (the cost is
+    real), the entries are not written — the caller decides what goes on the record."""
+    db = _Counted(pg)
+    try:
+        db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
+                                ttl_s=3600)
+        theirs = _claimed(db.store, "req_theirs")
+        outcomes, entries = db.run(AuditOp((_entry(1),), _first("req_mine")))
+        assert outcomes == [(True, None), (True, False)] and entries is None
+        assert db.sent == 1
+        assert db.store.idem_get(KEY) == theirs
+        assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
+        # Nothing of the entry was written, and the sink goes on from where it was.
+        db.sink.append_many([_entry(3)])
+        result = verify_sink(db.sink)
+        assert result.ok and result.entries == 2 and not result.losses, result
+    finally:
+        db.close()
+
+
+def test_another_replica_in_between_the_writes_stand_the_entries_go_the_full_way(
+        pg: PostgresBackend) -> None:
+    db = _Counted(pg)
+    other_store = pg.open()
+    other = PgAuditSink(other_store.dsn, head=other_store).open()
+    try:
+        _claimed(db.store)
+        other.append_many([_entry(1, "other")])  # this sink's idea of the last entry is old
+        outcomes, entries = db.run(AuditOp((_entry(2),), _first()))
+        assert outcomes == [(True, None), (True, True)]
+        assert [e["request_id"] for e in entries] == ["req_loop_2"]
+        assert db.store.idem_get(KEY)["answer"] == {"id": "chatcmpl-1"}
+        result = verify_sink(db.sink)
+        assert result.ok and result.entries == 3 and not result.losses, result
+    finally:
+        other.close()
+        other_store.close()
+        db.close()
+
+
+def test_writes_the_statement_cannot_carry_go_first_by_themselves(
+        pg: PostgresBackend) -> None:
+    """A reservation (whose refusal is no failure the statement can see) goes its usual
+    way, then the entries."""
+    db = _Counted(pg)
+    try:
+        outcomes, entries = db.run(AuditOp((_entry(1),), (
+            S.budget_reserve([("budget:prod", 1.0)], min_usd=0.5, max_usd=0.5, ttl_s=3600),)))
+        assert outcomes == [(True, 0.5)] and len(entries) == 1
+        assert db.sent == 2
+        result = verify_sink(db.sink)
+        assert result.ok and result.entries == 2, result
+    finally:
+        db.close()
+
+
+def test_a_relaxed_log_keeps_its_writes_apart(pg: PostgresBackend) -> None:
+    """``fsync: false`` relaxes the log's commits: the writes that must be durable before
+    the entries do not share them."""
+    db = _Counted(pg)
+    db.sink.fsync = False
+    try:
+        _claimed(db.store)
+        outcomes, entries = db.run(AuditOp((_entry(1),), _first()))
+        assert outcomes == [(True, None), (True, True)] and len(entries) == 1
+        assert db.sent >= 2
+    finally:
+        db.close()
