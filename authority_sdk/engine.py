@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -67,6 +68,7 @@ __all__ = ["AuditBacklog", "CallContext", "Engine", "Gateway", "UpstreamReply"]
 # An in-flight idempotency claim outlives the slowest upstream call by this much;
 # after that a crashed holder's claim is taken over.
 _LEASE_MARGIN_S = 30.0
+log = logging.getLogger("authority.engine")
 MAX_KEY_CHARS = 255
 
 
@@ -108,6 +110,10 @@ class CallContext:
     settle_after: StoreOp | None = None
     takeover_answer: Any = None  # a dead attempt's answer, re-gated instead of asked again
     trace: CallTrace | None = None  # its span, when telemetry is on (authority_sdk.telemetry)
+    # Set by a caller that runs ``finish`` once the response is on its way (the proxy):
+    # the finished answer of a held answer is then written meanwhile (``respond_d``).
+    finish_later: bool = False
+    finish: Decision[None] | None = None
 
     @property
     def stream(self) -> bool:
@@ -166,6 +172,9 @@ class Engine:
         self._lock = threading.Lock()
         self._keys: dict[str, KeyConfig] = {k.name: k for k in self.policy.keys}
         self._backlog = AuditBacklog()
+        # Finished answers being written after their response went out (``finish_later``),
+        # by the claim's store key: a retry of one waits for it here rather than answer 409.
+        self._finishing: dict[str, asyncio.Task[None]] = {}
         if telemetry is None:
             from .telemetry import telemetry_for
 
@@ -251,6 +260,7 @@ class Engine:
         transport's ``aclose``), so a loop that ends leaves no connection behind it. A call
         of another client still using one finishes first: a pooled connection or an HTTP
         client in use closes when that call is done, never under it."""
+        await self.finished()
         if self._executors is not None:
             await self._executors.aclose()
         aclose = getattr(getattr(self._store, "aio", None), "aclose", None)
@@ -444,7 +454,7 @@ class Engine:
                 f"Idempotency-Key {shown!r} was already used with a different request body",
                 decided_by="idempotency")
         if got.state == "in_progress":
-            if may_wait and kind != "client":
+            if may_wait and (kind != "client" or store_key in self._finishing):
                 return WAIT
             raise IdempotencyInProgress(
                 f"a request with idempotency key {shown!r} is still in progress; retry later",
@@ -567,7 +577,15 @@ class Engine:
             out = b"".join(ctx.fmt.synthesise_stream(answer.body))
         else:
             out = json.dumps(answer.body).encode()
-        yield from self.store_answer_d(ctx, 200, headers, out)
+        claim = ctx.claim
+        if (ctx.finish_later and ctx.settle_after is None and claim is not None
+                and claim.record.get("answer") is not None):
+            # The answer is held (kept in the claim before the app sees it): until the
+            # finished answer is written, a retry that takes over re-gates that same answer,
+            # so nothing is lost by sending the response first.
+            ctx.finish = self.store_answer_d(ctx, 200, headers, out)
+        else:
+            yield from self.store_answer_d(ctx, 200, headers, out)
         return GatewayResponse(200, headers, out, request_id=ctx.request_id,
                                decision=authority["decision"])
 
@@ -823,20 +841,25 @@ class Engine:
 
     async def ahandle(self, req: GatewayRequest,
                       send: Callable[[CallContext], Awaitable[UpstreamReply]], *,
-                      usable: Callable[[NamedUpstream], bool] | None = None) -> GatewayResponse:
+                      usable: Callable[[NamedUpstream], bool] | None = None,
+                      finish_later: bool = False) -> GatewayResponse:
         """The async front door: every effect is awaited (a network backend on its own
         pool, executors on their async clients); a local store's reads run inline, its
-        writes and the audit file's appends are group-committed (``effects`` says how)."""
+        writes and the audit file's appends are group-committed (``effects`` says how).
+
+        ``finish_later`` (a server, whose loop outlives the request: the proxy): a held
+        answer's finished answer is written by a task of this loop started as the response
+        is returned, instead of before; :meth:`finished` awaits those tasks."""
         rt = self.runtime
         rt.in_flight += 1
         try:
             trace = self.telemetry.start_call(req) if self.telemetry is not None else None
             if trace is None:
-                return await self._ahandle(req, send, None, usable)
+                return await self._ahandle(req, send, None, usable, finish_later)
             self.on_trace(trace.trace_id)
             resp: GatewayResponse | None = None
             try:
-                resp = await self._ahandle(req, send, trace, usable)
+                resp = await self._ahandle(req, send, trace, usable, finish_later)
                 return resp
             finally:
                 if resp is None or resp.astream is None:  # a stream's span ends with it
@@ -848,7 +871,8 @@ class Engine:
     async def _ahandle(self, req: GatewayRequest,
                        send: Callable[[CallContext], Awaitable[UpstreamReply]],
                        trace: CallTrace | None,
-                       usable: Callable[[NamedUpstream], bool] | None) -> GatewayResponse:
+                       usable: Callable[[NamedUpstream], bool] | None,
+                       finish_later: bool) -> GatewayResponse:
         try:
             rt = self.runtime
             begun = await arun(self.begin_d(req, may_wait=True, usable=usable, trace=trace), rt)
@@ -857,7 +881,12 @@ class Engine:
             while begun is WAIT:
                 # A retry of a request still running here: wait for its answer, then replay
                 # it, rather than send the client away to retry into the same wait.
-                await asyncio.sleep(delay)
+                finishing = [t for t in self._finishing.values() if not t.done()]
+                if finishing:  # its answer may be one being finished: wake up with it
+                    await asyncio.wait(finishing, timeout=delay,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 begun = await arun(self.begin_d(req, may_wait=time.monotonic() < deadline,
                                                 usable=usable, trace=trace), rt)
@@ -865,8 +894,9 @@ class Engine:
                 assert isinstance(begun, GatewayResponse)
                 return begun
             ctx = begun
+            ctx.finish_later = finish_later
             if ctx.takeover_answer is not None:
-                return await arun(self._regate_d(ctx), rt)
+                return self._finish_later(ctx, await arun(self._regate_d(ctx), rt))
             if trace is not None:
                 trace.admitted(ctx)
             try:
@@ -883,9 +913,37 @@ class Engine:
                 from .streaming import StreamGate
 
                 return StreamGate(self, ctx, reply).aresponse()
-            return await arun(self.complete_d(ctx, reply.status_code, reply.body), rt)
+            return self._finish_later(
+                ctx, await arun(self.complete_d(ctx, reply.status_code, reply.body), rt))
         except AuthorityUnavailable as exc:
             return error_response(exc)
+
+    def _finish_later(self, ctx: CallContext, resp: GatewayResponse) -> GatewayResponse:
+        """Start writing ``ctx``'s finished answer, if ``respond_d`` left it for later."""
+        finish, ctx.finish = ctx.finish, None
+        if finish is None or ctx.claim is None:
+            return resp
+        key = ctx.claim.key
+        rt = self.runtime
+
+        async def write() -> None:
+            try:
+                await arun(finish, rt)
+            except Exception:  # store_answer_d keeps its own failures; this is a last net
+                log.exception("the finished answer of %s was not written", ctx.request_id)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._finishing[key] = task
+        task.add_done_callback(lambda t: self._finishing.pop(key, None)
+                               if self._finishing.get(key) is t else None)
+        return resp
+
+    async def finished(self) -> None:
+        """Await the finished answers this loop is writing (``finish_later``)."""
+        loop = asyncio.get_running_loop()
+        mine = [t for t in self._finishing.values() if t.get_loop() is loop]
+        if mine:
+            await asyncio.gather(*mine, return_exceptions=True)
 
     # -- the upstream chain: fallbacks -------------------------------------------------
 

@@ -287,6 +287,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         finally:
             if watch is not None:
                 watch.cancel()
+            await gw.current.finished()  # finished answers still being written
             await run_in_threadpool(worker.stop)
             for pools in pool_sets:
                 await pools.aclose()
@@ -323,7 +324,8 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         assert pools is not None
         pools.enter()
         try:
-            resp = await current.ahandle(req, pools.send)
+            # The finished answer of a held answer is written as the response goes out.
+            resp = await current.ahandle(req, pools.send, finish_later=True)
         except BaseException:
             pools.leave()
             raise
