@@ -39,6 +39,8 @@ def _label(effect: Any) -> str:
         return str(effect.method)
     if kind == "StoreOps":
         return "+".join(op.method for op in effect.ops)
+    if kind == "AuditOp" and effect.first:  # writes that ride with the append
+        return "+".join([*(op.method for op in effect.first), kind])
     return kind
 
 
