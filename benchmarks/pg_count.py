@@ -48,8 +48,9 @@ _PARAMS = re.compile(r"\[(\d+)\] \S*@(\S+) DETAIL:  parameters: (.*)$")
 # (schema version 4: the state batch, the audit append of a sink without fsync).
 _RELAXED_INSIDE = "/* relaxed inside */"
 _RELAXING = re.compile(r"^SELECT authority_(state_batch|audit_append)\(\$1\b", re.I)
-_WRITE = re.compile(r"^\s*(WITH\b.*\b(INSERT|UPDATE|DELETE)\b|INSERT|UPDATE|DELETE|SELECT\s+"
-                    r"authority_\w+\()", re.S | re.I)
+# (A WITH that calls the server-side functions: the writes that ride with an audit append.)
+_WRITE = re.compile(r"^\s*(WITH\b.*\b(INSERT|UPDATE|DELETE|authority_\w+\()|INSERT|UPDATE|"
+                    r"DELETE|SELECT\s+authority_\w+\()", re.S | re.I)
 
 
 def _dsn(base: str, db: str, options: str = "") -> str:
