@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from . import admission, idempotency, rate_limits, served
 from .actions import AuditQueue, GateInput, Ride, claim_lost, gate_d, kill_engaged
 from .audit import AuditSink, open_sink
+from .audit.crashpoints import crash_point
 from .costs import CostPlan, PlanDraft, draft_plan, finish_plan, release_d, settle_d, settle_op
 from .effects import AuditOp, Decision, Outcome, Runtime, S, StoreOp, StoreOps, arun, run
 from .errors import (
@@ -927,6 +928,7 @@ class Engine:
         rt = self.runtime
 
         async def write() -> None:
+            crash_point("finish:before_write")  # the crash tests' kill -9, response sent
             try:
                 await arun(finish, rt)
             except Exception:  # store_answer_d keeps its own failures; this is a last net

@@ -26,6 +26,7 @@ from proxy_env import ADMIN_KEY, AGENT_KEY, PROXY_ENV, write_proxy_policy
 from servers import HttpReceiver, SmtpSink
 
 from authority_sdk.audit import verify
+from authority_sdk.audit.crashpoints import CRASH_ENV
 from authority_sdk.demo.processes import ProxyProcess
 
 pytestmark = pytest.mark.slow
@@ -55,11 +56,11 @@ class Proxy:
     """A proxy that can be SIGKILLed and restarted on the same port, state and log."""
 
     def __init__(self, upstream: ScriptedServer, directory: Path,
-                 overrides: dict[str, Any]) -> None:
+                 overrides: dict[str, Any], env: dict[str, str] | None = None) -> None:
         self.upstream = upstream
         self.directory = directory
         self.policy = write_proxy_policy(upstream, directory, overrides)
-        self.proc = ProxyProcess(self.policy, env=PROXY_ENV,
+        self.proc = ProxyProcess(self.policy, env={**PROXY_ENV, **(env or {})},
                                  log_path=directory / "proxy.log").start(60)
         self.port = self.proc.port
 
@@ -158,6 +159,38 @@ def test_a_retry_after_a_crash_regates_the_stored_answer_and_sends_one_email(
                     and e["action_type"] == "send_email"
                     and e["details"]["status"] == "executing"]
         assert intent["details"]["arguments"]["body"] in smtp.messages[0].message.get_content()
+        assert px.verify()
+    finally:
+        px.stop()
+
+
+def test_a_crash_between_a_response_and_its_finished_answer_leaves_a_retry_the_same_calls(
+        upstream: ScriptedServer, tmp_path: Path) -> None:
+    """The proxy sends a held answer's response before it writes the finished answer (README
+    section 7). Killed right there (a real SIGKILL at the crash point), it leaves the claim
+    holding the answer: the retry, on the restarted proxy, re-gates it — the same calls,
+    the model not asked again — and the next one replays."""
+    px = Proxy(upstream, tmp_path, {}, env={CRASH_ENV: "finish:before_write"})
+    try:
+        script = 'CALL lookup_customer {"customer_id": "C-{nonce}"}'
+        served = upstream.chat_requests
+        first = px.chat(script, key="crash-after-response")
+        assert first.status_code == 200, first.text
+        calls = first.json()["choices"][0]["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["lookup_customer"]
+        assert px.proc.proc is not None
+        assert px.proc.proc.wait(10) == -signal.SIGKILL  # died before the finished answer
+        px.proc.stop()
+        px.restart()
+        again = px.chat(script, key="crash-after-response")
+        assert again.status_code == 200, again.text
+        assert upstream.chat_requests == served + 1  # never asked again
+        assert again.json()["choices"][0]["message"]["tool_calls"] == calls
+        assert again.json()["authority"]["recovered_from"] is not None
+        replay = px.chat(script, key="crash-after-response")
+        assert replay.headers.get("idempotent-replayed") == "true"
+        assert replay.json()["choices"][0]["message"]["tool_calls"] == calls
+        assert upstream.chat_requests == served + 1
         assert px.verify()
     finally:
         px.stop()
