@@ -108,12 +108,14 @@ def _completion(*calls: tuple[str, dict[str, Any]]) -> bytes:
     }).encode()
 
 
-def _begin(gw: Gateway, retry_key: str) -> CallContext:
+def _begin(gw: Gateway, key: str, header: str = "x-authority-retry-key") -> CallContext:
+    """A request begun with the SDK's retry key (a lazy claim) or a client's key (held)."""
     body = json.dumps({"model": MODEL, "messages": user("hello"), "tools": TOOLS}).encode()
     req = GatewayRequest(caller=Caller(name="sdk", environment="prod"), body=body,
-                         headers={"x-authority-retry-key": retry_key})
+                         headers={header: key})
     ctx = run(gw.begin_d(req), gw.runtime)
-    assert isinstance(ctx, CallContext) and ctx.lazy_claim is not None
+    assert isinstance(ctx, CallContext)
+    assert (ctx.lazy_claim if header == "x-authority-retry-key" else ctx.claim) is not None
     return ctx
 
 
@@ -165,15 +167,6 @@ def test_an_answer_without_effects_leaves_a_key_taken_meanwhile_alone(
     assert retry_record(gw, "rk-other") == theirs
 
 
-def _begin_keyed(gw: Gateway, key: str) -> CallContext:
-    body = json.dumps({"model": MODEL, "messages": user("hello"), "tools": TOOLS}).encode()
-    req = GatewayRequest(caller=Caller(name="sdk", environment="prod"), body=body,
-                         headers={"idempotency-key": key})
-    ctx = run(gw.begin_d(req), gw.runtime)
-    assert isinstance(ctx, CallContext) and ctx.claim is not None
-    return ctx
-
-
 @pytest.mark.parametrize("driver", ["sync", "async"])
 def test_a_client_key_taken_before_its_answer_was_held_hands_the_app_no_call(
         write_policy: Callable[..., Path], rx: HttpReceiver, gateways: list[Gateway],
@@ -184,7 +177,7 @@ def test_a_client_key_taken_before_its_answer_was_held_hands_the_app_no_call(
     shows the request, not an allowed action."""
     gw = Gateway(write_policy(refund_policy(rx)))
     gateways.append(gw)
-    ctx = _begin_keyed(gw, "ck-lost")
+    ctx = _begin(gw, "ck-lost", "idempotency-key")
     assert ctx.claim is not None
     theirs = {**ctx.claim.record, "claim_id": "req_theirs", "owner": process_owner()}
     assert gw.store.idem_replace(ctx.claim.key, ctx.claim.record["claim_id"], theirs,

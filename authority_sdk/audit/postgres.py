@@ -358,6 +358,17 @@ class PgAuditSink(SinkSettings):
                                   self._seq if shares else None,
                                   self._hash if shares else None))
 
+    def _on_loop_append(self, prepared: list[Any], before: tuple[int, str]
+                        ) -> tuple[list[dict[str, Any]], tuple[str, tuple[Any, ...]]]:
+        """The entries of ``prepared`` after ``before`` and the one statement that appends
+        them with the head (in this database). This sink's idea of its head moves past them:
+        the caller puts it back unless they were written."""
+        entries = build_run(prepared, before[0], before[1], self.key)
+        rows = _Batch()
+        self._insert(rows, entries)
+        return entries, self._one_send_query(
+            before, [p for q, p in rows.items if q == _INSERT], True)
+
     async def aappend_many(self, items: list[tuple[str, dict[str, Any]]]
                            ) -> list[dict[str, Any]] | None:
         """The common append on the calling event loop, on the state store's pool of that
@@ -382,11 +393,7 @@ class PgAuditSink(SinkSettings):
         before = (self._seq, self._hash)
         done = False
         try:
-            entries = build_run(prepared, before[0], before[1], self.key)
-            batch = _Batch()
-            self._insert(batch, entries)
-            sql, params = self._one_send_query(
-                before, [p for q, p in batch.items if q == _INSERT], True)
+            entries, (sql, params) = self._on_loop_append(prepared, before)
 
             async def statement(conn: psycopg.AsyncConnection[Any]) -> Any:
                 cur = await conn.execute(sql, params)
@@ -441,11 +448,8 @@ class PgAuditSink(SinkSettings):
         before = (self._seq, self._hash)
         done = False
         try:
-            entries = build_run(prepared, before[0], before[1], self.key)
-            rows = _Batch()
-            self._insert(rows, entries)
-            order, (sql, params) = pg_plans.state_batch_then(batch, self._one_send_query(
-                before, [p for q, p in rows.items if q == _INSERT], True))
+            entries, append = self._on_loop_append(prepared, before)
+            order, (sql, params) = pg_plans.state_batch_then(batch, append)
             refused = False
 
             async def statement(conn: psycopg.AsyncConnection[Any]) -> Any:

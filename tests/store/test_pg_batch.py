@@ -540,11 +540,9 @@ def _statements(sent: list[list[str]]) -> Iterator[None]:
         psycopg.AsyncCursor.execute = real_execute  # type: ignore[method-assign]
 
 
-def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool,
-                 sent: list[list[str]] | None = None) -> tuple[Any, Any, Any]:
-    """pg_bench's gate of a keyed, budgeted request on the async driver, sent twice (the
-    second is a replay), with an answer with one tool call or none: the engine (closed by
-    the caller) and the two responses. ``sent``: gets the statements each request sent."""
+def _bench_engine(pg: PostgresBackend, tmp_path: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """pg_bench's engine (keyed, budgeted, the audit chain in ``pg``), the module for its
+    requests, and the mock upstream's answer (one tool call)."""
     bench = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench))
     try:
@@ -552,17 +550,26 @@ def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool,
         from mock_upstream import completion_body
     finally:
         sys.path.remove(str(bench))
-    from authority_sdk.effects import arun
     from authority_sdk.engine import Engine
 
     os.environ[pg_bench.DSN_ENV] = pg.dsn
-    body = completion_body()
+    engine = Engine(pg_bench.write_policy(tmp_path / "p", "postgres", "http://127.0.0.1:9/v1"))
+    return engine, pg_bench, completion_body()
+
+
+def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool,
+                 sent: list[list[str]] | None = None) -> tuple[Any, Any, Any]:
+    """pg_bench's gate of a keyed, budgeted request on the async driver, sent twice (the
+    second is a replay), with an answer with one tool call or none: the engine (closed by
+    the caller) and the two responses. ``sent``: gets the statements each request sent."""
+    from authority_sdk.effects import arun
+
+    engine, pg_bench, body = _bench_engine(pg, tmp_path)
     if not calls:
         body["choices"][0]["message"] = {"role": "assistant", "content": "no calls here"}
         body["choices"][0]["finish_reason"] = "stop"
     assert bool(body["choices"][0]["message"].get("tool_calls")) is calls
     answer = json.dumps(body).encode()
-    engine = Engine(pg_bench.write_policy(tmp_path / "p", "postgres", "http://127.0.0.1:9/v1"))
 
     async def main() -> list[Any]:
         out = []
@@ -643,20 +650,10 @@ def test_a_key_taken_before_the_answer_was_held_writes_the_settlement_only(
     """The statement that carries the checkpoint with the audit entries finds the claim
     gone to a retry: the cost is settled, the entries stay out; the request goes on the
     record by itself, its call denied and kept from the app."""
-    bench = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        import pg_bench
-        from mock_upstream import completion_body
-    finally:
-        sys.path.remove(str(bench))
     from authority_sdk.effects import arun
-    from authority_sdk.engine import Engine
 
-    os.environ[pg_bench.DSN_ENV] = pg.dsn
-    engine = Engine(pg_bench.write_policy(tmp_path / "p", "postgres", "http://127.0.0.1:9/v1"))
-
-    answer = json.dumps(completion_body()).encode()
+    engine, pg_bench, body = _bench_engine(pg, tmp_path)
+    answer = json.dumps(body).encode()
     sent: list[list[str]] = []
 
     async def main() -> Any:
