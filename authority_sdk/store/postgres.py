@@ -517,10 +517,12 @@ class _AsyncView:
             return pg_plans.PLANS[method](*args, **plain)
 
         batcher = self._batcher()
-        if batcher.idle and not together and item.kind != "claim":
+        if batcher.idle and not together and item.kind != "claim" and not item.relaxed:
             # Nothing else in flight: a statement of its own costs this loop less than a
-            # batch of one, and there is nobody to share a commit with (a claim excepted,
-            # see the class doc).
+            # batch of one, and there is nobody to share a commit with — except a claim
+            # (see the class doc) and a relaxed write, whose own statement binds its record
+            # client-side, quoted as a literal, where the batch sends it as it is (a
+            # finished answer: 0.81 → 0.62 ms).
             batcher.alone += 1
             try:
                 return await self.run(item.method, plan())
