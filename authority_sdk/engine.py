@@ -666,8 +666,9 @@ class Engine:
                     ride = None
                 firsts = yield from queue.flush_d(ride.ops if ride is not None else ())
         if ride is not None:
-            if firsts is None:  # nothing was queued to carry it (never so: the request's entry)
-                firsts = yield StoreOps(ride.ops)
+            # The request's entry was queued to carry it, and with the ride pending nothing
+            # took effect, so a failed append raised rather than parked the entries.
+            assert firsts is not None
             if not ride.held(ctx.claim, firsts):
                 # The claim went to a retry before the answer was held: nothing was written,
                 # and nothing of the answer runs here or reaches the app.

@@ -36,7 +36,7 @@ import psycopg
 
 from ..errors import AuthorityError, AuthorityUnavailable
 from ..store.pg_arrays import Int8Array, TextArray
-from ..store.postgres import DB_ERRORS
+from ..store.postgres import DB_ERRORS, refused_by_server
 from .chain import GENESIS_HASH, build, build_run, prepare
 from .checkpoint import CheckpointFile
 from .lines import parse_entry
@@ -458,9 +458,7 @@ class PgAuditSink(SinkSettings):
                     cur = await conn.execute(sql, params)
                     return await cur.fetchone()
                 except psycopg.Error as exc:
-                    lost = isinstance(exc, psycopg.OperationalError) and getattr(
-                        exc, "sqlstate", None) is None
-                    if conn.broken or lost:
+                    if not refused_by_server(conn, exc):
                         raise
                     refused = True  # a server error: rolled back whole, nothing written
                     return None

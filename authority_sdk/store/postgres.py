@@ -77,6 +77,14 @@ DB_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, C
            OSError)
 
 
+def refused_by_server(conn: psycopg.AsyncConnection[Any], exc: psycopg.Error) -> bool:
+    """The server refused the statement (rolled back whole, nothing written) on a
+    connection still up — not a lost connection, whose statement may or may not have
+    committed."""
+    lost = isinstance(exc, psycopg.OperationalError) and getattr(exc, "sqlstate", None) is None
+    return not (conn.broken or lost)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -397,9 +405,7 @@ class _Batcher(Batches[_Write]):
                     cur = await conn.execute(sql, params)
                     row = await cur.fetchone()
                 except psycopg.Error as exc:
-                    lost = isinstance(exc, psycopg.OperationalError) and getattr(
-                        exc, "sqlstate", None) is None
-                    if conn.broken or lost:
+                    if not refused_by_server(conn, exc):
                         raise
                     refused = exc  # a server error; rolled back whole: nothing written
                     return None
