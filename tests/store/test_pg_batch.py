@@ -522,14 +522,16 @@ def test_writes_sent_together_go_in_one_statement_even_alone(store: Any) -> None
 
 @contextlib.contextmanager
 def _statements(sent: list[list[str]]) -> Iterator[None]:
-    """Every statement the async driver sends meanwhile, into ``sent[-1]`` (once the
-    caller appended a list there)."""
+    """Every statement the async driver sends meanwhile but the kill switch's read, into
+    ``sent[-1]`` (once the caller appended a list there)."""
     import psycopg
 
     real_execute = psycopg.AsyncCursor.execute
 
     async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        if sent:
+        # Not the kill switch's read: when it happens is the cache's business (its
+        # listener, connecting late on a slow machine, drops the cache once), not the gate's.
+        if sent and "authority_kill_switch" not in str(query):
             sent[-1].append(str(query))
         return await real_execute(self, query, *args, **kwargs)
 
@@ -574,7 +576,6 @@ def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool,
     async def main() -> list[Any]:
         out = []
         rt = engine.runtime
-        await engine.store.aio.kill_switch_state()  # read once, then cached: not counted
         for _ in range(2):
             if sent is not None:
                 sent.append([])
