@@ -94,21 +94,23 @@ class AuditQueue:
         """The entry just added records an execution's outcome: mark it audited once written."""
         self._pending_keys.append((key, status))
 
-    def flush_d(self, first: tuple[StoreOp, ...] = ()) -> Decision[list[Outcome] | None]:
-        """Write the queued entries. ``first``: writes that must take effect before them
-        (``AuditOp.first``); their outcomes are returned, and if one did not take effect
-        nothing was written and the entries stay queued."""
+    def flush_d(self, first: tuple[StoreOp, ...] = (), then: tuple[StoreOp, ...] = ()
+                ) -> Decision[tuple[list[Outcome] | None, list[Outcome] | None]]:
+        """Write the queued entries, with ``first`` and ``then`` as :class:`AuditOp` takes
+        them. Returns the outcomes of ``first`` (if one did not take effect nothing was
+        written and the entries stay queued) and of ``then`` (None: not made)."""
         if not self.items:
-            return None
+            return None, None
         items, self.items = self.items, []
         keys, self._pending_keys = self._pending_keys, []
         outcomes: list[Outcome] | None = None
+        after: list[Outcome] | None = None
         try:
-            if first:
-                outcomes, entries = yield AuditOp(tuple(items), first)
+            if first or then:
+                outcomes, entries, after = yield AuditOp(tuple(items), first, then)
                 if entries is None:
                     self.items, self._pending_keys = items + self.items, keys
-                    return outcomes
+                    return outcomes, None
             else:
                 yield AuditOp(tuple(items))
         except AuthorityUnavailable:
@@ -123,13 +125,13 @@ class AuditQueue:
                 except AuthorityError:
                     parked = False  # the journal still holds the executions themselves
             if not parked:
-                return outcomes
+                return outcomes, after
         for key, status in keys:
             # Left unaudited on failure: recovery writes its entry again, marked as recovered.
             with contextlib.suppress(AuthorityError):
                 yield S.journal_update(key, status, {"audited": True}, ttl_s=None
                                        if status == "in_doubt" else self.journal_ttl_s)
-        return outcomes
+        return outcomes, after
 
 
 @dataclass

@@ -62,12 +62,21 @@ class AuditOp:
     write that raises, or answers False — a claim no longer ours — did not). They are
     performed first, and where the audit sink shares the store's database, in the same
     transaction as the append: one round trip and one commit for both. If one of them did
-    not take effect, nothing is appended. With ``first`` the result is ``(outcomes,
-    entries)``: one outcome per write as :class:`StoreOps` gives them, and the entries, or
-    None when nothing was appended."""
+    not take effect, nothing is appended.
+
+    ``then``: store writes that may be made with the entries, in their transaction, right
+    after them — only where the sink shares the store's database (elsewhere they are not
+    made, and the caller makes them itself). For a write that must not be seen without the
+    entries, yet need not precede the answer: a finished answer for replays.
+
+    With ``first`` or ``then`` the result is ``(outcomes, entries, then_outcomes)``: one
+    outcome per write of ``first`` as :class:`StoreOps` gives them, the entries or None
+    when nothing was appended, and one outcome per write of ``then`` or None when they
+    were not made."""
 
     items: tuple[tuple[str, dict[str, Any]], ...]
     first: tuple[StoreOp, ...] = ()
+    then: tuple[StoreOp, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +147,11 @@ class Runtime:
                     out.append((False, exc))
             return out
         if type(effect) is AuditOp:
-            if effect.first:
-                outcomes = self.perform(StoreOps(effect.first))
+            if effect.first or effect.then:
+                outcomes = self.perform(StoreOps(effect.first)) if effect.first else []
                 if not took_effect(outcomes):
-                    return outcomes, None
-                return outcomes, self.perform(AuditOp(effect.items))
+                    return outcomes, None, None
+                return outcomes, self.perform(AuditOp(effect.items)), None
             entries = self.audit.append_many(list(effect.items))
             if self.on_audit is not None:
                 self.on_audit(effect.items)
@@ -169,7 +178,7 @@ class Runtime:
                     out.append((False, exc))
             return out
         if type(effect) is AuditOp:
-            if effect.first:
+            if effect.first or effect.then:
                 return await self._append_after(effect)
             aio = getattr(self.audit, "aio", None)
             if (aio is None and self.in_flight <= 1 and not self._group_busy()
@@ -188,25 +197,26 @@ class Runtime:
         return await executor.aexecute(effect.action_type, effect.arguments, effect.action_key)
 
 
-    async def _append_after(self, effect: AuditOp) -> tuple[list[Outcome], Any]:
+    async def _append_after(self, effect: AuditOp
+                            ) -> tuple[list[Outcome], Any, list[Outcome] | None]:
         together = getattr(self.audit, "aappend_after", None)
         if together is not None and not self._group_busy():
             # With no append of this loop in flight: the writes and the append in one
             # transaction (None: that way does not apply now, nothing was sent).
-            got = await together(effect.first, list(effect.items))
+            got = await together(effect.first, list(effect.items), effect.then)
             if got is not None:
-                outcomes, entries = got
+                outcomes, entries, after = got
                 if entries is None and took_effect(outcomes):
                     # The writes took effect; the chain had moved (another replica
-                    # appended): the append takes its full way.
+                    # appended): the append takes its full way, without ``then``.
                     entries = await self.aperform(AuditOp(effect.items))
                 elif entries is not None and self.on_audit is not None:
                     self.on_audit(effect.items)
-                return outcomes, entries
-        outcomes = await self.aperform(StoreOps(effect.first))
+                return outcomes, entries, after
+        outcomes = await self.aperform(StoreOps(effect.first)) if effect.first else []
         if not took_effect(outcomes):
-            return outcomes, None
-        return outcomes, await self.aperform(AuditOp(effect.items))
+            return outcomes, None, None
+        return outcomes, await self.aperform(AuditOp(effect.items)), None
 
 
 def took_effect(outcomes: list[Outcome]) -> bool:

@@ -115,6 +115,9 @@ class CallContext:
     # the finished answer of a held answer is then written meanwhile (``respond_d``).
     finish_later: bool = False
     finish: Decision[None] | None = None
+    # The response ``finalize_d`` built before its audit entries were written, so that its
+    # finished answer could go in their transaction: headers, body, and whether it went.
+    built: tuple[dict[str, str], bytes, bool] | None = None
 
     @property
     def stream(self) -> bool:
@@ -564,22 +567,21 @@ class Engine:
         """Gate a readable answer and build the response (plain, or a synthesised stream
         when a takeover re-gates a stored answer for a streaming client)."""
         try:
-            authority = yield from self.finalize_d(ctx, answer)
+            authority = yield from self.finalize_d(ctx, answer, respond=True)
         except AuthorityUnavailable as exc:
             # Nothing took effect (else gating parks the record instead): withhold the
             # answer, free the key for a retry.
             yield from self._abandon_d(ctx)
             return error_response(exc, request_id=ctx.request_id)
-        answer.body["authority"] = authority
-        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
-        if ctx.stream:
-            assert ctx.fmt is not None
-            headers["content-type"] = "text/event-stream"
-            out = b"".join(ctx.fmt.synthesise_stream(answer.body))
+        built, ctx.built = ctx.built, None
+        if built is not None:
+            headers, out, finished = built
         else:
-            out = json.dumps(answer.body).encode()
+            (headers, out), finished = self._encode(ctx, answer, authority), False
         claim = ctx.claim
-        if (ctx.finish_later and ctx.settle_after is None and claim is not None
+        if finished:
+            pass  # written with the audit entries, in their transaction
+        elif (ctx.finish_later and ctx.settle_after is None and claim is not None
                 and claim.record.get("answer") is not None):
             # The answer is held (kept in the claim before the app sees it): until the
             # finished answer is written, a retry that takes over re-gates that same answer,
@@ -590,9 +592,15 @@ class Engine:
         return GatewayResponse(200, headers, out, request_id=ctx.request_id,
                                decision=authority["decision"])
 
-    def finalize_d(self, ctx: CallContext, answer: Answer) -> Decision[dict[str, Any]]:
+    def finalize_d(self, ctx: CallContext, answer: Answer, *,
+                   respond: bool = False) -> Decision[dict[str, Any]]:
         """Settle cost, audit the request, gate every call, rewrite the answer. Returns the
-        ``authority`` field. Shared by the plain and the streamed path."""
+        ``authority`` field. Shared by the plain and the streamed path.
+
+        ``respond`` (``respond_d``): the response is built before the audit entries are
+        written, so its finished answer (with a settlement waiting for it) can be written
+        in their transaction where the store allows (``AuditOp.then``): the response waits
+        for one write instead of two. It is left in ``ctx.built``."""
         assert ctx.fmt is not None and ctx.parsed is not None
         started = time.perf_counter()
         ctx.done = True
@@ -652,6 +660,9 @@ class Engine:
         mark = len(queue.items)
         gated = False
         firsts: list[Outcome] | None = None
+        pre: tuple[Answer, dict[str, Any], dict[str, str], bytes] | None = None
+        then: tuple[StoreOp, ...] = ()
+        after: list[Outcome] | None = None
         try:
             outcomes = yield from gate_d(inp, answer, queue)
             gated = True
@@ -659,12 +670,19 @@ class Engine:
             if ctx.lazy_claim is not None and ctx.lazy_claim.claim is not None:
                 ctx.claim = ctx.lazy_claim.claim
             ride, inp.ride = inp.ride, None  # None: a call needed it held, it was sent
+            if gated and respond and not queue.degraded and (
+                    ctx.claim is not None or ctx.settle_after is not None):
+                # A copy while the held answer (this very body) is still to be written.
+                pre = self._prebuild(ctx, answer, outcomes, reason, actual,
+                                     copy=ride is not None)
+                then = self._finish_ops(ctx, 200, pre[2], pre[3])
             # Whatever happened to the calls, what was decided and done goes on the record.
             with _suppress_after_effects(queue):
                 if ride is not None and not gated:
                     yield StoreOps(ride.ops)  # gating failed: the cost is known all the same
                     ride = None
-                firsts = yield from queue.flush_d(ride.ops if ride is not None else ())
+                firsts, after = yield from queue.flush_d(
+                    ride.ops if ride is not None else (), then)
         if ride is not None:
             # The request's entry was queued to carry it, and with the ride pending nothing
             # took effect, so a failed append raised rather than parked the entries.
@@ -672,12 +690,38 @@ class Engine:
             if not ride.held(ctx.claim, firsts):
                 # The claim went to a retry before the answer was held: nothing was written,
                 # and nothing of the answer runs here or reaches the app.
+                pre = None
                 del queue.items[mark:]
                 inp.outcomes.clear()
                 outcomes = claim_lost(inp, answer.calls)
                 yield from queue.flush_d()
         if queue.degraded:
             self.audit_degraded = True
+        if pre is not None:
+            answer.body, authority = pre[0].body, pre[1]
+            if queue.degraded:  # the final flush parked the entries (and made no ``then``)
+                authority["warnings"] = list(_DEGRADED)
+                ctx.built = (*self._encode(ctx, answer, authority), False)
+            else:
+                ctx.built = (pre[2], pre[3], after is not None)
+                if after is not None:
+                    ctx.settle_after = None  # it went with the finished answer
+        else:
+            authority = self._authority(ctx, answer, outcomes, reason, actual,
+                                        degraded=queue.degraded)
+        with contextlib.suppress(AuthorityError):
+            # Without its record a continuation is refused as unknown: failing closed.
+            yield from ctx.fmt.record_d(ctx.parsed, answer, authority, caller=ctx.caller.name,
+                                        environment=ctx.environment,
+                                        ttl_s=self.policy.defaults.served_response_ttl_s)
+        if ctx.trace is not None:
+            ctx.trace.answered(answer, authority, started)
+        return authority
+
+    def _authority(self, ctx: CallContext, answer: Answer, outcomes: list[Any],
+                   reason: str | None, actual: float, *, degraded: bool) -> dict[str, Any]:
+        """Rewrite ``answer`` for ``outcomes`` and build its ``authority`` field."""
+        assert ctx.fmt is not None and ctx.parsed is not None
         followups = ctx.fmt.followups(answer, outcomes, self.policy.redact)
         ctx.fmt.rewrite(answer, outcomes, summary=None,
                         structured_output=ctx.parsed.structured_output)
@@ -700,19 +744,30 @@ class Engine:
         if ctx.takeover_answer is not None:
             authority["recovered_from"] = ctx.claim.record.get("takeover_of") if ctx.claim \
                 else None
-        if queue.degraded:
-            authority["warnings"] = [
-                "the audit log could not be written after an action took effect: its entries "
-                "are kept in the state store and written as soon as the log is writable; the "
-                "gateway takes no new request until then"]
-        with contextlib.suppress(AuthorityError):
-            # Without its record a continuation is refused as unknown: failing closed.
-            yield from ctx.fmt.record_d(ctx.parsed, answer, authority, caller=ctx.caller.name,
-                                        environment=ctx.environment,
-                                        ttl_s=self.policy.defaults.served_response_ttl_s)
-        if ctx.trace is not None:
-            ctx.trace.answered(answer, authority, started)
+        if degraded:
+            authority["warnings"] = list(_DEGRADED)
         return authority
+
+    def _encode(self, ctx: CallContext, answer: Answer,
+                authority: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+        """The response's headers and body: ``answer`` with its ``authority`` field."""
+        answer.body["authority"] = authority
+        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        if ctx.stream:
+            assert ctx.fmt is not None
+            headers["content-type"] = "text/event-stream"
+            return headers, b"".join(ctx.fmt.synthesise_stream(answer.body))
+        return headers, json.dumps(answer.body).encode()
+
+    def _prebuild(self, ctx: CallContext, answer: Answer, outcomes: list[Any],
+                  reason: str | None, actual: float, *, copy: bool
+                  ) -> tuple[Answer, dict[str, Any], dict[str, str], bytes]:
+        """The response as it stands if the audit entries are written as queued: the
+        rewritten answer (a copy when ``copy``), its ``authority``, headers and body."""
+        if copy:
+            answer = Answer(json.loads(json.dumps(answer.body)), answer.calls, answer.usage)
+        authority = self._authority(ctx, answer, outcomes, reason, actual, degraded=False)
+        return (answer, authority, *self._encode(ctx, answer, authority))
 
     @staticmethod
     def _first_hold(ctx: CallContext, answer: Answer) -> tuple[StoreOp, dict[str, Any]] | None:
@@ -731,23 +786,32 @@ class Engine:
             with contextlib.suppress(AuthorityError):  # the reservation stays: over-counts
                 yield settle
 
+    def _finish_ops(self, ctx: CallContext, status: int, headers: dict[str, str],
+                    body: bytes) -> tuple[StoreOp, ...]:
+        """The writes that finish a request: its settlement if it waits (``settle_after``),
+        and the finished answer kept for replays when it has a key."""
+        ops = (ctx.settle_after,) if ctx.settle_after is not None else ()
+        if ctx.claim is None:
+            return ops
+        ttl = self.idempotency_ttl if ctx.key_kind == "client" \
+            else self.policy.defaults.retry_window_s
+        return (*ops, idempotency.finish_op(ctx.claim, {
+            "status_code": status, "headers": headers, "body": body.decode(),
+            "request_id": ctx.request_id}, ttl_s=ttl))
+
     def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
                        body: bytes) -> Decision[None]:
         """Keep the answer for replays, with the settlement of an answer without calls."""
         if ctx.claim is None:
             yield from self._settle_after_d(ctx)
             return
-        ttl = self.idempotency_ttl if ctx.key_kind == "client" \
-            else self.policy.defaults.retry_window_s
-        finish = idempotency.finish_op(ctx.claim, {
-            "status_code": status, "headers": headers, "body": body.decode(),
-            "request_id": ctx.request_id}, ttl_s=ttl)
-        settle, ctx.settle_after = ctx.settle_after, None
+        ops = self._finish_ops(ctx, status, headers, body)
+        ctx.settle_after = None
         with contextlib.suppress(AuthorityError):
-            if settle is None:
-                yield finish
+            if len(ops) == 1:
+                yield ops[0]
             else:  # independent writes: one round trip where the store groups them
-                yield StoreOps((settle, finish))
+                yield StoreOps(ops)
 
     def stream_error_d(self, ctx: CallContext, exc: AuthorityError) -> Decision[bytes]:
         """A stream that broke (or that the client abandoned) before its end: it may have
@@ -1061,6 +1125,12 @@ async def _aclose(reply: UpstreamReply) -> None:
 def _append_d(items: tuple[tuple[str, dict[str, Any]], ...]) -> Decision[list[dict[str, Any]]]:
     entries = yield AuditOp(items)
     return entries
+
+
+_DEGRADED = (
+    "the audit log could not be written after an action took effect: its entries are kept "
+    "in the state store and written as soon as the log is writable; the gateway takes no "
+    "new request until then",)
 
 
 class _suppress_after_effects(contextlib.AbstractContextManager[None]):

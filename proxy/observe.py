@@ -177,10 +177,11 @@ class ObservedGateway(Gateway):
         if info is not None:
             info.trace_id = trace_id
 
-    def finalize_d(self, ctx: CallContext, answer: Answer) -> Decision[dict[str, Any]]:
+    def finalize_d(self, ctx: CallContext, answer: Answer, *,
+                   respond: bool = False) -> Decision[dict[str, Any]]:
         t = time.perf_counter()
         try:
-            return (yield from super().finalize_d(ctx, answer))
+            return (yield from super().finalize_d(ctx, answer, respond=respond))
         finally:
             info = _current.get()
             if info is not None and ctx.stream:

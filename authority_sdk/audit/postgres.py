@@ -84,6 +84,24 @@ def _record(seq: int, raw: str) -> Record:
     return Record(seq, len(raw), entry)
 
 
+def _outcomes(built: list[Any], batch: list[Any], order: list[int],
+              results: Any) -> list[tuple[bool, Any]] | None:
+    """One outcome per write of ``built`` from a batch's results (``batch``: its items
+    that were sent, ``order``: as the statement ran them); None for results that do not
+    fit (nothing can be said of what happened)."""
+    from ..store import pg_plans
+
+    if not batch:
+        results = []
+    if not isinstance(results, list) or len(results) != len(batch):
+        return None
+    values: list[Any] = [None] * len(batch)
+    for j, i in enumerate(order):
+        values[i] = batch[i].result(results[j])
+    sent = iter(values)
+    return [(True, it.value if isinstance(it, pg_plans.Done) else next(sent)) for it in built]
+
+
 class PgAuditSink(SinkSettings):
     def __init__(self, dsn: str, *, fsync: bool = True, head: AuditHead | None = None,
                  redact: Iterable[str] = (), key: bytes | None = None,
@@ -416,16 +434,20 @@ class PgAuditSink(SinkSettings):
                 self._seq, self._hash = before
             self._tlock.release()
 
-    async def aappend_after(self, first: Any, items: list[tuple[str, dict[str, Any]]]
-                            ) -> tuple[list[tuple[bool, Any]], list[dict[str, Any]] | None] | None:
-        """``effects.AuditOp`` with ``first``: the state store's writes ``first`` and then,
-        only if every one took effect, the entries — ONE statement on the loop's pool
-        (``pg_plans.state_batch_then``): one round trip, one commit for both. Returns the
-        writes' outcomes and the entries (None: not appended — a write did not take effect,
-        or the chain moved, which the caller tells apart by the outcomes).
+    async def aappend_after(self, first: Any, items: list[tuple[str, dict[str, Any]]],
+                            then: Any = ()) -> tuple[list[tuple[bool, Any]],
+                                                     list[dict[str, Any]] | None,
+                                                     list[tuple[bool, Any]] | None] | None:
+        """``effects.AuditOp`` with ``first`` or ``then``: the state store's writes
+        ``first``, then, only if every one took effect, the entries, then, only if they
+        were appended, the writes ``then`` — ONE statement on the loop's pool
+        (``pg_plans.state_batch_then``): one round trip, one commit for all. Returns the
+        outcomes of ``first``, the entries (None: not appended — a write did not take
+        effect, or the chain moved, which the caller tells apart by the outcomes), and the
+        outcomes of ``then`` (None: not made).
 
         None when this way does not apply (as :meth:`aappend_many`; also with the log's
-        commits relaxed, ``fsync: false``, which must not relax the writes before it; for
+        commits relaxed, ``fsync: false``, which must not relax the writes around it; for
         writes the statement cannot carry; or when the server refused the statement):
         nothing was written, and the caller sends the writes and the append its usual way."""
         from ..store import pg_plans
@@ -437,10 +459,14 @@ class PgAuditSink(SinkSettings):
         try:
             built = [pg_plans.batch_item(op.method, tuple(op.args), dict(op.kwargs))
                      for op in first]
+            built_then = [pg_plans.batch_item(op.method, tuple(op.args), dict(op.kwargs))
+                          for op in then]
         except (KeyError, TypeError, ValueError):
             return None  # the usual way raises it for the write alone
         batch = [it for it in built if isinstance(it, pg_plans.BatchItem)]
-        if not batch or any(it.kind not in pg_plans.THEN_KINDS for it in batch):
+        after = [it for it in built_then if isinstance(it, pg_plans.BatchItem)]
+        if not (batch or after) or any(it.kind not in pg_plans.THEN_KINDS
+                                       for it in (*batch, *after)):
             return None
         prepared = [prepare(event, dict(fields), self._redact) for event, fields in items]
         if not prepared or not self._tlock.acquire(blocking=False):
@@ -449,7 +475,7 @@ class PgAuditSink(SinkSettings):
         done = False
         try:
             entries, append = self._on_loop_append(prepared, before)
-            order, (sql, params) = pg_plans.state_batch_then(batch, append)
+            order, after_order, (sql, params) = pg_plans.state_batch_then(batch, append, after)
             refused = False
 
             async def statement(conn: psycopg.AsyncConnection[Any]) -> Any:
@@ -467,20 +493,16 @@ class PgAuditSink(SinkSettings):
                 row = await head.aio.on_connection(statement)  # type: ignore[union-attr]
             except DB_ERRORS as exc:
                 raise self._unavailable(exc) from exc
-            if refused or not row or not isinstance(row[0], list) \
-                    or len(row[0]) != len(batch):
+            if refused or not row or len(row) != 3:
                 return None
-            results: list[Any] = [None] * len(batch)
-            for j, i in enumerate(order):
-                results[i] = batch[i].result(row[0][j])
-            sent = iter(results)
-            outcomes = [(True, it.value if isinstance(it, pg_plans.Done) else next(sent))
-                        for it in built]
+            outcomes = _outcomes(built, batch, order, row[0])
+            if outcomes is None:
+                return None
             if row[1] is not True:
-                return outcomes, None
+                return outcomes, None, None
             done = True
             self._checkpoint()
-            return outcomes, entries
+            return outcomes, entries, _outcomes(built_then, after, after_order, row[2])
         finally:
             if not done:  # rolled back, never sent, or not appended: nothing of it written
                 self._seq, self._hash = before

@@ -656,25 +656,47 @@ def state_batch(items: Sequence[BatchItem]) -> tuple[list[int], Query]:
 THEN_KINDS = frozenset({"replace", "delete", "put", "settle"})
 
 
-def state_batch_then(items: Sequence[BatchItem], then: Query) -> tuple[list[int], Query]:
-    """``items`` (all of :data:`THEN_KINDS`) as :func:`state_batch` runs them, then — only
-    if every one took effect (no replace or delete found its claim gone) — ``then``, a
-    SELECT of one value: ONE statement, one transaction, one commit, never relaxed (what
-    goes before is flushed with what follows). Its row: the batch's results, and
-    ``then``'s value or NULL when it did not run."""
-    if not items or any(it.kind not in THEN_KINDS for it in items):
+def state_batch_then(items: Sequence[BatchItem], then: Query,
+                     after: Sequence[BatchItem] = ()) -> tuple[list[int], list[int], Query]:
+    """``items`` as :func:`state_batch` runs them, then — only if every one took effect (no
+    replace or delete found its claim gone) — ``then``, a SELECT of one value, then — only
+    if ``then`` answered true — ``after`` as another batch: ONE statement, one transaction,
+    one commit, never relaxed (what goes before is flushed with what follows). ``items``
+    may be empty (``then`` runs first); every item is of :data:`THEN_KINDS`.
+
+    Returns the order of ``items`` and of ``after`` in the statement (see
+    :func:`state_batch`) and the statement. Its row: the batch's results (NULL without
+    ``items``), ``then``'s value or NULL when it did not run, ``after``'s results or NULL."""
+    if any(it.kind not in THEN_KINDS for it in (*items, *after)):
         raise ValueError("state_batch_then takes replace, delete, put and settle items")
-    order, (sql, params) = state_batch(items)
-    took = " AND ".join(f"b.r[{j + 1}] = '1'" for j, i in enumerate(order)
-                        if items[i].kind in ("replace", "delete")) or "true"
     then_sql, then_params = then
     if not then_sql.startswith("SELECT "):
         raise ValueError("state_batch_then runs a SELECT of one value after the batch")
-    # MATERIALIZED: the batch runs once, before the outer query looks at its result; a
-    # CASE evaluates a volatile function only in the branch taken.
-    return order, (f"WITH b(r) AS MATERIALIZED ({sql}) SELECT b.r, CASE WHEN {took} "
-                   f"THEN {then_sql.removeprefix('SELECT ')} END FROM b",
-                   (False, *params[1:], *then_params))
+    # MATERIALIZED: each part runs once, in the order of their dependence, before anything
+    # reads it; a CASE evaluates a volatile function only in the branch taken.
+    params: list[Any] = []
+    order: list[int] = []
+    if items:
+        order, (sql, first) = state_batch(items)
+        took = " AND ".join(f"b.r[{j + 1}] = '1'" for j, i in enumerate(order)
+                            if items[i].kind in ("replace", "delete")) or "true"
+        parts = (f"WITH b(r) AS MATERIALIZED ({sql}), a(ok) AS MATERIALIZED (SELECT CASE "
+                 f"WHEN {took} THEN {then_sql.removeprefix('SELECT ')} END FROM b) "
+                 "SELECT b.r, a.ok")
+        source = "b, a"
+        params += [False, *first[1:]]
+    else:
+        parts = f"WITH a(ok) AS MATERIALIZED ({then_sql}) SELECT NULL::text[], a.ok"
+        source = "a"
+    params += then_params
+    after_order: list[int] = []
+    if after:
+        after_order, (sql, last) = state_batch(after)
+        parts += f", CASE WHEN a.ok IS TRUE THEN {sql.removeprefix('SELECT ')} END"
+        params += [False, *last[1:]]
+    else:
+        parts += ", NULL::text[]"
+    return order, after_order, (f"{parts} FROM {source}", tuple(params))
 
 
 # Plans of several statements that must see one another's locks: run in one transaction.

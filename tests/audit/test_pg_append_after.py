@@ -76,7 +76,7 @@ def test_the_writes_and_the_entries_go_in_one_statement(pg: PostgresBackend) -> 
         db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
                                 ttl_s=3600)
         _claimed(db.store)
-        outcomes, entries = db.run(AuditOp((_entry(1), _entry(2)), _first()))
+        outcomes, entries, _ = db.run(AuditOp((_entry(1), _entry(2)), _first()))
         assert outcomes == [(True, None), (True, True)]
         assert [e["request_id"] for e in entries] == ["req_loop_1", "req_loop_2"]
         assert db.sent == 1
@@ -96,7 +96,7 @@ def test_a_claim_no_longer_ours_keeps_the_entries_out(pg: PostgresBackend) -> No
         db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
                                 ttl_s=3600)
         theirs = _claimed(db.store, "req_theirs")
-        outcomes, entries = db.run(AuditOp((_entry(1),), _first("req_mine")))
+        outcomes, entries, _ = db.run(AuditOp((_entry(1),), _first("req_mine")))
         assert outcomes == [(True, None), (True, False)] and entries is None
         assert db.sent == 1
         assert db.store.idem_get(KEY) == theirs
@@ -117,7 +117,7 @@ def test_another_replica_in_between_the_writes_stand_the_entries_go_the_full_way
     try:
         _claimed(db.store)
         other.append_many([_entry(1, "other")])  # this sink's idea of the last entry is old
-        outcomes, entries = db.run(AuditOp((_entry(2),), _first()))
+        outcomes, entries, _ = db.run(AuditOp((_entry(2),), _first()))
         assert outcomes == [(True, None), (True, True)]
         assert [e["request_id"] for e in entries] == ["req_loop_2"]
         assert db.store.idem_get(KEY)["answer"] == {"id": "chatcmpl-1"}
@@ -135,7 +135,7 @@ def test_writes_the_statement_cannot_carry_go_first_by_themselves(
     way, then the entries."""
     db = _Counted(pg)
     try:
-        outcomes, entries = db.run(AuditOp((_entry(1),), (
+        outcomes, entries, _ = db.run(AuditOp((_entry(1),), (
             S.budget_reserve([("budget:prod", 1.0)], min_usd=0.5, max_usd=0.5, ttl_s=3600),)))
         assert outcomes == [(True, 0.5)] and len(entries) == 1
         assert db.sent == 2
@@ -152,8 +152,105 @@ def test_a_relaxed_log_keeps_its_writes_apart(pg: PostgresBackend) -> None:
     db.sink.fsync = False
     try:
         _claimed(db.store)
-        outcomes, entries = db.run(AuditOp((_entry(1),), _first()))
+        outcomes, entries, _ = db.run(AuditOp((_entry(1),), _first()))
         assert outcomes == [(True, None), (True, True)] and len(entries) == 1
         assert db.sent >= 2
+    finally:
+        db.close()
+
+
+# -- ``then``: writes after the entries, in their transaction --------------------------------
+
+
+def _then(claim_id: str = "req_mine") -> tuple[Any, ...]:
+    """The finished answer, as the engine sends it after the entries."""
+    done = {"claim_id": claim_id, "status": "done", "fingerprint": "f",
+            "response": {"status_code": 200, "body": "{}"}}
+    return (S.idem_replace(KEY, claim_id, done, ttl_s=600, flush=False),)
+
+
+def test_the_finished_answer_goes_after_the_entries_in_the_same_statement(
+        pg: PostgresBackend) -> None:
+    db = _Counted(pg)
+    try:
+        db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
+                                ttl_s=3600)
+        _claimed(db.store)
+        outcomes, entries, after = db.run(AuditOp((_entry(1),), _first(), _then()))
+        assert outcomes == [(True, None), (True, True)] and after == [(True, True)]
+        assert [e["request_id"] for e in entries] == ["req_loop_1"]
+        assert db.sent == 1
+        assert db.store.idem_get(KEY)["status"] == "done"
+        assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
+        result = verify_sink(db.sink)
+        assert result.ok and result.entries == 2 and not result.losses, result
+    finally:
+        db.close()
+
+
+def test_without_first_the_entries_then_the_writes_in_one_statement(
+        pg: PostgresBackend) -> None:
+    """An answer without calls: its entry, then its settlement and finished answer."""
+    db = _Counted(pg)
+    try:
+        db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
+                                ttl_s=3600)
+        _claimed(db.store)
+        settle = S.budget_settle(["budget:prod"], reserved=0.5, actual=0.25, ttl_s=3600)
+        outcomes, entries, after = db.run(AuditOp((_entry(1),), (), (settle, *_then())))
+        assert outcomes == [] and len(entries) == 1 and after == [(True, None), (True, True)]
+        assert db.sent == 1
+        assert db.store.idem_get(KEY)["status"] == "done"
+        assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
+        assert verify_sink(db.sink).ok
+    finally:
+        db.close()
+
+
+def test_then_is_not_made_when_the_first_writes_did_not_take_effect(
+        pg: PostgresBackend) -> None:
+    db = _Counted(pg)
+    try:
+        theirs = _claimed(db.store, "req_theirs")
+        outcomes, entries, after = db.run(AuditOp((_entry(1),), _first("req_mine"),
+                                                  _then("req_theirs")))
+        assert outcomes[1] == (True, False) and entries is None and after is None
+        assert db.sent == 1
+        assert db.store.idem_get(KEY) == theirs  # the finished answer was not written
+    finally:
+        db.close()
+
+
+def test_then_is_not_made_when_the_entries_take_the_full_way(pg: PostgresBackend) -> None:
+    """Another replica appended in between: the statement writes ``first`` only, the
+    entries go their full way after it, and ``then`` — which must never be seen without
+    the entries — is left to the caller."""
+    db = _Counted(pg)
+    other_store = pg.open()
+    other = PgAuditSink(other_store.dsn, head=other_store).open()
+    try:
+        _claimed(db.store)
+        other.append_many([_entry(1, "other")])
+        outcomes, entries, after = db.run(AuditOp((_entry(2),), _first(), _then()))
+        assert outcomes == [(True, None), (True, True)] and len(entries) == 1
+        assert after is None
+        held = db.store.idem_get(KEY)
+        assert held["status"] == "in_flight" and held["answer"] == {"id": "chatcmpl-1"}
+        result = verify_sink(db.sink)
+        assert result.ok and result.entries == 3 and not result.losses, result
+    finally:
+        other.close()
+        other_store.close()
+        db.close()
+
+
+def test_a_relaxed_log_leaves_then_to_the_caller(pg: PostgresBackend) -> None:
+    db = _Counted(pg)
+    db.sink.fsync = False
+    try:
+        _claimed(db.store)
+        outcomes, entries, after = db.run(AuditOp((_entry(1),), _first(), _then()))
+        assert outcomes == [(True, None), (True, True)] and len(entries) == 1
+        assert after is None and db.store.idem_get(KEY)["status"] == "in_flight"
     finally:
         db.close()

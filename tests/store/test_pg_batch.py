@@ -600,19 +600,28 @@ def _keyed_twice(pg: PostgresBackend, tmp_path: Path, *, calls: bool,
 
 def test_an_answer_without_calls_settles_with_its_finished_answer(pg: PostgresBackend,
                                                                    tmp_path: Path) -> None:
-    """A keyed, budgeted request whose answer has no calls: nothing of it takes effect, so
-    its settlement waits for its audit entry and goes with the finished answer, one
-    statement; the cost is settled all the same and a replay answers the same."""
-    engine, first, _ = _keyed_twice(pg, tmp_path, calls=False)
+    """A keyed, budgeted request whose answer has no calls, on the async driver: two
+    statements — the claim with its reservation; the audit entry, then in its transaction
+    the settlement (nothing of the answer takes effect, so it waited for the entry) and the
+    finished answer. The cost is settled, a replay answers the same."""
+    sent: list[list[str]] = []
+    engine, first, _ = _keyed_twice(pg, tmp_path, calls=False, sent=sent)
     try:
-        batchers = list(engine.store.aio._batchers.values())
-        assert [(b.batches, b.items, b.refused) for b in batchers] == [(1, 2, 0)]
+        mine = sent[0]
+        assert len(mine) == 2, mine
+        assert "authority_claim_reserve" in mine[0]
+        assert mine[1].startswith("WITH a(ok) AS MATERIALIZED (SELECT authority_audit_append(")
+        assert mine[1].count("authority_state_batch") == 1
+        assert [b.batches for b in engine.store.aio._batchers.values()] in ([], [0])
         spent = [n for (n,) in _sql(pg.dsn, "SELECT name FROM authority_counters")]
         # Settled to the answer's actual cost, far below the reservation (the estimate).
         cost = json.loads(first.body)["authority"]["cost"]
         assert cost["actual_usd"] < cost["estimate_usd"] / 10
         assert spent and all(engine.store.budget_used(n) == pytest.approx(cost["actual_usd"])
                              for n in spent)
+        [(record,)] = _sql(pg.dsn, "SELECT record FROM authority_idem")
+        assert json.loads(record)["status"] == "done"
+        assert json.loads(json.loads(record)["response"]["body"]) == json.loads(first.body)
     finally:
         engine.close()
 
@@ -620,20 +629,19 @@ def test_an_answer_without_calls_settles_with_its_finished_answer(pg: PostgresBa
 def test_a_keyed_request_settles_checkpoints_and_audits_in_one_statement(
         pg: PostgresBackend, tmp_path: Path) -> None:
     """The gate of a keyed, budgeted request whose answer has a call the app dispatches
-    itself, on the async driver: three statements — the claim with its reservation; the
-    settlement, the checkpoint and the audit entries in one; the finished answer. The
-    answer is kept, the cost settled, the chain whole, a replay answers the same."""
+    itself, on the async driver: two statements — the claim with its reservation; the
+    settlement and the checkpoint, then the audit entries, then the finished answer, all in
+    one. The answer is kept, the cost settled, the chain whole, a replay answers the same."""
     sent: list[list[str]] = []
     engine, first, _ = _keyed_twice(pg, tmp_path, calls=True, sent=sent)
     try:
         mine = sent[0]
-        assert len(mine) == 3, mine
+        assert len(mine) == 2, mine
         assert "authority_claim_reserve" in mine[0]
-        assert "authority_state_batch" in mine[1] and "authority_audit_append" in mine[1]
-        # The finished answer, a relaxed write: a batch of one (its record sent as it is).
-        assert "authority_state_batch" in mine[2] and "authority_audit_append" not in mine[2]
-        batchers = list(engine.store.aio._batchers.values())
-        assert [(b.batches, b.items, b.refused) for b in batchers] == [(1, 1, 0)]
+        assert mine[1].startswith("WITH b(r) AS MATERIALIZED (SELECT authority_state_batch(")
+        assert mine[1].count("authority_state_batch") == 2
+        assert mine[1].count("authority_audit_append") == 1
+        assert [b.batches for b in engine.store.aio._batchers.values()] in ([], [0])
         spent = [n for (n,) in _sql(pg.dsn, "SELECT name FROM authority_counters")]
         assert spent and all(0 < engine.store.budget_used(n) < 1.0 for n in spent)
         rid = json.loads(first.body)["authority"]["request_id"]
@@ -643,6 +651,11 @@ def test_a_keyed_request_settles_checkpoints_and_audits_in_one_statement(
         assert events == ["request", "action"]
         [action] = json.loads(first.body)["authority"]["actions"]
         assert (action["status"], action["dispatch"]) == ("allowed", "client")
+        # The finished answer, not the held one: what the app was sent, for replays.
+        [(record,)] = _sql(pg.dsn, "SELECT record FROM authority_idem")
+        assert json.loads(record)["status"] == "done"
+        assert json.loads(json.loads(record)["response"]["body"]) == json.loads(first.body)
+        assert "answer" not in json.loads(record)
     finally:
         engine.close()
 
