@@ -579,8 +579,8 @@ class Engine:
         else:
             (headers, out), finished = self._encode(ctx, answer, authority), False
         claim = ctx.claim
-        if finished:
-            pass  # written with the audit entries, in their transaction
+        if finished:  # written with the audit entries, in their transaction
+            crash_point("respond:finished")  # the crash tests' kill -9, nothing sent yet
         elif (ctx.finish_later and ctx.settle_after is None and claim is not None
                 and claim.record.get("answer") is not None):
             # The answer is held (kept in the claim before the app sees it): until the

@@ -20,6 +20,7 @@ from proxy_env import ADMIN_KEY, AGENT_KEY, APPROVER_KEY, PROXY_ENV, write_proxy
 from servers import HttpReceiver, TcpRelay
 
 from authority_sdk.audit import verify
+from authority_sdk.audit.crashpoints import CRASH_ENV
 from authority_sdk.demo.processes import ProxyProcess
 
 pytestmark = [pytest.mark.slow, requires_postgres()]
@@ -61,14 +62,17 @@ class Cluster:
         self.pg = pg
         self.policy = write_proxy_policy(upstream, directory, {
             **overrides, "state": {"backend": "postgres", "dsn_env": pg.dsn_env},
-            "audit": {"backend": "postgres"}, "worker": {"interval_s": 0.3}})
+            "audit": {"backend": "postgres", **overrides.get("audit", {})},
+            "worker": {"interval_s": 0.3}})
         self.env = {**PROXY_ENV, pg.dsn_env: dsn or pg.dsn}
         self.replicas: list[Replica] = []
 
-    def start(self, n: int) -> list[Replica]:
-        for i in range(n):
-            proc = ProxyProcess(self.policy, env=self.env,
-                                log_path=self.directory / f"replica{i}.log").start(60)
+    def start(self, n: int, env: dict[str, str] | None = None) -> list[Replica]:
+        """``n`` more replicas (``env``: added to theirs); all of them."""
+        for _ in range(n):
+            log = self.directory / f"replica{len(self.replicas)}.log"
+            proc = ProxyProcess(self.policy, env={**self.env, **(env or {})},
+                                log_path=log).start(60)
             self.replicas.append(Replica(proc))
         return self.replicas
 
@@ -236,6 +240,30 @@ def test_kill9_of_a_replica_mid_execution_the_other_recovers(
         time.sleep(0.5)
         assert len(rx.requests) == 2
         assert upstream.model.chat_requests >= 1
+        cluster.verify()
+
+
+def test_killed_after_its_finished_answer_before_the_response_a_retry_elsewhere_replays(
+        upstream: ScriptedServer, tmp_path: Path, pg: PostgresBackend) -> None:
+    """The finished answer goes in the audit entries' transaction (README section 7). A
+    replica killed right after it (a real SIGKILL), before a byte of the response left:
+    the client's retry on another replica is replayed — the same calls, the model asked
+    once, the chain whole."""
+    # fsync on (the tests' policies turn it off): a relaxed log keeps the two apart.
+    with Cluster(upstream, tmp_path, pg, {"audit": {"fsync": True}}) as cluster:
+        [b] = cluster.start(1)
+        [_, a] = cluster.start(1, env={CRASH_ENV: "respond:finished"})
+        script = 'CALL lookup_customer {"customer_id": "C-{nonce}"}'
+        served = upstream.chat_requests
+        with pytest.raises(httpx.HTTPError):
+            a.chat(script, key="killed-before-sending")
+        assert a.proc.proc is not None and a.proc.proc.wait(10) == -signal.SIGKILL
+        retry = b.chat(script, key="killed-before-sending")
+        assert retry.status_code == 200, retry.text
+        assert retry.headers.get("idempotent-replayed") == "true"
+        [call] = retry.json()["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["name"] == "lookup_customer"
+        assert upstream.chat_requests == served + 1  # never asked again
         cluster.verify()
 
 
