@@ -6,8 +6,10 @@ statement cannot carry, still end with every write made and one whole chain."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from helpers import PostgresBackend, requires_postgres
 
 from authority_sdk.audit.postgres import PgAuditSink
@@ -70,93 +72,91 @@ class _Counted:
         self.store.close()
 
 
-def test_the_writes_and_the_entries_go_in_one_statement(pg: PostgresBackend) -> None:
-    db = _Counted(pg)
+@pytest.fixture
+def db(pg: PostgresBackend) -> Iterator[_Counted]:
+    counted = _Counted(pg)
+    yield counted
+    counted.close()
+
+
+def _reserved(store: Any) -> None:
+    """The reservation the settlement of ``_first`` settles (0.5 reserved, 0.25 spent)."""
+    store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5, ttl_s=3600)
+
+
+def _chain_whole(db: _Counted, entries: int) -> None:
+    result = verify_sink(db.sink)
+    assert result.ok and result.entries == entries and not result.losses, result
+
+
+def _another_replica_appends(pg: PostgresBackend) -> None:
+    """An entry appended by another replica's sink: the chain moves on without us."""
+    store = pg.open()
+    sink = PgAuditSink(store.dsn, head=store).open()
     try:
-        db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
-                                ttl_s=3600)
-        _claimed(db.store)
-        outcomes, entries, _ = db.run(AuditOp((_entry(1), _entry(2)), _first()))
-        assert outcomes == [(True, None), (True, True)]
-        assert [e["request_id"] for e in entries] == ["req_loop_1", "req_loop_2"]
-        assert db.sent == 1
-        assert db.store.idem_get(KEY)["answer"] == {"id": "chatcmpl-1"}
-        assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
-        result = verify_sink(db.sink)
-        assert result.ok and result.entries == 3 and not result.losses, result
+        sink.append_many([_entry(1, "other")])
     finally:
-        db.close()
+        sink.close()
+        store.close()
 
 
-def test_a_claim_no_longer_ours_keeps_the_entries_out(pg: PostgresBackend) -> None:
+def test_the_writes_and_the_entries_go_in_one_statement(db: _Counted) -> None:
+    _reserved(db.store)
+    _claimed(db.store)
+    outcomes, entries, _ = db.run(AuditOp((_entry(1), _entry(2)), _first()))
+    assert outcomes == [(True, None), (True, True)]
+    assert [e["request_id"] for e in entries] == ["req_loop_1", "req_loop_2"]
+    assert db.sent == 1
+    assert db.store.idem_get(KEY)["answer"] == {"id": "chatcmpl-1"}
+    assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
+    _chain_whole(db, 3)
+
+
+def test_a_claim_no_longer_ours_keeps_the_entries_out(db: _Counted) -> None:
     """The checkpoint finds the claim gone to a retry: the settlement is made (the cost is
     real), the entries are not written — the caller decides what goes on the record."""
-    db = _Counted(pg)
-    try:
-        db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
-                                ttl_s=3600)
-        theirs = _claimed(db.store, "req_theirs")
-        outcomes, entries, _ = db.run(AuditOp((_entry(1),), _first("req_mine")))
-        assert outcomes == [(True, None), (True, False)] and entries is None
-        assert db.sent == 1
-        assert db.store.idem_get(KEY) == theirs
-        assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
-        # Nothing of the entry was written, and the sink goes on from where it was.
-        db.sink.append_many([_entry(3)])
-        result = verify_sink(db.sink)
-        assert result.ok and result.entries == 2 and not result.losses, result
-    finally:
-        db.close()
+    _reserved(db.store)
+    theirs = _claimed(db.store, "req_theirs")
+    outcomes, entries, _ = db.run(AuditOp((_entry(1),), _first("req_mine")))
+    assert outcomes == [(True, None), (True, False)] and entries is None
+    assert db.sent == 1
+    assert db.store.idem_get(KEY) == theirs
+    assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
+    # Nothing of the entry was written, and the sink goes on from where it was.
+    db.sink.append_many([_entry(3)])
+    _chain_whole(db, 2)
 
 
 def test_another_replica_in_between_the_writes_stand_the_entries_go_the_full_way(
-        pg: PostgresBackend) -> None:
-    db = _Counted(pg)
-    other_store = pg.open()
-    other = PgAuditSink(other_store.dsn, head=other_store).open()
-    try:
-        _claimed(db.store)
-        other.append_many([_entry(1, "other")])  # this sink's idea of the last entry is old
-        outcomes, entries, _ = db.run(AuditOp((_entry(2),), _first()))
-        assert outcomes == [(True, None), (True, True)]
-        assert [e["request_id"] for e in entries] == ["req_loop_2"]
-        assert db.store.idem_get(KEY)["answer"] == {"id": "chatcmpl-1"}
-        result = verify_sink(db.sink)
-        assert result.ok and result.entries == 3 and not result.losses, result
-    finally:
-        other.close()
-        other_store.close()
-        db.close()
+        db: _Counted, pg: PostgresBackend) -> None:
+    _claimed(db.store)
+    _another_replica_appends(pg)  # this sink's idea of the last entry is old
+    outcomes, entries, _ = db.run(AuditOp((_entry(2),), _first()))
+    assert outcomes == [(True, None), (True, True)]
+    assert [e["request_id"] for e in entries] == ["req_loop_2"]
+    assert db.store.idem_get(KEY)["answer"] == {"id": "chatcmpl-1"}
+    _chain_whole(db, 3)
 
 
 def test_writes_the_statement_cannot_carry_go_first_by_themselves(
-        pg: PostgresBackend) -> None:
+        db: _Counted) -> None:
     """A reservation (whose refusal is no failure the statement can see) goes its usual
     way, then the entries."""
-    db = _Counted(pg)
-    try:
-        outcomes, entries, _ = db.run(AuditOp((_entry(1),), (
-            S.budget_reserve([("budget:prod", 1.0)], min_usd=0.5, max_usd=0.5, ttl_s=3600),)))
-        assert outcomes == [(True, 0.5)] and len(entries) == 1
-        assert db.sent == 2
-        result = verify_sink(db.sink)
-        assert result.ok and result.entries == 2, result
-    finally:
-        db.close()
+    outcomes, entries, _ = db.run(AuditOp((_entry(1),), (
+        S.budget_reserve([("budget:prod", 1.0)], min_usd=0.5, max_usd=0.5, ttl_s=3600),)))
+    assert outcomes == [(True, 0.5)] and len(entries) == 1
+    assert db.sent == 2
+    _chain_whole(db, 2)
 
 
-def test_a_relaxed_log_keeps_its_writes_apart(pg: PostgresBackend) -> None:
+def test_a_relaxed_log_keeps_its_writes_apart(db: _Counted) -> None:
     """``fsync: false`` relaxes the log's commits: the writes that must be durable before
     the entries do not share them."""
-    db = _Counted(pg)
     db.sink.fsync = False
-    try:
-        _claimed(db.store)
-        outcomes, entries, _ = db.run(AuditOp((_entry(1),), _first()))
-        assert outcomes == [(True, None), (True, True)] and len(entries) == 1
-        assert db.sent >= 2
-    finally:
-        db.close()
+    _claimed(db.store)
+    outcomes, entries, _ = db.run(AuditOp((_entry(1),), _first()))
+    assert outcomes == [(True, None), (True, True)] and len(entries) == 1
+    assert db.sent >= 2
 
 
 # -- ``then``: writes after the entries, in their transaction --------------------------------
@@ -170,87 +170,60 @@ def _then(claim_id: str = "req_mine") -> tuple[Any, ...]:
 
 
 def test_the_finished_answer_goes_after_the_entries_in_the_same_statement(
-        pg: PostgresBackend) -> None:
-    db = _Counted(pg)
-    try:
-        db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
-                                ttl_s=3600)
-        _claimed(db.store)
-        outcomes, entries, after = db.run(AuditOp((_entry(1),), _first(), _then()))
-        assert outcomes == [(True, None), (True, True)] and after == [(True, True)]
-        assert [e["request_id"] for e in entries] == ["req_loop_1"]
-        assert db.sent == 1
-        assert db.store.idem_get(KEY)["status"] == "done"
-        assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
-        result = verify_sink(db.sink)
-        assert result.ok and result.entries == 2 and not result.losses, result
-    finally:
-        db.close()
+        db: _Counted) -> None:
+    _reserved(db.store)
+    _claimed(db.store)
+    outcomes, entries, after = db.run(AuditOp((_entry(1),), _first(), _then()))
+    assert outcomes == [(True, None), (True, True)] and after == [(True, True)]
+    assert [e["request_id"] for e in entries] == ["req_loop_1"]
+    assert db.sent == 1
+    assert db.store.idem_get(KEY)["status"] == "done"
+    assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
+    _chain_whole(db, 2)
 
 
 def test_without_first_the_entries_then_the_writes_in_one_statement(
-        pg: PostgresBackend) -> None:
+        db: _Counted) -> None:
     """An answer without calls: its entry, then its settlement and finished answer."""
-    db = _Counted(pg)
-    try:
-        db.store.budget_reserve([("budget:prod", 10.0)], min_usd=0.5, max_usd=0.5,
-                                ttl_s=3600)
-        _claimed(db.store)
-        settle = S.budget_settle(["budget:prod"], reserved=0.5, actual=0.25, ttl_s=3600)
-        outcomes, entries, after = db.run(AuditOp((_entry(1),), (), (settle, *_then())))
-        assert outcomes == [] and len(entries) == 1 and after == [(True, None), (True, True)]
-        assert db.sent == 1
-        assert db.store.idem_get(KEY)["status"] == "done"
-        assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
-        assert verify_sink(db.sink).ok
-    finally:
-        db.close()
+    _reserved(db.store)
+    _claimed(db.store)
+    settle = S.budget_settle(["budget:prod"], reserved=0.5, actual=0.25, ttl_s=3600)
+    outcomes, entries, after = db.run(AuditOp((_entry(1),), (), (settle, *_then())))
+    assert outcomes == [] and len(entries) == 1 and after == [(True, None), (True, True)]
+    assert db.sent == 1
+    assert db.store.idem_get(KEY)["status"] == "done"
+    assert abs(db.store.budget_used("budget:prod") - 0.25) < 1e-9
+    assert verify_sink(db.sink).ok
 
 
 def test_then_is_not_made_when_the_first_writes_did_not_take_effect(
-        pg: PostgresBackend) -> None:
-    db = _Counted(pg)
-    try:
-        theirs = _claimed(db.store, "req_theirs")
-        outcomes, entries, after = db.run(AuditOp((_entry(1),), _first("req_mine"),
-                                                  _then("req_theirs")))
-        assert outcomes[1] == (True, False) and entries is None and after is None
-        assert db.sent == 1
-        assert db.store.idem_get(KEY) == theirs  # the finished answer was not written
-    finally:
-        db.close()
+        db: _Counted) -> None:
+    theirs = _claimed(db.store, "req_theirs")
+    outcomes, entries, after = db.run(AuditOp((_entry(1),), _first("req_mine"),
+                                              _then("req_theirs")))
+    assert outcomes[1] == (True, False) and entries is None and after is None
+    assert db.sent == 1
+    assert db.store.idem_get(KEY) == theirs  # the finished answer was not written
 
 
-def test_then_is_not_made_when_the_entries_take_the_full_way(pg: PostgresBackend) -> None:
+def test_then_is_not_made_when_the_entries_take_the_full_way(db: _Counted,
+                                                            pg: PostgresBackend) -> None:
     """Another replica appended in between: the statement writes ``first`` only, the
     entries go their full way after it, and ``then`` — which must never be seen without
     the entries — is left to the caller."""
-    db = _Counted(pg)
-    other_store = pg.open()
-    other = PgAuditSink(other_store.dsn, head=other_store).open()
-    try:
-        _claimed(db.store)
-        other.append_many([_entry(1, "other")])
-        outcomes, entries, after = db.run(AuditOp((_entry(2),), _first(), _then()))
-        assert outcomes == [(True, None), (True, True)] and len(entries) == 1
-        assert after is None
-        held = db.store.idem_get(KEY)
-        assert held["status"] == "in_flight" and held["answer"] == {"id": "chatcmpl-1"}
-        result = verify_sink(db.sink)
-        assert result.ok and result.entries == 3 and not result.losses, result
-    finally:
-        other.close()
-        other_store.close()
-        db.close()
+    _claimed(db.store)
+    _another_replica_appends(pg)
+    outcomes, entries, after = db.run(AuditOp((_entry(2),), _first(), _then()))
+    assert outcomes == [(True, None), (True, True)] and len(entries) == 1
+    assert after is None
+    held = db.store.idem_get(KEY)
+    assert held["status"] == "in_flight" and held["answer"] == {"id": "chatcmpl-1"}
+    _chain_whole(db, 3)
 
 
-def test_a_relaxed_log_leaves_then_to_the_caller(pg: PostgresBackend) -> None:
-    db = _Counted(pg)
+def test_a_relaxed_log_leaves_then_to_the_caller(db: _Counted) -> None:
     db.sink.fsync = False
-    try:
-        _claimed(db.store)
-        outcomes, entries, after = db.run(AuditOp((_entry(1),), _first(), _then()))
-        assert outcomes == [(True, None), (True, True)] and len(entries) == 1
-        assert after is None and db.store.idem_get(KEY)["status"] == "in_flight"
-    finally:
-        db.close()
+    _claimed(db.store)
+    outcomes, entries, after = db.run(AuditOp((_entry(1),), _first(), _then()))
+    assert outcomes == [(True, None), (True, True)] and len(entries) == 1
+    assert after is None and db.store.idem_get(KEY)["status"] == "in_flight"
