@@ -672,10 +672,17 @@ class Engine:
             ride, inp.ride = inp.ride, None  # None: a call needed it held, it was sent
             if gated and respond and not queue.degraded and (
                     ctx.claim is not None or ctx.settle_after is not None):
-                # A copy while the held answer (this very body) is still to be written.
-                pre = self._prebuild(ctx, answer, outcomes, reason, actual,
-                                     copy=ride is not None)
-                then = self._finish_ops(ctx, 200, pre[2], pre[3])
+                try:
+                    # A copy while the held answer (this very body) is still to be written.
+                    pre = self._prebuild(ctx, answer, outcomes, reason, actual,
+                                         copy=ride is not None)
+                    then = self._finish_ops(ctx, 200, pre[2], pre[3])
+                except Exception:
+                    # Never at the cost of the record: the entries go first, the response
+                    # is built after them (and fails there, if it must).
+                    log.exception("request %s: its response could not be built before its "
+                                  "audit entries", ctx.request_id)
+                    pre, then = None, ()
             # Whatever happened to the calls, what was decided and done goes on the record.
             with _suppress_after_effects(queue):
                 if ride is not None and not gated:

@@ -192,3 +192,36 @@ def test_a_client_key_taken_before_its_answer_was_held_hands_the_app_no_call(
             if e["request_id"] == ctx.request_id]
     assert [e["event"] for e in mine] == ["request"]
     assert gw.store.idem_get(ctx.claim.key) == theirs
+
+
+@pytest.mark.parametrize("script", ['CALL lookup_customer {"customer_id": "C-9"}',
+                                    "no calls, just words"], ids=["held", "no-calls"])
+def test_a_response_that_cannot_be_built_before_the_record_still_leaves_the_record(
+        write_policy: Callable[..., Path], rx: HttpReceiver, gateways: list[Gateway],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, script: str) -> None:
+    """The response is built before the audit entries are written (so that its finished
+    answer can go with them); a failure there never costs the record: the entries go
+    first, the response is built after them, the key replays it."""
+    from authority_sdk.engine import Engine
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("prebuild broke")
+
+    monkeypatch.setattr(Engine, "_prebuild", broken)
+    gw = Gateway(write_policy(refund_policy(rx)))
+    gateways.append(gw)
+    client = AuthorityClient(gateway=gw, max_retries=0)
+    hdr = {"Idempotency-Key": f"prebuild-{len(script)}"}
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=user(script), tools=TOOLS, extra_headers=hdr)
+    again = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=user(script), tools=TOOLS, extra_headers=hdr)
+    assert again.headers.get("idempotent-replayed") == "true"
+    answer = first.parse()
+    assert again.parse().choices == answer.choices
+    calls = answer.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls] == (["lookup_customer"] if "CALL" in script else [])
+    rid = answer.authority["request_id"]  # type: ignore[attr-defined]
+    events = [e["event"] for e in audit_entries(tmp_path / "audit.jsonl")
+              if e.get("request_id") == rid]
+    assert events == ["request", "action"][:1 + len(calls)]
