@@ -39,8 +39,9 @@ def _label(effect: Any) -> str:
         return str(effect.method)
     if kind == "StoreOps":
         return "+".join(op.method for op in effect.ops)
-    if kind == "AuditOp" and effect.first:  # writes that ride with the append
-        return "+".join([*(op.method for op in effect.first), kind])
+    if kind == "AuditOp" and (effect.first or effect.then):  # writes around the append
+        return "+".join([*(op.method for op in effect.first), kind,
+                         *(op.method for op in effect.then)])
     return kind
 
 
