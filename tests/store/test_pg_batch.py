@@ -706,3 +706,74 @@ def test_a_key_taken_before_the_answer_was_held_writes_the_settlement_only(
             2 * cost["actual_usd"]) for n in spent)
     finally:
         engine.close()
+
+
+# -- a batch, then a value, then another batch: each part only after the one before took ---
+
+
+def test_state_batch_then_runs_each_part_only_after_the_one_before_took(
+        pg: PostgresBackend) -> None:
+    """``pg_plans.state_batch_then`` over arbitrary writes (hypothesis): the batch always
+    runs; the value only if every replace and delete of the batch took; the second batch
+    only if the value was true — and then in the same transaction, visible with the rest."""
+    import uuid
+
+    import psycopg
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    record = {"claim_id": "c-mine", "status": "in_flight"}
+    write = st.sampled_from(["put", "replace-mine", "replace-other", "delete-mine",
+                             "delete-other"])
+
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(seeded=st.lists(st.booleans(), min_size=3, max_size=3),
+           writes=st.lists(write, min_size=0, max_size=3), settle=st.booleans(),
+           flag=st.sampled_from([True, False, None]), after=st.integers(0, 2))
+    def check(seeded: list[bool], writes: list[str], settle: bool, flag: bool | None,
+              after: int) -> None:
+        run = uuid.uuid4().hex[:8]
+        keys = [f"k-{run}-{i}" for i in range(3)]
+        for key, present in zip(keys, seeded, strict=True):
+            if present:
+                _sql(pg.dsn, "INSERT INTO authority_idem VALUES (%s, 'c-mine', %s, 1e12)",
+                     (key, json.dumps(record)))
+        calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        took = True
+        for key, present, what in zip(keys, seeded, writes, strict=False):
+            if what == "put":
+                calls.append(("idem_put", (key, record), {"ttl_s": TTL}))
+                continue
+            verb, whose = what.split("-")
+            mine = whose == "mine"
+            took = took and present and mine
+            if verb == "replace":
+                calls.append(("idem_replace", (key, f"c-{whose}", record), {"ttl_s": TTL}))
+            else:
+                calls.append(("idem_delete", (key, f"c-{whose}"), {}))
+        if settle:
+            calls.append(("budget_settle", ([f"ctr-{run}"],),
+                          {"reserved": 0.5, "actual": 0.25, "ttl_s": TTL}))
+        later = [f"after-{run}-{i}" for i in range(after)]
+        items = [pg_plans.batch_item(m, a, k) for m, a, k in calls]
+        more = [pg_plans.batch_item("idem_put", (key, record), {"ttl_s": TTL})
+                for key in later]
+        order, after_order, (sql, params) = pg_plans.state_batch_then(
+            items, ("SELECT %s::boolean", (flag,)), more)  # type: ignore[arg-type]
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            row = conn.execute(sql, params).fetchone()
+        assert row is not None
+        assert (row[0] is None) == (not items)
+        if items:
+            assert len(row[0]) == len(items) and sorted(order) == list(range(len(items)))
+        assert row[1] == (flag if took else None)
+        ran = row[1] is True
+        assert (row[2] is not None) == (ran and bool(more))
+        if more and ran:
+            assert len(row[2]) == len(more) and sorted(after_order) == list(range(len(more)))
+        present = {k for (k,) in _sql(pg.dsn, "SELECT key FROM authority_idem WHERE key = "
+                                              "ANY(%s)", (later,))}
+        assert present == (set(later) if ran else set())
+
+    check()
