@@ -116,8 +116,9 @@ class CallContext:
     finish_later: bool = False
     finish: Decision[None] | None = None
     # The response ``finalize_d`` built before its audit entries were written, so that its
-    # finished answer could go in their transaction: headers, body, and whether it went.
-    built: tuple[dict[str, str], bytes, bool] | None = None
+    # finished answer could go in their transaction: headers, body, whether it went, and
+    # the finishing writes (``Engine._finish_ops``) when it did not.
+    built: tuple[dict[str, str], bytes, bool, tuple[StoreOp, ...]] | None = None
 
     @property
     def stream(self) -> bool:
@@ -574,8 +575,9 @@ class Engine:
             yield from self._abandon_d(ctx)
             return error_response(exc, request_id=ctx.request_id)
         built, ctx.built = ctx.built, None
+        ops: tuple[StoreOp, ...] | None = None
         if built is not None:
-            headers, out, finished = built
+            headers, out, finished, ops = built
         else:
             (headers, out), finished = self._encode(ctx, answer, authority), False
         claim = ctx.claim
@@ -586,9 +588,9 @@ class Engine:
             # The answer is held (kept in the claim before the app sees it): until the
             # finished answer is written, a retry that takes over re-gates that same answer,
             # so nothing is lost by sending the response first.
-            ctx.finish = self.store_answer_d(ctx, 200, headers, out)
+            ctx.finish = self.store_answer_d(ctx, 200, headers, out, ops)
         else:
-            yield from self.store_answer_d(ctx, 200, headers, out)
+            yield from self.store_answer_d(ctx, 200, headers, out, ops)
         return GatewayResponse(200, headers, out, request_id=ctx.request_id,
                                decision=authority["decision"])
 
@@ -707,10 +709,9 @@ class Engine:
         if pre is not None:
             answer.body, authority = pre[0].body, pre[1]
             if queue.degraded:  # the final flush parked the entries (and made no ``then``)
-                authority["warnings"] = list(_DEGRADED)
-                ctx.built = (*self._encode(ctx, answer, authority), False)
+                authority["warnings"] = list(_DEGRADED)  # the response is encoded again
             else:
-                ctx.built = (pre[2], pre[3], after is not None)
+                ctx.built = (pre[2], pre[3], after is not None, then)
                 if after is not None:
                     ctx.settle_after = None  # it went with the finished answer
         else:
@@ -807,12 +808,15 @@ class Engine:
             "request_id": ctx.request_id}, ttl_s=ttl))
 
     def store_answer_d(self, ctx: CallContext, status: int, headers: dict[str, str],
-                       body: bytes) -> Decision[None]:
-        """Keep the answer for replays, with the settlement of an answer without calls."""
-        if ctx.claim is None:
-            yield from self._settle_after_d(ctx)
-            return
-        ops = self._finish_ops(ctx, status, headers, body)
+                       body: bytes, ops: tuple[StoreOp, ...] | None = None
+                       ) -> Decision[None]:
+        """Keep the answer for replays, with the settlement of an answer without calls
+        (``ops``: those writes, already built for this response)."""
+        if ops is None:
+            if ctx.claim is None:
+                yield from self._settle_after_d(ctx)
+                return
+            ops = self._finish_ops(ctx, status, headers, body)
         ctx.settle_after = None
         with contextlib.suppress(AuthorityError):
             if len(ops) == 1:

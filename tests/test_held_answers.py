@@ -225,3 +225,36 @@ def test_a_response_that_cannot_be_built_before_the_record_still_leaves_the_reco
     events = [e["event"] for e in audit_entries(tmp_path / "audit.jsonl")
               if e.get("request_id") == rid]
     assert events == ["request", "action"][:1 + len(calls)]
+
+
+def test_an_audit_log_that_breaks_at_the_last_write_answers_with_the_warning(
+        write_policy: Callable[..., Path], gateways: list[Gateway], effects: Path,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The one call runs, then the log becomes unwritable: the request's last write (its
+    outcome, built with its response before it) fails after an effect. The entries are
+    parked, the response — encoded again — carries the warning, and nothing runs twice."""
+    from sample_actions import BREAK_AUDIT_ENV
+
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv(BREAK_AUDIT_ENV, str(log))
+    gw = Gateway(write_policy({
+        "actions": {"issue_refund": {"executor": "breaker", "mode": "auto_execute"}},
+        "executors": {"breaker": {"type": "python",
+                                  "target": "sample_actions:record_then_break_audit"}}}))
+    gateways.append(gw)
+    client = AuthorityClient(gateway=gw, max_retries=0)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=user('CALL issue_refund {"order_id": "R-1", "amount": 5}'),
+        tools=TOOLS, extra_headers={"Idempotency-Key": "breaks-at-the-end"})
+    authority = resp.authority  # type: ignore[attr-defined]
+    assert [a["status"] for a in authority["actions"]] == ["executed"]
+    assert authority["warnings"] and "audit log could not be written" in authority["warnings"][0]
+    assert len(effects.read_text().splitlines()) == 1
+    with pytest.raises(openai.APIStatusError) as refused:  # no new work until it is written
+        client.chat.completions.create(
+            model=MODEL, messages=user('CALL issue_refund {"order_id": "R-1", "amount": 5}'),
+            tools=TOOLS, extra_headers={"Idempotency-Key": "breaks-at-the-end"})
+    assert refused.value.status_code == 503
+    assert len(effects.read_text().splitlines()) == 1
+    log.rmdir()  # the log mended, for the chain check after the test
+    log.with_name(log.name + ".aside").rename(log)
