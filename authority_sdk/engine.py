@@ -31,7 +31,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import admission, idempotency, rate_limits, served
 from .actions import AuditQueue, GateInput, Ride, claim_lost, gate_d, kill_engaged
@@ -662,7 +662,7 @@ class Engine:
         mark = len(queue.items)
         gated = False
         firsts: list[Outcome] | None = None
-        pre: tuple[Answer, dict[str, Any], dict[str, str], bytes] | None = None
+        pre: _Prebuilt | None = None
         then: tuple[StoreOp, ...] = ()
         after: list[Outcome] | None = None
         try:
@@ -678,7 +678,7 @@ class Engine:
                     # A copy while the held answer (this very body) is still to be written.
                     pre = self._prebuild(ctx, answer, outcomes, reason, actual,
                                          copy=ride is not None)
-                    then = self._finish_ops(ctx, 200, pre[2], pre[3])
+                    then = self._finish_ops(ctx, 200, pre.headers, pre.body)
                 except Exception:
                     # Never at the cost of the record: the entries go first, the response
                     # is built after them (and fails there, if it must).
@@ -707,11 +707,11 @@ class Engine:
         if queue.degraded:
             self.audit_degraded = True
         if pre is not None:
-            answer.body, authority = pre[0].body, pre[1]
+            answer.body, authority = pre.answer.body, pre.authority
             if queue.degraded:  # the final flush parked the entries (and made no ``then``)
                 authority["warnings"] = list(_DEGRADED)  # the response is encoded again
             else:
-                ctx.built = (pre[2], pre[3], after is not None, then)
+                ctx.built = (pre.headers, pre.body, after is not None, then)
                 if after is not None:
                     ctx.settle_after = None  # it went with the finished answer
         else:
@@ -768,14 +768,13 @@ class Engine:
         return headers, json.dumps(answer.body).encode()
 
     def _prebuild(self, ctx: CallContext, answer: Answer, outcomes: list[Any],
-                  reason: str | None, actual: float, *, copy: bool
-                  ) -> tuple[Answer, dict[str, Any], dict[str, str], bytes]:
+                  reason: str | None, actual: float, *, copy: bool) -> _Prebuilt:
         """The response as it stands if the audit entries are written as queued: the
         rewritten answer (a copy when ``copy``), its ``authority``, headers and body."""
         if copy:
             answer = Answer(json.loads(json.dumps(answer.body)), answer.calls, answer.usage)
         authority = self._authority(ctx, answer, outcomes, reason, actual, degraded=False)
-        return (answer, authority, *self._encode(ctx, answer, authority))
+        return _Prebuilt(answer, authority, *self._encode(ctx, answer, authority))
 
     @staticmethod
     def _first_hold(ctx: CallContext, answer: Answer) -> tuple[StoreOp, dict[str, Any]] | None:
@@ -1136,6 +1135,15 @@ async def _aclose(reply: UpstreamReply) -> None:
 def _append_d(items: tuple[tuple[str, dict[str, Any]], ...]) -> Decision[list[dict[str, Any]]]:
     entries = yield AuditOp(items)
     return entries
+
+
+class _Prebuilt(NamedTuple):
+    """A response built before its audit entries were written (``Engine._prebuild``)."""
+
+    answer: Answer  # rewritten for the outcomes
+    authority: dict[str, Any]
+    headers: dict[str, str]
+    body: bytes
 
 
 _DEGRADED = (
