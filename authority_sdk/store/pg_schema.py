@@ -370,6 +370,206 @@ BEGIN
 END
 $$;
 """),
+    # Fewer statements per call, the same steps and results (each statement a function runs
+    # costs ~25 µs of server time on the benchmark machine, on the critical path of every
+    # keyed request): the counters are locked once per statement, not once more per
+    # reservation, and the check that none vanished rides on the read that needs them.
+    # authority_claim_reserve went from nine statements to four (290 -> 176 µs of server
+    # time in isolation), authority_state_batch with counters from four to two.
+    (6, """
+CREATE OR REPLACE FUNCTION authority_counters_lock(wanted text[], OUT names text[],
+                                                   OUT used double precision[])
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    distinct_wanted bigint;
+BEGIN
+    INSERT INTO authority_counters AS c (name, used, expires_at)
+        SELECT DISTINCT n, 0::float8, 0::float8 FROM unnest(wanted) AS n ORDER BY n
+        ON CONFLICT (name) DO UPDATE SET used = c.used WHERE false;
+    -- A statement of its own: its snapshot is taken once every lock is held.
+    SELECT array_agg(c.name ORDER BY c.name),
+           array_agg(CASE WHEN c.expires_at > extract(epoch from clock_timestamp())::float8
+                          THEN c.used ELSE 0 END ORDER BY c.name),
+           (SELECT count(DISTINCT n) FROM unnest(wanted) AS n)
+      INTO names, used, distinct_wanted
+      FROM authority_counters c WHERE c.name = ANY(wanted);
+    IF coalesce(cardinality(names), 0) <> distinct_wanted THEN
+        RAISE EXCEPTION 'a counter row vanished under its lock';
+    END IF;
+END
+$$;
+
+-- As version 5's, in four statements: lock the counters, claim, read the room left (the
+-- rows are ours: a statement of its own sees them as the last commit left them), write
+-- the reservation.
+CREATE OR REPLACE FUNCTION authority_claim_reserve(p_key text, p_claim_id text,
+                                                   p_record text, p_ttl double precision,
+                                                   names text[], limits double precision[],
+                                                   min_usd double precision,
+                                                   max_usd double precision,
+                                                   budget_ttl double precision)
+RETURNS text[]
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    found_record text;
+    room double precision;
+    seen bigint;
+    granted double precision;
+BEGIN
+    INSERT INTO authority_counters AS c (name, used, expires_at)
+        SELECT DISTINCT n, 0::float8, 0::float8 FROM unnest(names) AS n ORDER BY n
+        ON CONFLICT (name) DO UPDATE SET used = c.used WHERE false;
+    INSERT INTO authority_idem AS t (key, claim_id, record, expires_at)
+    VALUES (p_key, p_claim_id, p_record, extract(epoch from clock_timestamp())::float8 + p_ttl)
+    ON CONFLICT (key) DO UPDATE SET claim_id = EXCLUDED.claim_id,
+        record = EXCLUDED.record, expires_at = EXCLUDED.expires_at
+    WHERE t.expires_at <= extract(epoch from clock_timestamp())::float8;
+    IF NOT FOUND THEN
+        SELECT t.record INTO found_record FROM authority_idem t WHERE t.key = p_key;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'an idempotency row vanished under its lock';
+        END IF;
+        RETURN ARRAY[found_record, NULL];
+    END IF;
+    SELECT min(q.lim - CASE WHEN c.expires_at > extract(epoch from clock_timestamp())::float8
+                            THEN c.used ELSE 0 END), count(c.name)
+      INTO room, seen
+      FROM unnest(names, limits) AS q(name, lim)
+      LEFT JOIN authority_counters c ON c.name = q.name;
+    IF seen <> coalesce(cardinality(names), 0) THEN
+        RAISE EXCEPTION 'a counter row vanished under its lock';
+    END IF;
+    IF room < min_usd THEN
+        RETURN ARRAY[NULL, NULL]::text[];
+    END IF;
+    granted := least(max_usd, room);
+    -- Clamped, so float rounding of used + (limit - used) cannot pass the limit; a counter
+    -- named twice keeps the lower of its two new values.
+    UPDATE authority_counters AS c
+       SET used = v.used, expires_at = extract(epoch from clock_timestamp())::float8 + budget_ttl
+      FROM (SELECT q.name, min(least(u.used + granted, greatest(q.lim, u.used))) AS used
+              FROM unnest(names, limits) AS q(name, lim)
+              JOIN (SELECT c2.name,
+                           CASE WHEN c2.expires_at > extract(epoch from clock_timestamp())::float8
+                                THEN c2.used ELSE 0 END AS used
+                      FROM authority_counters c2 WHERE c2.name = ANY(names)) AS u
+                   USING (name)
+             GROUP BY q.name) AS v
+     WHERE c.name = v.name;
+    RETURN ARRAY[NULL, granted::text];
+END
+$$;
+
+CREATE OR REPLACE FUNCTION authority_state_batch(relax boolean, kinds text[], keys text[],
+                                      expect text[], claim_ids text[], records text[],
+                                      ttls double precision[], lo double precision[],
+                                      hi double precision[], c_lo integer[],
+                                      c_hi integer[], c_name text[],
+                                      c_limit double precision[])
+RETURNS text[]
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    out text[] := array_fill(NULL::text, ARRAY[cardinality(kinds)]);
+    i integer;
+    kind text;
+    found_record text;
+    room double precision;
+    granted double precision;
+    seen bigint;
+BEGIN
+    IF relax THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    -- The counters' locks only (as authority_counters_lock takes them): every item reads
+    -- the rows it needs itself.
+    IF coalesce(cardinality(c_name), 0) > 0 THEN
+        INSERT INTO authority_counters AS c (name, used, expires_at)
+            SELECT DISTINCT n, 0::float8, 0::float8 FROM unnest(c_name) AS n ORDER BY n
+            ON CONFLICT (name) DO UPDATE SET used = c.used WHERE false;
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(kinds), 0) LOOP
+        kind := kinds[i];
+        IF kind = 'claim' THEN
+            -- An existing live row is locked and left as it is (the WHERE is false): the
+            -- next statement, with a snapshot of its own, reads the record in the way.
+            INSERT INTO authority_idem AS t (key, claim_id, record, expires_at)
+            VALUES (keys[i], claim_ids[i], records[i],
+                    extract(epoch from clock_timestamp())::float8 + ttls[i])
+            ON CONFLICT (key) DO UPDATE SET claim_id = EXCLUDED.claim_id,
+                record = EXCLUDED.record, expires_at = EXCLUDED.expires_at
+            WHERE t.expires_at <= extract(epoch from clock_timestamp())::float8;
+            IF NOT FOUND THEN
+                SELECT t.record INTO found_record FROM authority_idem t WHERE t.key = keys[i];
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'an idempotency row vanished under its lock';
+                END IF;
+                out[i] := found_record;
+            END IF;
+        ELSIF kind = 'replace' THEN
+            UPDATE authority_idem SET claim_id = claim_ids[i], record = records[i],
+                   expires_at = extract(epoch from clock_timestamp())::float8 + ttls[i]
+             WHERE key = keys[i] AND claim_id = expect[i]
+               AND expires_at > extract(epoch from clock_timestamp())::float8;
+            out[i] := CASE WHEN FOUND THEN '1' ELSE '0' END;
+        ELSIF kind = 'delete' THEN
+            DELETE FROM authority_idem
+             WHERE key = keys[i] AND claim_id = expect[i]
+               AND expires_at > extract(epoch from clock_timestamp())::float8;
+            out[i] := CASE WHEN FOUND THEN '1' ELSE '0' END;
+        ELSIF kind = 'put' THEN
+            INSERT INTO authority_idem (key, claim_id, record, expires_at)
+            VALUES (keys[i], claim_ids[i], records[i],
+                    extract(epoch from clock_timestamp())::float8 + ttls[i])
+            ON CONFLICT (key) DO UPDATE SET claim_id = EXCLUDED.claim_id,
+                record = EXCLUDED.record, expires_at = EXCLUDED.expires_at;
+            out[i] := '1';
+        ELSIF kind = 'reserve' THEN
+            -- As authority_budget_reserve, on rows this batch already holds (and may have
+            -- written: an earlier item's grant counts).
+            SELECT min(q.lim - CASE WHEN c.expires_at
+                                         > extract(epoch from clock_timestamp())::float8
+                                    THEN c.used ELSE 0 END), count(c.name) INTO room, seen
+              FROM unnest(c_name[c_lo[i]:c_hi[i]], c_limit[c_lo[i]:c_hi[i]]) AS q(name, lim)
+              LEFT JOIN authority_counters c ON c.name = q.name;
+            IF seen <> c_hi[i] - c_lo[i] + 1 THEN
+                RAISE EXCEPTION 'a counter row vanished under its lock';
+            END IF;
+            IF room IS NULL OR room < lo[i] THEN
+                CONTINUE;
+            END IF;
+            granted := least(hi[i], room);
+            UPDATE authority_counters AS c
+               SET used = v.used,
+                   expires_at = extract(epoch from clock_timestamp())::float8 + ttls[i]
+              FROM (SELECT q.name,
+                           min(least(u.used + granted, greatest(q.lim, u.used))) AS used
+                      FROM unnest(c_name[c_lo[i]:c_hi[i]], c_limit[c_lo[i]:c_hi[i]])
+                           AS q(name, lim)
+                      JOIN (SELECT c2.name,
+                                   CASE WHEN c2.expires_at
+                                             > extract(epoch from clock_timestamp())::float8
+                                        THEN c2.used ELSE 0 END AS used
+                              FROM authority_counters c2
+                             WHERE c2.name = ANY(c_name[c_lo[i]:c_hi[i]])) AS u
+                           USING (name)
+                     GROUP BY q.name) AS v
+             WHERE c.name = v.name;
+            out[i] := granted::text;
+        ELSIF kind = 'settle' THEN
+            UPDATE authority_counters AS c
+               SET used = greatest(CASE WHEN c.expires_at
+                                             > extract(epoch from clock_timestamp())::float8
+                                        THEN c.used ELSE 0 END + lo[i], 0),
+                   expires_at = extract(epoch from clock_timestamp())::float8 + ttls[i]
+             WHERE c.name = ANY(c_name[c_lo[i]:c_hi[i]]);
+        ELSE
+            RAISE EXCEPTION 'unknown batch item kind %', kind;
+        END IF;
+    END LOOP;
+    RETURN out;
+END
+$$;
+"""),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
