@@ -19,7 +19,8 @@ import secrets
 import time
 from typing import Any
 
-__all__ = ["confirmation_code", "consume", "lookup", "mint", "token_hash", "well_formed"]
+__all__ = ["confirmation_code", "consume", "link_id", "lookup", "mint", "token_hash",
+           "well_formed"]
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32): 256 bits
 _PREFIX = "link:"
@@ -27,6 +28,12 @@ _PREFIX = "link:"
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def link_id(token: str) -> str:
+    """What the audit log and the access log name a link by: a prefix of its hash, which
+    decides nothing (the token itself is the credential, and never written anywhere)."""
+    return token_hash(token)[:16]
 
 
 def confirmation_code(token: str) -> str:

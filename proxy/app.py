@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from authority_sdk.wire import GatewayRequest, GatewayResponse, error_response
 
 from .auth import Identity, KeyRing
 from .console import AuditTail, AuditVerify, audit_tail, audit_verify, console_response
-from .decide import DECIDE_PATH, decide_get, decide_post
+from .decide import DECIDE_PATH, decide_get, decide_post, loggable_path
 from .fastpath import PRIVATE_HEADERS, GatedDoors
 from .guard import IDENTITY, MANAGEMENT_MAX_BODY, InputGuard, RoleCheck
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -236,6 +237,19 @@ async def _watch_policy(reloader: Reloader, every_s: float = 1.0) -> None:
             loop.remove_signal_handler(signal.SIGHUP)
 
 
+def _without_native_telemetry() -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry (FastAPI 0.16x and later) turns itself on whenever the
+    process has global providers (``opentelemetry-instrument``, or its own
+    ``FASTAPI_OTEL_AUTO_CONFIGURE``) and puts every request's path in a span — a decision
+    link's token, the credential that decides, among them. The gateway's telemetry
+    (``authority_sdk.telemetry``) exports what it decides and nothing secret: FastAPI's is
+    off, where that FastAPI has it (which also spares each request its checks)."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False,
+                          "auto_configure": False}}
+
+
 def create_app(policy: Policy | str | Path) -> FastAPI:
     """The proxy as an ASGI app. ``app.state.gateway`` is its engine."""
     pol = load_policy(policy)
@@ -306,6 +320,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        **_without_native_telemetry(),
     )
     keyring = KeyRing(pol)
     app.state.gateway = gw
@@ -399,7 +414,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", _safe(request.method, 16),
-                      _safe(request.url.path))
+                      _safe(loggable_path(request.url.path)))
         resp = error_response(AuthorityError("internal error in the gateway"))
         return Response(resp.body, status_code=resp.status_code, headers=resp.headers)
 

@@ -39,9 +39,10 @@ if TYPE_CHECKING:
 
     from authority_sdk.engine import Gateway
 
-__all__ = ["DECIDE_PATH", "decide_get", "decide_post"]
+__all__ = ["DECIDE_PATH", "decide_get", "decide_post", "loggable_path"]
 
 DECIDE_PATH = "/authority/decide/{token}"
+_DECIDE_PREFIX = DECIDE_PATH.split("{", 1)[0]
 _MAX_REASON = 1000
 # Characters that change how text reads without being seen.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
@@ -50,6 +51,16 @@ _STYLE = ("body{font:15px system-ui,sans-serif;max-width:46rem;margin:2rem auto;
           "pre{background:#f4f4f4;padding:.8rem;white-space:pre-wrap;overflow-wrap:anywhere}"
           ".warn{color:#a00;font-weight:bold}dt{font-weight:bold}"
           "button{font-size:1rem;margin-right:1rem}input{font-size:1rem}")
+
+
+def loggable_path(path: str) -> str:
+    """``path`` as a log line or a record may show it. A decision link's token is the
+    credential that decides (its confirmation code is derived from it): the access log, an
+    error line or an audit entry that wrote it would let whoever reads them approve. Its
+    place shows ``~`` and the link's id instead, the one the audit entries name it by."""
+    if path.startswith(_DECIDE_PREFIX) and len(path) > len(_DECIDE_PREFIX):
+        return _DECIDE_PREFIX + "~" + links.link_id(path[len(_DECIDE_PREFIX):])
+    return path
 
 
 def _csp() -> str:
@@ -140,7 +151,7 @@ def _refuse(gw: Gateway, token: str, rec: dict[str, Any] | None, why: str) -> No
                    actor=f"link:{rec.get('approver')}" if rec else "link",
                    approval_status=None, details={
                        "approval_id": rec.get("approval_id") if rec else None,
-                       "link": links.token_hash(token)[:16]})
+                       "link": links.link_id(token)})
 
 
 def _same_origin(gw: Gateway, request: Request) -> bool:

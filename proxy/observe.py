@@ -20,6 +20,8 @@ from authority_sdk.effects import Decision
 from authority_sdk.engine import CallContext, Gateway
 from authority_sdk.formats import Answer
 
+from .decide import loggable_path
+
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -200,7 +202,7 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        info = RequestInfo(method=scope["method"], path=scope["path"],
+        info = RequestInfo(method=scope["method"], path=loggable_path(scope["path"]),
                            started=time.perf_counter(), trace_id=trace_id_of(scope))
         token = _current.set(info)
         done = False

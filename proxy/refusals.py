@@ -19,6 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from authority_sdk.errors import AuthorityError
 from authority_sdk.render import clip, escape_surrogates
 
+from .decide import loggable_path
+
 if TYPE_CHECKING:
     from authority_sdk.engine import Gateway
 
@@ -55,7 +57,7 @@ async def audit_refusal(gw: Gateway, ident: Identity, exc: AuthorityError, metho
             actor=ident.name,
             details={"code": exc.code, "status_code": exc.status_code,
                      "method": clip(method, 16),
-                     "path": escape_surrogates(clip(path, _MAX_PATH))})
+                     "path": escape_surrogates(clip(loggable_path(path), _MAX_PATH))})
     except AuthorityError as audit_exc:
         return audit_exc
     exc.audited = True

@@ -177,6 +177,23 @@ def test_a_used_link_is_refused_and_audited(px: RunningProxy, hook: HttpReceiver
                and "already used" in str(e["reason"]) for e in px.audit_entries())
 
 
+def test_the_token_is_in_no_log_line_and_no_audit_entry(px: RunningProxy,
+                                                         hook: HttpReceiver) -> None:
+    """Whoever reads the logs or the audit log could approve with a token found there (the
+    confirmation code derives from it): each names the link by its id instead."""
+    apr = hold(px, "read my logs")
+    url = link_for(px, hook, apr, "alice")
+    token = url.rsplit("/", 1)[1]
+    code = code_of(httpx.get(url, timeout=30).text)
+    assert post(url, decision="approve", confirm=code).status_code == 200
+    assert post(url, decision="approve", confirm=code).status_code == 410  # used: audited
+    assert httpx.get(url + "x" * 5000, timeout=30).status_code == 400  # the token in it
+    log = (px.directory / "proxy.log").read_text()
+    assert token not in log and token not in json.dumps(px.audit_entries())
+    assert log.count(f"path=/authority/decide/~{links.link_id(token)} ") == 3
+    assert any(e["details"].get("link") == links.link_id(token) for e in px.audit_entries())
+
+
 def test_an_expired_link_is_refused(px: RunningProxy) -> None:
     apr = hold(px, "expires soon")
     gw = Gateway(px.policy_path)

@@ -250,3 +250,37 @@ def test_policy_names_the_collector(upstream: ScriptedServer, tmp_path: Path) ->
                                for s in col.named("chat ")))
     finally:
         c.close()
+
+
+def test_a_decision_links_token_reaches_no_span_and_no_log_line(
+        upstream: ScriptedServer, tmp_path: Path, collector: OtlpCollector,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token in ``/authority/decide/{token}`` decides (its confirmation code derives
+    from it). With OpenTelemetry on everywhere the process can turn it on — the gateway's
+    own, and FastAPI's (``FASTAPI_OTEL_AUTO_CONFIGURE``, global providers) — no span
+    attribute and no log line carries it: the access log names the link by its id."""
+    import secrets
+
+    from authority_sdk import links
+
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    token = secrets.token_urlsafe(32)
+    with start_proxy(upstream, tmp_path, serve_args=["--log-format", "json"]) as px:
+        for method in ("GET", "POST"):
+            assert px.http(method, f"/authority/decide/{token}").status_code in (404, 410)
+        r = px.http("POST", "/v1/chat/completions", AGENT_KEY,
+                    json={"model": "gpt-4o-mini", "messages": user("SAY hi")})
+        assert r.status_code == 200
+        request_id = r.json()["authority"]["request_id"]
+        collector.wait(lambda c: any(attrs(s).get("authority.request_id") == request_id
+                                     for s in c.named("chat ")))
+    # Exported at the latest when the process exits (stopped above).
+    exported = [json.dumps(attrs(s), default=str) + s.name for _, s in collector.spans]
+    assert not [e for e in exported if token in e]
+    assert not [e for e in exported if "/authority/decide" in e]  # not even the route's span
+    log = (tmp_path / "proxy.log").read_text()
+    assert token not in log
+    decide = [line for line in _log_lines(tmp_path / "proxy.log")
+              if str(line.get("path", "")).startswith("/authority/decide/")]
+    assert [line["path"] for line in decide] == [
+        f"/authority/decide/~{links.link_id(token)}"] * 2
