@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import workload  # noqa: E402
-from harness import Server, can_pin, cpu_seconds, free_port, pinned, start_mock  # noqa: E402
-from pg_bench import DSN_ENV, PG_DSN, SERVER_CPU, WRK_CPU, write_policy  # noqa: E402
+from harness import can_pin, cpu_seconds, start_mock  # noqa: E402
+from pg_bench import DSN_ENV, PG_DSN, WRK_CPU, serve_proxy  # noqa: E402
 
 WARM_UP = 50
 
@@ -85,19 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             ports: dict[str, int] = {}
             pids: dict[str, int] = {}
             for name, backend, code in specs:
-                policy = write_policy(work / f"proxy-{name}", backend, url)
                 env = {**os.environ, "AUTHORITY_KEY_BENCH": token,
                        "BENCH_UPSTREAM_KEY": "sk-mock", "PYTHONPATH": str(code)}
                 if backend == "postgres":
                     env[DSN_ENV] = _schema(code, schemas)
-                port = free_port()
-                cmd = pinned([sys.executable, "-m", "authority_sdk.cli", "serve", "--policy",
-                              str(policy), "--port", str(port), "--log-level", "warning"],
-                             SERVER_CPU)
-                srv = Server(name, cmd, log=work / f"{name}.log", env=env, cwd=policy.parent)
-                stack.callback(srv.stop)
-                srv.wait_healthy(f"http://127.0.0.1:{port}/healthz", timeout_s=60)
-                ports[name], pids[name] = port, srv.pid
+                srv, ports[name] = serve_proxy(stack, work, name, backend, url, env)
+                pids[name] = srv.pid
             if can_pin():
                 os.sched_setaffinity(0, {int(WRK_CPU)})
             conns = {k: http.client.HTTPConnection("127.0.0.1", p) for k, p in ports.items()}

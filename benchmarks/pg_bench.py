@@ -184,6 +184,20 @@ def bench_gate(work: Path, turns: int, blocks: int) -> dict[str, Any]:
 # -- 2. the proxy -------------------------------------------------------------------------------
 
 
+def serve_proxy(stack: ExitStack, work: Path, name: str, backend: str, upstream_url: str,
+                env: dict[str, str]) -> tuple[Server, int]:
+    """``authority serve`` on ``backend`` with this benchmark's policy, pinned to the server's
+    CPU, healthy, stopped when ``stack`` closes; the server and its port."""
+    policy = write_policy(work / f"proxy-{name}", backend, upstream_url)
+    port = free_port()
+    cmd = pinned([sys.executable, "-m", "authority_sdk.cli", "serve", "--policy",
+                  str(policy), "--port", str(port), "--log-level", "warning"], SERVER_CPU)
+    srv = Server(name, cmd, log=work / f"{name}.log", env=env, cwd=policy.parent)
+    stack.callback(srv.stop)
+    srv.wait_healthy(f"http://127.0.0.1:{port}/healthz", timeout_s=60)
+    return srv, port
+
+
 def bench_proxy(work: Path, duration_s: float, repeats: int, env: dict[str, str]) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         return {"skipped": "wrk is not installed (benchmarks/ensure_wrk.sh)"}
@@ -198,14 +212,7 @@ def bench_proxy(work: Path, duration_s: float, repeats: int, env: dict[str, str]
         url = f"http://127.0.0.1:{mock_port}/v1"
 
         def serve(name: str, backend: str) -> str:
-            policy = write_policy(work / f"proxy-{name}", backend, url)
-            port = free_port()
-            cmd = pinned([sys.executable, "-m", "authority_sdk.cli", "serve", "--policy",
-                          str(policy), "--port", str(port), "--log-level", "warning"],
-                         SERVER_CPU)
-            srv = Server(name, cmd, log=work / f"{name}.log", env=env, cwd=policy.parent)
-            stack.callback(srv.stop)
-            srv.wait_healthy(f"http://127.0.0.1:{port}/healthz", timeout_s=60)
+            _, port = serve_proxy(stack, work, name, backend, url, env)
             return f"http://127.0.0.1:{port}/v1/chat/completions"
 
         targets = {"diskcache": serve("diskcache", "diskcache"),

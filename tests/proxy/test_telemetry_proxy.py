@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from proxy_env import AGENT_KEY, start_proxy
+from proxy_env import AGENT_KEY, RunningProxy, start_proxy
 from servers import HttpReceiver
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -236,18 +236,27 @@ def test_proxy_without_telemetry_sends_no_trace_upstream(
     assert "traceparent" not in sent
 
 
+def _say_hi(px: RunningProxy) -> str:
+    """A plain chat request through the proxy; its request id."""
+    r = px.http("POST", "/v1/chat/completions", AGENT_KEY,
+                json={"model": "gpt-4o-mini", "messages": user("SAY hi")})
+    assert r.status_code == 200
+    return str(r.json()["authority"]["request_id"])
+
+
+def _wait_for_chat(collector: OtlpCollector, request_id: str) -> None:
+    collector.wait(lambda c: any(attrs(s).get("authority.request_id") == request_id
+                                 for s in c.named("chat ")))
+
+
 def test_policy_names_the_collector(upstream: ScriptedServer, tmp_path: Path) -> None:
     c = OtlpCollector()
     try:
         with start_proxy(upstream, tmp_path, overrides={
                 "telemetry": {"otel": True, "endpoint": c.url}}) as px:
-            r = px.http("POST", "/v1/chat/completions", AGENT_KEY,
-                        json={"model": "gpt-4o-mini", "messages": user("SAY hi")})
-            assert r.status_code == 200
-            request_id = r.json()["authority"]["request_id"]
+            request_id = _say_hi(px)
             # Exported on the batch schedule (5 s by default), or at the latest at exit.
-        c.wait(lambda col: any(attrs(s).get("authority.request_id") == request_id
-                               for s in col.named("chat ")))
+        _wait_for_chat(c, request_id)
     finally:
         c.close()
 
@@ -268,12 +277,7 @@ def test_a_decision_links_token_reaches_no_span_and_no_log_line(
     with start_proxy(upstream, tmp_path, serve_args=["--log-format", "json"]) as px:
         for method in ("GET", "POST"):
             assert px.http(method, f"/authority/decide/{token}").status_code in (404, 410)
-        r = px.http("POST", "/v1/chat/completions", AGENT_KEY,
-                    json={"model": "gpt-4o-mini", "messages": user("SAY hi")})
-        assert r.status_code == 200
-        request_id = r.json()["authority"]["request_id"]
-        collector.wait(lambda c: any(attrs(s).get("authority.request_id") == request_id
-                                     for s in c.named("chat ")))
+        _wait_for_chat(collector, _say_hi(px))
     # Exported at the latest when the process exits (stopped above).
     exported = [json.dumps(attrs(s), default=str) + s.name for _, s in collector.spans]
     assert not [e for e in exported if token in e]
