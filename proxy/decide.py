@@ -58,9 +58,13 @@ def loggable_path(path: str) -> str:
     credential that decides (its confirmation code is derived from it): the access log, an
     error line or an audit entry that wrote it would let whoever reads them approve. Its
     place shows ``~`` and the link's id instead, the one the audit entries name it by."""
-    if path.startswith(_DECIDE_PREFIX) and len(path) > len(_DECIDE_PREFIX):
-        return _DECIDE_PREFIX + "~" + links.link_id(path[len(_DECIDE_PREFIX):])
-    return path
+    # Anywhere in the path, not only at its start: behind a prefix (a mount, a root path,
+    # a doubled slash) the token is the same credential.
+    at = path.find(_DECIDE_PREFIX)
+    if at < 0 or len(path) == at + len(_DECIDE_PREFIX):
+        return path
+    start = at + len(_DECIDE_PREFIX)
+    return path[:start] + "~" + links.link_id(path[start:])
 
 
 def _csp() -> str:

@@ -191,6 +191,10 @@ def test_the_token_is_in_no_log_line_and_no_audit_entry(px: RunningProxy,
     log = (px.directory / "proxy.log").read_text()
     assert token not in log and token not in json.dumps(px.audit_entries())
     assert log.count(f"path=/authority/decide/~{links.link_id(token)} ") == 3
+    # Behind a prefix or a doubled slash (no route: 404) the token is still the credential.
+    for odd in (f"/gw/authority/decide/{token}", f"//authority/decide/{token}"):
+        assert httpx.get(px.url + odd, timeout=30).status_code == 404
+    assert token not in (px.directory / "proxy.log").read_text()
     assert any(e["details"].get("link") == links.link_id(token) for e in px.audit_entries())
 
 
