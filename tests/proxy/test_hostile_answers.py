@@ -1,0 +1,333 @@
+"""Any answer a model can give, at the main door (chat completions), plain and streamed.
+
+The answers come from a real HTTP upstream and go through both doors: the proxy (a real
+``authority serve``) and ``AuthorityClient``. Whatever their shape — calls as objects,
+names that are not strings, arguments that are not text, usage in words, chunks that
+contradict each other, an upstream that refuses or fails — each is gated or refused,
+never answered with an internal error; no call the policy does not let the app run
+reaches it; nothing runs that the policy does not allow; every effect is on the record,
+and the record verifies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from helpers import ScriptedServer, audit_entries, tool, user, write_policy_file
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from proxy_env import AGENT_KEY, start_proxy
+from sample_actions import EFFECTS_ENV
+from servers import HttpReceiver
+
+from authority_sdk import AuthorityClient
+from authority_sdk.audit import verify
+from authority_sdk.engine import Engine
+
+MODEL = "gpt-4o-mini"
+# The only call the app may see and run itself; send_note runs in the gateway, issue_refund
+# waits for a person, wipe_disk is denied, anything else waits for a person (the default).
+CLIENT_RUNS = "lookup_customer"
+POLICY: dict[str, Any] = {
+    "actions": {
+        "send_note": {"executor": "rec", "mode": "auto_execute"},
+        CLIENT_RUNS: {"mode": "auto_execute"},
+        "issue_refund": {"executor": "rec", "mode": "require_human_approval"},
+        "wipe_disk": {"mode": "deny"},
+    },
+    "executors": {"rec": {"type": "python", "target": "sample_actions:record"}},
+}
+TOOLS = [tool("send_note"), tool(CLIENT_RUNS), tool("issue_refund"), tool("wipe_disk")]
+# How the gateway refuses an answer it cannot use: unreadable, or an upstream failure
+# (a 5xx, or an error event mid-stream).
+REFUSED = {502: {"upstream_malformed_response", "upstream_error"}}
+
+LEAVES = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+          | st.text(max_size=12))
+JSON = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+NAMES = (st.sampled_from(["send_note", CLIENT_RUNS, "issue_refund", "wipe_disk", "",
+                          "SEND_NOTE", " send_note", "send_note\x00", "lookup_customer "])
+         | st.text(max_size=12) | JSON)
+ARGUMENT_TEXT = st.one_of(
+    st.builds(json.dumps, st.dictionaries(st.sampled_from(["text", "amount", "id"]), JSON,
+                                          max_size=3)),
+    st.sampled_from(['{"text": "\\ud800"}', '{"a": 1, "a": 2}', '{"text": 1e999}', "{nope",
+                     '{"text": NaN}', "[" * 300 + "]" * 300, "", "null"]),
+    st.text(max_size=30))
+ARGUMENTS = ARGUMENT_TEXT | JSON
+def mostly(shape: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``shape`` three times in four, else ``odd``: well-formed enough to reach the gate
+    most of the time, anything at all the rest."""
+    return st.one_of(shape, shape, shape, odd)
+
+
+FUNCTION = mostly(st.fixed_dictionaries({"name": NAMES, "arguments": ARGUMENTS}),
+                  st.fixed_dictionaries({}, optional={"name": NAMES, "arguments": ARGUMENTS})
+                  | JSON)
+TOOL_CALL = mostly(
+    st.fixed_dictionaries({"id": st.sampled_from(["call_1", "call_2", "call_1 "]),
+                           "type": st.just("function"), "function": FUNCTION}),
+    st.fixed_dictionaries({}, optional={
+        "id": st.sampled_from(["call_1", ""]) | JSON,
+        "type": st.sampled_from(["function", "custom"]) | JSON,
+        "function": FUNCTION, "index": st.integers(-2, 5) | JSON}) | JSON)
+MESSAGE = mostly(
+    st.fixed_dictionaries({"role": st.just("assistant"),
+                           "content": st.none() | st.text(max_size=20),
+                           "tool_calls": st.lists(TOOL_CALL, max_size=4)}),
+    st.fixed_dictionaries({"role": st.just("assistant") | JSON}, optional={
+        "content": st.none() | st.text(max_size=20) | JSON,
+        "tool_calls": st.lists(TOOL_CALL, max_size=4) | JSON,
+        "function_call": FUNCTION, "refusal": st.none() | JSON}) | JSON)
+USAGE = mostly(
+    st.fixed_dictionaries({k: st.integers(0, 5000)
+                           for k in ("prompt_tokens", "completion_tokens", "total_tokens")}),
+    st.fixed_dictionaries({}, optional={
+        k: st.integers(-5, 10**12) | st.floats() | JSON
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens")}) | JSON)
+CHOICE = mostly(
+    st.fixed_dictionaries({"index": st.integers(0, 2), "message": MESSAGE,
+                           "finish_reason": st.sampled_from(["stop", "tool_calls"])}),
+    st.fixed_dictionaries({"index": st.integers(-1, 3) | JSON, "message": MESSAGE},
+                          optional={"finish_reason": JSON}) | JSON)
+ANSWER = st.fixed_dictionaries(
+    {"id": st.just("chatcmpl-hostile"), "object": st.just("chat.completion"),
+     "model": mostly(st.just(MODEL), JSON),
+     "choices": mostly(st.lists(CHOICE, min_size=1, max_size=3), JSON)},
+    optional={"usage": USAGE, "authority": JSON})
+DELTA = mostly(
+    st.fixed_dictionaries({"tool_calls": st.lists(
+        mostly(st.fixed_dictionaries({"index": st.integers(0, 2)}, optional={
+            "id": st.sampled_from(["call_1", "call_2"]), "type": st.just("function"),
+            "function": st.fixed_dictionaries({}, optional={
+                "name": NAMES, "arguments": st.text(max_size=12) | ARGUMENTS})}),
+            TOOL_CALL), max_size=3)}, optional={"content": st.none() | st.text(max_size=10)}),
+    st.fixed_dictionaries({}, optional={
+        "role": st.just("assistant") | JSON, "content": st.none() | st.text(max_size=10) | JSON,
+        "tool_calls": st.lists(TOOL_CALL, max_size=3) | JSON, "function_call": FUNCTION})
+    | JSON)
+CHUNK = mostly(
+    st.fixed_dictionaries(
+        {"id": st.just("chatcmpl-hostile"), "object": st.just("chat.completion.chunk"),
+         "model": st.just(MODEL),
+         "choices": st.lists(st.fixed_dictionaries(
+             {"index": mostly(st.integers(0, 1), JSON), "delta": DELTA},
+             optional={"finish_reason": st.none() | st.sampled_from(["stop", "tool_calls"])
+                       | JSON}), max_size=2)},
+        optional={"usage": USAGE}),
+    st.fixed_dictionaries({"error": JSON}) | JSON)
+
+
+
+def _call_chunks(calls: list[tuple[Any, str]], cut: int) -> list[dict[str, Any]]:
+    """A well-formed stream of ``calls`` (name, arguments): each call's name first, its
+    arguments in two pieces cut at ``cut``, then the finish and the usage."""
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": "chatcmpl-hostile", "object": "chat.completion.chunk", "model": MODEL,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    out = [chunk({"role": "assistant", "content": None})]
+    for i, (name, args) in enumerate(calls):
+        out.append(chunk({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
+                                          "function": {"name": name, "arguments": ""}}]}))
+        for piece in (args[:cut], args[cut:]):
+            out.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}))
+    out.append(chunk({}, "tool_calls"))
+    out.append({"id": "chatcmpl-hostile", "object": "chat.completion.chunk", "model": MODEL,
+                "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 9,
+                                         "total_tokens": 18}})
+    return out
+
+
+STREAM_CALLS = st.builds(
+    _call_chunks, st.lists(st.tuples(mostly(st.sampled_from(sorted(POLICY["actions"])), NAMES),
+                                     mostly(st.just("{}"), ARGUMENT_TEXT)),
+                           min_size=1, max_size=3),
+    st.integers(0, 8))
+# A well-formed stream as sent, reordered, or with odd chunks slipped in; or odd chunks alone.
+STREAM = st.one_of(
+    STREAM_CALLS, STREAM_CALLS.flatmap(st.permutations),
+    st.builds(lambda good, odd, at: good[:at] + odd + good[at:], STREAM_CALLS,
+              st.lists(CHUNK, min_size=1, max_size=2), st.integers(0, 12)),
+    st.lists(CHUNK, max_size=5))
+
+
+@dataclass
+class Door:
+    """One way in, its upstream, and where it keeps its record and effects."""
+
+    name: str
+    client: openai.OpenAI
+    receiver: HttpReceiver
+    log: Path
+    effects: Path
+
+
+@pytest.fixture(params=["proxy", "sdk"])
+def door(request: pytest.FixtureRequest, upstream: ScriptedServer, tmp_path: Path,
+         gateways: list[Engine]) -> Iterator[Door]:
+    effects = tmp_path / "effects.jsonl"
+    with HttpReceiver() as rx:
+        overrides = {**POLICY, "upstream": {"base_url": rx.url("/v1")}}
+        if request.param == "sdk":
+            mp = pytest.MonkeyPatch()
+            mp.setenv(EFFECTS_ENV, str(effects))
+            eng = Engine(write_policy_file(tmp_path, upstream, overrides))
+            gateways.append(eng)
+            try:
+                yield Door("sdk", AuthorityClient(gateway=eng, max_retries=0), rx,
+                           tmp_path / "audit.jsonl", effects)
+            finally:
+                mp.undo()
+            return
+        tests_dir = str(Path(__file__).resolve().parent.parent)
+        with start_proxy(upstream, tmp_path, overrides=overrides,
+                         env={"PYTHONPATH": tests_dir, EFFECTS_ENV: str(effects)}) as px:
+            yield Door("proxy", px.client(AGENT_KEY), rx, tmp_path / "audit.jsonl", effects)
+
+
+def _ran(effects: Path) -> list[dict[str, Any]]:
+    if not effects.exists():
+        return []
+    return [json.loads(line) for line in effects.read_text().splitlines()]
+
+
+def _record_holds_every_effect(door: Door) -> list[dict[str, Any]]:
+    log = door.log
+    result = verify(log)
+    assert result.ok, result.reason
+    executed = {e["details"]["action_key"] for e in audit_entries(log, "action")
+                if e["details"].get("status") == "executed"}
+    ran = _ran(door.effects)
+    # Only the gateway-run action ran, each once, and each run is on the record.
+    assert {r["type"] for r in ran} <= {"send_note"}
+    assert {r["key"] for r in ran} <= executed and len(ran) == len({r["key"] for r in ran})
+    return ran
+
+
+def _names_in(calls: Any) -> list[Any]:
+    return [(c.get("function") or {}).get("name") if isinstance(c, dict) else c
+            for c in (calls or [])]
+
+
+def _refused(status: int, code: str | None) -> bool:
+    return code in REFUSED.get(status, set())
+
+
+HOSTILE = settings(max_examples=150, deadline=None,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                          HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@HOSTILE
+@given(answer=ANSWER, status=st.sampled_from([200] * 6 + [400, 404, 429, 500, 503]))
+def test_any_answer_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_the_app(
+        door: Door, answer: dict[str, Any], status: int) -> None:
+    door.receiver.reply(status, json=answer)
+    try:
+        raw = door.client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=user("do it"), tools=TOOLS)
+    except openai.APIStatusError as exc:
+        if 400 <= status < 500:
+            # The upstream refused the request: its refusal reaches the app as it came.
+            assert exc.status_code == status and exc.response.content == raw_json(answer)
+        else:
+            assert _refused(exc.status_code, exc.code), (exc.status_code, exc.code, exc.message)
+            assert status == 200 or exc.code == "upstream_error"
+        event(f"refused: {exc.status_code} {exc.code if status >= 500 or status == 200 else ''}")
+    else:
+        assert raw.status_code == status == 200
+        body = json.loads(raw.content)
+        assert body["authority"]["request_id"]
+        for choice in body["choices"]:
+            message = choice["message"]
+            assert all(n == CLIENT_RUNS for n in _names_in(message.get("tool_calls"))), \
+                message
+            legacy = message.get("function_call")
+            assert legacy is None or legacy.get("name") == CLIENT_RUNS, message
+        statuses = sorted({a["status"] for a in body["authority"].get("actions") or []})
+        event(f"answered; actions: {statuses}")
+    event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
+
+
+def raw_json(value: Any) -> bytes:
+    """The bytes HttpReceiver sends for ``json=value``."""
+    return json.dumps(value).encode()
+
+
+def _sse(chunks: list[Any], done: bool) -> bytes:
+    events = [f"data: {json.dumps(c)}\n\n" for c in chunks]
+    return ("".join(events) + ("data: [DONE]\n\n" if done else "")).encode()
+
+
+@HOSTILE
+@given(chunks=STREAM, done=st.booleans(),
+       ctype=st.sampled_from(["text/event-stream"] * 4 + ["application/json", "text/plain"]))
+def test_any_stream_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_the_app(
+        door: Door, chunks: list[Any], done: bool, ctype: str) -> None:
+    door.receiver.reply(200, body=_sse(chunks, done), content_type=ctype)
+    seen: list[Any] = []
+    try:
+        stream = door.client.chat.completions.create(
+            model=MODEL, messages=user("do it"), tools=TOOLS, stream=True)
+        for part in stream:
+            for choice in part.choices or []:
+                delta = choice.delta
+                seen += [tc.function.name for tc in (delta.tool_calls or [])
+                         if tc.function is not None and tc.function.name is not None]
+                if delta.function_call is not None and delta.function_call.name is not None:
+                    seen.append(delta.function_call.name)
+    except openai.APIStatusError as exc:
+        assert _refused(exc.status_code, exc.code), (exc.status_code, exc.code, exc.message)
+        event(f"refused: {exc.code}")
+    except openai.APIError as exc:
+        # A stream already open reports an unreadable answer as its last event.
+        assert (exc.code if hasattr(exc, "code") else None) in REFUSED[502], exc
+        event(f"refused mid-stream: {exc.code}")
+    assert all(name == CLIENT_RUNS for name in seen), seen
+    event(f"streamed; the app saw {len(seen)} call(s)")
+    event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
+
+
+# The properties above hold vacuously if nothing ever reaches the app or runs: the same
+# door, the same checks, on answers whose outcome is known.
+
+WELL_FORMED = [(CLIENT_RUNS, '{"id": 7}'), ("send_note", '{"text": "hi"}'), ("wipe_disk", "{}"),
+               ("issue_refund", '{"amount": 5}')]
+
+
+def test_a_plain_answer_keeps_only_the_call_the_app_may_run(door: Door) -> None:
+    calls = [{"id": f"call_{i}", "type": "function",
+              "function": {"name": name, "arguments": args}}
+             for i, (name, args) in enumerate(WELL_FORMED)]
+    door.receiver.reply(200, json={"id": "chatcmpl-ok", "object": "chat.completion", "model": MODEL,
+                              "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                                  "role": "assistant", "content": None, "tool_calls": calls}}]})
+    raw = door.client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=user("do it"), tools=TOOLS)
+    body = json.loads(raw.content)
+    assert _names_in(body["choices"][0]["message"]["tool_calls"]) == [CLIENT_RUNS]
+    assert [a["status"] for a in body["authority"]["actions"]] == [
+        "allowed", "executed", "denied", "pending_approval"]
+    assert [r["type"] for r in _ran(door.effects)] == ["send_note"]
+    _record_holds_every_effect(door)
+
+
+def test_a_stream_delivers_only_the_call_the_app_may_run(door: Door) -> None:
+    door.receiver.reply(200, body=_sse(_call_chunks(WELL_FORMED, 3), True),
+                   content_type="text/event-stream")
+    seen = [tc.function.name
+            for part in door.client.chat.completions.create(model=MODEL, messages=user("do it"),
+                                                       tools=TOOLS, stream=True)
+            for choice in part.choices for tc in (choice.delta.tool_calls or [])
+            if tc.function is not None and tc.function.name is not None]
+    assert seen == [CLIENT_RUNS]
+    assert [r["type"] for r in _ran(door.effects)] == ["send_note"]
+    _record_holds_every_effect(door)
