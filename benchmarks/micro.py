@@ -4,6 +4,7 @@
     python benchmarks/micro.py store --dir D --n 2000
     python benchmarks/micro.py imports --runs 7
     python benchmarks/micro.py tokens --n 20000
+    python benchmarks/micro.py floor --n 20000
 
 Everything runs with durability on (audit fsync, SQLite ``synchronous=FULL``),
 as the gateway does by default.
@@ -210,6 +211,66 @@ def bench_tokens(n: int) -> dict[str, Any]:
     return res
 
 
+def bench_floor(n: int) -> dict[str, Any]:
+    """The least work the contract asks of any gateway for the bench request, with the
+    gateway's own functions in a warm loop: the body parsed strictly (a duplicate key or a
+    lone surrogate refused), the upstream's answer likewise (its tool calls are gated), two
+    chained audit entries (request, action) made safe, hashed and encoded as their lines,
+    and the response encoded. Left out, so the floor is low: authentication, the kill
+    switch, policy, argument validation, pricing, idempotency, logs, metrics and HTTP.
+
+    ``make bench`` sets it against the bare forwarder's CPU per request from the same run:
+    goal 2 (50 % of the forwarder's throughput on one core) leaves the gateway's own work
+    exactly one forwarder's CPU per request."""
+    import workload
+    from mock_upstream import completion_body
+
+    from authority_sdk import strictjson
+    from authority_sdk.audit.chain import build_run, prepare
+
+    body = workload.body_bytes()
+    answer = json.dumps(completion_body()).encode()
+    call = completion_body()["choices"][0]["message"]["tool_calls"][0]
+    request = {**_entry_fields(0), "cost_estimate_usd": 0.0099873, "details": {
+        "upstream": "default", "tool_calls": 1, "idempotency_key": None, "key_kind": None,
+        "stream": False, "format": "chat.completions", "takeover_of": None,
+        "max_output_tokens_set_by_gateway": None}}
+    action = {
+        "request_id": request["request_id"], "environment": "prod", "model": workload.MODEL,
+        "action_type": call["function"]["name"], "decision": "allow",
+        "reason": "action lookup_customer has mode auto_execute", "actor": "bench",
+        "policy_hash": "f" * 64, "details": {
+            "mode": "auto_execute", "status": "allowed", "code": None,
+            "decided_by": "action_mode", "dispatch": "client", "executor": None,
+            "approval_id": None, "action_key": "act_" + "0" * 32,
+            "tool_call_id": call["id"], "call_kind": "tool_call",
+            "arguments": json.loads(call["function"]["arguments"])}}
+
+    def audit(_: int) -> None:
+        entries = build_run([prepare("request", request), prepare("action", action)],
+                            10, "0" * 64, None)
+        "".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False) + "\n"
+                for e in entries).encode("utf-8")
+
+    def respond(_: int) -> None:
+        out = strictjson.loads(answer)
+        out["authority"] = {"request_id": request["request_id"], "environment": "prod",
+                            "decision": "allow", "actions": [{"tool_call_id": call["id"]}]}
+        json.dumps(out).encode()
+
+    steps = {"parse_body": lambda _: strictjson.loads(body), "audit_entries": audit,
+             "read_answer_and_respond": respond}
+    for fn in steps.values():  # first touch: imports, compiled decoders
+        fn(-1)
+    res: dict[str, Any] = {"body_bytes": len(body)}
+    for name, fn in steps.items():
+        # The best of five medians: the floor is what the code costs when nothing
+        # else on the machine gets in its way.
+        res[name] = min((_timed(fn, n) for _ in range(5)), key=lambda t: t["p50_us"])
+    res["total_p50_us"] = sum(res[name]["p50_us"] for name in steps)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
@@ -225,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--runs", type=int, default=7)
     t = sub.add_parser("tokens")
     t.add_argument("--n", type=int, default=20000)
+    f = sub.add_parser("floor")
+    f.add_argument("--n", type=int, default=20000)
     args = ap.parse_args(argv)
     if args.what == "audit":
         result = bench_audit(args.dir, args.procs, args.seconds, args.head)
@@ -232,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_store(args.dir, args.n)
     elif args.what == "tokens":
         result = bench_tokens(args.n)
+    elif args.what == "floor":
+        result = bench_floor(args.n)
     else:
         result = bench_imports(args.runs)
     print(json.dumps(result))

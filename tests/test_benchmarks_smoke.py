@@ -156,3 +156,26 @@ def test_rss_of_this_process_is_read_from_proc() -> None:
     import os
 
     assert harness.rss_kib(os.getpid()) > 1000
+
+
+def test_the_floor_runs_the_gateways_own_code_and_is_set_against_the_goals_budgets() -> None:
+    import subprocess
+
+    import run
+
+    out = subprocess.run([sys.executable, str(BENCH / "micro.py"), "floor", "--n", "20"],
+                         capture_output=True, text=True, check=True, cwd=BENCH, timeout=120)
+    floor = json.loads(out.stdout)
+    assert floor["body_bytes"] == len(workload.body_bytes())
+    steps = ("parse_body", "audit_entries", "read_answer_and_respond")
+    assert all(floor[s]["n"] == 20 and floor[s]["p50_us"] > 0 for s in steps)
+    assert floor["total_p50_us"] == pytest.approx(sum(floor[s]["p50_us"] for s in steps))
+
+    # 1 / share - 1 forwarders' CPU per request on top of the forwarding itself.
+    r = {"matrix": {"bare|64|0": {"cpu_ms": 0.2}},
+         "floor": {**floor, "total_p50_us": 100.0}}
+    note = " ".join(run.floor_note(r))
+    assert "**100 µs**" in note and "spends 200 µs of CPU" in note
+    assert "goal 2 (50% of bare) leaves 200 µs, the floor is 50 % of it" in note
+    assert "goal 4 (35% of bare) leaves 371 µs, the floor is 27 % of it" in note
+    assert run.floor_note({"matrix": {}, "floor": floor}) == []
