@@ -60,6 +60,8 @@ def _call_of(position: int, item: dict[str, Any], hosted: list[str],
     if HOSTED_ITEMS.get(str(kind)) in hosted:
         return None  # it ran at the provider, as the policy let the request offer it
     label = item.get("server_label")
+    if not isinstance(label, str):
+        label = None  # the model's to spell: a list here is no server of the request
     if kind in MCP_CONTENT and label in mcp:
         return None  # a call the gateway approved, or the server's tool list
     if kind == "mcp_approval_request" and label in mcp:

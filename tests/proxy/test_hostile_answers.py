@@ -68,7 +68,11 @@ def mostly(shape: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> st.Sea
     return st.one_of(shape, shape, shape, odd)
 
 
-FUNCTION = mostly(st.fixed_dictionaries({"name": NAMES, "arguments": ARGUMENTS}),
+# Where a shape is well formed its call is mostly one the policy names, with arguments it
+# accepts: the gate's every outcome is reached, not only its refusals.
+NAME = mostly(st.sampled_from(sorted(POLICY["actions"])), NAMES)
+GOOD_ARGUMENTS = mostly(st.sampled_from(["{}", '{"text": "hi"}', '{"amount": 5}']), ARGUMENTS)
+FUNCTION = mostly(st.fixed_dictionaries({"name": NAME, "arguments": GOOD_ARGUMENTS}),
                   st.fixed_dictionaries({}, optional={"name": NAMES, "arguments": ARGUMENTS})
                   | JSON)
 TOOL_CALL = mostly(
@@ -102,6 +106,19 @@ ANSWER = st.fixed_dictionaries(
      "model": mostly(st.just(MODEL), JSON),
      "choices": mostly(st.lists(CHOICE, min_size=1, max_size=3), JSON)},
     optional={"usage": USAGE, "authority": JSON})
+GOOD_CALL = st.fixed_dictionaries({"id": st.sampled_from(["call_1", "call_2", "call_3"]),
+                                   "type": st.just("function"), "function": st.fixed_dictionaries(
+                                       {"name": NAME, "arguments": GOOD_ARGUMENTS})})
+# An answer as a provider would send it, only its calls chosen by the model: most of the
+# gate's outcomes need one.
+GOOD_ANSWER = st.builds(
+    lambda calls, usage: {
+        "id": "chatcmpl-hostile", "object": "chat.completion", "model": MODEL,
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": calls}}], "usage": usage},
+    st.lists(GOOD_CALL, min_size=1, max_size=4),
+    st.fixed_dictionaries({k: st.integers(0, 5000)
+                           for k in ("prompt_tokens", "completion_tokens", "total_tokens")}))
 DELTA = mostly(
     st.fixed_dictionaries({"tool_calls": st.lists(
         mostly(st.fixed_dictionaries({"index": st.integers(0, 2)}, optional={
@@ -227,7 +244,8 @@ HOSTILE = settings(max_examples=150, deadline=None,
 
 
 @HOSTILE
-@given(answer=ANSWER, status=st.sampled_from([200] * 6 + [400, 404, 429, 500, 503]))
+@given(answer=st.one_of(GOOD_ANSWER, ANSWER),
+       status=st.sampled_from([200] * 6 + [400, 404, 429, 500, 503]))
 def test_any_answer_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_the_app(
         door: Door, answer: dict[str, Any], status: int) -> None:
     door.receiver.reply(status, json=answer)
@@ -296,6 +314,115 @@ def test_any_stream_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_th
     event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
 
 
+# -- the Responses API: the same properties on its output items --------------------------
+
+R_TOOLS = [{"type": "function", "name": t["function"]["name"],
+            "parameters": t["function"]["parameters"]} for t in TOOLS]
+R_CALL = mostly(
+    st.fixed_dictionaries({"type": st.just("function_call"),
+                           "call_id": st.sampled_from(["call_1", "call_2", "call_1 "]),
+                           "name": NAME, "arguments": GOOD_ARGUMENTS},
+                          optional={"id": st.sampled_from(["fc_1", "fc_2"]),
+                                    "status": st.just("completed")}),
+    st.fixed_dictionaries({"type": st.sampled_from(
+        ["function_call", "custom_tool_call", "mcp_call", "reasoning", "shell_call"]) | JSON},
+        optional={"call_id": JSON, "name": NAMES, "arguments": ARGUMENTS, "input": JSON,
+                  "id": JSON, "server_label": JSON, "summary": JSON}) | JSON)
+R_MESSAGE = st.fixed_dictionaries({"type": st.just("message"), "role": st.just("assistant"),
+                                   "content": mostly(st.just([{"type": "output_text",
+                                                               "text": "ok"}]), JSON)},
+                                  optional={"id": st.just("msg_1") | JSON})
+R_GOOD = st.builds(
+    lambda calls: {"id": "resp_hostile", "object": "response", "status": "completed",
+                   "model": MODEL, "output": [
+                       {"type": "function_call", "id": f"fc_{i}", "call_id": f"call_{i}",
+                        "name": name, "arguments": args} for i, (name, args) in enumerate(calls)],
+                   "usage": {"input_tokens": 9, "output_tokens": 9, "total_tokens": 18}},
+    st.lists(st.tuples(NAME, GOOD_ARGUMENTS), min_size=1, max_size=4))
+R_ANSWER = st.fixed_dictionaries(
+    {"id": st.just("resp_hostile"), "object": st.just("response"),
+     "status": mostly(st.just("completed"), JSON), "model": st.just(MODEL),
+     "output": mostly(st.lists(R_CALL | R_MESSAGE, max_size=4), JSON)},
+    optional={"usage": mostly(st.fixed_dictionaries(
+        {k: st.integers(0, 5000) for k in ("input_tokens", "output_tokens", "total_tokens")}),
+        JSON)})
+
+
+@HOSTILE
+@given(answer=st.one_of(R_GOOD, R_ANSWER))
+def test_any_responses_answer_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_the_app(
+        door: Door, answer: dict[str, Any]) -> None:
+    door.receiver.reply(200, json=answer)
+    try:
+        raw = door.client.responses.with_raw_response.create(
+            model=MODEL, input="do it", tools=R_TOOLS)  # type: ignore[arg-type]
+    except openai.APIStatusError as exc:
+        assert _refused(exc.status_code, exc.code), (exc.status_code, exc.code, exc.message)
+        event(f"refused: {exc.code}")
+    else:
+        assert raw.status_code == 200
+        body = json.loads(raw.content)
+        calls = [item for item in body["output"] if isinstance(item, dict)
+                 and item.get("type") in ("function_call", "custom_tool_call")]
+        assert all(item.get("name") == CLIENT_RUNS for item in calls), body["output"]
+        statuses = sorted({a["status"] for a in body["authority"].get("actions") or []})
+        event(f"answered; actions: {statuses}")
+    event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
+
+
+def _response_events(answer: dict[str, Any]) -> list[Any]:
+    """The events an upstream streams ``answer`` with: created, each item added and done,
+    completed (anything in ``output`` that is not a list streams no item)."""
+    items = answer["output"] if isinstance(answer["output"], list) else []
+    head = {k: v for k, v in answer.items() if k != "output"}
+    out: list[Any] = [{"type": "response.created", "response": {**head, "output": []}}]
+    for i, item in enumerate(items):
+        out += [{"type": "response.output_item.added", "output_index": i, "item": item},
+                {"type": "response.output_item.done", "output_index": i, "item": item}]
+    return [*out, {"type": "response.completed", "response": answer}]
+
+
+R_EVENT = st.fixed_dictionaries(
+    {"type": st.sampled_from(["error", "response.failed", "response.completed",
+                              "response.incomplete", "response.output_item.added",
+                              "response.output_item.done", "response.output_text.delta",
+                              "response.created"]) | JSON},
+    optional={"response": R_ANSWER | JSON, "error": JSON, "item": R_CALL | R_MESSAGE | JSON,
+              "output_index": st.integers(-1, 3) | JSON, "delta": JSON}) | JSON
+R_STREAM = mostly(st.builds(_response_events, st.one_of(R_GOOD, R_ANSWER)), st.one_of(
+    st.builds(lambda good, odd, at: good[:at] + odd + good[at:],
+              st.builds(_response_events, R_ANSWER), st.lists(R_EVENT, min_size=1, max_size=2),
+              st.integers(0, 8)),
+    st.lists(R_EVENT, max_size=5)))
+
+
+@HOSTILE
+@given(events=R_STREAM, done=st.booleans())
+def test_any_responses_stream_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_the_app(
+        door: Door, events: list[Any], done: bool) -> None:
+    door.receiver.reply(200, body=_sse(events, done), content_type="text/event-stream")
+    seen: list[Any] = []
+    try:
+        stream = door.client.responses.create(model=MODEL, input="do it", tools=R_TOOLS,
+                                              stream=True)  # type: ignore[arg-type]
+        for part in stream:
+            item = getattr(part, "item", None)
+            if getattr(item, "type", None) in ("function_call", "custom_tool_call"):
+                seen.append(getattr(item, "name", None))
+            response = getattr(part, "response", None)
+            for out in getattr(response, "output", None) or []:
+                if getattr(out, "type", None) in ("function_call", "custom_tool_call"):
+                    seen.append(getattr(out, "name", None))
+    except openai.APIStatusError as exc:
+        assert _refused(exc.status_code, exc.code), (exc.status_code, exc.code, exc.message)
+        event(f"refused: {exc.code}")
+    except openai.APIError as exc:
+        assert (exc.code if hasattr(exc, "code") else None) in REFUSED[502], exc
+        event(f"refused mid-stream: {exc.code}")
+    assert all(name == CLIENT_RUNS for name in seen), seen
+    event(f"streamed; the app saw {len(seen)} call(s)")
+    event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
+
 # The properties above hold vacuously if nothing ever reaches the app or runs: the same
 # door, the same checks, on answers whose outcome is known.
 
@@ -329,5 +456,38 @@ def test_a_stream_delivers_only_the_call_the_app_may_run(door: Door) -> None:
             for choice in part.choices for tc in (choice.delta.tool_calls or [])
             if tc.function is not None and tc.function.name is not None]
     assert seen == [CLIENT_RUNS]
+    assert [r["type"] for r in _ran(door.effects)] == ["send_note"]
+    _record_holds_every_effect(door)
+
+
+def _response_with(calls: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"id": "resp_ok", "object": "response", "status": "completed", "model": MODEL,
+            "output": [{"type": "function_call", "id": f"fc_{i}", "call_id": f"call_{i}",
+                        "name": name, "arguments": args, "status": "completed"}
+                       for i, (name, args) in enumerate(calls)],
+            "usage": {"input_tokens": 9, "output_tokens": 9, "total_tokens": 18}}
+
+
+def test_a_responses_answer_keeps_only_the_call_the_app_may_run(door: Door) -> None:
+    door.receiver.reply(200, json=_response_with(WELL_FORMED))
+    raw = door.client.responses.with_raw_response.create(
+        model=MODEL, input="do it", tools=R_TOOLS)  # type: ignore[arg-type]
+    body = json.loads(raw.content)
+    assert [i["name"] for i in body["output"] if i["type"] == "function_call"] == [CLIENT_RUNS]
+    assert [a["status"] for a in body["authority"]["actions"]] == [
+        "allowed", "executed", "denied", "pending_approval"]
+    assert [r["type"] for r in _ran(door.effects)] == ["send_note"]
+    _record_holds_every_effect(door)
+
+
+def test_a_responses_stream_delivers_only_the_call_the_app_may_run(door: Door) -> None:
+    door.receiver.reply(200, body=_sse(_response_events(_response_with(WELL_FORMED)), True),
+                        content_type="text/event-stream")
+    parts = list(door.client.responses.create(model=MODEL, input="do it", tools=R_TOOLS,
+                                              stream=True))  # type: ignore[arg-type]
+    added = [p.item.name for p in parts if p.type == "response.output_item.added"
+             and p.item.type == "function_call"]
+    final = [o.name for o in parts[-1].response.output if o.type == "function_call"]
+    assert added == final == [CLIENT_RUNS]
     assert [r["type"] for r in _ran(door.effects)] == ["send_note"]
     _record_holds_every_effect(door)
