@@ -553,6 +553,19 @@ def test_any_request_shape_is_parsed_or_refused_precisely(input: Any, tools: Any
     default_counter.count_request("gpt-4o-mini", req.count_body())
 
 
+@pytest.mark.parametrize("label", [["docs"], {"docs": 1}, 7, None])
+@pytest.mark.parametrize("kind", ["mcp_call", "mcp_list_tools", "mcp_approval_request"])
+def test_an_mcp_item_whose_server_label_is_not_a_string_is_a_call_nobody_may_run(
+        kind: str, label: Any) -> None:
+    # A list here once raised TypeError (unhashable) in the reader: a 500 at both doors.
+    req = parse(input="hi", tools=[{"type": "mcp", "server_label": "docs",
+                                    "server_url": "https://x"}])
+    a = FMT.answer_from(answer({"type": kind, "id": "m1", "server_label": label,
+                                "name": "search", "arguments": "{}"}), req)
+    [call] = a.calls
+    assert call.problem and call.name == kind
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(output=st.lists(_JSON, max_size=5))
 def test_any_answer_shape_is_gated_or_refused_as_malformed(output: list[Any]) -> None:
