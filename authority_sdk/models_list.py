@@ -39,6 +39,6 @@ def models_body(status_code: int, body: bytes, patterns: list[str]) -> bytes:
     if status_code == 200:
         try:
             listed = model_entries(json.loads(body))
-        except ValueError:
+        except (ValueError, RecursionError):
             listed = None
     return json.dumps({"object": "list", "data": allowed_models(listed, patterns)}).encode()

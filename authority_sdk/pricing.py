@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .tokens import litellm_package_dir
+from .wire import MAX_TOKENS
 
 if TYPE_CHECKING:
     from .policy import ModelPrice
@@ -655,8 +656,9 @@ def _rates(p: ModelPricing, prompt_tokens: int, off_peak_open: bool) -> _Rates:
 def _tok(details: Mapping[str, Any] | None, key: str) -> int:
     if not details:
         return 0
+    # A count past MAX_TOKENS is the most any answer can use: billed in full, never overflowing.
     v = details.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    return min(v, MAX_TOKENS) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
 def _details(value: Any) -> dict[str, Any] | None:
@@ -751,8 +753,9 @@ def _perplexity_cost(
 
 
 def _count(v: Any) -> int:
-    # A negative count would be a refund: read it as nothing.
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    # A negative count would be a refund: read it as nothing. A count past MAX_TOKENS is the
+    # most any answer can use (billed in full: the budget over-counts, never overflows).
+    return min(v, MAX_TOKENS) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
 def _prompt_cost(p: ModelPricing, r: _Rates, prompt: int, ptd: dict[str, Any] | None) -> float:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .effects import Decision, S
 from .errors import RateLimited
+from .wire import token_count
 
 if TYPE_CHECKING:
     from .costs import CostPlan
@@ -109,12 +110,14 @@ def usage_tokens(usage: dict[str, Any] | None) -> float | None:
     """Total tokens an answer reports (chat: prompt/completion; Responses: input/output)."""
     if not isinstance(usage, dict):
         return None
-    total = usage.get("total_tokens")
-    if isinstance(total, int | float) and not isinstance(total, bool):
+    # Only a count an answer can really report: anything else (a string, NaN, a negative
+    # number, 10**400) says nothing, and the reservation stands instead.
+    total = token_count(usage.get("total_tokens"))
+    if total is not None:
         return float(total)
-    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens",
-                                    "output_tokens")]
-    nums = [float(p) for p in parts if isinstance(p, int | float) and not isinstance(p, bool)]
+    parts = [token_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens",
+                                                 "input_tokens", "output_tokens")]
+    nums = [float(p) for p in parts if p is not None]
     return sum(nums) if nums else None
 
 

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "StrictJSONError", "loads", "no_constant", "unique_pairs"]
+__all__ = ["MAX_DEPTH", "StrictJSONError", "depth_ok", "loads", "no_constant", "unique_pairs"]
 
 MAX_DEPTH = 64
 
@@ -69,6 +69,13 @@ def _depth_ok(value: Any, limit: int) -> bool:
         if (t is dict or t is list) and not _depth_ok(node, limit - 1):
             return False
     return True
+
+
+def depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether parsed JSON nests at most ``limit`` containers deep. An upstream's answer is
+    read by plain ``json.loads``, which takes ~1,000 levels: code that walks it recursively
+    (copies, rewrites) must not meet them."""
+    return _depth_ok(value, limit)
 
 
 def _has_lone_surrogate(value: Any) -> bool:

@@ -14,8 +14,19 @@ from typing import Any
 
 from .errors import AuthorityError
 
-__all__ = ["Caller", "GatewayRequest", "GatewayResponse", "canonical_json", "copy_json",
-           "error_response"]
+__all__ = ["MAX_TOKENS", "Caller", "GatewayRequest", "GatewayResponse", "canonical_json",
+           "copy_json", "error_response", "token_count"]
+
+# More tokens than any request may ask for or any answer may report: a count above it is
+# hostile, and float arithmetic on it would overflow (10**400 is valid JSON).
+MAX_TOKENS = 2**53
+
+
+def token_count(value: Any) -> int | None:
+    """``value`` as a count of tokens (an int from 0 to :data:`MAX_TOKENS`), else None."""
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
+    return None
 
 
 def canonical_json(obj: Any, *, ascii_only: bool = True) -> str:

@@ -144,7 +144,7 @@ class Pool:
                                         params=self.query or None) as resp:
                 payload = await resp.json(content_type=None) if resp.status == 200 else None
             models = model_entries(payload)
-        except (*_ERRORS, ValueError):
+        except (*_ERRORS, ValueError, RecursionError):
             return None
         if models is None:
             return None

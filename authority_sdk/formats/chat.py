@@ -18,7 +18,8 @@ from .. import held_turns
 from ..audit import redact
 from ..errors import InvalidRequest, UpstreamError
 from ..records import ActionOutcome, ActionStatus
-from ..wire import copy_json
+from ..strictjson import MAX_DEPTH, depth_ok
+from ..wire import MAX_TOKENS, copy_json
 from .base import Answer, Call, ParsedRequest, Stateless, load_body
 from .sse import DONE, event_json, sse
 
@@ -44,13 +45,12 @@ def _malformed(what: str) -> UpstreamError:
                          code="upstream_malformed_response")
 
 
-def _positive_int(data: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
+def _positive_int(data: dict[str, Any], name: str, maximum: int = MAX_TOKENS) -> int | None:
     v = data.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or (maximum and v > maximum):
-        bound = f" of at most {maximum}" if maximum else ""
-        raise _bad(f"'{name}' must be a positive integer{bound}")
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > maximum:
+        raise _bad(f"'{name}' must be a positive integer of at most {maximum}")
     return v
 
 
@@ -260,6 +260,8 @@ class ChatCompletions(Stateless):
     def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
         if not isinstance(data, dict):
             raise _malformed("not a JSON object")
+        if not depth_ok(data):
+            raise _malformed(f"nested deeper than {MAX_DEPTH} levels")
         choices = data.get("choices")
         if not isinstance(choices, list):
             raise _malformed("'choices' is missing or not a list")
@@ -424,7 +426,9 @@ class ChatStream:
             return []
         if not isinstance(chunk, dict):
             raise _malformed("a stream chunk is not an object")
-        if "error" in chunk and "choices" not in chunk:
+        if chunk.get("error") or ("error" in chunk and "choices" not in chunk):
+            # An error beside choices too: the client's library would raise on it, with no
+            # code and nothing on the record; the gateway says the upstream failed.
             err = chunk.get("error")
             msg = err.get("message", "error") if isinstance(err, dict) else str(err)
             raise UpstreamError(f"the upstream failed mid-stream: {str(msg)[:500]}")

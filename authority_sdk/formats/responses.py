@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from .. import approvals, held_turns, served
 from ..effects import S
 from ..records import ActionOutcome, ActionStatus
-from ..wire import copy_json
+from ..strictjson import MAX_DEPTH, depth_ok
+from ..wire import MAX_TOKENS, copy_json, token_count
 from .base import Answer, Call, ParsedRequest, load_body
 from .chat import followup_payload, summary_line
 from .responses_request import (
@@ -282,7 +283,10 @@ class Responses:
     def _continue_d(self, req: ParsedRequest, prev: Any, *, caller: str,
                     environment: str) -> Decision[None]:
         record = yield from served.lookup_d(prev, caller=caller, environment=environment)
-        req.history_tokens = int(record.get("context_tokens") or 0)
+        # Counted when it was recorded; a record older than that bound is held to it.
+        context = record.get("context_tokens")
+        req.history_tokens = min(context, MAX_TOKENS) if type(context) is int and context > 0 \
+            else 0
         value = req.data["input"]
         items = [{"role": "user", "content": value}] if isinstance(value, str) else list(value)
         # Withheld items the provider already holds: an aware app may send them back.
@@ -319,8 +323,8 @@ class Responses:
         usage = answer.body.get("usage")
         counts: list[Any] = [usage.get(k) for k in ("input_tokens", "output_tokens")] \
             if isinstance(usage, dict) else []
-        if len(counts) == 2 and all(type(c) is int and c >= 0 for c in counts):
-            context = int(sum(counts))
+        if len(counts) == 2 and all(token_count(c) is not None for c in counts):
+            context = min(int(sum(counts)), MAX_TOKENS)
         else:  # no usage to trust: a generous count of what it said
             context = len(json.dumps(answer.body.get("output"))) // 2
         followups = authority.get(self.followups_field) or []
@@ -351,6 +355,8 @@ class Responses:
     def answer_from(self, data: Any, req: ParsedRequest | None = None) -> Answer:
         if not isinstance(data, dict):
             raise malformed("not a JSON object")
+        if not depth_ok(data):
+            raise malformed(f"nested deeper than {MAX_DEPTH} levels")
         output = data.get("output")
         if not isinstance(output, list):
             raise malformed("'output' is missing or not a list")

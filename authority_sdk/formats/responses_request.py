@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import served
 from ..errors import InvalidRequest, RequestDenied
+from ..wire import MAX_TOKENS
 from .base import ParsedRequest
 from .chat import MAX_MODEL_CHARS, MAX_NAME_CHARS
 
@@ -317,7 +318,10 @@ def _declare(where: str, t: Any, namespace: str | None, schemas: dict[str, dict[
         if not isinstance(params, dict):
             raise _bad(f"{where}.parameters must be a JSON schema object")
         schemas[full] = params
-    fn = {"name": full, "description": t.get("description") or ""}
+    description = t.get("description")
+    if description is not None and not isinstance(description, str):
+        raise _bad(f"{where}.description must be a string")
+    fn = {"name": full, "description": description or ""}
     if kind == "function" and params is not None:
         fn["parameters"] = params
     elif kind == "custom" and t.get("format") is not None:
@@ -361,8 +365,8 @@ def parse_request(data: Any) -> ParsedRequest:
         raise _bad("'stream' must be true or false")
     limit = data.get("max_output_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                              or limit <= 0):
-        raise _bad("'max_output_tokens' must be a positive integer")
+                              or not 0 < limit <= MAX_TOKENS):
+        raise _bad(f"'max_output_tokens' must be a positive integer of at most {MAX_TOKENS}")
     choice = data.get("tool_choice")
     if choice is not None and not isinstance(choice, str | dict):
         raise _bad("'tool_choice' must be a string or an object")

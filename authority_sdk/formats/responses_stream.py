@@ -116,8 +116,12 @@ class ResponsesStream:
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             raise malformed("a stream event is not an object with a 'type'")
         kind = event["type"]
-        if kind in ("error", "response.failed"):
-            err = event.get("error") or (event.get("response") or {}).get("error")
+        if kind in ("error", "response.failed") or event.get("error"):
+            # An event of any other kind carrying an error is the upstream failing too (the
+            # client's library would raise on it, with no code and nothing on the record).
+            response = event.get("response")
+            err = event.get("error") or (response.get("error") if isinstance(response, dict)
+                                         else None)
             msg = err.get("message", "error") if isinstance(err, dict) else str(err)
             raise UpstreamError(f"the upstream failed mid-stream: {str(msg)[:500]}")
         if kind in ("response.completed", "response.incomplete"):

@@ -94,7 +94,7 @@ USAGE = mostly(
     st.fixed_dictionaries({k: st.integers(0, 5000)
                            for k in ("prompt_tokens", "completion_tokens", "total_tokens")}),
     st.fixed_dictionaries({}, optional={
-        k: st.integers(-5, 10**12) | st.floats() | JSON
+        k: st.integers(-5, 10**12) | st.just(10**400) | st.floats() | JSON
         for k in ("prompt_tokens", "completion_tokens", "total_tokens")}) | JSON)
 CHOICE = mostly(
     st.fixed_dictionaries({"index": st.integers(0, 2), "message": MESSAGE,
@@ -205,6 +205,10 @@ def door(request: pytest.FixtureRequest, upstream: ScriptedServer, tmp_path: Pat
                 mp.undo()
             return
         tests_dir = str(Path(__file__).resolve().parent.parent)
+        # The proxy's key is rate-limited by tokens: every answer's usage settles it.
+        overrides["keys"] = [{"name": "support-agent", "secret_env": "PX_AGENT_KEY",
+                              "environment": "prod", "roles": ["agent"],
+                              "rate_limit": {"tokens_per_minute": 10**12}}]
         with start_proxy(upstream, tmp_path, overrides=overrides,
                          env={"PYTHONPATH": tests_dir, EFFECTS_ENV: str(effects)}) as px:
             yield Door("proxy", px.client(AGENT_KEY), rx, tmp_path / "audit.jsonl", effects)
@@ -491,3 +495,133 @@ def test_a_responses_stream_delivers_only_the_call_the_app_may_run(door: Door) -
     assert added == final == [CLIENT_RUNS]
     assert [r["type"] for r in _ran(door.effects)] == ["send_note"]
     _record_holds_every_effect(door)
+
+
+
+# -- numbers, depths and shapes found hostile, one by one (each was a 500 or a lost record) --
+
+HUGE = 10**400  # valid JSON; float arithmetic on it overflows
+
+
+def _chat_answer(usage: Any = None, **message: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-x", "object": "chat.completion", "model": MODEL,
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "send_note", "arguments": '{"text": "hi"}'}}],
+            **message}}]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": HUGE, "completion_tokens": 5, "total_tokens": HUGE},
+    {"prompt_tokens": 5, "completion_tokens": HUGE},
+    {"prompt_tokens": 5, "completion_tokens": 5,
+     "prompt_tokens_details": {"cached_tokens": HUGE},
+     "completion_tokens_details": {"reasoning_tokens": HUGE}},
+], ids=["prompt", "completion", "details"])
+def test_a_usage_past_any_real_count_is_billed_as_the_most_there_is_and_runs_nothing(door: Door,
+                                                                     usage: Any) -> None:
+    door.receiver.reply(200, json=_chat_answer(usage))
+    raw = door.client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=user("do it"), tools=TOOLS)
+    body = json.loads(raw.content)
+    # Billed in full, not read as nothing: past the ceiling, so nothing of it runs.
+    assert [(a["status"], a["code"]) for a in body["authority"]["actions"]] == [
+        ("denied", "post_cost_ceiling_exceeded")]
+    [entry] = audit_entries(door.log, "request")
+    assert entry["cost_actual_usd"] > 1e6
+    assert _record_holds_every_effect(door) == []
+
+
+def test_an_answer_nested_past_the_limit_is_refused_and_runs_nothing(door: Door) -> None:
+    deep: Any = 1
+    for _ in range(900):  # json.loads takes it; a recursive copy of it would not
+        deep = [deep]
+    door.receiver.reply(200, json=_chat_answer(extra=deep))
+    with pytest.raises(openai.APIStatusError) as ei:
+        door.client.chat.completions.create(model=MODEL, messages=user("do it"), tools=TOOLS)
+    assert (ei.value.status_code, ei.value.code) == (502, "upstream_malformed_response")
+    assert "nested deeper than 64 levels" in ei.value.message
+    assert _ran(door.effects) == []
+    [entry] = audit_entries(door.log, "request")
+    assert entry["details"]["code"] == "upstream_malformed_response"
+
+
+@pytest.mark.parametrize("body", [
+    {"max_tokens": HUGE}, {"max_completion_tokens": 2**53 + 1}])
+def test_an_output_limit_past_any_model_is_refused_with_its_bound(door: Door,
+                                                                  body: dict[str, Any]) -> None:
+    with pytest.raises(openai.BadRequestError) as ei:
+        door.client.chat.completions.create(model=MODEL, messages=user("hi"),
+                                            extra_body=body)
+    name = next(iter(body))
+    assert ei.value.code == "invalid_request"
+    assert f"'{name}' must be a positive integer of at most {2**53}" in ei.value.message
+    assert door.receiver.requests == []
+
+
+def test_a_responses_limit_or_tool_description_of_the_wrong_kind_is_refused(door: Door) -> None:
+    for extra, says in (
+            ({"max_output_tokens": HUGE}, "'max_output_tokens' must be a positive integer"),
+            ({"tools": [{"type": "custom", "name": "x", "description": 5,
+                         "format": {"type": "text"}}]}, "tools[0].description must be a string")):
+        with pytest.raises(openai.BadRequestError) as ei:
+            door.client.responses.create(model=MODEL, input="hi", extra_body=extra)
+        assert ei.value.code == "invalid_request" and says in ei.value.message
+    assert door.receiver.requests == []
+
+
+def test_a_responses_history_with_a_huge_count_cannot_break_the_next_turn(door: Door) -> None:
+    door.receiver.reply(200, json={**_response_with([(CLIENT_RUNS, "{}")]), "usage": {
+        "input_tokens": 10**308, "output_tokens": 10**308, "total_tokens": 1}})
+    first = door.client.responses.create(model=MODEL, input="hi", tools=R_TOOLS)
+    door.receiver.reply(200, json=_response_with([]))
+    # A count no answer can reach is not taken: the history is priced from what it said.
+    second = door.client.responses.with_raw_response.create(
+        model=MODEL, previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": "call_0", "output": "ok"}])
+    assert second.status_code == 200
+    [_, entry] = audit_entries(door.log, "request")
+    assert entry["decision"] == "allow" and entry["cost_estimate_usd"] < 0.05
+
+
+@pytest.mark.parametrize("event", [
+    {"type": "error", "response": "x"},
+    {"type": "response.failed", "response": [1]},
+    {"type": "response.created", "error": {"message": "quota"}, "response": {"id": "r"}},
+], ids=["error-response-text", "failed-response-list", "created-with-error"])
+def test_a_responses_stream_error_of_any_shape_is_the_upstream_failing(door: Door,
+                                                                       event: Any) -> None:
+    door.receiver.reply(200, body=_sse([event], True), content_type="text/event-stream")
+    with pytest.raises(openai.APIError) as ei:
+        list(door.client.responses.create(model=MODEL, input="hi", stream=True))
+    assert getattr(ei.value, "code", None) == "upstream_error", ei.value
+    # Read as the upstream's failure, not as the gateway tripping over its shape.
+    assert ei.value.message.startswith("the upstream failed mid-stream"), ei.value.message
+    [entry] = audit_entries(door.log, "request")
+    assert (entry["decision"], entry["details"]["code"]) == ("error", "upstream_error")
+
+
+def test_a_chat_chunk_with_an_error_beside_its_choices_is_the_upstream_failing(
+        door: Door) -> None:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": MODEL,
+             "error": {"message": "quota"},
+             "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+    door.receiver.reply(200, body=_sse([chunk], True), content_type="text/event-stream")
+    with pytest.raises(openai.APIError) as ei:
+        list(door.client.chat.completions.create(model=MODEL, messages=user("hi"),
+                                                 stream=True))
+    assert getattr(ei.value, "code", None) == "upstream_error", ei.value
+    [entry] = audit_entries(door.log, "request")
+    assert (entry["decision"], entry["details"]["code"]) == ("error", "upstream_error")
+
+
+def test_a_models_list_nested_past_any_parser_lists_the_policys_names(door: Door) -> None:
+    door.receiver.reply(200, body="[" * 100_000 + "]" * 100_000,
+                        content_type="application/json")
+    listed = [m.id for m in door.client.models.list()]
+    assert MODEL in listed
