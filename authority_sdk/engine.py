@@ -823,6 +823,37 @@ class Engine:
             else:  # independent writes: one round trip where the store groups them
                 yield StoreOps(ops)
 
+    def _guarded_d(self, ctx: CallContext,
+                   decision: Decision[GatewayResponse]) -> Decision[GatewayResponse]:
+        """``decision``, with a failure no rule foresaw (a bug, between any two lines of
+        gating an answer) answered and recorded by :meth:`internal_d`, not raised."""
+        try:
+            return (yield from decision)
+        except AuthorityError:
+            raise
+        except Exception as exc:
+            log.exception("internal error in request %s", ctx.request_id)
+            err = yield from self.internal_d(ctx, exc)
+            return error_response(err, request_id=ctx.request_id)
+
+    def internal_d(self, ctx: CallContext, exc: Exception) -> Decision[AuthorityError]:
+        """After an answer came: the request's entry says the gateway failed, and nothing
+        more of it runs. Before the decision began, as any unusable answer (``fail_d``);
+        after, its reservation stays counted (the budget over-counts) and its key ends with
+        its lease, and an entry is added (the decision's own may be written already)."""
+        err = AuthorityError("internal error in the gateway")
+        if not ctx.done:
+            yield from self.fail_d(ctx, err)
+            return err
+        with contextlib.suppress(AuthorityError):
+            yield from _append_d((("request", dict(
+                request_id=ctx.request_id, environment=ctx.environment, model=ctx.model,
+                decision="error", reason=f"{err.message} after its decision began "
+                f"({type(exc).__name__})", actor=ctx.caller.name, policy_hash=self.policy.hash,
+                details={"code": err.code, "idempotency_key": ctx.idem_key,
+                         "upstream": ctx.upstream_name})),))
+        return err
+
     def stream_error_d(self, ctx: CallContext, exc: AuthorityError) -> Decision[bytes]:
         """A stream that broke (or that the client abandoned) before its end: it may have
         been billed, so the reservation is charged; none of its actions run."""
@@ -894,7 +925,7 @@ class Engine:
                 return begun
             ctx = begun
             if ctx.takeover_answer is not None:
-                return run(self._regate_d(ctx), rt)
+                return run(self._guarded_d(ctx, self._regate_d(ctx)), rt)
             if trace is not None:
                 trace.admitted(ctx)
             try:
@@ -911,7 +942,8 @@ class Engine:
                 from .streaming import StreamGate
 
                 return StreamGate(self, ctx, reply).response()
-            return run(self.complete_d(ctx, reply.status_code, reply.body), rt)
+            return run(self._guarded_d(ctx, self.complete_d(ctx, reply.status_code, reply.body)),
+                       rt)
         except AuthorityUnavailable as exc:
             return error_response(exc)
 
@@ -972,7 +1004,8 @@ class Engine:
             ctx = begun
             ctx.finish_later = finish_later
             if ctx.takeover_answer is not None:
-                return self._finish_later(ctx, await arun(self._regate_d(ctx), rt))
+                return self._finish_later(ctx, await arun(self._guarded_d(ctx,
+                                                                          self._regate_d(ctx)), rt))
             if trace is not None:
                 trace.admitted(ctx)
             try:
@@ -989,8 +1022,8 @@ class Engine:
                 from .streaming import StreamGate
 
                 return StreamGate(self, ctx, reply).aresponse()
-            return self._finish_later(
-                ctx, await arun(self.complete_d(ctx, reply.status_code, reply.body), rt))
+            return self._finish_later(ctx, await arun(self._guarded_d(
+                ctx, self.complete_d(ctx, reply.status_code, reply.body)), rt))
         except AuthorityUnavailable as exc:
             return error_response(exc)
 

@@ -10,16 +10,19 @@ for usage; the client gets it only if it asked.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 from .effects import arun, run
 from .errors import AuthorityError, UpstreamError
 from .formats.sse import SSEDecoder
-from .wire import GatewayResponse
+from .wire import GatewayResponse, error_response
 
 if TYPE_CHECKING:
     from .engine import CallContext, Engine, UpstreamReply
+
+log = logging.getLogger("authority.engine")
 
 __all__ = ["StreamGate"]
 
@@ -43,6 +46,12 @@ class StreamGate:
     def _headers(self) -> dict[str, str]:
         return {"content-type": "text/event-stream", "cache-control": "no-cache",
                 "x-request-id": self.ctx.request_id}
+
+    def _internal(self, err: AuthorityError) -> bytes:
+        """The event that ends a stream the gateway failed after its decision began (the
+        decision's entry may be written; ``Engine.internal_d`` added one saying so)."""
+        log.exception("internal error in streamed request %s", self.ctx.request_id)
+        return b"data: " + error_response(err, request_id=self.ctx.request_id).body + b"\n\n"
 
     def _feed(self, raw: bytes) -> list[bytes]:
         try:
@@ -76,9 +85,12 @@ class StreamGate:
             yield from tail
         except AuthorityError as exc:
             yield run(self.engine.stream_error_d(self.ctx, exc), rt)
-        except Exception as exc:  # a broken connection mid-stream
-            yield run(self.engine.stream_error_d(
-                self.ctx, UpstreamError(f"the upstream stream broke: {type(exc).__name__}")), rt)
+        except Exception as exc:  # a broken connection mid-stream, or a failure of ours
+            if self.ctx.done:
+                yield self._internal(run(self.engine.internal_d(self.ctx, exc), rt))
+            else:
+                yield run(self.engine.stream_error_d(self.ctx, UpstreamError(
+                    f"the upstream stream broke: {type(exc).__name__}")), rt)
         finally:
             if not self.finished and not self.ctx.done:
                 # The client stopped reading before the end: none of this answer's actions
@@ -115,8 +127,11 @@ class StreamGate:
         except AuthorityError as exc:
             yield await arun(self.engine.stream_error_d(self.ctx, exc), rt)
         except Exception as exc:
-            yield await arun(self.engine.stream_error_d(
-                self.ctx, UpstreamError(f"the upstream stream broke: {type(exc).__name__}")), rt)
+            if self.ctx.done:
+                yield self._internal(await arun(self.engine.internal_d(self.ctx, exc), rt))
+            else:
+                yield await arun(self.engine.stream_error_d(self.ctx, UpstreamError(
+                    f"the upstream stream broke: {type(exc).__name__}")), rt)
         finally:
             try:
                 if not self.finished and not self.ctx.done:

@@ -1,0 +1,102 @@
+"""A failure no rule foresaw — a bug between any two lines of gating an answer — is a 500 in
+OpenAI's shape with the request's entry saying so, and nothing of the answer runs
+(authority_sdk/engine.py: ``Engine.internal_d``). Faults are injected into the engine's own
+steps; both of its paths (sync, and the async one the proxy runs) and streams are covered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from helpers import audit_entries, tool, user
+
+from authority_sdk import AsyncAuthorityClient, AuthorityClient
+from authority_sdk import engine as engine_module
+from authority_sdk.audit import verify
+from authority_sdk.engine import Engine
+from authority_sdk.formats.chat import ChatCompletions
+
+POLICY: dict[str, Any] = {
+    "actions": {"send_note": {"executor": "rec", "mode": "auto_execute"}},
+    "executors": {"rec": {"type": "python", "target": "sample_actions:record"}},
+}
+SCRIPT = 'CALL send_note {"text": "hi"}'
+
+
+def _boom(*_: Any, **__: Any) -> Any:
+    raise RuntimeError("a bug")
+
+
+# Where the fault lands: before the decision began (reading the answer), or after it began
+# (gating its calls, once the request's entry is queued).
+FAULTS: dict[str, tuple[Any, str]] = {
+    "before": (ChatCompletions, "read_answer"),
+    "after": (engine_module, "gate_d"),
+}
+
+
+def _call(client: Any, stream: bool) -> None:
+    if isinstance(client, AsyncAuthorityClient):
+        async def go() -> None:
+            out = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=user(SCRIPT), tools=[tool("send_note")],
+                stream=stream)
+            if stream:
+                async for _ in out:
+                    pass
+        asyncio.run(go())
+        return
+    out = client.chat.completions.create(model="gpt-4o-mini", messages=user(SCRIPT),
+                                         tools=[tool("send_note")], stream=stream)
+    if stream:
+        for _ in out:
+            pass
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("door", ["sync", "async"])
+@pytest.mark.parametrize("where", sorted(FAULTS))
+def test_a_fault_in_gating_is_a_500_on_the_record_and_runs_nothing(
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, door: str,
+        stream: bool) -> None:
+    if where == "before" and stream:
+        pytest.skip("a stream's answer is assembled, not read: the fault sits after")
+    eng = Engine(write_policy(POLICY))
+    gateways.append(eng)
+    client: Any = (AuthorityClient if door == "sync" else AsyncAuthorityClient)(
+        gateway=eng, max_retries=0)
+    owner, name = FAULTS[where]
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, _boom)
+    with pytest.raises(openai.APIError) as ei:
+        _call(client, stream)
+    assert getattr(ei.value, "code", None) == "authority_error"
+    assert "internal error in the gateway" in str(ei.value.message)
+    if not stream:
+        assert isinstance(ei.value, openai.InternalServerError)
+        assert ei.value.response.headers["x-should-retry"] == "false"
+    log = tmp_path / "audit.jsonl"
+    entries = audit_entries(log, "request")
+    last = entries[-1]
+    assert (last["decision"], last["details"]["code"]) == ("error", "authority_error")
+    if where == "after":
+        # The decision's own entry went first; the failure is added, named.
+        assert [e["decision"] for e in entries] == ["allow", "error"]
+        assert "after its decision began (RuntimeError)" in last["reason"]
+    else:
+        assert len(entries) == 1
+    assert not effects.exists() or effects.read_text() == ""
+    assert verify(log).ok
+    # The gateway keeps serving: the next request, the fault gone, runs as it should.
+    monkeypatch.setattr(owner, name, original)
+    answer = AuthorityClient(gateway=eng, max_retries=0).chat.completions.create(
+        model="gpt-4o-mini", messages=user(SCRIPT), tools=[tool("send_note")])
+    assert json.loads(answer.model_dump_json())["authority"]["actions"][0]["status"] == \
+        "executed"
