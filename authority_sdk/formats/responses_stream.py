@@ -131,6 +131,10 @@ class ResponsesStream:
             self.finished = True
             return []
         if kind in ("response.created", "response.in_progress", "response.queued"):
+            response = event.get("response")
+            if isinstance(response, dict) and response.get("output"):
+                # Passed on as they come: output here would reach the app ungated.
+                raise malformed(f"'{kind}' already carries output items")
             return [self.seq.event({k: v for k, v in event.items()
                                     if k != "sequence_number"})]
         index = event.get("output_index")
@@ -147,6 +151,13 @@ class ResponsesStream:
             raise malformed("an event refers to an output item never announced")
         if self.hold_from is not None and index >= self.hold_from:
             return []
+        item = event.get("item")
+        if item is not None and (not isinstance(item, dict)
+                                 or item.get("type") != self.kinds[index]):
+            # Only messages pass before the hold: an event re-typing one as a call would
+            # hand the app that call ungated.
+            raise malformed(f"an event re-types output item {index} announced as "
+                            f"{self.kinds[index][:64]!r}")
         return [self.seq.event({k: v for k, v in event.items() if k != "sequence_number"})]
 
     def answer(self) -> Answer:

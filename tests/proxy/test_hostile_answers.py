@@ -12,7 +12,7 @@ and the record verifies.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,6 +279,25 @@ def test_any_answer_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_th
     event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
 
 
+def _stream_holds(door: Door, read: Callable[[list[Any]], None]) -> None:
+    """``read`` consumes a stream, listing every call name the app is shown: the stream
+    ends normally or with the gateway's refusal, no name shown is one the app may not run,
+    and the record holds every effect."""
+    seen: list[Any] = []
+    try:
+        read(seen)
+    except openai.APIStatusError as exc:
+        assert _refused(exc.status_code, exc.code), (exc.status_code, exc.code, exc.message)
+        event(f"refused: {exc.code}")
+    except openai.APIError as exc:
+        # A stream already open reports an unreadable answer as its last event.
+        assert (exc.code if hasattr(exc, "code") else None) in REFUSED[502], exc
+        event(f"refused mid-stream: {exc.code}")
+    assert all(name == CLIENT_RUNS for name in seen), seen
+    event(f"streamed; the app saw {len(seen)} call(s)")
+    event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
+
+
 def raw_json(value: Any) -> bytes:
     """The bytes HttpReceiver sends for ``json=value``."""
     return json.dumps(value).encode()
@@ -295,27 +314,17 @@ def _sse(chunks: list[Any], done: bool) -> bytes:
 def test_any_stream_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_the_app(
         door: Door, chunks: list[Any], done: bool, ctype: str) -> None:
     door.receiver.reply(200, body=_sse(chunks, done), content_type=ctype)
-    seen: list[Any] = []
-    try:
-        stream = door.client.chat.completions.create(
-            model=MODEL, messages=user("do it"), tools=TOOLS, stream=True)
-        for part in stream:
+    def read(seen: list[Any]) -> None:
+        for part in door.client.chat.completions.create(
+                model=MODEL, messages=user("do it"), tools=TOOLS, stream=True):
             for choice in part.choices or []:
                 delta = choice.delta
-                seen += [tc.function.name for tc in (delta.tool_calls or [])
-                         if tc.function is not None and tc.function.name is not None]
+                seen.extend(tc.function.name for tc in (delta.tool_calls or [])
+                            if tc.function is not None and tc.function.name is not None)
                 if delta.function_call is not None and delta.function_call.name is not None:
                     seen.append(delta.function_call.name)
-    except openai.APIStatusError as exc:
-        assert _refused(exc.status_code, exc.code), (exc.status_code, exc.code, exc.message)
-        event(f"refused: {exc.code}")
-    except openai.APIError as exc:
-        # A stream already open reports an unreadable answer as its last event.
-        assert (exc.code if hasattr(exc, "code") else None) in REFUSED[502], exc
-        event(f"refused mid-stream: {exc.code}")
-    assert all(name == CLIENT_RUNS for name in seen), seen
-    event(f"streamed; the app saw {len(seen)} call(s)")
-    event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
+
+    _stream_holds(door, read)
 
 
 # -- the Responses API: the same properties on its output items --------------------------
@@ -405,11 +414,9 @@ R_STREAM = mostly(st.builds(_response_events, st.one_of(R_GOOD, R_ANSWER)), st.o
 def test_any_responses_stream_is_gated_or_refused_and_nothing_unallowed_runs_or_reaches_the_app(
         door: Door, events: list[Any], done: bool) -> None:
     door.receiver.reply(200, body=_sse(events, done), content_type="text/event-stream")
-    seen: list[Any] = []
-    try:
-        stream = door.client.responses.create(model=MODEL, input="do it", tools=R_TOOLS,
-                                              stream=True)  # type: ignore[arg-type]
-        for part in stream:
+    def read(seen: list[Any]) -> None:
+        for part in door.client.responses.create(model=MODEL, input="do it", tools=R_TOOLS,
+                                                 stream=True):  # type: ignore[arg-type]
             item = getattr(part, "item", None)
             if getattr(item, "type", None) in ("function_call", "custom_tool_call"):
                 seen.append(getattr(item, "name", None))
@@ -417,15 +424,8 @@ def test_any_responses_stream_is_gated_or_refused_and_nothing_unallowed_runs_or_
             for out in getattr(response, "output", None) or []:
                 if getattr(out, "type", None) in ("function_call", "custom_tool_call"):
                     seen.append(getattr(out, "name", None))
-    except openai.APIStatusError as exc:
-        assert _refused(exc.status_code, exc.code), (exc.status_code, exc.code, exc.message)
-        event(f"refused: {exc.code}")
-    except openai.APIError as exc:
-        assert (exc.code if hasattr(exc, "code") else None) in REFUSED[502], exc
-        event(f"refused mid-stream: {exc.code}")
-    assert all(name == CLIENT_RUNS for name in seen), seen
-    event(f"streamed; the app saw {len(seen)} call(s)")
-    event(f"effects so far: {'some' if _record_holds_every_effect(door) else 'none'}")
+
+    _stream_holds(door, read)
 
 # The properties above hold vacuously if nothing ever reaches the app or runs: the same
 # door, the same checks, on answers whose outcome is known.
@@ -625,3 +625,33 @@ def test_a_models_list_nested_past_any_parser_lists_the_policys_names(door: Door
                         content_type="application/json")
     listed = [m.id for m in door.client.models.list()]
     assert MODEL in listed
+
+
+_REFUND = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "issue_refund",
+           "arguments": '{"amount": 5}'}
+_MESSAGE = {"type": "message", "id": "msg_1", "role": "assistant", "content": []}
+
+
+@pytest.mark.parametrize("events", [
+    [{"type": "response.created", "response": {"id": "r", "output": [_REFUND]}}],
+    [{"type": "response.output_item.added", "output_index": 0, "item": _MESSAGE},
+     {"type": "response.output_item.done", "output_index": 0, "item": _REFUND}],
+], ids=["output-in-created", "message-retyped-as-call"])
+def test_a_responses_stream_cannot_slip_a_call_past_the_hold(door: Door,
+                                                             events: list[Any]) -> None:
+    """Events before the first call are passed on as they come: one that carries a call
+    (in an early response, or re-typing an item announced as a message) is refused, and
+    the call never reaches the app."""
+    completed = {"type": "response.completed", "response": _response_with([])}
+    door.receiver.reply(200, body=_sse([*events, completed], True),
+                        content_type="text/event-stream")
+    shown: list[Any] = []
+    with pytest.raises(openai.APIError) as ei:
+        for part in door.client.responses.create(model=MODEL, input="hi", tools=R_TOOLS,
+                                                 stream=True):  # type: ignore[arg-type]
+            shown.append(part.model_dump())
+    assert getattr(ei.value, "code", None) == "upstream_malformed_response"
+    assert "issue_refund" not in json.dumps(shown)
+    assert _ran(door.effects) == []
+    [entry] = audit_entries(door.log, "request")
+    assert entry["details"]["code"] == "upstream_malformed_response"
