@@ -447,7 +447,8 @@ class ChatStream:
                 out_choices.append(passed)
         if not out_choices:
             return []
-        out = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
+        # "authority" is the gateway's to write: an upstream's own (forged) is dropped.
+        out = {k: v for k, v in chunk.items() if k not in ("choices", "usage", "authority")}
         out["choices"] = out_choices
         return [sse(out)]
 

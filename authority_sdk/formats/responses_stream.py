@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from .responses import Responses
 
 __all__ = ["EventSequence", "ResponsesStream", "final_type", "item_events", "malformed"]
+# Fields of a passed-on event the gateway writes itself: an upstream's own (a forged
+# "authority" saying a call was allowed) never reaches the app.
+_OWN = frozenset({"sequence_number", "authority"})
 
 
 def malformed(what: str) -> UpstreamError:
@@ -135,8 +138,10 @@ class ResponsesStream:
             if isinstance(response, dict) and response.get("output"):
                 # Passed on as they come: output here would reach the app ungated.
                 raise malformed(f"'{kind}' already carries output items")
-            return [self.seq.event({k: v for k, v in event.items()
-                                    if k != "sequence_number"})]
+            out = {k: v for k, v in event.items() if k not in _OWN}
+            if isinstance(response, dict) and "authority" in response:
+                out["response"] = {k: v for k, v in response.items() if k != "authority"}
+            return [self.seq.event(out)]
         index = event.get("output_index")
         if isinstance(index, bool) or not isinstance(index, int):
             return []  # an event about nothing the client needs: not passed on
@@ -158,7 +163,7 @@ class ResponsesStream:
             # hand the app that call ungated.
             raise malformed(f"an event re-types output item {index} announced as "
                             f"{self.kinds[index][:64]!r}")
-        return [self.seq.event({k: v for k, v in event.items() if k != "sequence_number"})]
+        return [self.seq.event({k: v for k, v in event.items() if k not in _OWN})]
 
     def answer(self) -> Answer:
         if self.final is None:
