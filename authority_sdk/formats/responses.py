@@ -53,6 +53,14 @@ if TYPE_CHECKING:
 __all__ = ["Responses", "ResponsesStream"]
 
 
+def _program_caller(item: dict[str, Any]) -> str | None:
+    """Why a call its ``caller`` says a program at the provider made cannot be gated."""
+    caller = item.get("caller")
+    if caller is not None and not (isinstance(caller, dict) and caller.get("type") == "direct"):
+        return "a call made by a program at the provider, not by the model"
+    return None
+
+
 def _call_of(position: int, item: dict[str, Any], hosted: list[str],
              mcp: dict[str, str]) -> Call | None:
     kind = item.get("type")
@@ -91,13 +99,9 @@ def _call_of(position: int, item: dict[str, Any], hosted: list[str],
         if call_id is None:
             return Call(0, position, "function_call", None, name, args,
                         problem="the function call has no string 'call_id'")
-        caller = item.get("caller")
-        if caller is not None and not (isinstance(caller, dict)
-                                       and caller.get("type") == "direct"):
-            return Call(0, position, "function_call", call_id, name, args,
-                        problem="a call made by a program at the provider, not by the model",
-                        problem_code="unsupported_call_type")
-        return Call(0, position, "function_call", call_id, name, args)
+        problem = _program_caller(item)
+        return Call(0, position, "function_call", call_id, name, args, problem=problem,
+                    problem_code="unsupported_call_type" if problem else None)
     if kind in BUILTIN_CALLS:
         field = BUILTIN_CALLS[kind][0]
         args = builtin_arguments(item)
@@ -112,7 +116,15 @@ def _call_of(position: int, item: dict[str, Any], hosted: list[str],
             return Call(0, position, "custom", call_id, name if isinstance(name, str) else "",
                         "", problem="the custom tool call needs a string name, input and "
                         "call_id")
-        return Call(0, position, "custom", call_id, name, json.dumps({"input": text}))
+        ns = item.get("namespace")
+        if ns is not None:  # as for a function call: one name in two namespaces is two actions
+            if not isinstance(ns, str) or not ns:
+                return Call(0, position, "custom", call_id, name, "",
+                            problem="the custom tool call's namespace is not a string")
+            name = f"{ns}.{name}"
+        problem = _program_caller(item)
+        return Call(0, position, "custom", call_id, name, json.dumps({"input": text}),
+                    problem=problem, problem_code="unsupported_call_type" if problem else None)
     shown = str(kind)[:64]
     return Call(0, position, shown, call_id, shown, "",
                 problem=f"output items of type {shown!r} are calls the gateway cannot gate",

@@ -19,9 +19,23 @@ if TYPE_CHECKING:
     from .responses import Responses
 
 __all__ = ["EventSequence", "ResponsesStream", "final_type", "item_events", "malformed"]
-# Fields of a passed-on event the gateway writes itself: an upstream's own (a forged
-# "authority" saying a call was allowed) never reaches the app.
-_OWN = frozenset({"sequence_number", "authority"})
+# What passes before the hold, rebuilt from these keys only (an upstream's other fields —
+# a forged "authority", chat-chunk "choices" a library would read as calls — never reach
+# the app): the lifecycle events, and a message's own events at its index.
+_LIFECYCLE = ("response.created", "response.in_progress", "response.queued")
+_MESSAGE_EVENTS: dict[str, tuple[str, ...]] = {
+    "response.output_item.added": ("item",),
+    "response.output_item.done": ("item",),
+    "response.content_part.added": ("item_id", "content_index", "part"),
+    "response.content_part.done": ("item_id", "content_index", "part"),
+    "response.output_text.delta": ("item_id", "content_index", "delta", "logprobs",
+                                   "obfuscation"),
+    "response.output_text.done": ("item_id", "content_index", "text", "logprobs"),
+    "response.output_text.annotation.added": ("item_id", "content_index", "annotation_index",
+                                              "annotation"),
+    "response.refusal.delta": ("item_id", "content_index", "delta"),
+    "response.refusal.done": ("item_id", "content_index", "refusal"),
+}
 
 
 def malformed(what: str) -> UpstreamError:
@@ -133,15 +147,15 @@ class ResponsesStream:
             self.final = event["response"]
             self.finished = True
             return []
-        if kind in ("response.created", "response.in_progress", "response.queued"):
+        if kind in _LIFECYCLE:
             response = event.get("response")
-            if isinstance(response, dict) and response.get("output"):
-                # Passed on as they come: output here would reach the app ungated.
+            if not isinstance(response, dict):
+                raise malformed(f"'{kind}' carries no response")
+            if response.get("output"):
+                # Output here would reach the app before the gate.
                 raise malformed(f"'{kind}' already carries output items")
-            out = {k: v for k, v in event.items() if k not in _OWN}
-            if isinstance(response, dict) and "authority" in response:
-                out["response"] = {k: v for k, v in response.items() if k != "authority"}
-            return [self.seq.event(out)]
+            return [self.seq.event({"type": kind, "response": {
+                k: v for k, v in response.items() if k != "authority"}})]
         index = event.get("output_index")
         if isinstance(index, bool) or not isinstance(index, int):
             return []  # an event about nothing the client needs: not passed on
@@ -163,7 +177,11 @@ class ResponsesStream:
             # hand the app that call ungated.
             raise malformed(f"an event re-types output item {index} announced as "
                             f"{self.kinds[index][:64]!r}")
-        return [self.seq.event({k: v for k, v in event.items() if k not in _OWN})]
+        keys = _MESSAGE_EVENTS.get(kind)
+        if keys is None:
+            return []  # not a message's event (a call's arguments at a message's index…)
+        return [self.seq.event({"type": kind, "output_index": index,
+                                **{k: event[k] for k in keys if k in event}})]
 
     def answer(self) -> Answer:
         if self.final is None:
