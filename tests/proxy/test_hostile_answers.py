@@ -40,8 +40,7 @@ POLICY: dict[str, Any] = {
         CLIENT_RUNS: {"mode": "auto_execute"},
         "issue_refund": {"executor": "rec", "mode": "require_human_approval"},
         "wipe_disk": {"mode": "deny"},
-        "exec": {"mode": "auto_execute"},
-        "admin.exec": {"mode": "deny"},
+        "admin.exec": {"mode": "deny"},  # "exec" alone: the default, a person decides
     },
     "executors": {"rec": {"type": "python", "target": "sample_actions:record"}},
 }
