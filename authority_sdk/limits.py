@@ -74,7 +74,10 @@ def _number(args: dict[str, Any], name: str) -> float | None:
     found, value = lookup(args, name)
     if not found or isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int past any float (10**400 is valid JSON): nothing to add up
+        return None
     return v if math.isfinite(v) else None
 
 

@@ -113,6 +113,19 @@ def test_a_value_a_limit_cannot_add_up_falls_to_the_safer_mode(
         ("denied", "limit_exceeded"), ("executed", None)]
 
 
+def test_a_number_past_any_float_is_one_a_limit_cannot_add_up_and_takes_its_then(
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine]) -> None:
+    # 10**400 is valid JSON: once an OverflowError, denied as an error whatever the limit said.
+    c = client(gateways, write_policy(refund_policy(
+        {"per": "day", "sum": "units", "max": 1000, "then": "require_human_approval"})))
+    script = f'CALL issue_refund {{"order_id": "h1", "amount": 10, "units": {10**400}}}'
+    resp = c.chat.completions.create(model=MODEL, messages=user(script),
+                                     tools=[tool("issue_refund")])
+    assert [(a.status, a.code) for a in authority_of(resp).actions] == [
+        ("pending_approval", None)]
+    assert count(effects) == 0
+
+
 def test_pending_approvals_hold_their_reservation_and_rejection_gives_it_back(
         write_policy: Callable[..., Path], effects: Path, gateways: list[Engine]) -> None:
     path = write_policy(refund_policy({"per": "day", "max_calls": 2, "then": "deny"}))
