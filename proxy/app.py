@@ -415,8 +415,7 @@ def create_app(policy: Policy | str | Path) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", _safe(request.method, 16),
                       _safe(loggable_path(request.url.path)))
-        resp = error_response(AuthorityError("internal error in the gateway"))
-        return Response(resp.body, status_code=resp.status_code, headers=resp.headers)
+        return await _answer(request, AuthorityError("internal error in the gateway"))
 
     # -- OpenAI-compatible ---------------------------------------------------------------
 

@@ -73,8 +73,13 @@ class GatedDoors:
             response = await self.answer_error(ident, exc, "POST", path)
         except Exception:
             log.exception("unhandled error on POST %s", path)
-            resp = error_response(AuthorityError("internal error in the gateway"))
-            response = self.to_response(resp)
+            try:  # on the record, as the routes' own failures are
+                response = await self.answer_error(
+                    ident, AuthorityError("internal error in the gateway"), "POST", path)
+            except Exception:
+                log.exception("the failure on POST %s could not be answered as usual", path)
+                response = self.to_response(error_response(
+                    AuthorityError("internal error in the gateway")))
         await response(scope, receive, send)
 
 

@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AUDITED_STATUSES", "audit_refusal", "decision_for"]
 
-# Malformed input and refused roles/scopes. A 404 for a missing approval or a 409 for
+# Malformed input and refused roles/scopes, and the gateway's own failures (500: a bug met
+# before the engine could record the request). A 404 for a missing approval or a 409 for
 # one already decided is an answer about data, not a refusal of the caller.
-AUDITED_STATUSES = frozenset({400, 403, 405, 413, 422})
+AUDITED_STATUSES = frozenset({400, 403, 405, 413, 422, 500})
 _MAX_REASON = 1000
 _MAX_PATH = 256
 
