@@ -31,7 +31,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import admission, idempotency, rate_limits, served
 from .actions import AuditQueue, GateInput, Ride, claim_lost, gate_d, kill_engaged
@@ -69,6 +69,7 @@ __all__ = ["AuditBacklog", "CallContext", "Engine", "Gateway", "UpstreamReply"]
 # An in-flight idempotency claim outlives the slowest upstream call by this much;
 # after that a crashed holder's claim is taken over.
 _LEASE_MARGIN_S = 30.0
+_T = TypeVar("_T")
 log = logging.getLogger("authority.engine")
 MAX_KEY_CHARS = 255
 
@@ -823,6 +824,27 @@ class Engine:
             else:  # independent writes: one round trip where the store groups them
                 yield StoreOps(ops)
 
+    def _admitting_d(self, req: GatewayRequest,
+                     decision: Decision[_T]) -> Decision[_T | GatewayResponse]:
+        """``decision`` (admission), with a failure no rule foresaw answered as a 500 and put
+        on the record under a request id of its own, not raised: nothing was sent yet."""
+        try:
+            return (yield from decision)
+        except AuthorityError:
+            raise
+        except Exception as exc:
+            log.exception("internal error admitting a request")
+            err = AuthorityError("internal error in the gateway")
+            request_id = "req_" + secrets.token_hex(12)
+            with contextlib.suppress(AuthorityError):
+                yield from _append_d((("request", dict(
+                    request_id=request_id, environment=req.caller.environment,
+                    decision="error", reason=f"{err.message} before the request was admitted "
+                    f"({type(exc).__name__})", actor=req.caller.name,
+                    policy_hash=self.policy.hash,
+                    details={"code": err.code, "path": req.path})),))
+            return error_response(err, request_id=request_id)
+
     def _guarded_d(self, ctx: CallContext,
                    decision: Decision[GatewayResponse]) -> Decision[GatewayResponse]:
         """``decision``, with a failure no rule foresaw (a bug, between any two lines of
@@ -919,7 +941,8 @@ class Engine:
                 usable: Callable[[NamedUpstream], bool] | None) -> GatewayResponse:
         try:
             rt = self.runtime
-            begun = run(self.begin_d(req, usable=usable, trace=trace), rt)
+            begun = run(self._admitting_d(req, self.begin_d(req, usable=usable, trace=trace)),
+                        rt)
             if not isinstance(begun, CallContext):
                 assert isinstance(begun, GatewayResponse)
                 return begun
@@ -983,7 +1006,8 @@ class Engine:
                        finish_later: bool) -> GatewayResponse:
         try:
             rt = self.runtime
-            begun = await arun(self.begin_d(req, may_wait=True, usable=usable, trace=trace), rt)
+            begun = await arun(self._admitting_d(
+                req, self.begin_d(req, may_wait=True, usable=usable, trace=trace)), rt)
             deadline = time.monotonic() + self.policy.max_call_s + _LEASE_MARGIN_S
             delay = 0.05
             while begun is WAIT:
@@ -996,8 +1020,8 @@ class Engine:
                 else:
                     await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-                begun = await arun(self.begin_d(req, may_wait=time.monotonic() < deadline,
-                                                usable=usable, trace=trace), rt)
+                begun = await arun(self._admitting_d(req, self.begin_d(
+                    req, may_wait=time.monotonic() < deadline, usable=usable, trace=trace)), rt)
             if not isinstance(begun, CallContext):
                 assert isinstance(begun, GatewayResponse)
                 return begun

@@ -14,7 +14,7 @@ from typing import Any
 
 import openai
 import pytest
-from helpers import audit_entries, tool, user
+from helpers import ScriptedServer, audit_entries, tool, user
 
 from authority_sdk import AsyncAuthorityClient, AuthorityClient
 from authority_sdk import engine as engine_module
@@ -31,6 +31,11 @@ SCRIPT = 'CALL send_note {"text": "hi"}'
 
 def _boom(*_: Any, **__: Any) -> Any:
     raise RuntimeError("a bug")
+
+
+def _boom_d(*_: Any, **__: Any) -> Any:
+    raise RuntimeError("a bug")
+    yield  # a step of the engine: it fails when the engine runs it, as a bug in it would
 
 
 # Where the fault lands: before the decision began (reading the answer), or after it began
@@ -102,3 +107,28 @@ def test_a_fault_in_gating_is_a_500_on_the_record_and_runs_nothing(
         model="gpt-4o-mini", messages=user(SCRIPT), tools=[tool("send_note")])
     assert json.loads(answer.model_dump_json())["authority"]["actions"][0]["status"] == \
         "executed"
+
+
+@pytest.mark.parametrize("door", ["sync", "async"])
+def test_a_fault_in_admission_is_a_500_on_the_record_and_nothing_is_sent(
+        write_policy: Callable[..., Path], effects: Path, gateways: list[Engine],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: ScriptedServer,
+        door: str) -> None:
+    eng = Engine(write_policy(POLICY))
+    gateways.append(eng)
+    client: Any = (AuthorityClient if door == "sync" else AsyncAuthorityClient)(
+        gateway=eng, max_retries=0)
+    original = Engine.begin_d
+    monkeypatch.setattr(Engine, "begin_d", _boom_d)
+    before = upstream.chat_requests
+    with pytest.raises(openai.InternalServerError) as ei:
+        _call(client, stream=False)
+    assert ei.value.code == "authority_error"
+    assert upstream.chat_requests == before
+    [entry] = audit_entries(tmp_path / "audit.jsonl", "request")
+    assert (entry["decision"], entry["details"]["code"]) == ("error", "authority_error")
+    assert "before the request was admitted (RuntimeError)" in entry["reason"]
+    assert ei.value.response.headers["x-request-id"] == entry["request_id"]
+    monkeypatch.setattr(Engine, "begin_d", original)
+    _call(client, stream=False)
+    assert upstream.chat_requests == before + 1
