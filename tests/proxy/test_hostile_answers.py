@@ -66,7 +66,8 @@ ARGUMENTS = ARGUMENT_TEXT | JSON
 def mostly(shape: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """``shape`` three times in four, else ``odd``: well-formed enough to reach the gate
     most of the time, anything at all the rest."""
-    return st.one_of(shape, shape, shape, odd)
+    # (one_of would draw each distinct branch alike: a repeated branch counts once)
+    return st.integers(0, 3).flatmap(lambda i: odd if i == 3 else shape)
 
 
 # Where a shape is well formed its call is mostly one the policy names, with arguments it
@@ -732,3 +733,72 @@ def test_a_namespaced_custom_call_is_gated_under_its_namespace(door: Door) -> No
         [action] = body["authority"]["actions"]
         assert (action["status"], action["code"]) == status, action
         assert not [o for o in body["output"] if o["type"] == "custom_tool_call"]
+
+
+# -- the client's side: any request body at the main door --------------------------------
+
+REQ_KEYS = st.sampled_from(["role", "content", "name", "tool_calls", "tool_call_id", "type",
+                            "function", "arguments", "parameters", "text", "image_url", "url",
+                            "input_audio", "file", "refusal", "id", "strict", "description"])
+# What a client can send: JSON has no NaN or infinity (the openai client refuses to encode them).
+REQ_LEAVES = (st.none() | st.booleans() | st.integers()
+              | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+REQ_JSON = st.recursive(
+    REQ_LEAVES | st.sampled_from(["user", "assistant", "tool", "system", "function", "text",
+                              "image_url", "send_note", "{}"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(REQ_KEYS, inner, max_size=4),
+    max_leaves=12)
+def seldom_odd(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``valid`` nine times in ten, else any JSON: with many fields each seldom odd, a
+    request is now and then entirely valid and reaches the upstream, or odd in one place."""
+    return st.integers(0, 9).flatmap(lambda i: REQ_JSON if i == 9 else valid)
+
+
+MESSAGE_IN = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=20)})
+REQUEST = st.fixed_dictionaries(
+    {"model": seldom_odd(st.just(MODEL)),
+     "messages": seldom_odd(st.lists(seldom_odd(MESSAGE_IN), min_size=1, max_size=4))},
+    optional={
+        "tools": seldom_odd(st.lists(seldom_odd(st.just(tool("send_note"))), max_size=3)),
+        "tool_choice": seldom_odd(st.sampled_from(["auto", "none"])),
+        "max_tokens": seldom_odd(st.integers(1, 4000)),
+        "n": seldom_odd(st.integers(1, 3)),
+        "stream": seldom_odd(st.booleans()),
+        "stream_options": seldom_odd(st.fixed_dictionaries({"include_usage": st.booleans()})),
+        "response_format": seldom_odd(st.just({"type": "text"})),
+        "parallel_tool_calls": seldom_odd(st.booleans()),
+        "temperature": seldom_odd(st.floats(0, 2)),
+        "user": seldom_odd(st.text(max_size=10)),
+        "metadata": seldom_odd(st.dictionaries(st.text(max_size=5), st.text(max_size=5),
+                                               max_size=2)),
+        "store": seldom_odd(st.booleans()),
+        "seed": seldom_odd(st.integers(0, 2**31)),
+        "logit_bias": seldom_odd(st.dictionaries(st.sampled_from(["1", "50"]),
+                                                 st.integers(-100, 100), max_size=2))})
+# Now and then one field of any value, known to the API or not.
+EXTRA = st.one_of(st.just({}), st.just({}), st.dictionaries(st.sampled_from(
+    ["functions", "function_call", "modalities", "audio", "prediction", "web_search_options",
+     "reasoning_effort", "service_tier", "x_unknown", "authority"]), REQ_JSON, max_size=1))
+
+
+@HOSTILE
+@given(body=REQUEST, extra=EXTRA)
+def test_any_request_is_answered_or_refused_precisely_never_a_500(
+        door: Door, body: dict[str, Any], extra: dict[str, Any]) -> None:
+    door.receiver.reply(200, json=_chat_answer({"prompt_tokens": 9, "completion_tokens": 9,
+                                                "total_tokens": 18}))
+    try:
+        raw = door.client.chat.completions.with_raw_response.create(**body, extra_body=extra)
+    except openai.APIStatusError as exc:
+        assert exc.status_code < 500, (exc.status_code, exc.code, exc.message)
+        assert exc.code and exc.message, exc
+        event(f"refused: {exc.status_code} {exc.code}")
+    except openai.APIError as exc:  # a stream the gateway ended with its refusal
+        assert getattr(exc, "code", None) not in (None, "authority_error"), exc
+        event("refused mid-stream")
+    else:
+        if body.get("stream") is True:
+            list(raw.parse())
+        event(f"answered: {raw.status_code}")
+    _record_holds_every_effect(door)
